@@ -1,0 +1,344 @@
+"""Low-bit weight and activation quantizers, the quantized linear layer, and `quantize_`.
+
+Weight methods (``codes * scale`` is the weight the forward pass uses):
+
+- ``b158``   BitNet b1.58 ternary: gamma = mean|W|, codes = RoundClip(W / (gamma + eps), -1, 1).
+- ``bitnet`` BitNet 1-bit: codes = sign(W - mean(W)), scale = mean|W|.
+- ``sign``   plain binarization: codes = sign(W), scale = 1.
+- ``xnor``   XNOR-Net / BWN: codes = sign(W), one scale per output channel, mean_i |W[o, i]|.
+
+In every binary method sign(0) = +1, so codes are never 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("b158", "bitnet", "sign", "xnor")
+WHERE = ("all", "mlp", "attn", "none")
+ACT_BITS = (8, 1, None)
+EPS = 1e-5
+# Information content of one weight: what the codes could be compressed to at best.
+BITS_PER_WEIGHT = {"b158": math.log2(3), "bitnet": 1.0, "sign": 1.0, "xnor": 1.0}
+# BitNet quantizes activations to 8 bits; the binarization study kept them in full precision.
+DEFAULT_ACT_BITS: dict[str, int | None] = {"b158": 8, "bitnet": 8, "sign": None, "xnor": None}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown quantization method {method!r}: expected one of {', '.join(METHODS)} "
+            "('fp' means no quantization and has no quantizer)"
+        )
+    return method
+
+
+def resolve_act_bits(method: str, act_bits: int | str | None) -> int | None:
+    """Turn the user's act_bits ('default', 'none', 8, 1, None) into 8, 1 or None."""
+    if act_bits == "default":
+        return DEFAULT_ACT_BITS[check_method(method)]
+    if isinstance(act_bits, str) and act_bits.lower() == "none":
+        return None
+    if isinstance(act_bits, str) and act_bits.isdigit():
+        act_bits = int(act_bits)
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"unknown act_bits {act_bits!r}: expected 8, 1, none or default")
+    return act_bits
+
+
+def sign_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with sign(0) = +1, so a binary code is always -1 or +1."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight quantizers: pure functions of the latent weight.
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_weights(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight (out, in, ...) to int8 ``codes`` and a float32 ``scale``.
+
+    ``codes * scale`` is the weight the forward pass uses. The scale has the weight's number of
+    dimensions: all ones for a per-tensor scale, ``(out, 1, ...)`` for ``xnor``.
+    """
+    check_method(method)
+    w = weight.detach().float()
+    ones = (1,) * w.dim()
+    if method == "b158":
+        gamma = w.abs().mean()
+        codes = torch.round(w / (gamma + EPS)).clamp_(-1, 1)
+        scale = gamma.reshape(ones)
+    elif method == "bitnet":
+        codes = sign_nonzero(w - w.mean())
+        scale = w.abs().mean().reshape(ones)
+    elif method == "sign":
+        codes = sign_nonzero(w)
+        scale = torch.ones(ones, device=w.device)
+    else:  # xnor
+        codes = sign_nonzero(w)
+        scale = w.abs().flatten(1).mean(dim=1).reshape((-1,) + ones[1:])
+    return codes.to(torch.int8), scale.float()
+
+
+def dequantize_weights(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """The weight the forward pass uses (``codes * scale``), in the latent weight's dtype."""
+    codes, scale = quantize_weights(weight, method)
+    return (codes * scale).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantizers (per token: over the last dimension).
+# ---------------------------------------------------------------------------------------------
+
+
+def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8: q = clamp(round(x * s), -128, 127), s = 127 / max|x|.
+
+    Returns ``(q, s)`` with q int8 and s float32 of shape (..., 1); x is approximately q / s,
+    with an error per element of at most max|x| / 254.
+    """
+    s = 127.0 / x.detach().float().abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    q = torch.round(x.detach().float() * s).clamp_(-128, 127).to(torch.int8)
+    return q, s
+
+
+def quantize_activations(x: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """Fake-quantize activations (no gradient rule; see `BitLinear` for that)."""
+    if bits is None:
+        return x
+    if bits == 8:
+        q, s = absmax_int8(x)
+        return (q / s).to(x.dtype)
+    if bits == 1:
+        # The fully binary variant: sign(x) times the token's mean |x|.
+        return sign_nonzero(x) * x.abs().mean(dim=-1, keepdim=True)
+    raise ValueError(f"unknown act_bits {bits!r}: expected 8, 1 or None")
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight-through estimators.
+# ---------------------------------------------------------------------------------------------
+
+
+def ste_identity(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """Forward x_q, backward identity (BitNet's reference trick)."""
+    return x + (x_q - x).detach()
+
+
+def ste_clipped(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """Forward x_q, backward 1{|x| <= 1} (BinaryConnect / XNOR-Net)."""
+    return x_q.detach() + (x - x.detach()) * (x.detach().abs() <= 1)
+
+
+# Binary weights use the clipped estimator, ternary and BitNet 1-bit the identity.
+_WEIGHT_STE = {
+    "b158": ste_identity, "bitnet": ste_identity, "sign": ste_clipped, "xnor": ste_clipped,
+}
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) @ int8 (K, N) -> int32, exactly. CUDA's kernel wants M > 16 and K, N % 8 == 0."""
+    if a.is_cuda:
+        m, k = a.shape
+        n = b.shape[1]
+        pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
+        if pad_m or pad_k or pad_n:
+            a = F.pad(a, (0, pad_k, 0, pad_m))
+            b = F.pad(b, (0, pad_n, 0, pad_k))
+            return torch._int_mm(a, b)[:m, :n]
+    return torch._int_mm(a, b)
+
+
+class _Int8Linear(torch.autograd.Function):
+    """y = (q @ codes^T) * scale / s + bias, with int8 x int8 -> int32 products.
+
+    The same function and gradients as the fake-quantized F.linear (identity STE for both
+    the activations and the weights), only faster: the products of small integers are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, codes, scale):  # noqa: ANN001 - autograd signature
+        q, s = absmax_int8(x)
+        q2 = q.reshape(-1, q.shape[-1])
+        acc = int8_mm(q2, codes.t())
+        y = acc.float() * (scale.reshape(1, -1) / s.reshape(-1, 1))
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(q, s, codes, scale)
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        q, s, codes, scale = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).float()
+        w_q = codes.float() * scale
+        grad_x = (g @ w_q).reshape(*q.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            x_q = (q.float() / s).reshape(-1, q.shape[-1])
+            grad_w = g.t() @ x_q
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+class BitLinear(nn.Linear):
+    """A linear layer with low-bit weights (and optionally activations), trained through STEs.
+
+    The latent ``weight`` stays full precision (it is what the optimizer updates and what the
+    state dict holds, under the same keys as ``nn.Linear``); the forward pass uses
+    ``quantize_weights(weight, method)``. The bias stays full precision.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        method: str = "b158",
+        act_bits: int | str | None = "default",
+        sub_norm: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.method = check_method(method)
+        self.act_bits = resolve_act_bits(method, act_bits)
+        # BitNet's SubLN: normalize before quantizing so the absmax scale sees unit-scale inputs.
+        # No affine parameters, so the state dict keeps nn.Linear's keys.
+        self.sub_norm = sub_norm
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, method: str, act_bits: int | str | None = "default",
+        sub_norm: bool = False,
+    ) -> BitLinear:
+        """A BitLinear sharing ``linear``'s parameters, so optimizers and checkpoints carry over."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    method=method, act_bits=act_bits, sub_norm=sub_norm, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_weights(self.weight, self.method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sub_norm:
+            x = F.layer_norm(x, (self.in_features,), eps=EPS)
+        codes, scale = self.quantized_weight()
+        if self._int8_path_ok(x):
+            return _Int8Linear.apply(x, self.weight, self.bias, codes, scale.reshape(-1))
+        if self.act_bits == 8:
+            x = ste_identity(x, quantize_activations(x, 8))
+        elif self.act_bits == 1:
+            x = ste_clipped(x, quantize_activations(x, 1))
+        w = _WEIGHT_STE[self.method](self.weight, (codes * scale).to(self.weight.dtype))
+        return F.linear(x, w, self.bias)
+
+    def _int8_path_ok(self, x: torch.Tensor) -> bool:
+        # Int8 activations times integer codes: exact in int32. Autocast (bf16) keeps the
+        # plain path so the layer computes in the precision the user asked for.
+        return (
+            self.act_bits == 8
+            and self.method in ("b158", "bitnet")
+            and x.dtype == torch.float32
+            and x.device.type in ("cpu", "cuda")
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={self.method}, act_bits={self.act_bits}" + (
+            ", sub_norm=True" if self.sub_norm else ""
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The transform.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantConfig:
+    """The ``quant:`` section of a config: the arguments of `quantize_`."""
+
+    method: str = "fp"  # fp | b158 | bitnet | sign | xnor
+    where: str = "all"  # all | mlp | attn | none
+    act_bits: int | str | None = "default"  # 8 | 1 | none | default (8 for b158/bitnet, none else)
+    include_patch_embed: bool = True  # with where=all, quantize the patch projection too
+    sub_norm: bool = False  # BitNet's SubLN: LayerNorm (no affine) before activation quantization
+
+
+@dataclass
+class QuantizedLayer:
+    """One row of `quantize_`'s summary."""
+
+    name: str
+    method: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    bits_per_weight: float  # information bits: log2(3) for b158, 1 for binary
+    act_bits: int | None
+
+
+def _selected(name: str, where: str, include_patch_embed: bool) -> bool:
+    parts = name.split(".")
+    if where == "none":
+        return False
+    if where == "mlp":
+        return "mlp" in parts
+    if where == "attn":
+        return "attn" in parts
+    return include_patch_embed or "patch_embed" not in parts  # all
+
+
+def _is_head(name: str) -> bool:
+    return name.split(".")[0] == "head"
+
+
+def quantize_(
+    model: nn.Module,
+    method: str,
+    where: str = "all",
+    act_bits: int | str | None = "default",
+    include_patch_embed: bool = True,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    sub_norm: bool = False,
+) -> list[QuantizedLayer]:
+    """Swap the model's ``nn.Linear`` layers for `BitLinear` in place; return one row per layer.
+
+    ``where``: ``all`` (every linear but the head; the patch embedding when
+    ``include_patch_embed``), ``mlp`` (fc1, fc2), ``attn`` (qkv, proj) or ``none``.
+    ``filter_fn(module, name)``, when given, must also accept a layer for it to be quantized.
+    The classifier head always stays full precision, and the patch embedding never takes 1-bit
+    activations (its input is pixels): it gets 8 bits instead. ``method="fp"`` changes nothing.
+    """
+    if where not in WHERE:
+        raise ValueError(f"unknown where {where!r}: expected one of {', '.join(WHERE)}")
+    if method == "fp":
+        return []
+    check_method(method)
+    bits = resolve_act_bits(method, act_bits)
+    if any(isinstance(m, BitLinear) for m in model.modules()):
+        raise ValueError("model is already quantized: quantize_ a full-precision model")
+    rows = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or _is_head(name):
+            continue
+        if not _selected(name, where, include_patch_embed):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        layer_bits = 8 if bits == 1 and "patch_embed" in name.split(".") else bits
+        layer = BitLinear.from_linear(module, method, layer_bits, sub_norm)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        rows.append(QuantizedLayer(name, method, (module.out_features, module.in_features),
+                                   BITS_PER_WEIGHT[method], layer_bits))
+    return rows
