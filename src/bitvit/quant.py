@@ -275,6 +275,14 @@ class QuantConfig:
     include_patch_embed: bool = True  # with where=all, quantize the patch projection too
     sub_norm: bool = False  # BitNet's SubLN: LayerNorm (no affine) before activation quantization
 
+    def __post_init__(self) -> None:
+        if self.method != "fp":
+            check_method(self.method)
+        if self.act_bits != "default":
+            resolve_act_bits(self.method, self.act_bits)  # raises on anything but 8, 1, none
+        if self.where not in WHERE:
+            raise ValueError(f"quant.where={self.where!r}: expected one of {', '.join(WHERE)}")
+
 
 @dataclass
 class QuantizedLayer:

@@ -1,0 +1,181 @@
+"""Configs as plain data: four sections (model, quant, data, train), YAML files, CLI overrides.
+
+Each section's dataclass lives beside the code that uses it; this module only composes them,
+reads and writes YAML, and applies ``section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bitvit.data import DataConfig
+from bitvit.model import ViTConfig
+from bitvit.quant import QuantConfig
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line naming it."""
+
+
+@dataclass
+class TrainConfig:
+    """The ``train:`` section."""
+
+    epochs: int = 100
+    batch_size: int = 128  # global batch: split across processes under torchrun
+    optimizer: str = "adam"  # adam | adamw (adamw: no decay on norms, biases, embeddings)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"  # constant | cosine (per step, after warmup)
+    warmup_epochs: float = 0.0  # linear warmup from lr/100, per step
+    min_lr: float = 0.0  # cosine floor
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm; null = off
+    seed: int = 0  # model init, batch order, augmentation, dropout
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast; BitLinear then uses its fake-quant path)
+    compile: bool = False  # torch.compile the model
+    eval_batch_size: int = 500
+    init_from: str | None = None  # a checkpoint (full precision) to initialise the weights from
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
+                   "precision": ("fp32", "bf16")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r}: expected one of "
+                                  f"{', '.join(valid)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("train.epochs and train.batch_size must be at least 1")
+
+
+@dataclass
+class Config:
+    model: ViTConfig = field(default_factory=ViTConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping with sections {_names(cls)}")
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{source}: unknown section {sorted(unknown)[0]!r}; "
+                              f"valid sections: {_names(cls)}")
+        sections = {}
+        for f in dataclasses.fields(cls):
+            section_cls = _field_type(cls, f.name)
+            values = raw.get(f.name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {f.name!r} must be a mapping")
+            sections[f.name] = _build(section_cls, values, f.name, source)
+        return cls(**sections)
+
+
+def _names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check a YAML value against a dataclass field's type; ints may stand for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: {key}={value!r} is not a valid {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(v, inner, key, source) for v in value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{source}: {key}={value!r}: expected {_type_name(tp)}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(section_cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    valid = [f.name for f in dataclasses.fields(section_cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
+                              f"{', '.join(valid)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    try:
+        return section_cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value else None
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with sections {_names(Config)}")
+    return Config.from_dict(apply_overrides(raw, overrides or []), source)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
