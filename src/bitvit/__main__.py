@@ -1,0 +1,5 @@
+import sys
+
+from bitvit.cli import main
+
+sys.exit(main())
