@@ -524,11 +524,14 @@ def _numpy_scalar() -> Callable[..., Any]:
     return scalar
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allow-list (as opposed to merely malformed pickle data)."""
+
+
 def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
     # Python 3 pickles bytes at protocol 2 as _codecs.encode(str, "latin1"); allow only that.
     if not isinstance(obj, str) or encoding.lower().replace("-", "") != "latin1":
-        raise pickle.UnpicklingError(f"_codecs.encode only allowed for latin1 text, not "
-                                     f"{encoding!r}")
+        raise _Refused(f"refusing _codecs.encode except for latin1 text, not {encoding!r}")
     return obj.encode("latin1")
 
 
@@ -550,14 +553,14 @@ class _CifarUnpickler(pickle.Unpickler):
             return np.dtype
         if module == "_codecs" and name == "encode":
             return _latin1_encode
-        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
+        raise _Refused(f"refusing to unpickle global {module}.{name}")
 
 
 def safe_unpickle(data: bytes, where: str = "<bytes>") -> Any:
     """Unpickle CIFAR-10 python batches safely; anything else is a one-line DataError."""
     try:
         return _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DataError(f"{where}: {e} (CIFAR-10 python batches hold only numpy arrays, "
                         "lists, dicts and bytes)") from None
     except Exception as e:  # noqa: BLE001 - any parse failure of untrusted bytes is bad input
@@ -656,6 +659,8 @@ def _fit(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
     """PIL image -> uint8 (C, image_size, image_size): convert mode, then bilinear resize."""
     if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: keep the high byte
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL's advised route for palette images with transparency
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
         img = img.convert(mode)
@@ -722,7 +727,8 @@ def _decode_image(tree: _Tree, rel: str, image_size: int, channels: int) -> np.n
         with Image.open(io.BytesIO(tree.files[rel]())) as img:
             img.load()
             return _fit(img, image_size, channels)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as e:
         raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None
 
 
