@@ -319,6 +319,7 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         save_config(config, run_dir / "config.yaml")
         _write_json(run_dir / "run.json", run_info)
 
+    wall_start = time.perf_counter()
     train_images = splits.train.images.to(device)
     train_labels = splits.train.labels.to(device)
     status = "failed"
@@ -397,7 +398,8 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     finally:
         if writer:
             run_info.update(status=status,
-                            end=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            wall_seconds=round(time.perf_counter() - wall_start, 1))
             _write_json(run_dir / "run.json", run_info)
     return RunResult(run_dir, status, rows)
 
@@ -437,7 +439,7 @@ def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
     for f in (model_file, state_file):
         if not f.is_file():
-            raise CheckpointError(f"{f}: missing; cannot resume (no completed epoch to resume from?)")
+            raise CheckpointError(f"{f}: missing; cannot resume (did an epoch complete?)")
     try:
         weights = load_file(str(model_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
