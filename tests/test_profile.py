@@ -191,3 +191,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["profile", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_activation_peak_is_the_largest_layer():
+    p = profile_model(tiny(), TINY)
+    rows = rows_by_name(p)
+    assert rows["blocks.0.mlp.fc1"].activation_bytes == 4 * 5 * (8 + 32)
+    assert rows["blocks.0.attn.qk"].activation_bytes == 4 * (3 * 5 * 8 + 2 * 5 * 5)
+    assert rows["patch_embed.proj"].activation_bytes == 4 * 4 * (768 + 8)  # the largest
+    assert p.totals["activation_bytes_peak"] == 4 * 4 * (768 + 8)

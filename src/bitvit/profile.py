@@ -75,7 +75,8 @@ class LayerProfile:
     bytes_fp32: int = 0
     bytes_fp16: int = 0
     bytes_packed: int = 0
-    bytes_resident: int = 0
+    bytes_resident: int = 0  # weights held in memory for inference
+    activation_bytes: int = 0  # the layer's float input and output (and attention scores)
     zero_weights: int = 0
     macs: int = 0  # per image
     mul_macs: int = 0  # need a multiply (and an add)
@@ -237,7 +238,8 @@ def profile_model(
             # Attention's two products run between qkv and proj: list them there.
             attn_name = name.rpartition(".")[0]
             if name.endswith(".qkv") and attn_name in attn_tokens:
-                rows += _attention_rows(attn_name, attn_tokens[attn_name], vit.dim, fp)
+                rows += _attention_rows(attn_name, attn_tokens[attn_name], vit.dim,
+                                        vit.heads, fp, float_bytes)
 
     # Everything else that holds parameters (cls_token, pos_embed, LayerNorms), so the totals
     # are the model's parameter count exactly.
@@ -272,6 +274,7 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.bytes_fp32 = 4 * row.params
     row.bytes_fp16 = 2 * row.params
     row.macs = tokens * n
+    row.activation_bytes = float_bytes * tokens * (in_f + out_f)
     _add_ops(row.baseline_ops, f"{fp}_mul", row.macs)
     _add_ops(row.baseline_ops, f"{fp}_add", row.macs)
     if method == "fp":
@@ -309,8 +312,11 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     return row
 
 
-def _attention_rows(name: str, tokens: int, dim: int, fp: str) -> list[LayerProfile]:
+def _attention_rows(name: str, tokens: int, dim: int, heads: int, fp: str, float_bytes: int
+                    ) -> list[LayerProfile]:
     rows = []
+    # q, k, v and the heads x T x T scores (a fused kernel may never hold all the scores).
+    activations = float_bytes * (3 * tokens * dim + heads * tokens * tokens)
     for product in ("qk", "av"):
         # Over all heads: T x T scores from T x dim queries and keys (QK^T), then T x dim
         # outputs from the T x T weights and T x dim values (AV): T * T * dim MACs each.
@@ -319,6 +325,7 @@ def _attention_rows(name: str, tokens: int, dim: int, fp: str) -> list[LayerProf
         _add_ops(row.ops, f"{fp}_mul", row.macs)
         _add_ops(row.ops, f"{fp}_add", row.macs)
         row.baseline_ops = dict(row.ops)
+        row.activation_bytes = activations
         rows.append(row)
     return rows
 
@@ -354,6 +361,8 @@ def _totals(rows: list[LayerProfile]) -> dict[str, Any]:
         for node in NODES
     }
     params = totals["params"]
+    # Layers run one after another: the working memory is the largest layer's, not the sum.
+    totals["activation_bytes_peak"] = max((r.activation_bytes for r in rows), default=0)
     totals["info_bits_per_param"] = totals["info_bits"] / params if params else 0.0
     totals["stored_bits_per_param"] = 8.0 * totals["bytes_packed"] / params if params else 0.0
     linear = [r for r in rows if r.kind == "linear"]
@@ -376,9 +385,10 @@ def _assumptions(fp: str, ternary_packing: str) -> list[str]:
         f"Packed bytes: ternary codes {per_byte} per byte, binary 8 per byte, fp32 weight "
         "scales (one per tensor, one per output channel for xnor), fp16 biases and other "
         "float tensors; file headers are not counted.",
-        f"Resident bytes (weights only, no activations): quantized layers as int8 codes "
+        f"Resident weights: quantized layers as int8 codes "
         f"(1 byte per weight: packed codes are unpacked at load), fp32 scales, {fp} biases; "
-        f"all other parameters in {fp}.",
+        f"all other parameters in {fp}. Peak activations: the largest layer's {fp} input and "
+        "output (for attention q, k, v and the T x T scores of every head), batch 1.",
     ]
 
 
@@ -480,6 +490,9 @@ def _format(p: Profile) -> str:
                    *(f"E {n}" for n in NODES)], ops_rows)
     out.append("")
 
+    out.append(f"Resident for inference: {_bytes(t['bytes_resident'])} of weights + about "
+               f"{_bytes(t['activation_bytes_peak'])} of activations per image (peak layer).")
+    out.append("")
     out.append("Arithmetic energy per image, this model vs the same architecture in "
                f"{p.float_precision}:")
     for node in NODES:
