@@ -200,3 +200,10 @@ def test_activation_peak_is_the_largest_layer():
     assert rows["blocks.0.attn.qk"].activation_bytes == 4 * (3 * 5 * 8 + 2 * 5 * 5)
     assert rows["patch_embed.proj"].activation_bytes == 4 * 4 * (768 + 8)  # the largest
     assert p.totals["activation_bytes_peak"] == 4 * 4 * (768 + 8)
+
+
+def test_bytes_held_by_the_module_as_loaded():
+    model = tiny("b158")  # a training model keeps its latent fp32 weights
+    p = profile_model(model, TINY)
+    assert p.totals["bytes_held_by_module"] == 4 * p.totals["params"]
+    assert p.totals["bytes_resident"] < p.totals["bytes_held_by_module"]

@@ -154,10 +154,11 @@ def _run_profile(args: argparse.Namespace) -> int:
     from bitvit.profile import load_for_profile, profile_model
 
     try:
-        model, config, weights_source = load_for_profile(
-            args.source, args.overrides, args.quant, args.where, args.act_bits, args.best)
-        profile = profile_model(model, config, args.float_precision, args.ternary_packing,
-                                weights_source, source=str(args.source))
+        src = load_for_profile(args.source, args.overrides, args.quant, args.where,
+                               args.act_bits, args.best)
+        profile = profile_model(src.model, src.config, args.float_precision,
+                                src.ternary_packing or args.ternary_packing, src.weights_source,
+                                source=str(args.source))
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"bitvit profile: error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from torch import nn
 
 from bitvit.config import Config
 from bitvit.model import ViTConfig
-from bitvit.quant import BITS_PER_WEIGHT, METHODS, quantize_weights
+from bitvit.quant import BITS_PER_WEIGHT, METHODS, QuantConfig, quantize_weights
 
 # Energy per arithmetic operation in pJ. 45 nm: Horowitz, ISSCC 2014; 7 nm: as tabulated in the
 # BitNet papers (Wang et al., 2023, Table 2; Ma et al., 2024). See ENERGY_SOURCE.
@@ -258,8 +258,19 @@ def profile_model(
         row.energy_pj = _energy(row.ops)
         row.baseline_energy_pj = _energy(row.baseline_ops)
 
-    return Profile(rows, _totals(rows), vit.image_size, fp, weights_source, source,
+    totals = _totals(rows)
+    totals["bytes_held_by_module"] = _bytes_held(model)
+    return Profile(rows, totals, vit.image_size, fp, weights_source, source,
                    _assumptions(fp, ternary_packing))
+
+
+def _bytes_held(model: nn.Module) -> int:
+    """What this PyTorch module holds as loaded (a training model's latent fp32 weights, an
+    inference model's codes and their cached copies), shared tensors once."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[(t.data_ptr(), t.nbytes)] = t.nbytes
+    return sum(seen.values())
 
 
 def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
@@ -491,7 +502,8 @@ def _format(p: Profile) -> str:
     out.append("")
 
     out.append(f"Resident for inference: {_bytes(t['bytes_resident'])} of weights + about "
-               f"{_bytes(t['activation_bytes_peak'])} of activations per image (peak layer).")
+               f"{_bytes(t['activation_bytes_peak'])} of activations per image (peak layer); "
+               f"this PyTorch module, as loaded, holds {_bytes(t['bytes_held_by_module'])}.")
     out.append("")
     out.append("Arithmetic energy per image, this model vs the same architecture in "
                f"{p.float_precision}:")
@@ -518,6 +530,16 @@ class ProfileError(ValueError):
     """A source that cannot be profiled; the message is one line naming it."""
 
 
+@dataclass
+class ProfileSource:
+    """What `profile_model` needs, loaded from a config, a checkpoint or an export."""
+
+    model: nn.Module
+    config: Config
+    weights_source: str  # where the weights (and so the zero counts) come from
+    ternary_packing: str | None = None  # the file's packing, for an exported model
+
+
 def load_for_profile(
     path: str | Path,
     overrides: list[str] | None = None,
@@ -525,60 +547,82 @@ def load_for_profile(
     where: str | None = None,
     act_bits: str | None = None,
     best: bool = False,
-) -> tuple[nn.Module, Config | ViTConfig, str]:
-    """(model, config, where its weights come from) for a YAML config, checkpoint or export.
+) -> ProfileSource:
+    """Load a YAML config, a run or checkpoint folder, a checkpoint file or an exported model.
 
     A config gives a freshly initialised model (seeded with ``train.seed``); ``quant``, ``where``
     and ``act_bits`` override its quant section. A full-precision checkpoint may be quantized
     after the fact with them, to see what post-training quantization would give.
     """
-    from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, read_metadata
+    from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint
     from bitvit.config import load_config
     from bitvit.quant import quantize_
 
     p = Path(path)
-    quant_overrides = [f"quant.{k}={v}" for k, v in
-                       (("method", quant), ("where", where), ("act_bits", act_bits))
-                       if v is not None]
+    flags = {"method": quant, "where": where, "act_bits": act_bits}
     if p.suffix.lower() in (".yaml", ".yml"):
+        quant_overrides = [f"quant.{k}={v}" for k, v in flags.items() if v is not None]
         config = load_config(p, [*(overrides or []), *quant_overrides])
         torch.manual_seed(config.train.seed)
-        return build_model(config), config, f"freshly initialised weights (train.seed=" \
-            f"{config.train.seed}); a trained model's zeros differ"
+        return ProfileSource(build_model(config), config,
+                             f"freshly initialised weights (train.seed={config.train.seed}); "
+                             "a trained model's zeros differ")
     if overrides:
         raise ProfileError(f"{p}: section.key=value overrides apply to YAML configs only")
-    if p.is_file():
-        fmt = read_metadata(p).get("format")
-        if fmt == "bitvit-export":
-            return _load_exported(p)
+    if p.is_file() and _file_format(p) == EXPORT_FORMAT:
+        if any(v is not None for v in flags.values()):
+            raise ProfileError(f"{p}: an exported model is already quantized; "
+                               "--quant/--where/--act-bits apply to configs and checkpoints")
+        return _load_exported(p)
     try:
         ckpt = load_checkpoint(p, best=best)
     except CheckpointError as e:
         raise ProfileError(str(e)) from None
     model, config = ckpt.model, ckpt.config
-    if quant_overrides:
-        if config.quant.method != "fp":
-            raise ProfileError(f"{ckpt.path}: already quantized ({config.quant.method}); "
-                               "--quant/--where/--act-bits apply to full-precision checkpoints")
-        q = config.quant
-        quantize_(model, quant or "b158", where or q.where,
-                  act_bits if act_bits is not None else q.act_bits, q.include_patch_embed,
-                  sub_norm=q.sub_norm)
-        return model, config, f"the trained weights of {ckpt.path}, quantized after training"
-    return model, config, f"the trained weights of {ckpt.path}"
-
-
-def _load_exported(path: Path) -> tuple[nn.Module, Config | ViTConfig, str]:
-    # TODO(export): wire to bitvit.export's loader once it lands on main. Profiling only needs
-    # a module whose linears keep in/out_features, .method, .act_bits and codes.
+    if all(v is None for v in flags.values()):
+        return ProfileSource(model, config, f"the trained weights in {ckpt.path}")
+    if config.quant.method != "fp":
+        raise ProfileError(f"{ckpt.path}: already quantized ({config.quant.method}); "
+                           "--quant/--where/--act-bits apply to full-precision checkpoints")
+    q = config.quant
+    method = quant or "b158"
+    act = act_bits if act_bits is not None else "default"
     try:
-        from bitvit import export  # type: ignore[attr-defined]
+        quantize_(model, method, where or q.where, act, q.include_patch_embed,
+                  sub_norm=q.sub_norm)
+    except ValueError as e:
+        raise ProfileError(f"{ckpt.path}: {e}") from None
+    config.quant = QuantConfig(method, where or q.where, act, q.include_patch_embed, q.sub_norm)
+    return ProfileSource(model, config,
+                         f"the trained weights in {ckpt.path}, quantized after training")
+
+
+EXPORT_FORMAT = "bitvit-export"
+
+
+def _file_format(path: Path) -> str | None:
+    from bitvit.checkpoint import read_metadata
+
+    try:
+        return read_metadata(path).get("format")
+    except ValueError:
+        return None  # not safetensors: load_checkpoint says what is wrong with it
+
+
+def _load_exported(path: Path) -> ProfileSource:
+    """An exported model: its packed codes, unpacked by `bitvit.export.load`."""
+    try:
+        from bitvit import export
     except ImportError:
-        raise ProfileError(f"{path}: exported model, but this bitvit has no bitvit.export to "
-                           "load it; profile the training checkpoint instead") from None
-    loaded = export.load(path)
-    model = getattr(loaded, "model", loaded)
-    config = getattr(loaded, "config", None) or getattr(model, "config", None)
-    if config is None:
-        raise ProfileError(f"{path}: exported model carries no config to profile with")
-    return model, config, f"the exported codes in {path}"
+        raise ProfileError(f"{path}: an exported model, but this bitvit has no bitvit.export "
+                           "to load it") from None
+    try:
+        loaded = export.load(path, engine="fp")
+    except ValueError as e:
+        raise ProfileError(str(e)) from None
+    packings = {layer.get("packing") for layer in
+                json.loads(export.read_export_metadata(path)["layers"]).values()}
+    ternary = sorted(packings & set(TERNARY_PACKINGS))
+    # The inference layers keep in/out_features, method, act_bits and their int8 codes.
+    return ProfileSource(loaded.vit, loaded.config, f"the exported codes in {path}",
+                         ternary[0] if ternary else None)
