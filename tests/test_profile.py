@@ -8,7 +8,7 @@ from bitvit.checkpoint import build_model, save_model
 from bitvit.cli import main
 from bitvit.config import Config
 from bitvit.model import VisionTransformer, ViTConfig
-from bitvit.profile import ENERGY_PJ, SUMMED, profile_model
+from bitvit.profile import ENERGY_PJ, SUMMED, load_for_profile, profile_model
 from bitvit.quant import QuantConfig, quantize_
 
 # depth 1, dim 8, patch 16 on 32x32: 4 patches + cls = 5 tokens.
@@ -207,3 +207,22 @@ def test_bytes_held_by_the_module_as_loaded():
     p = profile_model(model, TINY)
     assert p.totals["bytes_held_by_module"] == 4 * p.totals["params"]
     assert p.totals["bytes_resident"] < p.totals["bytes_held_by_module"]
+
+
+def test_profile_of_an_export_matches_the_file(tmp_path):
+    export = pytest.importorskip("bitvit.export")
+    from safetensors import safe_open
+
+    config = Config(model=TINY, quant=QuantConfig(method="b158"))
+    model = tiny("b158")
+    file = tmp_path / "model.safetensors"
+    export.export_model(model, config, [str(i) for i in range(10)], file, packing="2bit")
+    src = load_for_profile(file)
+    assert src.ternary_packing == "2bit"
+    p = profile_model(src.model, src.config, ternary_packing=src.ternary_packing)
+    direct = profile_model(model, TINY, ternary_packing="2bit")
+    for key in ("params", "zero_weights", "macs", "add_macs", "bytes_packed"):
+        assert p.totals[key] == direct.totals[key], key
+    with safe_open(str(file), framework="pt") as f:
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys())  # noqa: SIM118 - not iterable
+    assert p.totals["bytes_packed"] == stored

@@ -617,7 +617,7 @@ def _load_exported(path: Path) -> ProfileSource:
         raise ProfileError(f"{path}: an exported model, but this bitvit has no bitvit.export "
                            "to load it") from None
     try:
-        loaded = export.load(path, engine="fp")
+        loaded = export.load(path)  # the default engine: what `bitvit predict` runs
     except ValueError as e:
         raise ProfileError(str(e)) from None
     packings = {layer.get("packing") for layer in
