@@ -220,3 +220,10 @@ def test_existing_run_folder_is_not_overwritten(real_env, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         train(tiny("train.epochs=1"), out=run, quiet=True)
     assert os.path.exists(run / "last/model.safetensors")
+
+
+def test_bf16_autocast_runs_the_same_loop(real_env, tmp_path):
+    result = train(tiny("quant.method=b158", "train.epochs=2", "train.precision=bf16"),
+                   out=tmp_path / "bf16", quiet=True)
+    rows = result.metrics
+    assert result.status == "finished" and rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -73,7 +73,7 @@ def quantize_weights(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, t
     ones = (1,) * w.dim()
     if method == "b158":
         gamma = w.abs().mean()
-        codes = torch.round(w / (gamma + EPS)).clamp_(-1, 1)
+        codes = (w / (gamma + EPS)).round_().clamp_(-1, 1)
         scale = gamma.reshape(ones)
     elif method == "bitnet":
         codes = sign_nonzero(w - w.mean())
@@ -104,8 +104,9 @@ def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(q, s)`` with q int8 and s float32 of shape (..., 1); x is approximately q / s,
     with an error per element of at most max|x| / 254.
     """
-    s = 127.0 / x.detach().float().abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
-    q = torch.round(x.detach().float() * s).clamp_(-128, 127).to(torch.int8)
+    x = x.detach().float()
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    q = (x * s).round_().clamp_(-128, 127).to(torch.int8)
     return q, s
 
 
@@ -166,11 +167,9 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, codes, scale):  # noqa: ANN001 - autograd signature
         q, s = absmax_int8(x)
-        q2 = q.reshape(-1, q.shape[-1])
-        acc = int8_mm(q2, codes.t())
-        y = acc.float() * (scale.reshape(1, -1) / s.reshape(-1, 1))
-        if bias is not None:
-            y = y + bias
+        acc = int8_mm(q.reshape(-1, q.shape[-1]), codes.t())
+        rescale = scale.reshape(1, -1) / s.reshape(-1, 1)
+        y = acc.float().mul_(rescale) if bias is None else torch.addcmul(bias, acc.float(), rescale)
         ctx.save_for_backward(q, s, codes, scale)
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -179,11 +178,12 @@ class _Int8Linear(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001
         q, s, codes, scale = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).float()
-        w_q = codes.float() * scale
-        grad_x = (g @ w_q).reshape(*q.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_q = codes.float().mul_(scale.reshape(-1, 1))
+            grad_x = (g @ w_q).reshape(*q.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            x_q = (q.float() / s).reshape(-1, q.shape[-1])
+            x_q = q.float().div_(s).reshape(-1, q.shape[-1])
             grad_w = g.t() @ x_q
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
