@@ -1,5 +1,8 @@
 """bitvit: Vision Transformers with ternary and binary weights."""
 
+from bitvit.checkpoint import load_checkpoint
+from bitvit.config import Config, load_config
+from bitvit.export import ExportedModel, ExportError, export_checkpoint, export_model, load
 from bitvit.model import VisionTransformer, ViTConfig
 from bitvit.quant import (
     METHODS,
@@ -10,11 +13,23 @@ from bitvit.quant import (
     quantize_activations,
     quantize_weights,
 )
+from bitvit.train import RunResult, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "Config",
+    "RunResult",
+    "evaluate",
+    "ExportError",
+    "ExportedModel",
+    "export_checkpoint",
+    "export_model",
+    "load",
+    "load_checkpoint",
+    "load_config",
+    "train",
     "BitLinear",
     "QuantConfig",
     "QuantizedLayer",

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -43,6 +44,7 @@ from torch import nn
 
 from bitvit.checkpoint import build_model, load_checkpoint
 from bitvit.config import Config, ConfigError
+from bitvit.data import IMAGE_EXTS, _fit, normalize
 from bitvit.model import VisionTransformer
 from bitvit.quant import BitLinear
 
@@ -50,7 +52,6 @@ EXPORT_FORMAT = "bitvit-export"
 FORMAT_VERSION = "1"
 PACKINGS = ("base3", "2bit")  # the choice for ternary codes; binary codes are always 1bit
 FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 TERNARY_METHODS = ("b158",)  # every other method is binary: codes in {-1, +1}
 
 
@@ -189,39 +190,24 @@ class Preprocessing:
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"expected uint8 images of shape (N, {self.channels}, H, W), got "
                              f"{tuple(images.shape)}")
-        x = images.float()
         size = (self.image_size, self.image_size)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255)  # stay on the uint8 grid, as a PIL resize would
-        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
-        return (x / 255.0 - mean) / std
+        if tuple(images.shape[-2:]) != size:
+            x = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
+                              align_corners=False)
+            images = x.round_().clamp_(0, 255).to(torch.uint8)  # the uint8 grid, as PIL's
+        return normalize(images, self.mean, self.std)
 
     def read_image(self, path: str | Path) -> torch.Tensor:
-        """A PNG/JPEG file -> uint8 (C, S, S): PIL mode L or RGB, bilinear square resize."""
-        import numpy as np
+        """A PNG/JPEG file -> uint8 (C, S, S), decoded exactly as the data loader decodes."""
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(path) as img:
                 img.load()
-                if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: keep the high byte
-                    img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8)
-                                          .astype(np.uint8))
-                if img.mode == "P" and "transparency" in img.info:
-                    img = img.convert("RGBA")
-                mode = "L" if self.channels == 1 else "RGB"
-                if img.mode != mode:
-                    img = img.convert(mode)
-                if img.size != (self.image_size, self.image_size):
-                    img = img.resize((self.image_size, self.image_size),
-                                     Image.Resampling.BILINEAR)
-                a = np.asarray(img, dtype=np.uint8)
+                a = _fit(img, self.image_size, self.channels)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise ExportError(f"{path}: not a readable image ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
-        a = a[None] if self.channels == 1 else a.transpose(2, 0, 1)
+            why = str(e).splitlines()[0] if str(e) else "unreadable"
+            raise ExportError(f"{path}: not a readable image ({why})") from None
         return torch.from_numpy(np.ascontiguousarray(a))
 
 
@@ -520,7 +506,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their PNG/JPEG files (recursively, sorted)."""
+    """Files as given, folders expanded to their image files (recursively, sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -528,7 +514,7 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
                            and f.suffix.lower() in IMAGE_EXTS
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise ExportError(f"{p}: no PNG or JPEG files in this folder")
+                raise ExportError(f"{p}: no image files (PNG, JPEG, ...) in this folder")
             files += found
         elif p.is_file():
             files.append(p)
