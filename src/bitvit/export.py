@@ -208,7 +208,7 @@ class Preprocessing:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             why = str(e).splitlines()[0] if str(e) else "unreadable"
             raise ExportError(f"{path}: not a readable image ({why})") from None
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
 
 
 class ExportedModel(nn.Module):
