@@ -16,7 +16,7 @@ import bitvit
 from bitvit.checkpoint import CheckpointError, build_model, save_model
 from bitvit.cli import main
 from bitvit.config import Config
-from bitvit.data import normalize
+from bitvit.data import ImageSet, normalize
 from bitvit.engine import InferenceLinear, convert_for_inference
 from bitvit.export import (
     ExportedModel,
@@ -235,23 +235,28 @@ def test_int_engine_and_2bit_packing_agree(tmp_path, method):
 
 
 def test_exported_accuracy_matches_the_run(tmp_path):
-    """export -> load -> evaluate: the same accuracy as the trained model (fp32: identical
-    predictions; fp16: only samples whose top-2 logit margin is below ATOL_FP16 may change)."""
+    """export -> load -> `bitvit.evaluate` gives the trained model's accuracy: fp32 floats give
+    identical predictions; with fp16 only samples whose top-2 logit margin is below 2 * ATOL_FP16
+    may change. (The loaded model plugs into `evaluate` like the trained one.)"""
     config = small_config("b158")
     model = small_model(config)
-    images = uint8_images(64, seed=1)
     labels = torch.randint(0, len(CLASSES), (64,), generator=torch.Generator().manual_seed(2))
+    test = ImageSet(uint8_images(64, seed=1), labels, CLASSES)
+    mean, std = config.data.mean, config.data.std
+    ref = bitvit.evaluate(model, test, mean, std)
     with torch.no_grad():
-        ref = model(normalize(images, config.data.mean, config.data.std))
-    ref_acc = (ref.argmax(1) == labels).float().mean().item()
-    top2 = ref.topk(2, dim=1).values
+        top2 = model(normalize(test.images, mean, std)).topk(2, dim=1).values
     close = int(((top2[:, 0] - top2[:, 1]) < 2 * ATOL_FP16).sum())
     for float_dtype, slack in (("fp32", 0), ("fp16", close)):
         path = export_model(model, config, CLASSES, tmp_path / "m.safetensors",
                             float_dtype=float_dtype)
-        logits = load(path).logits(images, batch_size=10)  # uint8 in, preprocessing applied
-        acc = (logits.argmax(1) == labels).float().mean().item()
-        assert abs(acc - ref_acc) <= slack / 64 + 1e-9
+        loaded = load(path)
+        p = loaded.preprocessing
+        result = bitvit.evaluate(loaded, test, p.mean, p.std, batch_size=10)
+        assert abs(result["accuracy"] - ref["accuracy"]) <= slack / 64 + 1e-9
+        # logits() on uint8 images applies the stored preprocessing itself.
+        acc = (loaded.logits(test.images).argmax(1) == labels).float().mean().item()
+        assert acc == pytest.approx(result["accuracy"])
 
 
 def test_file_contents(tmp_path):
