@@ -385,8 +385,8 @@ def rewrite(src: Path, dst: Path, tensors=None, **meta_changes) -> Path:
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
     tensors = load_file(str(src)) if tensors is None else tensors
-    meta.update(meta_changes)
     meta["sha256"] = _digest(tensors)
+    meta.update(meta_changes)  # None removes a key
     save_file(tensors, str(dst), metadata={k: v for k, v in meta.items() if v is not None})
     return dst
 
@@ -439,6 +439,10 @@ def test_bad_metadata(exported, tmp_path):
                           "class names")
     assert_one_line_error(rewrite(exported, tmp_path / "c.safetensors", layers=None),
                           "bad export metadata")
+    assert_one_line_error(rewrite(exported, tmp_path / "d.safetensors", sha256=None),
+                          "bad export metadata")
+    assert_one_line_error(rewrite(exported, tmp_path / "e.safetensors", layers="[1]"),
+                          "do not match")
 
 
 def test_tensors_not_matching_config(exported, tmp_path):

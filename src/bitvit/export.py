@@ -176,6 +176,12 @@ class Preprocessing:
                    tuple(float(m) for m in config.data.mean),
                    tuple(float(s) for s in config.data.std))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        p = cls(**d)
+        return cls(int(p.image_size), int(p.channels), tuple(map(float, p.mean)),
+                   tuple(map(float, p.std)), str(p.interpolation))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -434,11 +440,9 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     try:
         config = Config.from_dict(json.loads(meta["config"]), source=str(path))
         classes = json.loads(meta["classes"])
-        preprocessing = Preprocessing(**json.loads(meta["preprocessing"]))
-        preprocessing = Preprocessing(preprocessing.image_size, preprocessing.channels,
-                                      tuple(preprocessing.mean), tuple(preprocessing.std),
-                                      preprocessing.interpolation)
+        preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
         info = json.loads(meta["layers"])
+        checksum = meta["sha256"]
     except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
         raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
     if not isinstance(classes, list) or len(classes) != config.model.num_classes:
@@ -446,20 +450,23 @@ def load(path: str | Path, device: str | torch.device = "cpu",
                           f"model.num_classes={config.model.num_classes})")
 
     tensors = _read_tensors(path)
-    if meta.get("sha256") and _digest(tensors) != meta["sha256"]:
+    if _digest(tensors) != checksum:
         raise ExportError(f"{path}: corrupt export (tensor data does not match its checksum)")
 
     vit = _skeleton(config)
     layers = _quantized_layers(vit)
-    stored = {n: _layer_info(m, info.get(n, {}).get("packing", "base3"))
-              for n, m in layers.items()}
-    if set(info) != set(layers):
-        extra, missing = sorted(set(info) - set(layers)), sorted(set(layers) - set(info))
+    if not isinstance(info, dict) or set(info) != set(layers):
+        extra = sorted(set(info) - set(layers)) if isinstance(info, dict) else ["?"]
+        missing = sorted(set(layers) - set(info)) if isinstance(info, dict) else []
         raise _mismatch(path, f"layer {extra[0]} is not quantized in the config" if extra
                         else f"no entry for quantized layer {missing[0]}")
-    for name, want in stored.items():
-        if info[name] != want or want["packing"] not in _UNPACK:
-            raise _mismatch(path, f"layer {name}: stored {info[name]}, config gives {want}")
+    for name, layer in layers.items():
+        stored = info[name]
+        packing = stored.get("packing") if isinstance(stored, dict) else None
+        allowed = PACKINGS if layer.method in TERNARY_METHODS else ("1bit",)
+        if packing not in allowed or stored != _layer_info(layer, packing):
+            raise _mismatch(path, f"layer {name}: stored {stored}, config gives "
+                                  f"{_layer_info(layer, allowed[0])}")
 
     # Every tensor the file must hold, with its shape.
     expected: dict[str, tuple[int, ...]] = {}
