@@ -1,0 +1,628 @@
+"""What a (quantized) ViT costs at inference: parameters, bits, bytes, MACs and energy per layer.
+
+`profile_model` walks a model's linear layers (and attention's two matrix products), counts
+what one image costs, and estimates the arithmetic energy the way the BitNet papers do: a
+multiply-accumulate with a full-precision weight costs one float multiply and one float add; with
+a ternary or binary weight it becomes an addition (a subtraction for -1) and a zero weight costs
+nothing. The token count of every layer comes from one forward pass with hooks, so what is
+counted is what the model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitvit.config import Config
+from bitvit.model import ViTConfig
+from bitvit.quant import BITS_PER_WEIGHT, METHODS, QuantConfig, quantize_weights
+
+# Energy per arithmetic operation in pJ. 45 nm: Horowitz, ISSCC 2014; 7 nm: as tabulated in the
+# BitNet papers (Wang et al., 2023, Table 2; Ma et al., 2024). See ENERGY_SOURCE.
+ENERGY_PJ: dict[str, dict[str, dict[str, float]]] = {
+    "45nm": {
+        "fp32": {"add": 0.9, "mul": 3.7},
+        "fp16": {"add": 0.4, "mul": 1.1},
+        "int8": {"add": 0.03, "mul": 0.2},
+    },
+    "7nm": {
+        "fp32": {"add": 0.38, "mul": 1.31},
+        "fp16": {"add": 0.16, "mul": 0.34},
+        "int8": {"add": 0.007, "mul": 0.07},
+    },
+}
+NODES = tuple(ENERGY_PJ)
+ENERGY_SOURCE = (
+    "Energy per op (pJ): 45 nm from M. Horowitz, \"Computing's energy problem (and what we can "
+    "do about it)\", ISSCC 2014; 7 nm as given in H. Wang et al., \"BitNet: Scaling 1-bit "
+    "Transformers for Large Language Models\", 2023 (Table 2) and S. Ma et al., \"The Era of "
+    "1-bit LLMs: All Large Language Models are in 1.58 Bits\", 2024, which use this table."
+)
+FLOAT_PRECISIONS = ("fp32", "fp16")
+
+# Stored bits per weight in a packed file: ternary as 5 trits per byte (3^5 = 243 <= 256),
+# or 4 two-bit codes per byte; binary as 8 signs per byte.
+TERNARY_PACKINGS = {"base3": 5, "2bit": 4}
+# Float tensors (unquantized layers, biases, norms, embeddings) in the packed export.
+# TODO(export): keep in step with bitvit.export's format if it stores them differently.
+PACKED_FLOAT_BYTES = 2  # fp16
+PACKED_SCALE_BYTES = 4  # fp32 weight scales
+RESIDENT_CODE_BYTES = 1  # packed codes are unpacked to int8 at load for the integer kernels
+
+
+@dataclass
+class LayerProfile:
+    """One row: a linear layer, one of attention's products, or the remaining parameters."""
+
+    name: str
+    kind: str  # linear | attention | params
+    method: str = "fp"  # fp | b158 | bitnet | sign | xnor ("-" for attention and params)
+    act_bits: int | None = None  # activation bits of a quantized linear
+    shape: tuple[int, int] | None = None  # (out_features, in_features)
+    tokens: int = 0  # rows the layer sees per image
+    params: int = 0
+    weights: int = 0  # entries of the weight matrix (params less bias)
+    info_bits_per_weight: float = 0.0  # log2(3) ternary, 1 binary, 32 float
+    stored_bits_per_weight: float = 0.0  # in the packed file
+    info_bits: float = 0.0  # all of the row's parameters
+    bytes_fp32: int = 0
+    bytes_fp16: int = 0
+    bytes_packed: int = 0
+    bytes_resident: int = 0  # weights held in memory for inference
+    activation_bytes: int = 0  # the layer's float input and output (and attention scores)
+    zero_weights: int = 0
+    macs: int = 0  # per image
+    mul_macs: int = 0  # need a multiply (and an add)
+    add_macs: int = 0  # ternary/binary weight +-1: an addition or subtraction only
+    zero_macs: int = 0  # ternary weight 0: nothing
+    ops: dict[str, int] = field(default_factory=dict)  # e.g. {"fp32_mul": n, "int8_add": n}
+    baseline_ops: dict[str, int] = field(default_factory=dict)  # same layer in full precision
+    energy_pj: dict[str, float] = field(default_factory=dict)  # per node
+    baseline_energy_pj: dict[str, float] = field(default_factory=dict)
+
+
+SUMMED = ("params", "weights", "info_bits", "bytes_fp32", "bytes_fp16", "bytes_packed",
+          "bytes_resident", "zero_weights", "macs", "mul_macs", "add_macs", "zero_macs")
+
+
+@dataclass
+class Profile:
+    rows: list[LayerProfile]
+    totals: dict[str, Any]
+    image_size: int
+    float_precision: str
+    weights_source: str  # what the zero counts come from
+    source: str = ""
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "image_size": self.image_size,
+            "float_precision": self.float_precision,
+            "weights_source": self.weights_source,
+            "rows": [asdict(r) for r in self.rows],
+            "totals": self.totals,
+            "energy_pj_per_op": ENERGY_PJ,
+            "energy_source": ENERGY_SOURCE,
+            "assumptions": self.assumptions,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format_table(self) -> str:
+        return _format(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # Duck-typed so exported (packed) linears count too: they keep in/out_features.
+    return hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def _method(module: nn.Module) -> str:
+    method = getattr(module, "method", "fp")
+    return method if method in METHODS else "fp"
+
+
+def _codes(module: nn.Module, method: str) -> torch.Tensor:
+    """The layer's integer weight codes: from the latent weight, or stored codes if exported."""
+    if hasattr(module, "quantized_weight"):
+        return module.quantized_weight()[0]
+    codes = getattr(module, "codes", None)
+    if codes is not None:
+        return codes
+    return quantize_weights(module.weight, method)[0]
+
+
+def _scale_count(method: str, out_features: int) -> int:
+    return out_features if method == "xnor" else 1
+
+
+def _packed_code_bytes(method: str, n: int, ternary_packing: str) -> int:
+    per_byte = TERNARY_PACKINGS[ternary_packing] if method == "b158" else 8
+    return math.ceil(n / per_byte)
+
+
+def _energy(ops: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for node, table in ENERGY_PJ.items():
+        total = 0.0
+        for key, count in ops.items():
+            precision, op = key.split("_")
+            total += count * table[precision][op]
+        out[node] = total
+    return out
+
+
+def _add_ops(ops: dict[str, int], key: str, n: int) -> None:
+    if n:
+        ops[key] = ops.get(key, 0) + n
+
+
+def _token_counts(model: nn.Module, vit: ViTConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """Rows each linear sees and tokens each attention attends over, for one image."""
+    linear_tokens: dict[str, int] = {}
+    attn_tokens: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if _is_linear(module):
+            def hook(m, inputs, _out, name=name):  # noqa: ANN001
+                linear_tokens[name] = inputs[0].numel() // m.in_features
+            hooks.append(module.register_forward_hook(hook))
+        elif hasattr(module, "qkv") and hasattr(module, "heads"):
+            def hook(_m, inputs, _out, name=name):  # noqa: ANN001
+                attn_tokens[name] = inputs[0].shape[-2]
+            hooks.append(module.register_forward_hook(hook))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(1, vit.in_channels, vit.image_size, vit.image_size, device=device, dtype=dtype)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return linear_tokens, attn_tokens
+
+
+def profile_model(
+    model: nn.Module,
+    config: Config | ViTConfig,
+    float_precision: str = "fp32",
+    ternary_packing: str = "base3",
+    weights_source: str = "the model's weights",
+    source: str = "",
+) -> Profile:
+    """Profile one image's inference through ``model`` (a `VisionTransformer`, quantized or not).
+
+    ``float_precision`` is the precision of every float operation (unquantized layers, attention,
+    rescales) and of the baseline the energy is compared with. ``ternary_packing``: ``base3``
+    (5 trits per byte, 1.6 bits per weight) or ``2bit``. Zero weights are counted from the
+    layer's actual codes, so they are only as meaningful as ``weights_source``.
+    """
+    if float_precision not in FLOAT_PRECISIONS:
+        raise ValueError(f"float_precision={float_precision!r}: expected one of "
+                         f"{', '.join(FLOAT_PRECISIONS)}")
+    if ternary_packing not in TERNARY_PACKINGS:
+        raise ValueError(f"ternary_packing={ternary_packing!r}: expected one of "
+                         f"{', '.join(TERNARY_PACKINGS)}")
+    vit = config.model if isinstance(config, Config) else config
+    fp = float_precision
+    float_bytes = 4 if fp == "fp32" else 2
+    linear_tokens, attn_tokens = _token_counts(model, vit)
+
+    rows: list[LayerProfile] = []
+    counted: set[int] = set()  # parameters already in a row, by identity
+    for name, module in model.named_modules():
+        if _is_linear(module):
+            rows.append(_linear_row(name, module, linear_tokens.get(name, 0), fp, float_bytes,
+                                    ternary_packing))
+            counted.update(id(p) for p in module.parameters(recurse=False))
+            # Attention's two products run between qkv and proj: list them there.
+            attn_name = name.rpartition(".")[0]
+            if name.endswith(".qkv") and attn_name in attn_tokens:
+                rows += _attention_rows(attn_name, attn_tokens[attn_name], vit.dim,
+                                        vit.heads, fp, float_bytes)
+
+    # Everything else that holds parameters (cls_token, pos_embed, LayerNorms), so the totals
+    # are the model's parameter count exactly.
+    norm_params, other = [], []
+    for pname, p in model.named_parameters():
+        if id(p) in counted:
+            continue
+        owner = model.get_submodule(pname.rpartition(".")[0]) if "." in pname else model
+        (norm_params if isinstance(owner, nn.LayerNorm) else other).append((pname, p))
+    if other:
+        rows.append(_params_row(", ".join(n for n, _ in other), other, float_bytes))
+    if norm_params:
+        rows.append(_params_row("layer norms", norm_params, float_bytes))
+
+    for row in rows:
+        row.energy_pj = _energy(row.ops)
+        row.baseline_energy_pj = _energy(row.baseline_ops)
+
+    totals = _totals(rows)
+    totals["bytes_held_by_module"] = _bytes_held(model)
+    return Profile(rows, totals, vit.image_size, fp, weights_source, source,
+                   _assumptions(fp, ternary_packing))
+
+
+def _bytes_held(model: nn.Module) -> int:
+    """What this PyTorch module holds as loaded (a training model's latent fp32 weights, an
+    inference model's codes and their cached copies), shared tensors once."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[(t.data_ptr(), t.nbytes)] = t.nbytes
+    return sum(seen.values())
+
+
+def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
+                ternary_packing: str) -> LayerProfile:
+    out_f, in_f = m.out_features, m.in_features
+    bias = getattr(m, "bias", None)
+    n_bias = bias.numel() if bias is not None else 0
+    n = out_f * in_f
+    method = _method(m)
+    row = LayerProfile(name, "linear", method, shape=(out_f, in_f), tokens=tokens,
+                       params=n + n_bias, weights=n)
+    row.bytes_fp32 = 4 * row.params
+    row.bytes_fp16 = 2 * row.params
+    row.macs = tokens * n
+    row.activation_bytes = float_bytes * tokens * (in_f + out_f)
+    _add_ops(row.baseline_ops, f"{fp}_mul", row.macs)
+    _add_ops(row.baseline_ops, f"{fp}_add", row.macs)
+    if method == "fp":
+        row.act_bits = None
+        row.info_bits_per_weight = 32.0
+        row.stored_bits_per_weight = 8.0 * PACKED_FLOAT_BYTES
+        row.info_bits = 32.0 * row.params
+        row.bytes_packed = PACKED_FLOAT_BYTES * row.params
+        row.bytes_resident = float_bytes * row.params
+        row.mul_macs = row.macs
+        row.ops = dict(row.baseline_ops)
+        return row
+
+    act_bits = getattr(m, "act_bits", None)
+    row.act_bits = act_bits
+    codes = _codes(m, method)
+    row.zero_weights = int((codes == 0).sum())
+    n_scales = _scale_count(method, out_f)
+    row.info_bits_per_weight = BITS_PER_WEIGHT[method]
+    per_byte = TERNARY_PACKINGS[ternary_packing] if method == "b158" else 8
+    row.stored_bits_per_weight = 8.0 / per_byte
+    row.info_bits = BITS_PER_WEIGHT[method] * n + 32.0 * (n_bias + n_scales)
+    row.bytes_packed = (_packed_code_bytes(method, n, ternary_packing)
+                        + PACKED_SCALE_BYTES * n_scales + PACKED_FLOAT_BYTES * n_bias)
+    row.bytes_resident = RESIDENT_CODE_BYTES * n + 4 * n_scales + float_bytes * n_bias
+    row.zero_macs = tokens * row.zero_weights
+    row.add_macs = row.macs - row.zero_macs
+    # Integer activations (8-bit, or 1-bit signs) accumulate in integers: BitNet prices these
+    # as INT8 adds. Float activations (weights-only quantization) add in float.
+    _add_ops(row.ops, "int8_add" if act_bits in (8, 1) else f"{fp}_add", row.add_macs)
+    # One rescale per output (weight scale times the token's activation scale); sign with float
+    # activations has scale 1 and needs none.
+    if not (method == "sign" and act_bits is None):
+        _add_ops(row.ops, f"{fp}_mul", tokens * out_f)
+    return row
+
+
+def _attention_rows(name: str, tokens: int, dim: int, heads: int, fp: str, float_bytes: int
+                    ) -> list[LayerProfile]:
+    rows = []
+    # q, k, v and the heads x T x T scores (a fused kernel may never hold all the scores).
+    activations = float_bytes * (3 * tokens * dim + heads * tokens * tokens)
+    for product in ("qk", "av"):
+        # Over all heads: T x T scores from T x dim queries and keys (QK^T), then T x dim
+        # outputs from the T x T weights and T x dim values (AV): T * T * dim MACs each.
+        row = LayerProfile(f"{name}.{product}", "attention", "-", tokens=tokens)
+        row.macs = row.mul_macs = tokens * tokens * dim
+        _add_ops(row.ops, f"{fp}_mul", row.macs)
+        _add_ops(row.ops, f"{fp}_add", row.macs)
+        row.baseline_ops = dict(row.ops)
+        row.activation_bytes = activations
+        rows.append(row)
+    return rows
+
+
+def _params_row(name: str, params: list[tuple[str, nn.Parameter]], float_bytes: int
+                ) -> LayerProfile:
+    count = sum(p.numel() for _, p in params)
+    return LayerProfile(
+        name, "params", "-", params=count, info_bits=32.0 * count, bytes_fp32=4 * count,
+        bytes_fp16=2 * count, bytes_packed=PACKED_FLOAT_BYTES * count,
+        bytes_resident=float_bytes * count, info_bits_per_weight=32.0,
+        stored_bits_per_weight=8.0 * PACKED_FLOAT_BYTES,
+    )
+
+
+def _sum_dicts(dicts: list[dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _totals(rows: list[LayerProfile]) -> dict[str, Any]:
+    totals: dict[str, Any] = {key: sum(getattr(r, key) for r in rows) for key in SUMMED}
+    totals["ops"] = _sum_dicts([r.ops for r in rows])
+    totals["baseline_ops"] = _sum_dicts([r.baseline_ops for r in rows])
+    totals["energy_pj"] = _sum_dicts([r.energy_pj for r in rows])
+    totals["baseline_energy_pj"] = _sum_dicts([r.baseline_energy_pj for r in rows])
+    totals["energy_ratio"] = {
+        node: totals["baseline_energy_pj"][node] / totals["energy_pj"][node]
+        if totals["energy_pj"].get(node) else None
+        for node in NODES
+    }
+    params = totals["params"]
+    # Layers run one after another: the working memory is the largest layer's, not the sum.
+    totals["activation_bytes_peak"] = max((r.activation_bytes for r in rows), default=0)
+    totals["info_bits_per_param"] = totals["info_bits"] / params if params else 0.0
+    totals["stored_bits_per_param"] = 8.0 * totals["bytes_packed"] / params if params else 0.0
+    linear = [r for r in rows if r.kind == "linear"]
+    totals["quantized_weights"] = sum(r.weights for r in linear if r.method != "fp")
+    return totals
+
+
+def _assumptions(fp: str, ternary_packing: str) -> list[str]:
+    per_byte = TERNARY_PACKINGS[ternary_packing]
+    return [
+        "Counts are per image (batch 1); MACs are those of the linear layers and attention's "
+        "QK^T and AV products. Biases, norms, softmax, GELU and activation quantization are "
+        "not counted.",
+        f"Energy counts arithmetic only (no memory access or data movement). Float MACs cost "
+        f"one {fp.upper()} multiply and one add; attention and unquantized layers are {fp}.",
+        "A ternary/binary weight of +-1 turns its MAC into an addition/subtraction, a zero "
+        "weight into nothing. With 8-bit or 1-bit activations these are priced as INT8 adds "
+        f"(as BitNet does); with float activations as {fp.upper()} adds. Each output of a "
+        f"quantized layer costs one {fp.upper()} multiply to rescale.",
+        f"Packed bytes: ternary codes {per_byte} per byte, binary 8 per byte, fp32 weight "
+        "scales (one per tensor, one per output channel for xnor), fp16 biases and other "
+        "float tensors; file headers are not counted.",
+        f"Resident weights: quantized layers as int8 codes "
+        f"(1 byte per weight: packed codes are unpacked at load), fp32 scales, {fp} biases; "
+        f"all other parameters in {fp}. Peak activations: the largest layer's {fp} input and "
+        "output (for attention q, k, v and the T x T scores of every head), batch 1.",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The terminal table.
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(x: float) -> str:
+    """Three significant digits, never in exponent notation."""
+    if x == 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
+def _si(x: float) -> str:
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{_num(x / div)}{prefix}"
+    return str(x) if isinstance(x, int) else _num(x)
+
+
+def _bytes(n: float) -> str:
+    for div, prefix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{_num(n / div)} {prefix}"
+    return f"{int(n)} B"
+
+
+def _energy_str(pj: float) -> str:
+    for div, unit in ((1e6, "uJ"), (1e3, "nJ")):
+        if pj >= div:
+            return f"{_num(pj / div)} {unit}"
+    return f"{_num(pj)} pJ"
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    rule = "-" * len(line(header))
+    return [line(header), rule, *[line(r) for r in body[:-1]], rule, line(body[-1])]
+
+
+def _method_str(r: LayerProfile) -> str:
+    if r.kind != "linear":
+        return "-"
+    if r.method == "fp":
+        return "fp"
+    return f"{r.method}/a{r.act_bits if r.act_bits is not None else 'fp'}"
+
+
+def _format(p: Profile) -> str:
+    t = p.totals
+    out = [f"bitvit profile: {p.source or 'model'} ({p.image_size}x{p.image_size} image, "
+           f"batch 1, float ops in {p.float_precision})", ""]
+
+    mem_rows = []
+    for r in p.rows:
+        if r.kind == "attention":
+            continue
+        mem_rows.append([
+            r.name, _method_str(r), f"{r.params:,}",
+            f"{r.info_bits_per_weight:.3g}", f"{r.stored_bits_per_weight:.3g}",
+            _bytes(r.bytes_fp32), _bytes(r.bytes_fp16), _bytes(r.bytes_packed),
+            _bytes(r.bytes_resident),
+        ])
+    mem_rows.append([
+        "total", "", f"{t['params']:,}", f"{t['info_bits_per_param']:.3g}",
+        f"{t['stored_bits_per_param']:.3g}", _bytes(t["bytes_fp32"]), _bytes(t["bytes_fp16"]),
+        _bytes(t["bytes_packed"]), _bytes(t["bytes_resident"]),
+    ])
+    out.append("Memory (bits per weight: information / stored packed; totals per parameter)")
+    out += _table(["layer", "method", "params", "info b/w", "stored b/w", "fp32", "fp16",
+                   "packed", "resident"], mem_rows)
+    out.append("")
+
+    ops_rows = []
+    for r in p.rows:
+        if r.kind == "params":
+            continue
+        zero = f"{r.zero_weights / r.weights:.1%}" if r.weights and r.method != "fp" else "-"
+        ops_rows.append([
+            r.name, _method_str(r) if r.kind == "linear" else p.float_precision, str(r.tokens),
+            _si(r.macs), _si(r.mul_macs), _si(r.add_macs), _si(r.zero_macs), zero,
+            *(_energy_str(r.energy_pj[n]) for n in NODES),
+        ])
+    zero_total = (f"{t['zero_weights'] / t['quantized_weights']:.1%}"
+                  if t["quantized_weights"] else "-")
+    ops_rows.append(["total", "", "", _si(t["macs"]), _si(t["mul_macs"]), _si(t["add_macs"]),
+                     _si(t["zero_macs"]), zero_total,
+                     *(_energy_str(t["energy_pj"][n]) for n in NODES)])
+    out.append("Compute per image (MACs: with a multiply / additions only / zero weights: none)")
+    out += _table(["layer", "method", "tokens", "MACs", "mul", "add", "zero", "zero w",
+                   *(f"E {n}" for n in NODES)], ops_rows)
+    out.append("")
+
+    out.append(f"Resident for inference: {_bytes(t['bytes_resident'])} of weights + about "
+               f"{_bytes(t['activation_bytes_peak'])} of activations per image (peak layer); "
+               f"this PyTorch module, as loaded, holds {_bytes(t['bytes_held_by_module'])}.")
+    out.append("")
+    out.append("Arithmetic energy per image, this model vs the same architecture in "
+               f"{p.float_precision}:")
+    for node in NODES:
+        ratio = t["energy_ratio"][node]
+        out.append(f"  {node:>5}: {_energy_str(t['energy_pj'][node])} vs "
+                   f"{_energy_str(t['baseline_energy_pj'][node])}"
+                   + (f"  ({ratio:.3g}x less)" if ratio else ""))
+    out.append(f"  ops: {', '.join(f'{k} {_si(v)}' for k, v in sorted(t['ops'].items()))}")
+    out.append("")
+    out.append(f"Zero weights counted from {p.weights_source}.")
+    for a in p.assumptions:
+        out += textwrap.wrap(a, 100, initial_indent="- ", subsequent_indent="  ")
+    out += textwrap.wrap(ENERGY_SOURCE, 100)
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a YAML config, a training checkpoint or run folder, an exported model.
+# ---------------------------------------------------------------------------------------------
+
+
+class ProfileError(ValueError):
+    """A source that cannot be profiled; the message is one line naming it."""
+
+
+@dataclass
+class ProfileSource:
+    """What `profile_model` needs, loaded from a config, a checkpoint or an export."""
+
+    model: nn.Module
+    config: Config
+    weights_source: str  # where the weights (and so the zero counts) come from
+    ternary_packing: str | None = None  # the file's packing, for an exported model
+
+
+def load_for_profile(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    quant: str | None = None,
+    where: str | None = None,
+    act_bits: str | None = None,
+    best: bool = False,
+) -> ProfileSource:
+    """Load a YAML config, a run or checkpoint folder, a checkpoint file or an exported model.
+
+    A config gives a freshly initialised model (seeded with ``train.seed``); ``quant``, ``where``
+    and ``act_bits`` override its quant section. A full-precision checkpoint may be quantized
+    after the fact with them, to see what post-training quantization would give.
+    """
+    from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint
+    from bitvit.config import load_config
+    from bitvit.quant import quantize_
+
+    p = Path(path)
+    flags = {"method": quant, "where": where, "act_bits": act_bits}
+    if p.suffix.lower() in (".yaml", ".yml"):
+        quant_overrides = [f"quant.{k}={v}" for k, v in flags.items() if v is not None]
+        config = load_config(p, [*(overrides or []), *quant_overrides])
+        torch.manual_seed(config.train.seed)
+        return ProfileSource(build_model(config), config,
+                             f"freshly initialised weights (train.seed={config.train.seed}); "
+                             "a trained model's zeros differ")
+    if overrides:
+        raise ProfileError(f"{p}: section.key=value overrides apply to YAML configs only")
+    if p.is_file() and _file_format(p) == EXPORT_FORMAT:
+        if any(v is not None for v in flags.values()):
+            raise ProfileError(f"{p}: an exported model is already quantized; "
+                               "--quant/--where/--act-bits apply to configs and checkpoints")
+        return _load_exported(p)
+    try:
+        ckpt = load_checkpoint(p, best=best)
+    except CheckpointError as e:
+        raise ProfileError(str(e)) from None
+    model, config = ckpt.model, ckpt.config
+    if all(v is None for v in flags.values()):
+        return ProfileSource(model, config, f"the trained weights in {ckpt.path}")
+    if config.quant.method != "fp":
+        raise ProfileError(f"{ckpt.path}: already quantized ({config.quant.method}); "
+                           "--quant/--where/--act-bits apply to full-precision checkpoints")
+    q = config.quant
+    method = quant or "b158"
+    act = act_bits if act_bits is not None else "default"
+    try:
+        quantize_(model, method, where or q.where, act, q.include_patch_embed,
+                  sub_norm=q.sub_norm)
+    except ValueError as e:
+        raise ProfileError(f"{ckpt.path}: {e}") from None
+    config.quant = QuantConfig(method, where or q.where, act, q.include_patch_embed, q.sub_norm)
+    return ProfileSource(model, config,
+                         f"the trained weights in {ckpt.path}, quantized after training")
+
+
+EXPORT_FORMAT = "bitvit-export"
+
+
+def _file_format(path: Path) -> str | None:
+    from bitvit.checkpoint import read_metadata
+
+    try:
+        return read_metadata(path).get("format")
+    except ValueError:
+        return None  # not safetensors: load_checkpoint says what is wrong with it
+
+
+def _load_exported(path: Path) -> ProfileSource:
+    """An exported model: its packed codes, unpacked by `bitvit.export.load`."""
+    try:
+        from bitvit import export
+    except ImportError:
+        raise ProfileError(f"{path}: an exported model, but this bitvit has no bitvit.export "
+                           "to load it") from None
+    try:
+        loaded = export.load(path)  # the default engine: what `bitvit predict` runs
+    except ValueError as e:
+        raise ProfileError(str(e)) from None
+    packings = {layer.get("packing") for layer in
+                json.loads(export.read_export_metadata(path)["layers"]).values()}
+    ternary = sorted(packings & set(TERNARY_PACKINGS))
+    # The inference layers keep in/out_features, method, act_bits and their int8 codes.
+    return ProfileSource(loaded.vit, loaded.config, f"the exported codes in {path}",
+                         ternary[0] if ternary else None)
