@@ -2,6 +2,7 @@
 
 from bitvit.checkpoint import load_checkpoint
 from bitvit.config import Config, load_config
+from bitvit.export import ExportedModel, ExportError, export_checkpoint, export_model, load
 from bitvit.model import VisionTransformer, ViTConfig
 from bitvit.quant import (
     METHODS,
@@ -21,6 +22,11 @@ __all__ = [
     "Config",
     "RunResult",
     "evaluate",
+    "ExportError",
+    "ExportedModel",
+    "export_checkpoint",
+    "export_model",
+    "load",
     "load_checkpoint",
     "load_config",
     "train",
