@@ -90,32 +90,40 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run, checkpoint or exported model on test data")
-    p.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder, checkpoint, or exported .safetensors model")
     p.add_argument("--data", help="data file or folder (default: the run's own data.path)")
     p.add_argument("--best", action="store_true", help="use best/ instead of last/")
     p.add_argument("--limit-test", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=("int", "fp"), default="int",
+                   help="exported models: integer kernels (int) or dequantized fp32 (fp)")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from bitvit.checkpoint import load_checkpoint
     from bitvit.data import load_data
+    from bitvit.export import is_export, load
     from bitvit.train import evaluate, resolve_device
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.model, best=args.best)
-    model, cfg = ckpt.model.to(device), ckpt.config
+    if is_export(args.model):
+        model = load(args.model, device=device, engine=args.engine)
+        cfg, classes, path = model.config, model.classes, model.path
+    else:
+        ckpt = load_checkpoint(args.model, best=args.best)
+        model, cfg, classes, path = ckpt.model.to(device), ckpt.config, ckpt.classes, ckpt.path
     data_cfg = cfg.data
     data_cfg.path = args.data or data_cfg.path
     data_cfg.limit_test = args.limit_test if args.limit_test is not None else data_cfg.limit_test
     data_cfg.val_size = 0  # only the test set is used
     test = load_data(data_cfg, cfg.model.image_size, cfg.model.in_channels).test
-    if test.classes != ckpt.classes:
-        raise CliError(f"{args.model}: the model's classes ({', '.join(ckpt.classes[:3])}...) "
+    if test.classes != classes:
+        raise CliError(f"{args.model}: the model's classes ({', '.join(classes[:3])}...) "
                        f"differ from the data's ({', '.join(test.classes[:3])}...)")
     result = evaluate(model, test, data_cfg.mean, data_cfg.std, device=device)
-    print(json.dumps({"model": str(ckpt.path), **result}))
+    print(json.dumps({"model": str(path), **result}))
     return 0
 
 
@@ -173,6 +181,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="one JSON object per line: {file, predictions: [{class, probability}]}")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--engine", choices=("int", "fp"), default="int",
+                   help="integer kernels (int) or dequantized fp32 (fp) for quantized layers")
     p.set_defaults(func=_run_predict)
 
 
@@ -184,7 +194,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
-    model = load(args.model, device=resolve_device(args.device))
+    model = load(args.model, device=resolve_device(args.device), engine=args.engine)
     files = image_files(args.images)
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
