@@ -155,8 +155,10 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The same numbers as `bitvit.quant.absmax_int8`, so both paths round every element alike.
     """
-    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
-    return torch.round(x * s).clamp_(-128, 127).to(torch.int8), s
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # one pass, no |x| temporary
+    s = 127.0 / torch.maximum(-lo, hi).clamp_(min=EPS)
+    # |x * s| <= 127 (up to an ulp), so round needs no clamp before the int8 cast.
+    return (x * s).round_().to(torch.int8), s
 
 
 def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -165,8 +167,8 @@ def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | No
     ``row_scale`` (M, 1) is the activation scale s (x ~ q / s), ``col_scale`` (1,) or (N,) the
     weight scale: one multiply per output, as in `BitLinear`'s int8 path (same rounding).
     """
-    y = acc.float() * (col_scale / row_scale)
-    return y if bias is None else y + bias
+    y = acc.float().mul_(col_scale / row_scale)
+    return y if bias is None else y.add_(bias)
 
 
 # ---------------------------------------------------------------------------------------------
