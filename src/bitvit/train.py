@@ -1,0 +1,497 @@
+"""The training loop: a config in; a run folder with curves, checkpoints and provenance out.
+
+One process on CPU or GPU, or several under ``torchrun`` (DistributedDataParallel; only rank 0
+writes). A run can be killed at any time and continued with ``resume``: checkpoints are written
+to a temporary folder and renamed into place, and every epoch reseeds its randomness from
+(seed, epoch, rank), so a resumed run repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from bitvit.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_state,
+    save_model,
+)
+from bitvit.config import Config, ConfigError, load_config, save_config
+from bitvit.data import ImageSet, augment, load_data, normalize
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+VAL_COLUMNS = ["val_loss", "val_acc"]
+STATE_FILE = "state.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message is one line."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished | failed | interrupted
+    metrics: list[dict[str, float]]  # one row per epoch, as in metrics.csv
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.metrics[-1] if self.metrics else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
+                   std: tuple[float, ...], batch_size: int = 500,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits (on CPU) for uint8 images (N, C, H, W), normalized with the given mean and std."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), mean, std)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, data: ImageSet, mean: tuple[float, ...], std: tuple[float, ...],
+             batch_size: int = 500, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix (rows: true class) on a data set."""
+    logits = predict_logits(model, data.images, mean, std, batch_size, device)
+    labels = data.labels.cpu()
+    pred = logits.argmax(dim=1)
+    k = len(data.classes)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
+    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    return {
+        "n": len(labels),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (pred == labels).float().mean().item(),
+        "per_class_accuracy": dict(zip(data.classes, per_class.tolist(), strict=True)),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                weight_decay=cfg.weight_decay)
+    # AdamW: decay only the matrices; norms, biases, position embedding and cls token are not
+    # weights that over-fit by growing.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float) -> float:
+    """Multiplier of the base lr at a step: linear warmup, then constant or cosine to ``floor``."""
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Reseed dropout (global RNG) and return the generator for augmentation, per epoch."""
+    torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    return torch.Generator().manual_seed(seed * 7_919 + epoch * 104_729 + rank)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int) -> torch.Tensor:
+    """This rank's sample order for an epoch; concatenated over ranks it is one global order."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler))
+
+
+def _atomic_dir(target: Path, write: Any) -> None:
+    """Fill a temporary folder with ``write(folder)``, then swap it in for ``target``."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: int(row[k]) if k == "epoch" else f"{row[k]:.6g}" for k in columns})
+    tmp.replace(path)
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("test", "--"), ("val", ":")):
+        if rows and f"{split}_loss" in rows[0]:
+            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], style, label=split)
+            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], style, label=split)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_run_dir(config: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}_{config.quant.method}_s{config.train.seed}"
+
+
+def train(config: Config, out: str | Path | None = None, resume: str | Path | None = None,
+          quiet: bool = False, command: list[str] | None = None) -> RunResult:
+    """Train a model as ``config`` says into the run folder ``out`` (or continue ``resume``).
+
+    Returns the run's metrics. Raises `TrainingError` on a non-finite loss (``last/`` keeps the
+    last good epoch) and lets KeyboardInterrupt through after marking the run interrupted.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    device = resolve_device(config.train.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    tc = config.train
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
+                          f"{world} processes")
+
+    run_dir = Path(resume) if resume is not None else Path(out or _default_run_dir(config))
+    metrics_path = run_dir / "metrics.csv"
+    if resume is None and metrics_path.exists():
+        raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
+                          f"or choose another --out")
+    writer = rank == 0
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    splits = load_data(config.data, config.model.image_size, config.model.in_channels)
+    classes = splits.classes
+    if len(classes) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes={config.model.num_classes} but the data has "
+                          f"{len(classes)} classes ({', '.join(classes[:5])}...)")
+    mean, std = config.data.mean, config.data.std
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config)
+    if tc.init_from and resume is None:
+        # Quantization-aware training from a full-precision model: same keys, same shapes.
+        source = load_checkpoint(tc.init_from).model
+        load_state(model, source.state_dict(), tc.init_from)
+    model.to(device)
+    optimizer = make_optimizer(model, tc)
+    steps_per_epoch = len(splits.train.labels) // tc.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
+                          f"({len(splits.train.labels)} images)")
+    total_steps = steps_per_epoch * tc.epochs
+    warmup = int(tc.warmup_epochs * steps_per_epoch)
+    floor = tc.min_lr / tc.lr if tc.lr else 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, tc.schedule, floor))
+
+    start_epoch, best_acc = 1, -1.0
+    rows = read_metrics(metrics_path) if resume is not None else []
+    if resume is not None:
+        start_epoch, best_acc = _load_state(run_dir / "last", model, optimizer, scheduler)
+        rows = [r for r in rows if r["epoch"] < start_epoch]
+    columns = METRIC_COLUMNS + (VAL_COLUMNS if splits.val is not None else [])
+
+    net: nn.Module = model
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        net = torch.compile(net)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
+                else nullcontext())
+
+    run_info = {
+        "command": command if command is not None else sys.argv,
+        "git_commit": _git_commit(),
+        "device": _device_name(device),
+        "processes": world,
+        "torch": torch.__version__,
+        "start": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "end": None,
+        "status": "running",
+    }
+    if writer:
+        if resume is not None and (run_dir / "run.json").exists():
+            previous = json.loads((run_dir / "run.json").read_text())
+            run_info["resumed_from"] = previous.get("resumed_from", []) + [previous]
+        save_config(config, run_dir / "config.yaml")
+        _write_json(run_dir / "run.json", run_info)
+
+    wall_start = time.perf_counter()
+    train_images = splits.train.images.to(device)
+    train_labels = splits.train.labels.to(device)
+    status = "failed"
+    try:
+        for epoch in range(start_epoch, tc.epochs + 1):
+            t0 = time.perf_counter()
+            generator = _seed_epoch(tc.seed, epoch, rank)
+            order = _epoch_order(len(train_labels), tc.seed, epoch, world, rank)
+            per_rank = tc.batch_size // world
+            net.train()
+            sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+            bar = _progress(steps_per_epoch, epoch, tc.epochs, quiet or not writer)
+            for step in range(steps_per_epoch):
+                idx = order[step * per_rank:(step + 1) * per_rank].to(device)
+                x = augment(train_images[idx], config.data, generator)
+                x, y = normalize(x, mean, std), train_labels[idx]
+                with autocast:
+                    logits = net(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"loss is {loss_value} at epoch {epoch}, step {step + 1}: stopping; "
+                        f"{run_dir / 'last'} keeps epoch {epoch - 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                n = len(y)
+                correct = (logits.argmax(1) == y).sum().item()
+                sums += torch.tensor([loss_value * n, correct, n], dtype=torch.float64)
+                if bar is not None:
+                    seen = (step + 1) * tc.batch_size
+                    bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
+                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                    bar.update()
+            if bar is not None:
+                bar.close()
+            if distributed:
+                dist.all_reduce(sums)
+            row = {"epoch": epoch, "train_loss": (sums[0] / sums[2]).item(),
+                   "train_acc": (sums[1] / sums[2]).item()}
+            test = _evaluate_sharded(model, splits.test, mean, std, tc.eval_batch_size, device,
+                                     world, rank)
+            row.update(test_loss=test[0], test_acc=test[1], lr=scheduler.get_last_lr()[0])
+            if splits.val is not None:
+                val = _evaluate_sharded(model, splits.val, mean, std, tc.eval_batch_size, device,
+                                        world, rank)
+                row.update(val_loss=val[0], val_acc=val[1])
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            if writer:
+                is_best = splits.val is not None and row["val_acc"] > best_acc
+                best_acc = max(best_acc, row.get("val_acc", -1.0))
+                state = _state(optimizer, scheduler, epoch, best_acc)
+                _atomic_dir(run_dir / "last",
+                            lambda d: _save(d, model, config, classes, state))  # noqa: B023
+                if is_best:
+                    _atomic_dir(run_dir / "best",
+                                lambda d: _save(d, model, config, classes, state))  # noqa: B023
+                write_metrics(metrics_path, rows, columns)
+                plot_curves(rows, run_dir / "curves.png", _title(config))
+                if quiet:
+                    print(_summary_line(row, tc.epochs), flush=True)
+            if distributed:
+                dist.barrier()
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except TrainingError as e:
+        run_info["error"] = str(e)
+        raise
+    finally:
+        if writer:
+            run_info.update(status=status,
+                            end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            wall_seconds=round(time.perf_counter() - wall_start, 1))
+            _write_json(run_dir / "run.json", run_info)
+    return RunResult(run_dir, status, rows)
+
+
+def _evaluate_sharded(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
+                      std: tuple[float, ...], batch_size: int, device: torch.device,
+                      world: int, rank: int) -> tuple[float, float]:
+    """(loss, accuracy) over the whole set; each process takes every world-th image."""
+    shard = ImageSet(data.images[rank::world], data.labels[rank::world], data.classes)
+    logits = predict_logits(model, shard.images, mean, std, batch_size, device)
+    sums = torch.tensor([F.cross_entropy(logits, shard.labels, reduction="sum").item(),
+                         (logits.argmax(1) == shard.labels).sum().item(), len(shard.labels)],
+                        dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+def _state(optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+           best_acc: float) -> dict[str, Any]:
+    state = {"epoch": epoch, "best_acc": best_acc, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save(folder: Path, model: nn.Module, config: Config, classes: list[str],
+          state: dict[str, Any]) -> None:
+    save_model(folder / MODEL_FILE, model, config, classes)
+    torch.save(state, folder / STATE_FILE)
+
+
+def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any) -> tuple[int, float]:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch."""
+    model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
+    for f in (model_file, state_file):
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; cannot resume (did an epoch complete?)")
+    try:
+        weights = load_file(str(model_file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
+        raise CheckpointError(f"{model_file}: corrupt checkpoint ({e})") from None
+    load_state(model, weights, model_file)
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
+        raise CheckpointError(f"{state_file}: unreadable training state ({e})") from None
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["epoch"]) + 1, float(state["best_acc"])
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _title(config: Config) -> str:
+    q = config.quant
+    quant = "fp32" if q.method == "fp" else f"{q.method} ({q.where}, act {q.act_bits})"
+    m = config.model
+    return f"ViT p{m.patch_size} d{m.dim} L{m.depth}, {quant}, seed {config.train.seed}"
+
+
+def _summary_line(row: dict[str, float], epochs: int) -> str:
+    text = (f"epoch {int(row['epoch'])}/{epochs}  train {row['train_loss']:.4f} "
+            f"{row['train_acc']:.4f}  test {row['test_loss']:.4f} {row['test_acc']:.4f}")
+    if "val_acc" in row:
+        text += f"  val {row['val_loss']:.4f} {row['val_acc']:.4f}"
+    return text + f"  {row['seconds']:.1f}s"
+
+
+def _progress(total: int, epoch: int, epochs: int, disable: bool) -> Any:
+    if disable:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=True)
+
+
+def config_for_resume(run_dir: str | Path, epochs: int | None = None) -> Config:
+    """The saved config of a run, optionally with more epochs (to extend a finished run)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; --resume needs a run folder written by bitvit train")
+    config = load_config(path)
+    if epochs is not None:
+        config.train = replace(config.train, epochs=epochs)
+    return config
