@@ -196,3 +196,64 @@ def set_engine(model: nn.Module, engine: str) -> nn.Module:
         if isinstance(module, InferenceLinear):
             module.set_engine(engine)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion and agreement.
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_model(model: nn.Module, example: Tensor | None = None, **compile_kwargs: object,
+                  ) -> nn.Module:
+    """``torch.compile`` a converted model, falling back to the eager model if that fails.
+
+    Inductor fuses what the eager path runs as separate passes: LayerNorm with the next layer's
+    per-token absmax, scale, round and int8 cast; the int32 -> fp32 rescale with the bias and
+    GELU. ``example`` (a batch) triggers compilation now, so a missing C++ compiler or an
+    unsupported op shows up here, with a warning, rather than on the first real call.
+    """
+    import warnings
+
+    try:
+        compiled = torch.compile(model, **compile_kwargs)
+        if example is not None:
+            with torch.no_grad():
+                compiled(example)
+        return compiled
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
+        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); running eager",
+                      stacklevel=2)
+        return model
+
+
+@torch.no_grad()
+def agreement(model_a: nn.Module, model_b: nn.Module, images: Tensor,
+              labels: Tensor | None = None, batch_size: int = 500) -> dict[str, float]:
+    """How closely two models agree on ``images`` (already normalized, (N, C, H, W)).
+
+    Returns ``argmax_agreement`` (fraction of equal predictions), ``max_abs_logit_diff``,
+    ``mean_abs_logit_diff`` and, with ``labels``, ``accuracy_a``, ``accuracy_b`` and
+    ``accuracy_diff`` (a - b). Typical use: the same converted model under ``engine="fp"`` (the
+    fake-quant reference) and ``engine="int"``.
+    """
+    model_a.eval()
+    model_b.eval()
+    pred_a, pred_b, diffs = [], [], []
+    max_diff = 0.0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        a, b = model_a(x).float(), model_b(x).float()
+        d = (a - b).abs()
+        max_diff = max(max_diff, d.max().item())
+        diffs.append(d.mean(dim=1))
+        pred_a.append(a.argmax(dim=1))
+        pred_b.append(b.argmax(dim=1))
+    pa, pb = torch.cat(pred_a), torch.cat(pred_b)
+    out = {"n": float(len(pa)), "argmax_agreement": (pa == pb).float().mean().item(),
+           "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": torch.cat(diffs).mean().item()}
+    if labels is not None:
+        labels = labels.to(pa.device)
+        out["accuracy_a"] = (pa == labels).float().mean().item()
+        out["accuracy_b"] = (pb == labels).float().mean().item()
+        out["accuracy_diff"] = out["accuracy_a"] - out["accuracy_b"]
+    return out
