@@ -97,15 +97,15 @@ def profile_shares(fn: Callable[[], object], rounds: int = 3) -> list[tuple[str,
     groups = {
         "int8 matmul": ("aten::_int_mm",),
         "fp32 matmul": ("aten::addmm", "aten::mm", "aten::linear", "aten::bmm"),
-        "act quant (aminmax, scale, round, cast)": (
-            "aten::aminmax", "aten::maximum", "aten::clamp_", "aten::reciprocal", "aten::div",
-            "aten::round_", "aten::round"),
+        "act quant (absmax, scale, round, cast)": (
+            "aten::amax", "aten::amin", "aten::neg_", "aten::maximum", "aten::clamp_",
+            "aten::reciprocal", "aten::div", "aten::round_", "aten::round"),
         "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
         "layernorm": ("aten::native_layer_norm",),
         "gelu": ("aten::gelu",),
         "copies, casts, cat": ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone"),
         "elementwise mul/add (rescale, bias, residual)": (
-            "aten::mul", "aten::mul_", "aten::add", "aten::add_"),
+            "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::addcmul"),
     }
     with profile() as prof:
         for _ in range(rounds):

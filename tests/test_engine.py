@@ -98,9 +98,9 @@ def test_int_engine_matches_fp_engine_within_rounding(method):
     assert y_int.shape == (3, 11, 48) and y_int.dtype == torch.float32
     bound = _rounding_bound(quantize_activations(x, 8), fp_layer.weight_fp, fp_layer.bias)
     assert ((y_int - y_fp).abs() <= bound).all()
-    # The int engine computes exactly what BitLinear's own int8 forward computes.
+    # BitLinear's own eval forward (int8 too on CPU): the same products, rescaled alike.
     with torch.no_grad():
-        assert torch.equal(y_int, layer(x))
+        assert ((y_int - layer(x)).abs() <= bound).all()
 
 
 def test_fp_engine_is_bitlinear_fake_quant():
@@ -153,7 +153,7 @@ def test_sub_norm_and_no_bias():
     int_layer = InferenceLinear.from_bitlinear(layer)
     assert int_layer.bias is None
     with torch.no_grad():
-        assert torch.equal(int_layer(x), layer(x))
+        torch.testing.assert_close(int_layer(x), layer(x), rtol=1e-5, atol=1e-6)
 
 
 def test_buffers_state_dict_and_validation():
@@ -205,8 +205,11 @@ def test_convert_for_inference_gives_bitlinear_logits():
         assert not any(isinstance(m, BitLinear) for m in model.modules())
         assert isinstance(model.blocks[0].mlp.fc1, InferenceLinear)
         assert type(model.head) is nn.Linear
-        # BitLinear's eval forward is itself int8 on CPU: the int engine reproduces it exactly.
-        assert torch.equal(model(x), ref)
+        # BitLinear's eval forward is itself int8 on CPU; the rescale rounds once instead of
+        # twice (1 ulp), which can flip an activation code at a rounding boundary downstream.
+        y = model(x)
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-3)
+        assert torch.equal(y.argmax(1), ref.argmax(1))
     assert "blocks.0.attn.qkv.codes" in model.state_dict()
     assert "blocks.0.attn.qkv.codes_t" not in model.state_dict()
 

@@ -155,8 +155,10 @@ def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
 
     The same numbers as `bitvit.quant.absmax_int8`, so both paths round every element alike.
     """
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # one pass, no |x| temporary
-    s = 127.0 / torch.maximum(-lo, hi).clamp_(min=EPS)
+    # max|x| as max(-min x, max x): no |x| temporary, and amax + amin run vectorized on CPU
+    # (torch.aminmax over the last dim is ~10x slower than both together here).
+    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
+    s = 127.0 / absmax.clamp_(min=EPS)
     # |x * s| <= 127 (up to an ulp), so round needs no clamp before the int8 cast.
     return (x * s).round_().to(torch.int8), s
 
@@ -165,10 +167,12 @@ def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | No
     """The int32 products back to fp32: ``acc * (col_scale / row_scale) + bias``.
 
     ``row_scale`` (M, 1) is the activation scale s (x ~ q / s), ``col_scale`` (1,) or (N,) the
-    weight scale: one multiply per output, as in `BitLinear`'s int8 path (same rounding).
+    weight scale. One pass over the int32 products: ``addcmul`` reads them as int32 and writes
+    fp32 (no separate cast), so it may round once where BitLinear's ``* ratio + bias`` rounds
+    twice: a 1-ulp difference.
     """
-    y = acc.float().mul_(col_scale / row_scale)
-    return y if bias is None else y.add_(bias)
+    ratio = col_scale / row_scale
+    return torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
 
 
 # ---------------------------------------------------------------------------------------------
