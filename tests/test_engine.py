@@ -163,8 +163,7 @@ def test_buffers_state_dict_and_validation():
     assert set(layer.codes.unique().tolist()) <= {-1, 0, 1}
     fresh = InferenceLinear(torch.zeros(48, 64, dtype=torch.int8), torch.ones(1), torch.zeros(48),
                             "b158", 8)
-    fresh.load_state_dict(layer.state_dict())
-    fresh.set_engine("int")  # derived buffers follow the loaded codes
+    fresh.load_state_dict(layer.state_dict())  # the derived buffers follow the loaded codes
     x = torch.randn(3, 64)
     assert torch.equal(fresh(x), layer(x))
     with pytest.raises(ValueError, match="engine"):

@@ -104,6 +104,8 @@ class InferenceLinear(nn.Module):
         self.register_buffer("weight_fp", None, persistent=False)
         self.engine = ""
         self.set_engine(engine)
+        # Loading new codes or scale must refresh the derived buffers too.
+        self.register_load_state_dict_post_hook(lambda module, _: module.set_engine(module.engine))
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, engine: str = "int") -> InferenceLinear:
