@@ -10,12 +10,9 @@ from bitvit.engine import (
     agreement,
     compile_model,
     convert_for_inference,
-    int_mm,
-    pad_for_int_mm,
-    quantize_rows_int8,
     set_engine,
 )
-from bitvit.quant import absmax_int8, quantize_activations
+from bitvit.quant import absmax_int8, int_mm, pad_for_int_mm, quantize_activations
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
 
@@ -74,13 +71,14 @@ def test_int_mm_cuda_odd_shapes():
     assert torch.equal(int_mm(a, b).cpu(), (a.long() @ b.long()).int().cpu())
 
 
-def test_quantize_rows_int8_matches_absmax_int8():
+def test_absmax_int8_equals_the_formula():
     x = torch.randn(50, 96) * torch.logspace(-3, 2, 50)[:, None]
     x[3] = 0.0  # an all-zero token: scale clamped, codes zero
-    q, s = quantize_rows_int8(x)
-    q_ref, s_ref = absmax_int8(x)
-    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
-    assert q.abs().max() <= 127 and q[3].abs().sum() == 0
+    q, s = absmax_int8(x)
+    s_ref = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    assert torch.equal(q, torch.round(x * s_ref).clamp(-128, 127).to(torch.int8))
+    assert q.abs().max() == 127 and q[3].abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------

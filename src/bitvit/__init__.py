@@ -2,8 +2,10 @@
 
 from bitvit.checkpoint import load_checkpoint
 from bitvit.config import Config, load_config
+from bitvit.engine import InferenceLinear, convert_for_inference, set_engine
 from bitvit.export import ExportedModel, ExportError, export_checkpoint, export_model, load
 from bitvit.model import VisionTransformer, ViTConfig
+from bitvit.profile import profile_model
 from bitvit.quant import (
     METHODS,
     BitLinear,
@@ -30,6 +32,10 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "train",
+    "InferenceLinear",
+    "convert_for_inference",
+    "set_engine",
+    "profile_model",
     "BitLinear",
     "QuantConfig",
     "QuantizedLayer",

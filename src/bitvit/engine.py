@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitvit.quant import EPS, METHODS, BitLinear, quantize_activations
+from bitvit.quant import (
+    EPS,
+    METHODS,
+    BitLinear,
+    absmax_int8,
+    int_mm,
+    quantize_activations,
+    rescale,
+)
 
 ENGINES = ("int", "fp")
 
@@ -29,42 +37,6 @@ def check_engine(engine: str) -> str:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     return engine
-
-
-# ---------------------------------------------------------------------------------------------
-# Integer matmul with the padding CUDA's kernel needs.
-# ---------------------------------------------------------------------------------------------
-
-
-def pad_for_int_mm(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero-pad int8 ``a`` (M, K) and ``b`` (K, N) to M > 16 and K, N multiples of 8.
-
-    CUDA's `torch._int_mm` refuses other shapes; zero rows and columns add nothing to the
-    products, so ``int_mm(*pad_for_int_mm(a, b))[:M, :N]`` equals ``a @ b``.
-    """
-    m, k = a.shape
-    n = b.shape[1]
-    pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-    if pad_m or pad_k:
-        a = F.pad(a, (0, pad_k, 0, pad_m))
-    if pad_k or pad_n:
-        b = F.pad(b, (0, pad_n, 0, pad_k))
-    return a, b
-
-
-def int_mm(a: Tensor, b: Tensor, pad: bool | None = None) -> Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32, exactly.
-
-    ``pad``: whether to pad to the shapes CUDA's kernel needs; by default only on CUDA and only
-    when the shapes need it (the CPU kernel takes any shape).
-    """
-    m, n = a.shape[0], b.shape[1]
-    if pad is None:
-        pad = a.is_cuda and (m <= 16 or a.shape[1] % 8 != 0 or n % 8 != 0)
-    if pad:
-        a, b = pad_for_int_mm(a, b)
-        return torch._int_mm(a, b)[:m, :n]
-    return torch._int_mm(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +110,7 @@ class InferenceLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
         if self.act_bits == 8:
-            q, row_scale = quantize_rows_int8(x2)
+            q, row_scale = absmax_int8(x2)
         else:  # 1-bit: sign(x) in {-1, 1} times codes is exact; the token's mean|x| rescales
             q = torch.where(x2 >= 0, 1, -1).to(torch.int8)
             row_scale = 1.0 / x2.abs().mean(dim=-1, keepdim=True)
@@ -150,31 +122,6 @@ class InferenceLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.method}, act_bits={self.act_bits}, "
                 f"engine={self.engine}" + (", sub_norm=True" if self.sub_norm else ""))
-
-
-def quantize_rows_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row absmax int8 of a 2-D fp32 tensor: ``(q, s)`` with x ~ q / s, s = 127 / max|x|.
-
-    The same numbers as `bitvit.quant.absmax_int8`, so both paths round every element alike.
-    """
-    # max|x| as max(-min x, max x): no |x| temporary, and amax + amin run vectorized on CPU
-    # (torch.aminmax over the last dim is ~10x slower than both together here).
-    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
-    s = 127.0 / absmax.clamp_(min=EPS)
-    # |x * s| <= 127 (up to an ulp), so round needs no clamp before the int8 cast.
-    return (x * s).round_().to(torch.int8), s
-
-
-def rescale(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """The int32 products back to fp32: ``acc * (col_scale / row_scale) + bias``.
-
-    ``row_scale`` (M, 1) is the activation scale s (x ~ q / s), ``col_scale`` (1,) or (N,) the
-    weight scale. One pass over the int32 products: ``addcmul`` reads them as int32 and writes
-    fp32 (no separate cast), so it may round once where BitLinear's ``* ratio + bias`` rounds
-    twice: a 1-ulp difference.
-    """
-    ratio = col_scale / row_scale
-    return torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
 
 
 # ---------------------------------------------------------------------------------------------
