@@ -4,7 +4,8 @@ For each preset (paper, strong) and batch size (1, 256): images/s of
 - ``fp32``: the unquantized ViT in fp32, eager;
 - ``bf16``: the same fp32 model under ``torch.autocast("cpu", torch.bfloat16)`` (weights stay fp32;
   autocast runs the matmuls in bf16);
-- ``int``:  the b158 model after `convert_for_inference` (int8 x int8 -> int32 linears), eager;
+- ``int``:  the b158 model exported and loaded back with `bitvit.load` (int8 x int8 -> int32
+  linears; fp16-stored parameters come back as fp32), eager;
 - with ``--compile``, also ``fp32-c`` and ``int-c``: both under ``torch.compile`` (inductor fuses
   LayerNorm with activation quantization and the rescale with bias and GELU).
 All in one process on the same inputs, interleaved round by round so drift hits all alike.
@@ -33,8 +34,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bitvit import VisionTransformer, ViTConfig, quantize_
-from bitvit.engine import compile_model, convert_for_inference
+from bitvit import VisionTransformer, ViTConfig, load, quantize_
+from bitvit.config import Config
+from bitvit.engine import compile_model
+from bitvit.export import export_model
+from bitvit.quant import QuantConfig
 
 PRESETS = {
     "paper": ViTConfig(patch_size=16, dim=256, depth=6, heads=8, mlp_ratio=4.0),
@@ -56,38 +60,19 @@ def tune_malloc() -> bool:
         return False
 
 
-def file_sizes(model_fp32: torch.nn.Module, model_b158: torch.nn.Module, cfg: ViTConfig,
-               ) -> tuple[int, int]:
-    """(exported b158 bytes, fp32 checkpoint bytes)."""
+def export_and_load(model_fp32: torch.nn.Module, model_b158: torch.nn.Module, cfg: ViTConfig,
+                    ) -> tuple[torch.nn.Module, int, int]:
+    """Export the b158 model, load it back as users do (`bitvit.load`, integer engine).
+
+    Returns (loaded model, exported bytes, fp32 checkpoint bytes).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.safetensors"
         save_file({k: v.contiguous() for k, v in model_fp32.state_dict().items()}, fp32_path)
-        fp32_bytes = fp32_path.stat().st_size
-        try:
-            from bitvit.export import export_model
-        except ImportError:
-            return _estimate_exported_bytes(model_b158), fp32_bytes
-        from bitvit.config import Config
-        from bitvit.quant import QuantConfig
-
         out = Path(tmp) / "b158.safetensors"
         config = Config(model=cfg, quant=QuantConfig(method="b158"))
         export_model(model_b158, config, [str(i) for i in range(cfg.num_classes)], out)
-        return out.stat().st_size, fp32_bytes
-
-
-def _estimate_exported_bytes(model_b158: torch.nn.Module) -> int:
-    """PLACEHOLDER until `bitvit.export` lands: ternary codes 5 per byte, everything else fp16.
-
-    Replace with the real exported file's size (``export_model``); this ignores the header.
-    """
-    from bitvit.quant import BitLinear
-
-    total = 0
-    quantized = {f"{n}.weight" for n, m in model_b158.named_modules() if isinstance(m, BitLinear)}
-    for name, p in model_b158.state_dict().items():
-        total += -(-p.numel() // 5) + 4 if name in quantized else 2 * p.numel()
-    return total
+        return load(out, engine="int"), out.stat().st_size, fp32_path.stat().st_size
 
 
 def profile_shares(fn: Callable[[], object], rounds: int = 3) -> list[tuple[str, float]]:
@@ -148,8 +133,7 @@ def main() -> None:
         fp32 = VisionTransformer(cfg).eval()
         b158 = copy.deepcopy(fp32)
         quantize_(b158, "b158")
-        exported_bytes, fp32_bytes = file_sizes(fp32, b158, cfg)
-        int_model = convert_for_inference(copy.deepcopy(b158), engine="int")
+        int_model, exported_bytes, fp32_bytes = export_and_load(fp32, b158, cfg)
         suffix = "" if preset == "paper" else f"_{preset}"
         result[f"size_ratio_fp32{suffix}"] = round(exported_bytes / fp32_bytes, 4)
         result[f"exported_bytes{suffix}"] = exported_bytes
