@@ -19,7 +19,7 @@ from the repository root, as the recorded commands do)::
 
 Without ``runs`` the points are the grid's cartesian product. A value may be a scalar (one
 choice) or a list. Each point is one run folder under ``out``, named from its values in the
-order the keys first appear, e.g. ``method=b158_seed=0`` or
+order of the file (``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0`` or
 ``method=sign_where=mlp_act_bits=1_seed=2`` (the last part of the key, or the whole key when two
 keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``).
 
@@ -139,7 +139,8 @@ def load_sweep(path: str | Path) -> Sweep:
     arms = [{}] if runs is None else [
         p for i, sub in enumerate(runs) for p in _expand(sub, f"{path}: runs[{i}]")]
     points = [{**arm, **g} for arm in arms for g in grid]
-    keys = list(dict.fromkeys(k for p in points for k in p))
+    # Names list the runs' own keys first, then the grid's (e.g. method=sign_where=mlp_seed=0).
+    keys = list(dict.fromkeys([*(k for arm in arms for k in arm), *(raw.get("grid") or {})]))
     if not keys:
         raise SweepError(f"{path}: no grid: give 'grid' and/or 'runs' with at least one key")
     full_epochs = raw.get("full_epochs")
