@@ -569,7 +569,8 @@ def welch_difference(a: list[float], b: list[float], margin: float,
                           reason=f"needs at least 2 seeds per group (has {a.size} and {b.size})")
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
-    if se == 0:  # every seed gave the same number in both groups: no spread to test against
+    scale = max(1.0, abs(float(a.mean())), abs(float(b.mean())))
+    if se <= 1e-12 * scale:  # every seed gave the same number in both groups: no spread at all
         return Difference(diff, diff, diff, math.inf, 1.0 if diff == 0 else 0.0, margin,
                           0.0 if abs(diff) < margin else 1.0, alpha)
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
@@ -641,8 +642,10 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
         keyed.setdefault(json.dumps(key, sort_keys=True, default=str), (key, []))[1].append(r)
     keys = [k for k, _ in keyed.values()]
     all_keys = sorted({k for key in keys for k in key})
-    differing = [k for k in all_keys if len({json.dumps(key.get(k), default=str)
-                                              for key in keys}) > 1]
+    # A key names groups when it takes more than one value among the groups that have it (full
+    # precision has no quant.where, and needs none in its label).
+    differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
+                                              for key in keys if k in key}) > 1]
     order = ["quant.method", "quant.where", "quant.act_bits"]
     differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
