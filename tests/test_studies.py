@@ -342,6 +342,6 @@ def test_unfinished_runs_counted_only_when_asked(tmp_path):
 
 def test_difference_without_any_spread():
     same = welch_difference([0.1, 0.1, 0.1], [0.1, 0.1], margin=0.01)
-    assert same.p_value == 1.0 and same.equivalent and same.diff == 0
+    assert same.p_value == 1.0 and same.equivalent and same.diff == pytest.approx(0)
     apart = welch_difference([0.3, 0.3], [0.1, 0.1], margin=0.01)
     assert apart.p_value == 0.0 and not apart.equivalent and apart.verdict == "differs"

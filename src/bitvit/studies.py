@@ -571,7 +571,8 @@ def welch_difference(a: list[float], b: list[float], margin: float,
     se = math.sqrt(va + vb)
     scale = max(1.0, abs(float(a.mean())), abs(float(b.mean())))
     if se <= 1e-12 * scale:  # every seed gave the same number in both groups: no spread at all
-        return Difference(diff, diff, diff, math.inf, 1.0 if diff == 0 else 0.0, margin,
+        equal = abs(diff) <= 1e-12 * scale
+        return Difference(diff, diff, diff, math.inf, 1.0 if equal else 0.0, margin,
                           0.0 if abs(diff) < margin else 1.0, alpha)
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
