@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,32 @@ def test_difference_without_any_spread():
     assert same.p_value == 1.0 and same.equivalent and same.diff == pytest.approx(0)
     apart = welch_difference([0.3, 0.3], [0.1, 0.1], margin=0.01)
     assert apart.p_value == 0.0 and not apart.equivalent and apart.verdict == "differs"
+
+
+FAKE_CLI = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_studies import fake_run
+args = sys.argv[1:]
+assert args[0] == "train"
+run_dir = Path(args[args.index("--out") + 1])
+seed = [a for a in args if a.startswith("train.seed=")][0]
+if seed == "train.seed=1":
+    sys.exit("boom")
+fake_run(run_dir, [seed], [0.5])
+print("trained", run_dir)
+"""
+
+
+def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeypatch):
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI.format(tests=str(ROOT / "tests")))
+    monkeypatch.setattr(studies, "_python_bitvit", lambda: [sys.executable, str(script)])
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
+                                   grid={"train.seed": [0, 1, 2]}))
+    with pytest.raises(SweepError, match="1 run\\(s\\) failed: seed=1"):
+        run_sweep(sweep, parallel=2, log=lambda *_: None)
+    assert load_run(sweep.out / "seed=0").finished and load_run(sweep.out / "seed=2").finished
+    assert "trained" in (sweep.out / "seed=0/train.log").read_text()
+    assert "boom" in (sweep.out / "seed=1/train.log").read_text()

@@ -349,8 +349,17 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
         return plan
     _record_sweep(sweep, argv)
     if parallel <= 1:
+        from bitvit.train import TrainingError
+
+        failed = []
         for r in todo:
-            _train_in_process(r, sweep, log)
+            try:
+                _train_in_process(r, sweep, log)
+            except TrainingError as e:  # a diverged run: go on with the others, say so at the end
+                log(f"FAILED    {r.run_dir}: {e}")
+                failed.append(r.name)
+        if failed:
+            raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     else:
         _train_in_subprocesses(todo, sweep, parallel, log)
     return plan
@@ -379,6 +388,11 @@ def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any) -> None:
             train(r.config, out=r.run_dir, quiet=True, command=r.command)
 
 
+def _python_bitvit() -> list[str]:
+    """How a subprocess calls the command line (this interpreter, this package)."""
+    return [sys.executable, "-m", "bitvit"]
+
+
 def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                            log: Any) -> None:
     queue = list(todo)
@@ -402,7 +416,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                 r.run_dir.mkdir(parents=True, exist_ok=True)
                 logfile = stack.enter_context((r.run_dir / "train.log").open("a"))
                 log(f"{state:9s} {r.run_dir}: {shlex.join(r.command)}")
-                cmd = [sys.executable, "-m", "bitvit", *r.command[1:]]
+                cmd = [*_python_bitvit(), *r.command[1:]]
                 proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
                 running.append((r, proc, stack))
             time.sleep(0.5)
@@ -708,6 +722,8 @@ def _fmt(x: float, metric: str) -> str:
 def _mean_std(s: Summary, metric: str) -> str:
     if s.n == 0:
         return "n/a"
+    if metric == "epochs":  # a count, not a measurement: the range over seeds
+        return f"{s.min:.0f}" if s.min == s.max else f"{s.min:.0f}–{s.max:.0f}"
     if s.n == 1:
         return f"{_fmt(s.mean, metric)} (1 seed)"
     return f"{_fmt(s.mean, metric)} ± {_fmt(s.std, metric)}"
@@ -814,7 +830,8 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "") -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=7, ncol=2)
-    fig.suptitle(title or "mean over seeds, band: min-max; train solid, test dashed")
+    legend = "mean over seeds, band: min-max over seeds; train solid, test dashed"
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
