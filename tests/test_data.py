@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bitvit import data as D
+from bitvit.config import Config, ConfigError, load_config
 from bitvit.data import (
     DataConfig,
     DataError,
@@ -484,10 +485,11 @@ def test_config_errors(tmp_path):
         load_data(DataConfig(path=str(src), val_size=10))
     with pytest.raises(DataError, match="data.limit_train"):
         load_data(DataConfig(path=str(src), limit_train=0))
-    with pytest.raises(DataError, match="data.bogus"):
-        DataConfig.from_dict({"bogus": 1})
-    cfg = DataConfig.from_dict({"mean": [0.5, 0.5, 0.5], "val_size": 5})
-    assert cfg.mean == (0.5, 0.5, 0.5) and DataConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown key data.bogus"):
+        load_config(None, ["data.bogus=1"])
+    cfg = load_config(None, ["data.mean=[0.5, 0.5, 0.5]", "data.val_size=5"])
+    assert cfg.data.mean == (0.5, 0.5, 0.5)
+    assert Config.from_dict(cfg.to_dict()) == cfg
 
 
 # ------------------------------------------------------------------------------------------

@@ -70,6 +70,14 @@ def test_training_run_writes_everything_and_loss_falls(real_env, tmp_path):
     assert report["n"] == 200 and len(report["confusion_matrix"]) == 10
     assert sum(map(sum, report["confusion_matrix"])) == 200
 
+    # ... and so does the exported file, through either engine. Tolerance: fp16 parameters move
+    # logits by ~1e-3, which can flip a near-tie; 2 of 200 images at most.
+    exported = tmp_path / "model.safetensors"
+    bitvit("export", str(run), "--out", str(exported), env=real_env, check=True)
+    for engine in ("int", "fp"):
+        out = bitvit("eval", str(exported), "--engine", engine, env=real_env, check=True).stdout
+        assert json.loads(out)["accuracy"] == pytest.approx(report["accuracy"], abs=0.01)
+
 
 def test_kill_and_resume_equals_uninterrupted(real_env, tmp_path):
     args = ["train", "--config", "configs/paper.yaml", "--quant", "b158", "--epochs", "5",
@@ -220,3 +228,10 @@ def test_existing_run_folder_is_not_overwritten(real_env, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         train(tiny("train.epochs=1"), out=run, quiet=True)
     assert os.path.exists(run / "last/model.safetensors")
+
+
+def test_bf16_autocast_runs_the_same_loop(real_env, tmp_path):
+    result = train(tiny("quant.method=b158", "train.epochs=2", "train.precision=bf16"),
+                   out=tmp_path / "bf16", quiet=True)
+    rows = result.metrics
+    assert result.status == "finished" and rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -2,7 +2,10 @@
 
 from bitvit.checkpoint import load_checkpoint
 from bitvit.config import Config, load_config
+from bitvit.engine import InferenceLinear, convert_for_inference, set_engine
+from bitvit.export import ExportedModel, ExportError, export_checkpoint, export_model, load
 from bitvit.model import VisionTransformer, ViTConfig
+from bitvit.profile import profile_model
 from bitvit.quant import (
     METHODS,
     BitLinear,
@@ -21,9 +24,18 @@ __all__ = [
     "Config",
     "RunResult",
     "evaluate",
+    "ExportError",
+    "ExportedModel",
+    "export_checkpoint",
+    "export_model",
+    "load",
     "load_checkpoint",
     "load_config",
     "train",
+    "InferenceLinear",
+    "convert_for_inference",
+    "set_engine",
+    "profile_model",
     "BitLinear",
     "QuantConfig",
     "QuantizedLayer",

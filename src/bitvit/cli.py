@@ -18,10 +18,12 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.checkpoint import CheckpointError
     from bitvit.config import ConfigError
     from bitvit.data import DataError
+    from bitvit.export import ExportError
     from bitvit.studies import SweepError
     from bitvit.train import TrainingError
 
-    return CliError, CheckpointError, ConfigError, DataError, SweepError, TrainingError
+    return (CliError, CheckpointError, ConfigError, DataError, ExportError, SweepError,
+            TrainingError)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -90,32 +92,121 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run, checkpoint or exported model on test data")
-    p.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder, checkpoint, or exported .safetensors model")
     p.add_argument("--data", help="data file or folder (default: the run's own data.path)")
     p.add_argument("--best", action="store_true", help="use best/ instead of last/")
     p.add_argument("--limit-test", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", choices=("int", "fp"), default="int",
+                   help="exported models: integer kernels (int) or dequantized fp32 (fp)")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from bitvit.checkpoint import load_checkpoint
     from bitvit.data import load_data
+    from bitvit.export import is_export, load
     from bitvit.train import evaluate, resolve_device
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.model, best=args.best)
-    model, cfg = ckpt.model.to(device), ckpt.config
+    if is_export(args.model):
+        model = load(args.model, device=device, engine=args.engine)
+        cfg, classes, path = model.config, model.classes, model.path
+    else:
+        ckpt = load_checkpoint(args.model, best=args.best)
+        model, cfg, classes, path = ckpt.model.to(device), ckpt.config, ckpt.classes, ckpt.path
     data_cfg = cfg.data
     data_cfg.path = args.data or data_cfg.path
     data_cfg.limit_test = args.limit_test if args.limit_test is not None else data_cfg.limit_test
     data_cfg.val_size = 0  # only the test set is used
     test = load_data(data_cfg, cfg.model.image_size, cfg.model.in_channels).test
-    if test.classes != ckpt.classes:
-        raise CliError(f"{args.model}: the model's classes ({', '.join(ckpt.classes[:3])}...) "
+    if test.classes != classes:
+        raise CliError(f"{args.model}: the model's classes ({', '.join(classes[:3])}...) "
                        f"differ from the data's ({', '.join(test.classes[:3])}...)")
     result = evaluate(model, test, data_cfg.mean, data_cfg.std, device=device)
-    print(json.dumps({"model": str(ckpt.path), **result}))
+    print(json.dumps({"model": str(path), **result}))
+    return 0
+
+
+# --- export, predict ---------------------------------------------------------------------------
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a trained model as a small inference file",
+        description="Write a run's model as one safetensors file holding only what inference "
+                    "needs: packed low-bit codes, fp32 scales, the other parameters in fp16 "
+                    "(or fp32), the config, class names and preprocessing.")
+    p.add_argument("src", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder, a checkpoint folder or a model.safetensors file")
+    p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="file to write")
+    p.add_argument("--best", action="store_true",
+                   help="export RUN/best (best validation accuracy) instead of RUN/last")
+    p.add_argument("--packing", choices=("base3", "2bit"), default="base3",
+                   help="ternary codes: base3 = 5 per byte (1.6 bits), 2bit = 4 per byte "
+                        "(binary codes always take 1 bit)")
+    p.add_argument("--float-dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="dtype of the parameters that are not quantized (default fp16)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from bitvit.checkpoint import CheckpointError, resolve_checkpoint
+    from bitvit.export import export_checkpoint
+
+    src = resolve_checkpoint(args.src, args.best)
+    try:
+        out = export_checkpoint(src, args.out, packing=args.packing,
+                                float_dtype=args.float_dtype)
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as e:  # e.g. values beyond fp16, an unwritable --out
+        raise CliError(f"{args.out}: {e}") from None
+    size, ref = out.stat().st_size, src.stat().st_size
+    print(f"wrote {out}: {size:,} bytes ({args.packing} ternary packing, {args.float_dtype} "
+          f"floats); fp32 checkpoint {src}: {ref:,} bytes ({ref / size:.1f}x larger)")
+    return 0
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="classify images with an exported model",
+        description="Print the top classes with their probabilities for each image, applying "
+                    "the preprocessing stored in the model file.")
+    p.add_argument("model", metavar="MODEL", help="an exported .safetensors file")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="PNG/JPEG files, or folders (all PNG/JPEG files inside, sorted)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K",
+                   help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line: {file, predictions: [{class, probability}]}")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--engine", choices=("int", "fp"), default="int",
+                   help="integer kernels (int) or dequantized fp32 (fp) for quantized layers")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from bitvit.export import image_files, load
+    from bitvit.train import resolve_device
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise CliError("--top-k and --batch-size must be at least 1")
+    model = load(args.model, device=resolve_device(args.device), engine=args.engine)
+    files = image_files(args.images)
+    for i in range(0, len(files), args.batch_size):
+        chunk = files[i:i + args.batch_size]
+        images = torch.stack([model.preprocessing.read_image(f) for f in chunk])
+        for file, top in zip(chunk, model.predict(images, args.top_k), strict=True):
+            if args.json:
+                print(json.dumps({"file": str(file), "predictions": [
+                    {"class": c, "probability": round(p, 6)} for c, p in top]}))
+            else:
+                print(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
     return 0
 
 
@@ -255,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     _add_eval_parser(sub)
+    _add_export_parser(sub)
+    _add_predict_parser(sub)
     _add_profile_parser(sub)
     _add_sweep_parser(sub)
     _add_compare_parser(sub)

@@ -15,7 +15,6 @@ Normalization and augmentation run later on tensors, on the training device.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import http.client
 import io
@@ -94,23 +93,6 @@ class DataConfig:
         # YAML gives lists; keep tuples of floats so configs compare and serialize cleanly.
         self.mean = _float_tuple(self.mean, "data.mean")
         self.std = _float_tuple(self.std, "data.std")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> DataConfig:
-        """Build from a parsed ``data:`` mapping; unknown keys are a DataError naming them."""
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"unknown key(s) data.{', data.'.join(unknown)}; "
-                            f"expected some of: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (tuples as lists) for YAML/JSON and checkpoints."""
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
 
 
 @dataclass

@@ -73,7 +73,7 @@ def quantize_weights(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, t
     ones = (1,) * w.dim()
     if method == "b158":
         gamma = w.abs().mean()
-        codes = torch.round(w / (gamma + EPS)).clamp_(-1, 1)
+        codes = (w / (gamma + EPS)).round_().clamp_(-1, 1)
         scale = gamma.reshape(ones)
     elif method == "bitnet":
         codes = sign_nonzero(w - w.mean())
@@ -102,11 +102,15 @@ def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8: q = clamp(round(x * s), -128, 127), s = 127 / max|x|.
 
     Returns ``(q, s)`` with q int8 and s float32 of shape (..., 1); x is approximately q / s,
-    with an error per element of at most max|x| / 254.
+    with an error per element of at most max|x| / 254. Training and the inference engine share
+    this function, so both round every element alike.
     """
-    s = 127.0 / x.detach().float().abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
-    q = torch.round(x.detach().float() * s).clamp_(-128, 127).to(torch.int8)
-    return q, s
+    x = x.detach().float()
+    # max|x| as max(-min x, max x): no |x| temporary (torch.aminmax is far slower on CPU).
+    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
+    s = 127.0 / absmax.clamp_(min=EPS)
+    # |x * s| <= 127 (up to an ulp), so the clamp to [-128, 127] is implied by the round.
+    return (x * s).round_().to(torch.int8), s
 
 
 def quantize_activations(x: torch.Tensor, bits: int | None) -> torch.Tensor:
@@ -143,17 +147,46 @@ _WEIGHT_STE = {
 }
 
 
-def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32, exactly. CUDA's kernel wants M > 16 and K, N % 8 == 0."""
-    if a.is_cuda:
-        m, k = a.shape
-        n = b.shape[1]
-        pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-        if pad_m or pad_k or pad_n:
-            a = F.pad(a, (0, pad_k, 0, pad_m))
-            b = F.pad(b, (0, pad_n, 0, pad_k))
-            return torch._int_mm(a, b)[:m, :n]
+def pad_for_int_mm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad int8 ``a`` (M, K) and ``b`` (K, N) to M > 16 and K, N multiples of 8.
+
+    CUDA's `torch._int_mm` refuses other shapes; zero rows and columns add nothing to the
+    products, so ``torch._int_mm(*pad_for_int_mm(a, b))[:M, :N]`` equals ``a @ b``.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
+    if pad_m or pad_k:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = F.pad(b, (0, pad_n, 0, pad_k))
+    return a, b
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
+    """int8 (M, K) @ int8 (K, N) -> int32, exactly.
+
+    ``pad``: pad to the shapes CUDA's kernel needs; by default only on CUDA and only when the
+    shapes need it (the CPU kernel takes any shape).
+    """
+    m, n = a.shape[0], b.shape[1]
+    if pad is None:
+        pad = a.is_cuda and (m <= 16 or a.shape[1] % 8 != 0 or n % 8 != 0)
+    if pad:
+        a, b = pad_for_int_mm(a, b)
+        return torch._int_mm(a, b)[:m, :n]
     return torch._int_mm(a, b)
+
+
+def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """Int32 products back to fp32: ``acc * (col_scale / row_scale) + bias`` in one pass.
+
+    ``row_scale`` (M, 1) is the activation scale s (x ~ q / s), ``col_scale`` (1,) or (N,) the
+    weight scale. ``addcmul`` reads the int32 products directly (no separate cast).
+    """
+    ratio = col_scale.reshape(1, -1) / row_scale
+    return torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -166,11 +199,8 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, codes, scale):  # noqa: ANN001 - autograd signature
         q, s = absmax_int8(x)
-        q2 = q.reshape(-1, q.shape[-1])
-        acc = int8_mm(q2, codes.t())
-        y = acc.float() * (scale.reshape(1, -1) / s.reshape(-1, 1))
-        if bias is not None:
-            y = y + bias
+        acc = int_mm(q.reshape(-1, q.shape[-1]), codes.t())
+        y = rescale(acc, s.reshape(-1, 1), scale, bias)
         ctx.save_for_backward(q, s, codes, scale)
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -179,11 +209,12 @@ class _Int8Linear(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001
         q, s, codes, scale = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).float()
-        w_q = codes.float() * scale
-        grad_x = (g @ w_q).reshape(*q.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_q = codes.float().mul_(scale.reshape(-1, 1))
+            grad_x = (g @ w_q).reshape(*q.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            x_q = (q.float() / s).reshape(-1, q.shape[-1])
+            x_q = q.float().div_(s).reshape(-1, q.shape[-1])
             grad_w = g.t() @ x_q
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None

@@ -1,0 +1,212 @@
+"""The integer inference path: frozen quantized linears that multiply int8 by int8.
+
+`convert_for_inference(model)` swaps every `BitLinear` of a trained model for an
+`InferenceLinear` that holds only the int8 weight codes, the fp32 scale and the bias. Two engines:
+
+- ``"int"``: activations are quantized per token to int8 (8-bit layers) or to their sign (1-bit
+  layers), multiplied by the weight codes with int32 accumulation (`torch._int_mm`), then
+  rescaled once in fp32 and the bias added. The integer products are exact, so this computes the
+  fake-quantized layer's function up to fp32 rounding order.
+- ``"fp"``: the fake-quant computation `BitLinear` uses for training, on a cached dequantized
+  weight (``codes * scale``): the comparison baseline (and what runs under bf16 autocast).
+
+Layers whose activations stay full precision (``act_bits=None``: the weights-only binary study)
+use the dequantized weight under both engines: there is no integer product to take.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bitvit.quant import (
+    EPS,
+    METHODS,
+    BitLinear,
+    absmax_int8,
+    int_mm,
+    quantize_activations,
+    rescale,
+)
+
+ENGINES = ("int", "fp")
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer.
+# ---------------------------------------------------------------------------------------------
+
+
+class InferenceLinear(nn.Module):
+    """A frozen quantized linear for inference: int8 codes + fp32 scale (+ bias).
+
+    ``codes`` (out, in) int8 in {-1, 0, 1}; ``scale`` float32, (1,) per tensor or (out,) per
+    output channel; ``codes * scale[:, None]`` is the weight. All three are buffers, so
+    ``.to(device)`` moves them and the state dict holds them under these names.
+    """
+
+    def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, method: str,
+                 act_bits: int | None, sub_norm: bool = False, engine: str = "int") -> None:
+        super().__init__()
+        if codes.dim() != 2:
+            raise ValueError(f"codes must be 2-D (out, in), got shape {tuple(codes.shape)}")
+        out_features, in_features = codes.shape
+        scale = scale.detach().reshape(-1).float()
+        if scale.numel() not in (1, out_features):
+            raise ValueError(f"scale must have 1 or {out_features} (out) elements, "
+                             f"got shape {tuple(scale.shape)}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+        if act_bits not in (8, 1, None):
+            raise ValueError(f"unknown act_bits {act_bits!r}: expected 8, 1 or None")
+        self.in_features, self.out_features = in_features, out_features
+        self.method, self.act_bits, self.sub_norm = method, act_bits, sub_norm
+        self.register_buffer("codes", codes.detach().to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # Derived and not saved: the transposed codes _int_mm takes, or the fp weight.
+        self.register_buffer("codes_t", None, persistent=False)
+        self.register_buffer("weight_fp", None, persistent=False)
+        self.engine = ""
+        self.set_engine(engine)
+        # Loading new codes or scale must refresh the derived buffers too.
+        self.register_load_state_dict_post_hook(lambda module, _: module.set_engine(module.engine))
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, engine: str = "int") -> InferenceLinear:
+        codes, scale = layer.quantized_weight()
+        return cls(codes, scale, layer.bias, layer.method, layer.act_bits, layer.sub_norm, engine)
+
+    def set_engine(self, engine: str) -> None:
+        self.engine = check_engine(engine)
+        uses_int = engine == "int" and self.act_bits is not None
+        self.codes_t = self.codes.t().contiguous() if uses_int else None
+        self.weight_fp = None if uses_int else self.dequantized_weight()
+
+    def dequantized_weight(self) -> Tensor:
+        return self.codes.float() * self.scale.reshape(-1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.sub_norm:
+            x = F.layer_norm(x, (self.in_features,), eps=EPS)
+        if self.codes_t is None or torch.is_autocast_enabled(x.device.type):
+            return self._forward_fp(x)
+        return self._forward_int(x)
+
+    def _forward_fp(self, x: Tensor) -> Tensor:
+        # Exactly BitLinear's fake-quant forward: the same activation quantizer, the same weight.
+        w = self.weight_fp if self.weight_fp is not None else self.dequantized_weight()
+        x = quantize_activations(x, self.act_bits)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _forward_int(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.act_bits == 8:
+            q, row_scale = absmax_int8(x2)
+        else:  # 1-bit: sign(x) in {-1, 1} times codes is exact; the token's mean|x| rescales
+            q = torch.where(x2 >= 0, 1, -1).to(torch.int8)
+            row_scale = 1.0 / x2.abs().mean(dim=-1, keepdim=True)
+        acc = int_mm(q, self.codes_t)
+        y = rescale(acc, row_scale, self.scale, self.bias)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.method}, act_bits={self.act_bits}, "
+                f"engine={self.engine}" + (", sub_norm=True" if self.sub_norm else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model transforms.
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_for_inference(model: nn.Module, engine: str = "int") -> nn.Module:
+    """Swap every `BitLinear` in ``model`` for an `InferenceLinear`, in place; return the model."""
+    check_engine(engine)
+    if isinstance(model, BitLinear):  # a bare layer cannot be swapped in place
+        return InferenceLinear.from_bitlinear(model, engine)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BitLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, InferenceLinear.from_bitlinear(module, engine))
+    return model
+
+
+def set_engine(model: nn.Module, engine: str) -> nn.Module:
+    """Switch every `InferenceLinear` in ``model`` between ``"int"`` and ``"fp"``."""
+    check_engine(engine)
+    for module in model.modules():
+        if isinstance(module, InferenceLinear):
+            module.set_engine(engine)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion and agreement.
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_model(model: nn.Module, example: Tensor | None = None, **compile_kwargs: object,
+                  ) -> nn.Module:
+    """``torch.compile`` a converted model, falling back to the eager model if that fails.
+
+    Inductor fuses what the eager path runs as separate passes: LayerNorm with the next layer's
+    per-token absmax, scale, round and int8 cast; the int32 -> fp32 rescale with the bias and
+    GELU. ``example`` (a batch) triggers compilation now, so a missing C++ compiler or an
+    unsupported op shows up here, with a warning, rather than on the first real call.
+    """
+    import warnings
+
+    try:
+        compiled = torch.compile(model, **compile_kwargs)
+        if example is not None:
+            with torch.no_grad():
+                compiled(example)
+        return compiled
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
+        warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); running eager",
+                      stacklevel=2)
+        return model
+
+
+@torch.no_grad()
+def agreement(model_a: nn.Module, model_b: nn.Module, images: Tensor,
+              labels: Tensor | None = None, batch_size: int = 500) -> dict[str, float]:
+    """How closely two models agree on ``images`` (already normalized, (N, C, H, W)).
+
+    Returns ``argmax_agreement`` (fraction of equal predictions), ``max_abs_logit_diff``,
+    ``mean_abs_logit_diff`` and, with ``labels``, ``accuracy_a``, ``accuracy_b`` and
+    ``accuracy_diff`` (a - b). Typical use: the same converted model under ``engine="fp"`` (the
+    fake-quant reference) and ``engine="int"``.
+    """
+    model_a.eval()
+    model_b.eval()
+    pred_a, pred_b, diffs = [], [], []
+    max_diff = 0.0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        a, b = model_a(x).float(), model_b(x).float()
+        d = (a - b).abs()
+        max_diff = max(max_diff, d.max().item())
+        diffs.append(d.mean(dim=1))
+        pred_a.append(a.argmax(dim=1))
+        pred_b.append(b.argmax(dim=1))
+    pa, pb = torch.cat(pred_a), torch.cat(pred_b)
+    out = {"n": float(len(pa)), "argmax_agreement": (pa == pb).float().mean().item(),
+           "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": torch.cat(diffs).mean().item()}
+    if labels is not None:
+        labels = labels.to(pa.device)
+        out["accuracy_a"] = (pa == labels).float().mean().item()
+        out["accuracy_b"] = (pb == labels).float().mean().item()
+        out["accuracy_diff"] = out["accuracy_a"] - out["accuracy_b"]
+    return out

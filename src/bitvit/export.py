@@ -1,0 +1,530 @@
+"""Export a trained model to one small safetensors file, load it back, and classify images.
+
+The file holds only what inference needs:
+
+- quantized layers (``BitLinear``): the weight codes, packed; the scale in fp32; the bias.
+  Ternary codes (``b158``) go 5 per byte in base 3 (1.6 bits per weight, close to the
+  log2(3) = 1.585 limit), or 4 per byte in 2 bits with ``packing="2bit"``. Binary codes
+  (``bitnet``, ``sign``, ``xnor``) go 8 per byte.
+- every other parameter (patch/position embeddings, LayerNorms, the head, full-precision
+  linears) in fp16 (``float_dtype="fp16"``, the default) or fp32.
+
+The safetensors metadata holds ``format`` ("bitvit-export"), ``format_version``, the
+config, the class names, the preprocessing (image size, channels, mean, std), one entry per
+quantized layer (shape, method, act_bits, sub_norm, packing) and a SHA-256 of the tensor
+bytes, so a corrupted file is caught on load rather than giving wrong predictions.
+
+Tensor names: ``<layer>.codes`` (uint8, packed), ``<layer>.scale`` (fp32, (1,) or (out,)),
+``<layer>.bias`` for quantized layers; the model's own state-dict names for the rest.
+
+Packing layouts (flattened row-major codes, zero-padded at the end to whole bytes):
+
+- base3: byte i = sum_k (c[5i+k] + 1) * 3^k, k = 0..4 (values 0..242).
+- 2bit:  byte i = sum_k (c[4i+k] + 1) << 2k, k = 0..3 (fields 0..2).
+- 1bit:  byte i = sum_k [c[8i+k] = +1] << k, k = 0..7 (little-endian bit order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bitvit.checkpoint import build_model, load_checkpoint
+from bitvit.config import Config, ConfigError
+from bitvit.data import IMAGE_EXTS, _fit, normalize
+from bitvit.model import VisionTransformer
+from bitvit.quant import BitLinear
+
+EXPORT_FORMAT = "bitvit-export"
+FORMAT_VERSION = "1"
+PACKINGS = ("base3", "2bit")  # the choice for ternary codes; binary codes are always 1bit
+FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+TERNARY_METHODS = ("b158",)  # every other method is binary: codes in {-1, +1}
+
+
+class ExportError(ValueError):
+    """A bad or mismatched export file; the message is one line naming the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: pure, vectorized functions on torch tensors (any device).
+# ---------------------------------------------------------------------------------------------
+
+
+def _digits(codes: torch.Tensor, allowed: str, per_byte: int) -> torch.Tensor:
+    """Flattened codes as non-negative integers, padded to whole groups of ``per_byte``."""
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    flat = codes.reshape(-1).to(torch.int16)
+    if allowed == "ternary":
+        if flat.numel() and ((flat < -1) | (flat > 1)).any():
+            raise ValueError("ternary codes must be in {-1, 0, 1}")
+        digits = flat + 1  # 0, 1, 2
+    else:
+        if flat.numel() and (flat.abs() != 1).any():
+            raise ValueError("binary codes must be in {-1, 1}")
+        digits = (flat > 0).to(torch.int16)  # 0, 1
+    pad = -flat.numel() % per_byte
+    digits = torch.cat([digits, digits.new_zeros(pad)])
+    return digits.reshape(-1, per_byte)
+
+
+def _unpacked(packed: torch.Tensor, shape: Sequence[int], per_byte: int) -> tuple[torch.Tensor,
+                                                                                  int]:
+    """Check ``packed`` holds exactly the bytes for ``shape``; return it as int16 and the count."""
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
+    expected = packed_numel(n, per_byte)
+    if packed.dim() != 1 or packed.numel() != expected:
+        raise ValueError(f"packed codes for shape {tuple(shape)} must be {expected} bytes "
+                         f"(1-d), got shape {tuple(packed.shape)}")
+    return packed.to(torch.int16), n
+
+
+def packed_numel(count: int, per_byte: int) -> int:
+    """Bytes needed for ``count`` codes at ``per_byte`` codes per byte."""
+    return -(-count // per_byte)
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes {-1, 0, 1} (any shape) -> uint8, 5 per byte in base 3 (1.6 bits each)."""
+    digits = _digits(codes, "ternary", 5)
+    powers = 3 ** torch.arange(5, dtype=torch.int16, device=codes.device)
+    return (digits * powers).sum(dim=1).to(torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of `pack_ternary`: int8 codes of ``shape``."""
+    p, n = _unpacked(packed, shape, 5)
+    if p.numel() and p.max() > 242:  # 3^5 - 1: anything above is not a base-3 byte
+        raise ValueError("base-3 packed codes have a byte above 242")
+    powers = 3 ** torch.arange(5, dtype=torch.int16, device=packed.device)
+    digits = (p[:, None] // powers) % 3
+    return (digits.reshape(-1)[:n] - 1).to(torch.int8).reshape(tuple(shape))
+
+
+def pack_ternary_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes {-1, 0, 1} -> uint8, 4 per byte in 2-bit fields (code + 1)."""
+    digits = _digits(codes, "ternary", 4)
+    shifts = torch.arange(0, 8, 2, dtype=torch.int16, device=codes.device)
+    return (digits << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_ternary_2bit(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of `pack_ternary_2bit`: int8 codes of ``shape``."""
+    p, n = _unpacked(packed, shape, 4)
+    shifts = torch.arange(0, 8, 2, dtype=torch.int16, device=packed.device)
+    fields = (p[:, None] >> shifts) & 3
+    codes = fields.reshape(-1)[:n]
+    if codes.numel() and (codes == 3).any():
+        raise ValueError("2-bit packed codes have a field 3 (only 0, 1, 2 encode -1, 0, 1)")
+    return (codes - 1).to(torch.int8).reshape(tuple(shape))
+
+
+def pack_binary(codes: torch.Tensor) -> torch.Tensor:
+    """Binary codes {-1, 1} -> uint8, 8 per byte (bit k of byte i is code 8i+k == +1)."""
+    bits = _digits(codes, "binary", 8)
+    shifts = torch.arange(8, dtype=torch.int16, device=codes.device)
+    return (bits << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_binary(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of `pack_binary`: int8 codes in {-1, 1} of ``shape``."""
+    p, n = _unpacked(packed, shape, 8)
+    shifts = torch.arange(8, dtype=torch.int16, device=packed.device)
+    bits = ((p[:, None] >> shifts) & 1).reshape(-1)[:n]
+    return (bits * 2 - 1).to(torch.int8).reshape(tuple(shape))
+
+
+_PACK = {"base3": pack_ternary, "2bit": pack_ternary_2bit, "1bit": pack_binary}
+_UNPACK = {"base3": unpack_ternary, "2bit": unpack_ternary_2bit, "1bit": unpack_binary}
+_PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing and the loaded model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw uint8 images become model inputs: resize, then (x / 255 - mean) / std."""
+
+    image_size: int
+    channels: int  # 1 (grayscale, PIL mode L) or 3 (RGB)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"  # square resize, no crop (as the data loader does)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Preprocessing:
+        return cls(config.model.image_size, config.model.in_channels,
+                   tuple(float(m) for m in config.data.mean),
+                   tuple(float(s) for s in config.data.std))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        p = cls(**d)
+        return cls(int(p.image_size), int(p.channels), tuple(map(float, p.mean)),
+                   tuple(map(float, p.std)), str(p.interpolation))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) or (C, H, W) -> normalized float32 (N, C, S, S) on their device."""
+        if images.dtype != torch.uint8:
+            raise ValueError(f"preprocess expects uint8 images, got {images.dtype}")
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"expected uint8 images of shape (N, {self.channels}, H, W), got "
+                             f"{tuple(images.shape)}")
+        size = (self.image_size, self.image_size)
+        if tuple(images.shape[-2:]) != size:
+            x = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
+                              align_corners=False)
+            images = x.round_().clamp_(0, 255).to(torch.uint8)  # the uint8 grid, as PIL's
+        return normalize(images, self.mean, self.std)
+
+    def read_image(self, path: str | Path) -> torch.Tensor:
+        """A PNG/JPEG file -> uint8 (C, S, S), decoded exactly as the data loader decodes."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img.load()
+                a = _fit(img, self.image_size, self.channels)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            why = str(e).splitlines()[0] if str(e) else "unreadable"
+            raise ExportError(f"{path}: not a readable image ({why})") from None
+        return torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
+
+
+class ExportedModel(nn.Module):
+    """An exported model, ready for inference, with what it needs to read images.
+
+    - ``model(x)``: logits for normalized float images (N, C, S, S), like the trained model.
+    - ``model.preprocess(images_uint8)``: uint8 (N, C, H, W) -> normalized float input.
+    - ``model.logits(images_uint8)``: preprocess + forward in batches, on the model's device
+      (what evaluation needs); ``model.predict(images_uint8, top_k)``: (class, prob) lists.
+    - ``.classes`` (list of names), ``.preprocessing`` (`Preprocessing`), ``.config``
+      (`Config`), ``.path`` (the file), ``.vit`` (the `VisionTransformer` whose quantized
+      linears are `bitvit.engine.InferenceLinear`).
+    """
+
+    def __init__(self, vit: VisionTransformer, config: Config, classes: list[str],
+                 preprocessing: Preprocessing, path: Path | None = None) -> None:
+        super().__init__()
+        self.vit = vit
+        self.config = config
+        self.classes = classes
+        self.preprocessing = preprocessing
+        self.path = path
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.vit.state_dict().values())).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return self.preprocessing(images)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> float32 logits (N, classes) on the model's device."""
+        if images.dim() == 3:
+            images = images[None]
+        out = [self(self.preprocess(images[i:i + batch_size].to(self.device)))
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, len(self.classes), device=self.device)
+
+    def predict(self, images: torch.Tensor, top_k: int = 5,
+                batch_size: int = 500) -> list[list[tuple[str, float]]]:
+        """uint8 images -> for each, the top ``top_k`` (class name, probability), best first."""
+        probs = self.logits(images, batch_size).float().softmax(dim=-1)
+        p, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        return [[(self.classes[i], q) for i, q in zip(row_i, row_p, strict=True)]
+                for row_i, row_p in zip(idx.tolist(), p.tolist(), strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, BitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+
+
+def _layer_info(layer: BitLinear, packing: str) -> dict:
+    return {"shape": [layer.out_features, layer.in_features], "method": layer.method,
+            "act_bits": layer.act_bits, "sub_norm": layer.sub_norm,
+            "packing": packing if layer.method in TERNARY_METHODS else "1bit"}
+
+
+def _skeleton(config: Config) -> VisionTransformer:
+    """The model the config describes, on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def export_model(model: nn.Module, config: Config, classes: list[str], path: str | Path,
+                 packing: str = "base3", float_dtype: str = "fp16") -> Path:
+    """Write ``model`` (a `VisionTransformer`, quantized as ``config`` says) for inference.
+
+    ``packing``: ``base3`` (ternary codes at 1.6 bits) or ``2bit``; binary codes always take
+    1 bit. ``float_dtype``: ``fp16`` or ``fp32`` for every parameter but codes and scales.
+    The file is written atomically (a temporary file, then renamed). Returns the path.
+    """
+    if packing not in PACKINGS:
+        raise ValueError(f"unknown packing {packing!r}: expected one of {', '.join(PACKINGS)}")
+    if float_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"unknown float_dtype {float_dtype!r}: expected fp16 or fp32")
+    if len(classes) != config.model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a model with "
+                         f"{config.model.num_classes} classes")
+    layers = _quantized_layers(model)
+    expected = _quantized_layers(_skeleton(config))
+    if {n: _layer_info(m, packing) for n, m in layers.items()} != {
+            n: _layer_info(m, packing) for n, m in expected.items()}:
+        raise ValueError("the model's quantized layers do not match its config's quant section")
+    dtype = FLOAT_DTYPES[float_dtype]
+
+    tensors: dict[str, torch.Tensor] = {}
+    info = {}
+    for name, layer in layers.items():
+        codes, scale = layer.quantized_weight()
+        info[name] = _layer_info(layer, packing)
+        tensors[f"{name}.codes"] = _PACK[info[name]["packing"]](codes.cpu())
+        tensors[f"{name}.scale"] = scale.detach().float().reshape(-1).cpu()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
+    quantized_keys = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
+    for key, value in model.state_dict().items():
+        if key in quantized_keys:
+            continue
+        value = value.detach().cpu()
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{key} has values that are not finite in {float_dtype}"
+                             + (" (beyond the fp16 range: export with fp32)"
+                                if float_dtype == "fp16" else ""))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config.to_dict()),
+        "classes": json.dumps(list(classes)),
+        "preprocessing": json.dumps(Preprocessing.from_config(config).to_dict()),
+        "layers": json.dumps(info),
+        "float_dtype": float_dtype,
+        "sha256": _digest(tensors),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_checkpoint(src: str | Path, out: str | Path, best: bool = False, **opts) -> Path:
+    """Export a run folder, checkpoint folder or model.safetensors (see `export_model`)."""
+    ckpt = load_checkpoint(src, best)
+    return export_model(ckpt.model, ckpt.config, ckpt.classes, out, **opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an export file, checked for its format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"{path}: not a readable safetensors file "
+                          f"({str(e).splitlines()[0]})") from None
+    fmt = meta.get("format")
+    if fmt != EXPORT_FORMAT:
+        hint = (" (a training checkpoint: export it with `bitvit export`)"
+                if fmt == "bitvit-checkpoint" else "")
+        raise ExportError(f"{path}: not a bitvit export (format {fmt!r}){hint}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{path}: unknown export format version {version!r} (this bitvit "
+                          f"reads version {FORMAT_VERSION}; a newer bitvit may read it)")
+    return meta
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is a file that claims to be a bitvit export (any version)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{path}: corrupt or truncated export "
+                          f"({str(e).splitlines()[0]})") from None
+
+
+def _mismatch(path: Path, what: str) -> ExportError:
+    return ExportError(f"{path}: tensors do not match the stored config ({what})")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu",
+         engine: str = "int") -> ExportedModel:
+    """Load an exported model for inference: an `ExportedModel` in eval mode on ``device``.
+
+    Quantized layers become `bitvit.engine.InferenceLinear` (``engine``: ``int`` for the
+    integer kernels, ``fp`` for the exact fake-quant arithmetic of training's eval mode); the
+    other parameters are loaded back in fp32. Use ``model(x)`` on normalized images,
+    ``model.logits(images_uint8)`` on raw ones, ``model.classes``, ``model.preprocessing``.
+    Raises `ExportError` (one line naming the file) for anything that is not a readable
+    export of this format version whose tensors match its config.
+    """
+    from bitvit.engine import InferenceLinear
+
+    path = Path(path)
+    meta = read_export_metadata(path)
+    try:
+        config = Config.from_dict(json.loads(meta["config"]), source=str(path))
+        classes = json.loads(meta["classes"])
+        preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+        info = json.loads(meta["layers"])
+        checksum = meta["sha256"]
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
+        raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(classes, list) or len(classes) != config.model.num_classes:
+        raise ExportError(f"{path}: bad export metadata (class names do not match "
+                          f"model.num_classes={config.model.num_classes})")
+
+    tensors = _read_tensors(path)
+    if _digest(tensors) != checksum:
+        raise ExportError(f"{path}: corrupt export (tensor data does not match its checksum)")
+
+    vit = _skeleton(config)
+    layers = _quantized_layers(vit)
+    if not isinstance(info, dict) or set(info) != set(layers):
+        extra = sorted(set(info) - set(layers)) if isinstance(info, dict) else ["?"]
+        missing = sorted(set(layers) - set(info)) if isinstance(info, dict) else []
+        raise _mismatch(path, f"layer {extra[0]} is not quantized in the config" if extra
+                        else f"no entry for quantized layer {missing[0]}")
+    for name, layer in layers.items():
+        stored = info[name]
+        packing = stored.get("packing") if isinstance(stored, dict) else None
+        allowed = PACKINGS if layer.method in TERNARY_METHODS else ("1bit",)
+        if packing not in allowed or stored != _layer_info(layer, packing):
+            raise _mismatch(path, f"layer {name}: stored {stored}, config gives "
+                                  f"{_layer_info(layer, allowed[0])}")
+
+    # Every tensor the file must hold, with its shape.
+    expected: dict[str, tuple[int, ...]] = {}
+    quantized_keys = set()  # the latent-weight model's keys that the file replaces
+    layer_keys = set()  # the file's keys for quantized layers
+    for name, layer in layers.items():
+        out_f, in_f = layer.out_features, layer.in_features
+        per_byte = _PER_BYTE[info[name]["packing"]]
+        expected[f"{name}.codes"] = (packed_numel(out_f * in_f, per_byte),)
+        expected[f"{name}.scale"] = (out_f if layer.method == "xnor" else 1,)
+        quantized_keys |= {f"{name}.weight", f"{name}.bias"}
+        if layer.bias is not None:
+            expected[f"{name}.bias"] = (out_f,)
+        layer_keys |= {f"{name}.codes", f"{name}.scale", f"{name}.bias"}
+    for key, value in vit.state_dict().items():
+        if key not in quantized_keys:
+            expected[key] = tuple(value.shape)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise _mismatch(path, f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise _mismatch(path, f"{key} has shape {tuple(tensors[key].shape)}, "
+                                  f"expected {shape}")
+
+    for name, layer in layers.items():
+        try:
+            codes = _UNPACK[info[name]["packing"]](tensors[f"{name}.codes"],
+                                                   (layer.out_features, layer.in_features))
+        except ValueError as e:
+            raise ExportError(f"{path}: corrupt export ({name}.codes: {e})") from None
+        bias = tensors.get(f"{name}.bias")
+        module = InferenceLinear(codes, tensors[f"{name}.scale"].float(),
+                                 None if bias is None else bias.float(), layer.method,
+                                 layer.act_bits, sub_norm=layer.sub_norm, engine=engine)
+        parent, _, child = name.rpartition(".")
+        setattr(vit.get_submodule(parent), child, module)
+    floats = {k: tensors[k].float() if tensors[k].is_floating_point() else tensors[k]
+              for k in expected if k not in layer_keys}
+    vit.load_state_dict(floats, strict=False, assign=True)
+    model = ExportedModel(vit, config, classes, preprocessing, path)
+    return model.requires_grad_(False).eval().to(device)
+
+
+def image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (recursively, sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and f.suffix.lower() in IMAGE_EXTS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise ExportError(f"{p}: no image files (PNG, JPEG, ...) in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ExportError(f"{p}: no such image file or folder")
+    return files
