@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -375,3 +376,14 @@ def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeyp
     assert load_run(sweep.out / "seed=0").finished and load_run(sweep.out / "seed=2").finished
     assert "trained" in (sweep.out / "seed=0/train.log").read_text()
     assert "boom" in (sweep.out / "seed=1/train.log").read_text()
+
+
+def test_a_run_that_is_training_right_now_is_left_alone(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                                   grid={"train.seed": [0]}))
+    run = fake_run(sweep.out / "seed=0", [], [0.5], status="running", epochs=2)
+    assert plan_sweep(sweep)[0].state == "running"
+    old = 3 * 3600
+    for f in run.iterdir():
+        os.utime(f, (f.stat().st_atime - old, f.stat().st_mtime - old))
+    assert plan_sweep(sweep)[0].state == "restart"  # killed long ago: start again

@@ -237,7 +237,8 @@ def _count_rows(path: Path) -> int:
 
 
 def run_state(run_dir: Path, config: Config) -> str:
-    """What a sweep does with a run folder: new, finished (skip), resume or restart.
+    """What a sweep does with a run folder: new, finished (skip), running (skip: run.json says
+    running and the folder changed recently), resume or restart.
 
     Raises `SweepError` when the folder holds a run of a different experiment (the sweep file
     changed under it); more epochs than the folder's run is fine: it is resumed to extend it.
@@ -263,10 +264,25 @@ def run_state(run_dir: Path, config: Config) -> str:
     status = _read_json(run_dir / "run.json").get("status")
     if status == "finished" and rows == epochs:
         return "finished"
+    if status == "running" and _recently_active(run_dir):
+        return "running"  # most likely a `bitvit train` at work right now: leave it alone
     if (run_dir / "last" / "model.safetensors").is_file() and (run_dir / "last" / "state.pt"
                                                                ).is_file():
         return "resume"
     return "restart"
+
+
+def _recently_active(run_dir: Path, min_seconds: float = 1800.0) -> bool:
+    """Whether a run folder changed within max(min_seconds, 3 x its longest epoch)."""
+    from bitvit.train import read_metrics
+
+    try:
+        longest = max((r.get("seconds", 0.0) for r in read_metrics(run_dir / "metrics.csv")),
+                      default=0.0)
+    except (ValueError, KeyError):
+        longest = 0.0
+    newest = max(f.stat().st_mtime for f in run_dir.iterdir())
+    return time.time() - newest < max(min_seconds, 3 * longest)
 
 
 @contextlib.contextmanager
@@ -341,10 +357,10 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
     (several runs on one GPU); each writes its output to RUN/train.log.
     """
     plan = plan_sweep(sweep, extra)
-    todo = [r for r in plan if r.state != "finished"]
+    todo = [r for r in plan if r.state not in ("finished", "running")]
     for r in plan:
         log(f"{r.state:9s} {r.run_dir}")
-    log(f"{len(plan)} runs: {len(plan) - len(todo)} finished, {len(todo)} to train")
+    log(f"{len(plan)} runs: {len(plan) - len(todo)} finished or running, {len(todo)} to train")
     if dry_run or not todo:
         return plan
     _record_sweep(sweep, argv)
@@ -377,7 +393,7 @@ def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any) -> None:
             log(f"busy      {r.run_dir} (another sweep is training it)")
             return
         state = run_state(r.run_dir, r.config)  # again, under the lock
-        if state == "finished":
+        if state in ("finished", "running"):
             return
         log(f"{state:9s} {r.run_dir}: {shlex.join(r.command)}")
         if state == "restart":
@@ -408,7 +424,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                     stack.close()
                     continue
                 state = run_state(r.run_dir, r.config)
-                if state == "finished":
+                if state in ("finished", "running"):
                     stack.close()
                     continue
                 if state == "restart":
