@@ -19,9 +19,11 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.config import ConfigError
     from bitvit.data import DataError
     from bitvit.export import ExportError
+    from bitvit.studies import SweepError
     from bitvit.train import TrainingError
 
-    return CliError, CheckpointError, ConfigError, DataError, ExportError, TrainingError
+    return (CliError, CheckpointError, ConfigError, DataError, ExportError, SweepError,
+            TrainingError)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -256,6 +258,86 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- studies: sweep, compare, report --------------------------------------------------------------
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="train every run of a sweep file (finished runs skipped, others resumed)",
+        description="Train one run folder per point of a sweep file's grid (see "
+        "bitvit.studies for the schema). Finished runs are skipped, runs with a last/ "
+        "checkpoint resumed, others restarted: stop and restart a sweep at will. Run it from "
+        "the repository root (paths in sweep files are relative to the working directory).")
+    p.add_argument("sweep", metavar="SWEEP.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="extra overrides for every run (e.g. train.device=cuda)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N runs at once as subprocesses (several runs on one GPU)")
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from bitvit.studies import load_sweep, run_sweep
+
+    if args.parallel < 1:
+        raise CliError(f"--parallel {args.parallel}: expected 1 or more")
+    sweep = load_sweep(args.sweep)
+    run_sweep(sweep, args.overrides, parallel=args.parallel, dry_run=args.dry_run,
+              argv=["bitvit", "sweep", args.sweep, *args.overrides])
+    return 0
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="group runs by seed; table and figure with statistics against fp",
+        description="Group runs that differ only by seed; print a Markdown table (mean +- std "
+        "over seeds, differences to full precision with 95%% CI, Welch p, TOST equivalence) "
+        "and, with --out, write compare.md and compare.png (loss and accuracy per epoch).")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders, or folders holding run folders")
+    p.add_argument("--out", metavar="DIR", help="write compare.md and compare.png here")
+    p.add_argument("--margin", type=float, default=0.01,
+                   help="TOST equivalence margin for accuracies, as a fraction (default 0.01 = "
+                   "1 point)")
+    p.add_argument("--loss-margin", type=float, default=0.05,
+                   help="TOST equivalence margin for losses (default 0.05)")
+    p.add_argument("--include-unfinished", action="store_true",
+                   help="count unfinished runs at their last epoch (they are marked)")
+    p.add_argument("--full-epochs", type=int,
+                   help="the full budget, to mark shortened runs (e.g. 100)")
+    p.set_defaults(func=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from bitvit.studies import compare
+
+    _, text = compare(args.runs, out=args.out, margin=args.margin, loss_margin=args.loss_margin,
+                      include_unfinished=args.include_unfinished, full_epochs=args.full_epochs)
+    print(text, end="")
+    return 0
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="regenerate results/README.md from the run folders",
+                       description="Regenerate RESULTS/README.md, and each study's compare.md "
+                       "and compare.png, from the run folders of the sweeps in STUDIES/*.yaml "
+                       "(and RESULTS/*/sweep.yaml); grid points without a run are listed as "
+                       "not run.")
+    p.add_argument("--results", default="results", help="results folder (default: results)")
+    p.add_argument("--studies", default="studies", help="sweep files (default: studies)")
+    p.add_argument("--margin", type=float, default=0.01)
+    p.add_argument("--loss-margin", type=float, default=0.05)
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from bitvit.studies import write_report
+
+    print(write_report(args.results, args.studies, args.margin, args.loss_margin))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitvit",
@@ -267,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_predict_parser(sub)
     _add_profile_parser(sub)
+    _add_sweep_parser(sub)
+    _add_compare_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 

@@ -1,0 +1,389 @@
+"""Sweeps (naming, skip, resume), the statistics against hand formulas, compare and report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+
+from bitvit import studies
+from bitvit.cli import main
+from bitvit.config import load_config, save_config
+from bitvit.studies import (
+    SweepError,
+    compare,
+    compare_groups,
+    group_runs,
+    load_run,
+    load_sweep,
+    plan_sweep,
+    run_name,
+    run_sweep,
+    summarize,
+    welch_difference,
+    write_report,
+)
+from bitvit.train import METRIC_COLUMNS, write_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = str(ROOT / "configs/paper.yaml")
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    raw = {"base": PAPER, "out": str(path.parent / "out"), **fields}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def fake_run(run_dir: Path, overrides: list[str], test_acc: list[float], status: str = "finished",
+             epochs: int | None = None, device: str = "cpu (test, 2 threads)",
+             train_acc: list[float] | None = None, test_loss: list[float] | None = None,
+             weights: bool = False) -> Path:
+    """A run folder as train() writes it, with the given per-epoch numbers."""
+    n = len(test_acc)
+    config = load_config(PAPER, [f"train.epochs={epochs or n}", *overrides])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    train_acc = train_acc or [a + 0.1 for a in test_acc]
+    test_loss = test_loss or [2.0 - a for a in test_acc]
+    rows = [{"epoch": e + 1, "train_loss": 2.0 - train_acc[e], "train_acc": train_acc[e],
+             "test_loss": test_loss[e], "test_acc": test_acc[e], "lr": 1e-3, "seconds": 10.0}
+            for e in range(n)]
+    write_metrics(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"command": ["bitvit", "train"], "device": device, "status": status,
+         "wall_seconds": 10.0 * n}))
+    if weights:
+        (run_dir / "last").mkdir()
+        (run_dir / "last/model.safetensors").write_bytes(b"x")
+        (run_dir / "last/state.pt").write_bytes(b"x")
+    return run_dir
+
+
+# --- sweep files and names ----------------------------------------------------------------------
+
+
+def test_sweep_points_and_names(tmp_path):
+    sweep = load_sweep(write_sweep(
+        tmp_path / "s.yaml", overrides=["train.epochs=3"],
+        runs=[{"quant.method": ["fp", "b158"]},
+              {"quant.method": ["sign", "xnor"], "quant.where": ["all", "mlp", "attn"],
+               "quant.act_bits": [None, 1]}],
+        grid={"train.seed": [0, 1, 2]}))
+    names = list(sweep.run_dirs())
+    assert len(names) == (2 + 2 * 3 * 2) * 3
+    assert names[:2] == ["method=fp_seed=0", "method=fp_seed=1"]
+    assert "method=sign_where=mlp_act_bits=1_seed=2" in names
+    assert "method=xnor_where=attn_act_bits=none_seed=0" in names
+    # Keys sharing a last part are spelled out; odd characters become '-'.
+    assert run_name({"train.seed": 1, "data.seed": 2}) == "train-seed=1_data-seed=2"
+    assert run_name({"data.path": "a/b c"}) == "path=a-b-c"
+    assert run_name({"model.dropout": 0.1, "quant.method": "b158"}) == "dropout=0.1_method=b158"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"grid": {"quant.method": ["fp"]}, "gird": {}}, "unknown key 'gird'"),
+    ({"grid": {"method": ["fp"]}}, "expected section.key"),
+    ({"grid": {"quant.method": []}}, "empty list"),
+    ({"runs": [{"quant.method": "fp"}, {"quant.method": "fp"}]}, "more than once"),
+    ({}, "no grid"),
+])
+def test_bad_sweep_files(tmp_path, fields, message):
+    with pytest.raises(SweepError, match=message):
+        load_sweep(write_sweep(tmp_path / "s.yaml", **fields))
+
+
+def test_every_committed_sweep_file_loads_and_builds_its_configs():
+    files = sorted((ROOT / "studies").glob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        sweep = load_sweep(path)
+        for point in sweep.points:
+            studies.sweep_config(sweep, point)  # raises on a bad key or value
+    s2 = load_sweep(ROOT / "studies/study2-cpu.yaml")
+    assert len(s2.points) == 42  # (fp, b158, 2 methods x 3 places x 2 activations) x 3 seeds
+
+
+# --- sweep bookkeeping --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Replace train() with one that records its call and writes a finished run folder."""
+    calls = []
+
+    def train(config, out=None, resume=None, quiet=False, command=None):
+        run_dir = Path(resume or out)
+        calls.append((run_dir.name, "resume" if resume else "new", command))
+        fake_run(run_dir, [f"quant.method={config.quant.method}",
+                           f"train.seed={config.train.seed}"], [0.5] * config.train.epochs)
+
+    # bitvit.train is also the name of the function in the package, so patch the module itself.
+    monkeypatch.setattr(importlib.import_module("bitvit.train"), "train", train)
+    return calls
+
+
+def test_sweep_skips_finished_resumes_interrupted_restarts_the_rest(tmp_path, fake_train):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                                   grid={"quant.method": ["fp", "b158"], "train.seed": [0, 1]}))
+    out = sweep.out
+    fake_run(out / "method=fp_seed=0", ["train.seed=0"], [0.5, 0.5])
+    fake_run(out / "method=fp_seed=1", ["train.seed=1"], [0.5], status="interrupted",
+             epochs=2, weights=True)
+    stale = fake_run(out / "method=b158_seed=0", ["quant.method=b158"], [0.5],
+                     status="interrupted", epochs=2)  # no last/: start again
+    states = {r.name: r.state for r in plan_sweep(sweep)}
+    assert states == {"method=fp_seed=0": "finished", "method=fp_seed=1": "resume",
+                      "method=b158_seed=0": "restart", "method=b158_seed=1": "new"}
+
+    run_sweep(sweep, dry_run=True, log=lambda *_: None)
+    assert fake_train == [] and not (out / "sweep.yaml").exists()
+
+    run_sweep(sweep, argv=["bitvit", "sweep", "s.yaml"], log=lambda *_: None)
+    assert [(name, how) for name, how, _ in fake_train] == [
+        ("method=fp_seed=1", "resume"), ("method=b158_seed=0", "new"),
+        ("method=b158_seed=1", "new")]
+    assert stale.exists() and len(load_run(stale).rows) == 2
+    # The recorded command trains exactly that run.
+    _, _, command = fake_train[2]
+    assert command[:2] == ["bitvit", "train"] and '"b158"' in " ".join(command)
+    assert (out / "sweep.yaml").is_file()
+    assert (out / "commands.txt").read_text() == "bitvit sweep s.yaml\n"
+
+    fake_train.clear()
+    run_sweep(sweep, log=lambda *_: None)  # everything finished now
+    assert fake_train == []
+
+    # More epochs extend finished runs; a changed experiment is refused.
+    states = {r.name: r.state for r in plan_sweep(sweep, ["train.epochs=3"])}
+    assert states.pop("method=fp_seed=1") == "resume"  # the one run with a last/ checkpoint
+    assert set(states.values()) == {"restart"}
+    with pytest.raises(SweepError, match="model.dropout"):
+        plan_sweep(sweep, ["model.dropout=0.2"])
+    with pytest.raises(SweepError, match="holds 2 epochs"):
+        plan_sweep(sweep, ["train.epochs=1"])
+
+
+def test_sweep_skips_a_run_another_sweep_is_training(tmp_path, fake_train):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
+                                   grid={"train.seed": [0]}))
+    with studies._lock(studies._lock_path(sweep, "seed=0")) as locked:
+        assert locked
+        lines = []
+        run_sweep(sweep, log=lines.append)
+    assert fake_train == [] and any(line.startswith("busy") for line in lines)
+
+
+def test_sweep_cli_resumes_a_real_run_to_more_epochs(real_env, tmp_path, monkeypatch):
+    tiny = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
+            "data.limit_train=500", "data.limit_test=200", "train.batch_size=50"]
+    path = write_sweep(tmp_path / "s.yaml", overrides=[*tiny, "train.epochs=1"],
+                       grid={"quant.method": ["b158"], "train.seed": [0]})
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(path)]) == 0
+    run = tmp_path / "out/method=b158_seed=0"
+    assert load_run(run).finished and (run / "last/state.pt").is_file()
+    assert main(["sweep", str(path), "train.epochs=2"]) == 0  # extends: resumes from last/
+    result = load_run(run)
+    assert [r["epoch"] for r in result.rows] == [1, 2] and result.finished
+    assert result.info["command"][:3] == ["bitvit", "train", "--resume"]
+    assert result.info["resumed_from"][0]["status"] == "finished"
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_summary_uses_sample_std():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert (s.n, s.mean, s.min, s.max) == (4, 2.5, 1.0, 4.0)
+    assert s.std == pytest.approx(math.sqrt(5 / 3))
+    assert math.isnan(summarize([1.0]).std)
+
+
+def test_welch_difference_matches_hand_formulas():
+    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]  # means 2, 4; variances 1, 4
+    d = welch_difference(a, b, margin=0.5)
+    se = math.sqrt(1 / 3 + 4 / 3)
+    df = (5 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)
+    assert df == pytest.approx(50 / 17)
+    assert d.diff == pytest.approx(-2.0) and d.df == pytest.approx(df)
+    half = stats.t.ppf(0.975, df) * se
+    assert (d.ci_low, d.ci_high) == (pytest.approx(-2 - half), pytest.approx(-2 + half))
+    assert d.p_value == pytest.approx(2 * stats.t.sf(2 / se, df))
+    tost = max(stats.t.sf((-2 + 0.5) / se, df), stats.t.cdf((-2 - 0.5) / se, df))
+    assert d.tost_p == pytest.approx(tost)
+    assert d.verdict == "inconclusive"  # p ~ 0.2: no evidence either way with 3 seeds
+
+
+def test_tost_verdict_flips_with_the_margin():
+    fp, q = [0.500, 0.510, 0.490], [0.502, 0.497, 0.506]
+    wide, narrow = welch_difference(q, fp, margin=0.05), welch_difference(q, fp, margin=0.001)
+    assert wide.equivalent and wide.verdict == "equivalent" and wide.tost_p < 0.05
+    assert not narrow.equivalent and narrow.verdict == "inconclusive"
+    far = welch_difference([0.60, 0.61, 0.62], fp, margin=0.01)
+    assert far.significant and not far.equivalent and far.verdict == "differs"
+    assert far.ci_low > 0
+
+
+def test_difference_needs_two_seeds_per_group():
+    d = welch_difference([0.5], [0.4, 0.45], margin=0.01)
+    assert not d.available and d.verdict == "n/a" and "2 seeds" in d.reason
+    assert d.diff == pytest.approx(0.075)
+
+
+# --- grouping, table and figure -----------------------------------------------------------------
+
+
+def study1(tmp_path: Path) -> Path:
+    """fp and b158, 3 seeds each (one b158 run unfinished), plus one bitnet run."""
+    out = tmp_path / "study"
+    for seed, acc in enumerate([0.49, 0.50, 0.51]):
+        fake_run(out / f"method=fp_seed={seed}", [f"train.seed={seed}"], [0.3, acc])
+    for seed, acc in enumerate([0.52, 0.53]):
+        fake_run(out / f"method=b158_seed={seed}", ["quant.method=b158", f"train.seed={seed}",
+                                                    "quant.act_bits=8"], [0.3, acc])
+    fake_run(out / "method=b158_seed=2", ["quant.method=b158", "train.seed=2"], [0.3],
+             status="interrupted", epochs=2)
+    fake_run(out / "method=bitnet_seed=0", ["quant.method=bitnet"], [0.3, 0.4])
+    return out
+
+
+def test_groups_labels_and_unfinished_runs(tmp_path):
+    runs = [load_run(p) for p in studies.find_run_dirs([study1(tmp_path)])]
+    groups = {g.label: g for g in group_runs(runs)}
+    assert list(groups) == ["fp", "b158", "bitnet"]  # fp first; act_bits default == 8
+    assert [r.seed for r in groups["b158"].runs] == [0, 1]
+    assert [r.path.name for r in groups["b158"].unfinished] == ["method=b158_seed=2"]
+    assert len(group_runs(runs, include_unfinished=True)[1].runs) == 3
+
+    where = [load_run(fake_run(tmp_path / n, ov, [0.4])) for n, ov in [
+        ("a", ["quant.method=sign", "quant.where=mlp", "quant.act_bits=1"]),
+        ("b", ["quant.method=sign", "quant.where=mlp", "quant.act_bits=none"]),
+        ("c", ["quant.method=sign", "quant.where=attn", "quant.act_bits=none"]),
+        ("d", ["quant.where=attn"])]]  # fp: where does nothing
+    assert [g.label for g in group_runs(where)] == ["fp", "sign attn act-fp", "sign mlp act-fp",
+                                                    "sign mlp act1"]
+
+
+def test_compare_writes_table_and_figure(tmp_path):
+    out = tmp_path / "cmp"
+    groups, text = compare([study1(tmp_path)], out=out, full_epochs=100)
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert (out / "compare.md").read_text() == text
+    assert "cpu (test, 2 threads)" in text and "2 of 100 epochs" in text
+    assert "| fp | 0, 1, 2 | 50.00 ± 1.00 |" in text
+    assert "| b158 (1 unfinished) | 0, 1 | 52.50 ± 0.71 |" in text
+    assert "bitnet | 0 | 40.00 (1 seed)" in text
+    assert "method=b158_seed=2: 1 of 2 epochs, status interrupted" in text
+    assert "left out of the statistics" in text
+    b158 = next(g for g in groups if g.label == "b158")
+    d = b158.vs_fp["final_test_acc"]
+    assert d == welch_difference([0.52, 0.53], [0.49, 0.50, 0.51], 0.01)
+    assert f"| b158 | final test acc | +2.50 [{d.ci_low * 100:+.2f}, {d.ci_high * 100:+.2f}] " \
+           f"| {d.p_value:.3g} |" in text
+    assert "| bitnet | final test acc | -10.00 | n/a | n/a | n/a: needs at least 2 seeds" in text
+    assert "margin of ±1 accuracy points and ±0.05 loss" in text
+
+
+def test_compare_cli(tmp_path, capsys):
+    study = study1(tmp_path)
+    assert main(["compare", str(study / "method=fp_seed=0"), str(study / "method=fp_seed=1"),
+                 "--margin", "0.02"]) == 0
+    assert "| fp | 0, 1 |" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_report_from_a_small_results_tree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies/one.yaml").write_text(yaml.safe_dump({
+        "title": "Study one", "question": "Is b158 as good as fp?", "base": PAPER,
+        "overrides": ["train.epochs=2"], "full_epochs": 100, "out": "results/one",
+        "grid": {"quant.method": ["fp", "b158"], "train.seed": [0, 1]}}))
+    (tmp_path / "studies/later.yaml").write_text(yaml.safe_dump({
+        "title": "Study later", "base": PAPER, "out": "results/later",
+        "grid": {"train.seed": [0]}}))
+    for seed in (0, 1):
+        fake_run(tmp_path / f"results/one/method=fp_seed={seed}", [f"train.seed={seed}"],
+                 [0.3, 0.5 + seed / 100])
+    fake_run(tmp_path / "results/one/method=b158_seed=0", ["quant.method=b158"], [0.3, 0.52])
+    (tmp_path / "results/one/commands.txt").write_text("bitvit sweep studies/one.yaml\n")
+
+    path = write_report("results", "studies")
+    text = path.read_text()
+    assert text.startswith("# Results")
+    assert "## Study one" in text and "Question: Is b158 as good as fp?" in text
+    assert "bitvit sweep studies/one.yaml\n" in text
+    assert "2 of 100 epochs" in text and "| fp | 0, 1 | 50.50 ± 0.71 |" in text
+    assert "Not run (1 of 4): `method=b158_seed=1`." in text
+    assert "![loss and accuracy per epoch](one/compare.png)" in text
+    assert (tmp_path / "results/one/compare.png").is_file()
+    assert "## Study later" in text and "bitvit sweep studies/later.yaml   # not run yet" in text
+    assert "Not run (1 of 1): `seed=0`." in text
+    assert write_report("results", "studies").read_text() == text  # regenerates the same
+    assert main(["report"]) == 0
+
+
+def test_unfinished_runs_counted_only_when_asked(tmp_path):
+    study = study1(tmp_path)
+    runs = [load_run(p) for p in studies.find_run_dirs([study])]
+    groups = compare_groups(group_runs(runs, include_unfinished=True))
+    b158 = next(g for g in groups if g.label == "b158")
+    assert b158.stats["final_test_acc"].n == 3
+    text = studies.compare_markdown(groups, runs)
+    assert "counted at their last epoch" in text
+
+
+def test_difference_without_any_spread():
+    same = welch_difference([0.1, 0.1, 0.1], [0.1, 0.1], margin=0.01)
+    assert same.p_value == 1.0 and same.equivalent and same.diff == pytest.approx(0)
+    apart = welch_difference([0.3, 0.3], [0.1, 0.1], margin=0.01)
+    assert apart.p_value == 0.0 and not apart.equivalent and apart.verdict == "differs"
+
+
+FAKE_CLI = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_studies import fake_run
+args = sys.argv[1:]
+assert args[0] == "train"
+run_dir = Path(args[args.index("--out") + 1])
+seed = [a for a in args if a.startswith("train.seed=")][0]
+if seed == "train.seed=1":
+    sys.exit("boom")
+fake_run(run_dir, [seed], [0.5])
+print("trained", run_dir)
+"""
+
+
+def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeypatch):
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI.format(tests=str(ROOT / "tests")))
+    monkeypatch.setattr(studies, "_python_bitvit", lambda: [sys.executable, str(script)])
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
+                                   grid={"train.seed": [0, 1, 2]}))
+    with pytest.raises(SweepError, match="1 run\\(s\\) failed: seed=1"):
+        run_sweep(sweep, parallel=2, log=lambda *_: None)
+    assert load_run(sweep.out / "seed=0").finished and load_run(sweep.out / "seed=2").finished
+    assert "trained" in (sweep.out / "seed=0/train.log").read_text()
+    assert "boom" in (sweep.out / "seed=1/train.log").read_text()
+
+
+def test_a_run_that_is_training_right_now_is_left_alone(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                                   grid={"train.seed": [0]}))
+    run = fake_run(sweep.out / "seed=0", [], [0.5], status="running", epochs=2)
+    assert plan_sweep(sweep)[0].state == "running"
+    old = 3 * 3600
+    for f in run.iterdir():
+        os.utime(f, (f.stat().st_atime - old, f.stat().st_mtime - old))
+    assert plan_sweep(sweep)[0].state == "restart"  # killed long ago: start again
