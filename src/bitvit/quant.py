@@ -131,14 +131,36 @@ def quantize_activations(x: torch.Tensor, bits: int | None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+class _IdentitySTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_q):  # noqa: ANN001 - autograd signature
+        return x_q
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        return grad, None
+
+
+class _ClippedSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_q):  # noqa: ANN001 - autograd signature
+        ctx.save_for_backward(x)
+        return x_q
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1), None
+
+
 def ste_identity(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-    """Forward x_q, backward identity (BitNet's reference trick)."""
-    return x + (x_q - x).detach()
+    """Forward x_q, backward identity (BitNet's STE)."""
+    return _IdentitySTE.apply(x, x_q.detach())
 
 
 def ste_clipped(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
     """Forward x_q, backward 1{|x| <= 1} (BinaryConnect / XNOR-Net)."""
-    return x_q.detach() + (x - x.detach()) * (x.detach().abs() <= 1)
+    return _ClippedSTE.apply(x, x_q.detach())
 
 
 # Binary weights use the clipped estimator, ternary and BitNet 1-bit the identity.
