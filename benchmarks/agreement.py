@@ -1,9 +1,12 @@
 """Agreement of the integer path with the fake-quant model on a test set.
 
-Loads a trained quantized checkpoint, converts it once for inference, and compares the same
-weights under ``engine="fp"`` (fake quant: what training evaluated) and ``engine="int"``:
-accuracy of each, their difference, argmax agreement and logit differences. The issue's bar:
-|accuracy difference| <= 0.0005 and argmax agreement >= 99.9% on the CIFAR-10 test set.
+Loads a trained quantized checkpoint and compares, on its test set, the fake-quant model (the
+same weights in fp32, dequantized codes, `engine="fp"`: what training evaluated) with
+- the same fp32 weights through the integer engine (`engine="int"`), and
+- the exported file as users get it (`bitvit export` defaults: base-3 codes, fp16 for the other
+  parameters; `bitvit.load`, integer engine), and the same export with fp32 parameters.
+Reports accuracy of each, the difference, argmax agreement and logit differences. The issue's
+bar: |accuracy difference| <= 0.0005 and argmax agreement >= 99.9% on the CIFAR-10 test set.
 
     python benchmarks/agreement.py RUN_OR_MODEL [--data PATH] [--limit N] [--best]
 """
@@ -13,12 +16,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 
 from bitvit.checkpoint import load_checkpoint
 from bitvit.data import load_data, normalize
 from bitvit.engine import agreement, convert_for_inference, set_engine
+from bitvit.export import export_model, load
 
 
 def main() -> None:
@@ -39,16 +45,24 @@ def main() -> None:
     test = load_data(data_cfg, m.image_size, m.in_channels).test
     images = normalize(test.images, data_cfg.mean, data_cfg.std)
 
-    fp_model = convert_for_inference(ckpt.model.eval(), engine="fp")
-    int_model = set_engine(copy.deepcopy(fp_model), "int")
+    fp_model = convert_for_inference(copy.deepcopy(ckpt.model).eval(), engine="fp")
+    candidates = {"int engine, fp32 weights": set_engine(copy.deepcopy(fp_model), "int")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for float_dtype in ("fp16", "fp32"):
+            path = Path(tmp) / f"model-{float_dtype}.safetensors"
+            export_model(ckpt.model, ckpt.config, ckpt.classes, path, float_dtype=float_dtype)
+            candidates[f"exported ({float_dtype} params), int engine"] = load(path, engine="int")
+    print(f"{ckpt.path}: {len(test.labels)} test images; reference: fake quant (fp engine)")
+    results = {}
     with torch.inference_mode():
-        stats = agreement(fp_model, int_model, images, test.labels, args.batch_size)
-    print(f"{ckpt.path}: {int(stats['n'])} test images")
-    print(f"  accuracy fake-quant (fp engine) {stats['accuracy_a']:.4f}, "
-          f"int engine {stats['accuracy_b']:.4f}, difference {stats['accuracy_diff']:+.4f}")
-    print(f"  argmax agreement {stats['argmax_agreement']:.4%}, max |logit diff| "
-          f"{stats['max_abs_logit_diff']:.2e}, mean {stats['mean_abs_logit_diff']:.2e}")
-    print(json.dumps({"checkpoint": str(ckpt.path), **stats}))
+        for name, model in candidates.items():
+            stats = agreement(fp_model, model, images, test.labels, args.batch_size)
+            results[name] = stats
+            print(f"  {name}: accuracy {stats['accuracy_b']:.4f} vs {stats['accuracy_a']:.4f}, "
+                  f"difference {-stats['accuracy_diff']:+.4f}, argmax agreement "
+                  f"{stats['argmax_agreement']:.4%}, max |logit diff| "
+                  f"{stats['max_abs_logit_diff']:.2e}, mean {stats['mean_abs_logit_diff']:.2e}")
+    print(json.dumps({"checkpoint": str(ckpt.path), "results": results}))
 
 
 if __name__ == "__main__":
