@@ -19,11 +19,12 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.config import ConfigError
     from bitvit.data import DataError
     from bitvit.export import ExportError
+    from bitvit.profile import ProfileError
     from bitvit.studies import SweepError
     from bitvit.train import TrainingError
 
-    return (CliError, CheckpointError, ConfigError, DataError, ExportError, SweepError,
-            TrainingError)
+    return (CliError, CheckpointError, ConfigError, DataError, ExportError, ProfileError,
+            SweepError, TrainingError)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -210,9 +211,6 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- main ---------------------------------------------------------------------------------------
-
-
 # --- profile ------------------------------------------------------------------------------------
 
 
@@ -241,19 +239,13 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from bitvit.checkpoint import CheckpointError
-    from bitvit.config import ConfigError
     from bitvit.profile import load_for_profile, profile_model
 
-    try:
-        src = load_for_profile(args.source, args.overrides, args.quant, args.where,
-                               args.act_bits, args.best)
-        profile = profile_model(src.model, src.config, args.float_precision,
-                                src.ternary_packing or args.ternary_packing, src.weights_source,
-                                source=str(args.source))
-    except (ConfigError, CheckpointError, ValueError) as e:
-        print(f"bitvit profile: error: {e}", file=sys.stderr)
-        return 2
+    src = load_for_profile(args.source, args.overrides, args.quant, args.where, args.act_bits,
+                           args.best)
+    profile = profile_model(src.model, src.config, args.float_precision,
+                            src.ternary_packing or args.ternary_packing, src.weights_source,
+                            source=str(args.source))
     print(profile.to_json() if args.json else profile.format_table())
     return 0
 
@@ -336,6 +328,9 @@ def _report(args: argparse.Namespace) -> int:
 
     print(write_report(args.results, args.studies, args.margin, args.loss_margin))
     return 0
+
+
+# --- main ---------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

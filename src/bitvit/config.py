@@ -162,19 +162,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     raw: dict[str, Any] = {}
-    source = "config"
     if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with sections {_names(Config)}")
-    return Config.from_dict(apply_overrides(raw, overrides or []), source)
+        raw = read_yaml_mapping(path, "config file", f"sections {_names(Config)}", ConfigError)
+    return Config.from_dict(apply_overrides(raw, overrides or []), str(path or "config"))
+
+
+def read_yaml_mapping(path: str | Path, what: str, expected: str,
+                      error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A YAML file holding a mapping, or ``error`` with one line naming the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping with {expected}")
+    return raw
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -58,7 +58,7 @@ from typing import Any
 
 import yaml
 
-from bitvit.config import Config, load_config
+from bitvit.config import Config, load_config, read_yaml_mapping
 from bitvit.quant import resolve_act_bits
 
 SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs", "grid"}
@@ -114,14 +114,7 @@ def _expand(grid: Any, where: str) -> list[dict[str, Any]]:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file (see the module docstring for its schema)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: sweep file not found") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: expected a mapping with keys base, out, grid (and runs)")
+    raw = read_yaml_mapping(path, "sweep file", "keys base, out, grid (and runs)", SweepError)
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid keys: "
