@@ -626,7 +626,7 @@ def _official_set(images: np.ndarray, labels: np.ndarray, classes: list[str], im
                         f"({len(classes)} class names), got {labels.min()}..{labels.max()}")
     if image_size != 32 or channels != 3:
         # Same PIL path as image folders, so every form gives the same pixels.
-        images = np.stack([_fit(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))),
+        images = np.stack([fit_image(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))),
                                 image_size, channels) for im in images])
     return ImageSet(torch.from_numpy(np.ascontiguousarray(images)),
                     torch.from_numpy(labels.astype(np.int64)), classes)
@@ -637,7 +637,7 @@ def _official_set(images: np.ndarray, labels: np.ndarray, classes: list[str], im
 # --------------------------------------------------------------------------------------------
 
 
-def _fit(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+def fit_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
     """PIL image -> uint8 (C, image_size, image_size): convert mode, then bilinear resize."""
     if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: keep the high byte
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
@@ -708,7 +708,7 @@ def _decode_image(tree: _Tree, rel: str, image_size: int, channels: int) -> np.n
     try:
         with Image.open(io.BytesIO(tree.files[rel]())) as img:
             img.load()
-            return _fit(img, image_size, channels)
+            return fit_image(img, image_size, channels)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
             SyntaxError) as e:
         raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None

@@ -44,7 +44,7 @@ from torch import nn
 
 from bitvit.checkpoint import build_model, load_checkpoint
 from bitvit.config import Config, ConfigError
-from bitvit.data import IMAGE_EXTS, _fit, normalize
+from bitvit.data import IMAGE_EXTS, fit_image, normalize
 from bitvit.model import VisionTransformer
 from bitvit.quant import BitLinear
 
@@ -210,7 +210,7 @@ class Preprocessing:
         try:
             with Image.open(path) as img:
                 img.load()
-                a = _fit(img, self.image_size, self.channels)
+                a = fit_image(img, self.image_size, self.channels)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             why = str(e).splitlines()[0] if str(e) else "unreadable"
             raise ExportError(f"{path}: not a readable image ({why})") from None
