@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -235,3 +236,10 @@ def test_bf16_autocast_runs_the_same_loop(real_env, tmp_path):
                    out=tmp_path / "bf16", quiet=True)
     rows = result.metrics
     assert result.status == "finished" and rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_compile_option_trains(real_env, tmp_path):
+    result = train(tiny("quant.method=b158", "train.epochs=1", "train.compile=true"),
+                   out=tmp_path / "compiled", quiet=True)
+    assert result.status == "finished" and math.isfinite(result.final["train_loss"])
+    assert load_checkpoint(tmp_path / "compiled").model.blocks[0].mlp.fc1.method == "b158"
