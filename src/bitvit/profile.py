@@ -556,6 +556,7 @@ def load_for_profile(
     """
     from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint
     from bitvit.config import load_config
+    from bitvit.export import is_export
     from bitvit.quant import quantize_
 
     p = Path(path)
@@ -569,7 +570,7 @@ def load_for_profile(
                              "a trained model's zeros differ")
     if overrides:
         raise ProfileError(f"{p}: section.key=value overrides apply to YAML configs only")
-    if p.is_file() and _file_format(p) == EXPORT_FORMAT:
+    if is_export(p):
         if any(v is not None for v in flags.values()):
             raise ProfileError(f"{p}: an exported model is already quantized; "
                                "--quant/--where/--act-bits apply to configs and checkpoints")
@@ -597,31 +598,16 @@ def load_for_profile(
                          f"the trained weights in {ckpt.path}, quantized after training")
 
 
-EXPORT_FORMAT = "bitvit-export"
-
-
-def _file_format(path: Path) -> str | None:
-    from bitvit.checkpoint import read_metadata
-
-    try:
-        return read_metadata(path).get("format")
-    except ValueError:
-        return None  # not safetensors: load_checkpoint says what is wrong with it
-
-
 def _load_exported(path: Path) -> ProfileSource:
     """An exported model: its packed codes, unpacked by `bitvit.export.load`."""
+    from bitvit.export import load, read_export_metadata
+
     try:
-        from bitvit import export
-    except ImportError:
-        raise ProfileError(f"{path}: an exported model, but this bitvit has no bitvit.export "
-                           "to load it") from None
-    try:
-        loaded = export.load(path)  # the default engine: what `bitvit predict` runs
+        loaded = load(path)  # the default engine: what `bitvit predict` runs
     except ValueError as e:
         raise ProfileError(str(e)) from None
     packings = {layer.get("packing") for layer in
-                json.loads(export.read_export_metadata(path)["layers"]).values()}
+                json.loads(read_export_metadata(path)["layers"]).values()}
     ternary = sorted(packings & set(TERNARY_PACKINGS))
     # The inference layers keep in/out_features, method, act_bits and their int8 codes.
     return ProfileSource(loaded.vit, loaded.config, f"the exported codes in {path}",
