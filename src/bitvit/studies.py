@@ -817,11 +817,15 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.lines import Line2D
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    shown = [g for g in groups if any(r.rows for r in g.runs)]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.12 * len(shown)))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, g in enumerate(g for g in groups if any(r.rows for r in g.runs)):
-        color = colors[i % len(colors)] if i < len(colors) else plt.cm.tab20(i % 20)
+    handles = []
+    for i, g in enumerate(shown):
+        # The default cycle for a few groups; tab20 once there are more than it has colors.
+        color = colors[i] if len(shown) <= len(colors) else plt.cm.tab20(i % 20)
         runs = [r for r in g.runs if r.rows]
         n = min(len(r.rows) for r in runs)
         epochs = np.arange(1, n + 1)
@@ -829,19 +833,25 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "") -> None:
             for split, style in (("train", "-"), ("test", "--")):
                 values = np.array([[row[f"{split}_{metric}"] for row in r.rows[:n]]
                                    for r in runs])
-                label = f"{g.label} {split}" + (f" (n={len(runs)})" if split == "train" else "")
-                ax.plot(epochs, values.mean(0), style, color=color, label=label)
+                ax.plot(epochs, values.mean(0), style, color=color)
                 if len(runs) > 1:
                     ax.fill_between(epochs, values.min(0), values.max(0), color=color,
                                     alpha=0.15, linewidth=0)
+        handles.append(Line2D([], [], color=color, label=f"{g.label} (n={len(runs)})"))
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=7, ncol=2)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
+                Line2D([], [], color="gray", linestyle="--", label="test")]
+    # One entry per group, below the panels, so many groups never cover the curves.
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+               frameon=False)
     legend = "mean over seeds, band: min-max over seeds; train solid, test dashed"
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
-    fig.tight_layout()
+    rows = -(-len(handles) // min(4, len(handles)))
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
