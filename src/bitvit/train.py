@@ -340,9 +340,11 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                     logits = net(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                if not _all_finite(loss_value, distributed, device):
+                    what = (f"loss is {loss_value}" if not math.isfinite(loss_value)
+                            else "another process's loss is not finite")
                     raise TrainingError(
-                        f"loss is {loss_value} at epoch {epoch}, step {step + 1}: stopping; "
+                        f"{what} at epoch {epoch}, step {step + 1}: stopping; "
                         f"{run_dir / 'last'} keeps epoch {epoch - 1}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -402,6 +404,17 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                             wall_seconds=round(time.perf_counter() - wall_start, 1))
             _write_json(run_dir / "run.json", run_info)
     return RunResult(run_dir, status, rows)
+
+
+def _all_finite(value: float, distributed: bool, device: torch.device) -> bool:
+    """Whether every process's loss is finite, so that all of them stop at the same step
+    (a process stopping alone would leave the others waiting in the gradient all-reduce)."""
+    finite = math.isfinite(value)
+    if not distributed:
+        return finite
+    flag = torch.tensor([float(finite)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _evaluate_sharded(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
