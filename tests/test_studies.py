@@ -79,7 +79,7 @@ def test_sweep_points_and_names(tmp_path):
         grid={"train.seed": [0, 1, 2]}))
     names = list(sweep.run_dirs())
     assert len(names) == (2 + 2 * 3 * 2) * 3
-    assert names[:2] == ["method=fp_seed=0", "method=fp_seed=1"]
+    assert names[:2] == ["method=fp_seed=0", "method=b158_seed=0"]  # grid-major: seeds outer
     assert "method=sign_where=mlp_act_bits=1_seed=2" in names
     assert "method=xnor_where=attn_act_bits=none_seed=0" in names
     # Keys sharing a last part are spelled out; odd characters become '-'.

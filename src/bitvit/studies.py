@@ -21,7 +21,8 @@ Without ``runs`` the points are the grid's cartesian product. A value may be a s
 choice) or a list. Each point is one run folder under ``out``, named from its values in the
 order of the file (``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0`` or
 ``method=sign_where=mlp_act_bits=1_seed=2`` (the last part of the key, or the whole key when two
-keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``).
+keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``). Runs are trained
+grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
 
 ``run_sweep`` skips finished runs (run.json says finished and every epoch is in metrics.csv),
 resumes runs that have a ``last/`` checkpoint, and restarts the others from scratch, so a sweep
@@ -131,7 +132,9 @@ def load_sweep(path: str | Path) -> Sweep:
     grid = _expand(raw.get("grid"), f"{path}: grid")
     arms = [{}] if runs is None else [
         p for i, sub in enumerate(runs) for p in _expand(sub, f"{path}: runs[{i}]")]
-    points = [{**arm, **g} for arm in arms for g in grid]
+    # The grid is the outer loop (every arm gets seed 0 before any gets seed 1), so a sweep
+    # stopped early leaves every configuration with some seeds rather than some with none.
+    points = [{**arm, **g} for g in grid for arm in arms]
     # Names list the runs' own keys first, then the grid's (e.g. method=sign_where=mlp_seed=0).
     keys = list(dict.fromkeys([*(k for arm in arms for k in arm), *(raw.get("grid") or {})]))
     if not keys:
