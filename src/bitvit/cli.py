@@ -284,7 +284,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="group runs by seed; table and figure with statistics against fp",
         description="Group runs that differ only by seed; print a Markdown table (mean +- std "
-        "over seeds, differences to full precision with 95%% CI, Welch p, TOST equivalence) "
+        "over seeds, differences to full precision with 95% CI, Welch p, TOST equivalence) "
         "and, with --out, write compare.md and compare.png (loss and accuracy per epoch).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders, or folders holding run folders")
