@@ -1,10 +1,12 @@
 """Agreement of the integer path with the fake-quant model on a test set.
 
-Loads a trained quantized checkpoint and compares, on its test set, the fake-quant model (the
-same weights in fp32, dequantized codes, `engine="fp"`: what training evaluated) with
-- the same fp32 weights through the integer engine (`engine="int"`), and
+Loads a trained quantized checkpoint and compares, on its test set, fake-quant models
+(dequantized codes, `engine="fp"`: what training evaluated) with the integer engine:
+- the checkpoint's fp32 weights: fake quant vs integer engine;
 - the exported file as users get it (`bitvit export` defaults: base-3 codes, fp16 for the other
-  parameters; `bitvit.load`, integer engine), and the same export with fp32 parameters.
+  parameters) and the same export with fp32 parameters, each loaded with `bitvit.load` both
+  ways: integer engine vs the same file's fake quant (same weights: the integer path alone), and
+  integer engine vs the checkpoint's fp32 fake quant (the integer path plus export rounding).
 Reports accuracy of each, the difference, argmax agreement and logit differences. The issue's
 bar: |accuracy difference| <= 0.0005 and argmax agreement >= 99.9% on the CIFAR-10 test set.
 
@@ -46,17 +48,23 @@ def main() -> None:
     images = normalize(test.images, data_cfg.mean, data_cfg.std)
 
     fp_model = convert_for_inference(copy.deepcopy(ckpt.model).eval(), engine="fp")
-    candidates = {"int engine, fp32 weights": set_engine(copy.deepcopy(fp_model), "int")}
+    # name -> (reference, candidate)
+    pairs = {"checkpoint fp32 weights: int engine vs fake quant":
+             (fp_model, set_engine(copy.deepcopy(fp_model), "int"))}
     with tempfile.TemporaryDirectory() as tmp:
         for float_dtype in ("fp16", "fp32"):
             path = Path(tmp) / f"model-{float_dtype}.safetensors"
             export_model(ckpt.model, ckpt.config, ckpt.classes, path, float_dtype=float_dtype)
-            candidates[f"exported ({float_dtype} params), int engine"] = load(path, engine="int")
-    print(f"{ckpt.path}: {len(test.labels)} test images; reference: fake quant (fp engine)")
+            exported_int = load(path, engine="int")
+            pairs[f"exported ({float_dtype} params): int engine vs its own fake quant"] = (
+                load(path, engine="fp"), exported_int)
+            pairs[f"exported ({float_dtype} params): int engine vs checkpoint fake quant"] = (
+                fp_model, exported_int)
+    print(f"{ckpt.path}: {len(test.labels)} test images")
     results = {}
     with torch.inference_mode():
-        for name, model in candidates.items():
-            stats = agreement(fp_model, model, images, test.labels, args.batch_size)
+        for name, (reference, model) in pairs.items():
+            stats = agreement(reference, model, images, test.labels, args.batch_size)
             results[name] = stats
             print(f"  {name}: accuracy {stats['accuracy_b']:.4f} vs {stats['accuracy_a']:.4f}, "
                   f"difference {-stats['accuracy_diff']:+.4f}, argmax agreement "
