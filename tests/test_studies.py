@@ -387,3 +387,27 @@ def test_a_run_that_is_training_right_now_is_left_alone(tmp_path):
     for f in run.iterdir():
         os.utime(f, (f.stat().st_atime - old, f.stat().st_mtime - old))
     assert plan_sweep(sweep)[0].state == "restart"  # killed long ago: start again
+
+
+def test_committed_results_are_what_their_run_folders_give(tmp_path, monkeypatch):
+    """results/README.md and each study's compare.md are regenerated from the committed run
+    folders alone: a table edited by hand, or left stale after a run changed, fails here."""
+    import shutil
+    import subprocess
+
+    try:
+        tracked = subprocess.run(["git", "ls-files", "results", "studies", "configs"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    if "results/README.md" not in tracked:
+        pytest.skip("no committed results")
+    for rel in tracked:
+        if not rel.endswith(".png"):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / rel, tmp_path / rel)
+    monkeypatch.chdir(tmp_path)
+    write_report("results", "studies")
+    stale = [rel for rel in tracked if rel.endswith(".md") and rel.startswith("results/")
+             and (tmp_path / rel).read_text() != (ROOT / rel).read_text()]
+    assert not stale, f"regenerate with `bitvit report` and commit: {stale}"
