@@ -6,7 +6,10 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,8 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
+from bitvit.cli import main as cli_main
 from bitvit.config import ConfigError, load_config
-from bitvit.train import METRIC_COLUMNS, TrainingError, train
+from bitvit.data import DataError
+from bitvit.train import METRIC_COLUMNS, TrainingError, config_for_resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
@@ -226,6 +231,10 @@ def test_checkpoint_from_another_model_or_corrupt(tmp_path):
 def test_existing_run_folder_is_not_overwritten(real_env, tmp_path):
     run = tmp_path / "run"
     train(tiny("train.epochs=1"), out=run, quiet=True)
+    info = json.loads((run / "run.json").read_text())
+    # bitvit sweep tells a killed run (status still "running") from a live one by pid and host.
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    assert info["data"] == str(Path(real_env["BITVIT_DATA"]).resolve())
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
         train(tiny("train.epochs=1"), out=run, quiet=True)
     assert os.path.exists(run / "last/model.safetensors")
@@ -243,3 +252,217 @@ def test_compile_option_trains(real_env, tmp_path):
                    out=tmp_path / "compiled", quiet=True)
     assert result.status == "finished" and math.isfinite(result.final["train_loss"])
     assert load_checkpoint(tmp_path / "compiled").model.blocks[0].mlp.fc1.method == "b158"
+
+
+# --- never lose work: crash points, corrupt checkpoints, non-finite values, bad values ----------
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL at a chosen point (BaseException: nothing in train() catches it)."""
+
+
+def _train_module():
+    import importlib
+
+    return importlib.import_module("bitvit.train")  # bitvit.train is also the function
+
+
+def _rows_without_seconds(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(run)]
+
+
+def test_epoch_end_writes_metrics_and_best_before_last(real_env, tmp_path, monkeypatch):
+    train_module = _train_module()
+    real_atomic_dir, real_write_metrics = train_module._atomic_dir, train_module.write_metrics
+    events: list[str] = []
+
+    def atomic_dir(target, write):
+        events.append(target.name)
+        if target.name == "last" and events.count("last") == 2:
+            raise Killed  # epoch 2: killed just before last/ moves on
+        real_atomic_dir(target, write)
+
+    def write_metrics(path, rows, columns):
+        events.append("metrics")
+        real_write_metrics(path, rows, columns)
+
+    monkeypatch.setattr(train_module, "_atomic_dir", atomic_dir)
+    monkeypatch.setattr(train_module, "write_metrics", write_metrics)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(tiny("train.epochs=3", "data.val_size=100", limit_train=300), out=run, quiet=True)
+    # Epoch 1 is always the best so far: its row and best/ are on disk before last/ moves.
+    assert events[:3] == ["metrics", "best", "last"]
+    # The kill lost nothing: epoch 2's row is written although last/ still holds epoch 1.
+    assert [r["epoch"] for r in metrics(run)] == ["1", "2"]
+    assert torch.load(run / "last/state.pt", weights_only=True)["epoch"] == 1
+    epoch2 = _rows_without_seconds(run)[1]
+
+    monkeypatch.setattr(train_module, "_atomic_dir", real_atomic_dir)
+    result = train(config_for_resume(run), resume=run, quiet=True)
+    assert result.status == "finished"
+    rows = _rows_without_seconds(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[1] == epoch2
+
+
+def test_resume_recovers_from_a_kill_between_the_renames_of_last(real_env, tmp_path):
+    run = tmp_path / "run"
+    train(tiny("train.epochs=1", limit_train=200), out=run, quiet=True)
+    # _atomic_dir renames last/ to .last.old, then .last.tmp to last/: a kill between the two.
+    (run / "last").rename(run / ".last.old")
+    (run / ".last.tmp").mkdir()
+    assert load_checkpoint(run).path == run / ".last.old/model.safetensors"
+    result = train(config_for_resume(run, epochs=2), resume=run, quiet=True)
+    assert result.status == "finished" and [r["epoch"] for r in result.metrics] == [1, 2]
+    assert torch.load(run / "last/state.pt", weights_only=True)["epoch"] == 2
+    assert not (run / ".last.old").exists()
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    """Run the CLI; it must fail with status 2 and exactly one line on stderr; return it."""
+    capsys.readouterr()
+    assert cli_main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    return err
+
+
+def test_corrupt_or_mismatched_checkpoints_give_one_line_errors(real_env, tmp_path, capsys):
+    base = tmp_path / "base"
+    train(tiny("train.epochs=1", limit_train=200), out=base, quiet=True)
+
+    def broken(name: str, file: str, content: bytes | dict) -> Path:
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        if isinstance(content, dict):
+            torch.save(content, run / "last" / file)
+        else:
+            (run / "last" / file).write_bytes(content)
+        return run
+
+    run = broken("garbage_state", "state.pt", b"garbage" * 100)
+    err = _cli_error(capsys, "train", "--resume", str(run), "--quiet")
+    assert f"{run / 'last/state.pt'}: unreadable training state, expected a torch.save" in err
+    assert "Weights only load failed" not in err
+
+    run = broken("garbage_model", "model.safetensors", b"garbage" * 100)
+    err = _cli_error(capsys, "train", "--resume", str(run), "--quiet")
+    assert f"{run / 'last/model.safetensors'}: corrupt checkpoint" in err
+
+    state = torch.load(base / "last/state.pt", weights_only=True)
+    run = broken("no_epoch", "state.pt", {k: v for k, v in state.items()
+                                          if k not in ("epoch", "best_acc")})
+    err = _cli_error(capsys, "train", "--resume", str(run), "--quiet")
+    assert f"{run / 'last/state.pt'}: not a bitvit training state: missing epoch, best_acc" in err
+
+    run = broken("foreign_optimizer", "state.pt", {**state, "optimizer": {"state": {}}})
+    err = _cli_error(capsys, "train", "--resume", str(run), "--quiet")
+    assert f"{run / 'last/state.pt'}: training state does not fit" in err
+
+    # --init-from a checkpoint of another model (dim 32 into dim 64): no run folder is left.
+    out = tmp_path / "wider"
+    err = _cli_error(capsys, "train", "--config", str(ROOT / "configs/paper.yaml"), *TINY,
+                     "model.dim=64", "--limit-train", "100", "--init-from", str(base),
+                     "--out", str(out), "--quiet")
+    assert f"{base / 'last/model.safetensors'}: checkpoint is from another model" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.device=gpu", "train.device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:x", "train.device='cuda:x': expected auto, cpu, cuda or cuda:N"),
+    ("train.lr=-1", "train.lr=-1.0: expected a number >= 0"),
+    ("train.lr=.nan", "train.lr=nan: expected a number >= 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1: expected a number >= 0"),
+    ("train.betas=[0.9]", "train.betas=(0.9,): expected two numbers in [0, 1)"),
+    ("train.betas=[0.9, 1.0]", "train.betas=(0.9, 1.0): expected two numbers in [0, 1)"),
+    ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
+    ("train.batch_size=-5", "train.batch_size=-5: expected an integer >= 1"),
+    ("train.eval_batch_size=0", "train.eval_batch_size=0: expected an integer >= 1"),
+    ("train.label_smoothing=1", "train.label_smoothing=1.0: expected a number in [0, 1)"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs=-1.0: expected a number >= 0"),
+    ("train.min_lr=-0.001", "train.min_lr=-0.001: expected a number >= 0"),
+    ("train.grad_clip=0", "train.grad_clip=0.0: expected null or a number > 0"),
+    ("model.dropout=2", "model.dropout=2.0: expected a number in [0, 1)"),
+    ("model.attn_dropout=-0.1", "model.attn_dropout=-0.1: expected a number in [0, 1)"),
+    ("model.drop_path=1", "model.drop_path=1.0: expected a number in [0, 1)"),
+    ("model.mlp_ratio=0", "model.mlp_ratio=0.0: expected a number > 0"),
+    ("model.heads=0", "model.heads=0: expected an integer >= 1"),
+    ("model.patch_size=0", "model.patch_size=0: expected an integer >= 1"),
+    ("model.depth=0", "model.depth=0: expected an integer >= 1"),
+    ("model.heads=3", "model.heads=3 must divide model.dim=256"),
+    ("model.patch_size=5", "model.patch_size=5 must divide model.image_size=32"),
+])
+def test_bad_config_values_give_one_line_errors(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)) as info:
+        load_config(ROOT / "configs/paper.yaml", [override])
+    assert "\n" not in str(info.value) and "paper.yaml" in str(info.value)
+
+
+def test_bad_config_value_on_the_cli(capsys, tmp_path):
+    err = _cli_error(capsys, "train", "--config", str(ROOT / "configs/paper.yaml"),
+                     "train.betas=[0.9]", "--out", str(tmp_path / "run"))
+    assert "train.betas=(0.9,): expected two numbers in [0, 1)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _cli_error(capsys, "train", "--config", str(ROOT / "configs/paper.yaml"),
+                     "train.device=cuda", "--out", str(tmp_path / "run"))
+    assert "train.device='cuda': CUDA is not available on this machine" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_leaves_no_run_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(tiny(f"data.path={tmp_path / 'nowhere'}"), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_test_loss_in_the_first_epoch_stops_without_a_checkpoint(real_env, tmp_path,
+                                                                             monkeypatch):
+    train_module = _train_module()
+    real_build = train_module.build_model
+
+    def nan_when_evaluating(config):
+        model = real_build(config)
+        forward = model.forward
+        model.forward = lambda x: forward(x) * (1.0 if model.training else float("nan"))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", nan_when_evaluating)
+    run = tmp_path / "run"
+    expected = ("test loss is nan after epoch 1: stopping; no checkpoint was saved "
+                "(it happened in the first epoch)")
+    with pytest.raises(TrainingError, match=re.escape(expected)):
+        train(tiny("train.epochs=2", limit_train=100), out=run, quiet=True)
+    assert not (run / "last").exists() and not (run / "metrics.csv").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+def test_non_finite_parameters_are_never_saved(real_env, tmp_path, monkeypatch):
+    train_module = _train_module()
+    real_optimizer = train_module.make_optimizer
+
+    def poisoned_optimizer(model, cfg):
+        optimizer = real_optimizer(model, cfg)
+        steps = {"n": 0}
+
+        def poison_after_step(optimizer, args, kwargs):
+            steps["n"] += 1
+            if steps["n"] == 4:  # the last step of epoch 2 (2 steps per epoch): losses stay finite
+                with torch.no_grad():
+                    model.head.weight[0, 0] = float("inf")
+
+        optimizer.register_step_post_hook(poison_after_step)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", poisoned_optimizer)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=re.escape(
+            f"parameters are not finite after epoch 2: stopping; {run / 'last'} keeps epoch 1")):
+        train(tiny("train.epochs=3", limit_train=100), out=run, quiet=True)
+    assert torch.load(run / "last/state.pt", weights_only=True)["epoch"] == 1
+    assert all(v.isfinite().all() for v in load_file(str(run / "last/model.safetensors")).values())
+    assert len(metrics(run)) == 1

@@ -25,6 +25,29 @@ MODEL_FILE = "model.safetensors"
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched checkpoint; the message is one line naming the file."""
 
+    def __init__(self, message: str) -> None:
+        # One line even when a library's multi-line message is embedded.
+        super().__init__(" ".join(str(message).split()))
+
+
+def error_reason(e: BaseException, limit: int = 160) -> str:
+    """A short one-line reason from a library exception (torch.load's are paragraphs long)."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"  # torch.load(weights_only=True): the cause follows this
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def displaced(folder: Path) -> Path:
+    """Where `last/` waits while its replacement is renamed into place (see train._atomic_dir).
+
+    A process killed between the two renames leaves only this folder; readers fall back to it.
+    """
+    return folder.with_name(f".{folder.name}.old")
+
 
 @dataclass
 class Checkpoint:
@@ -56,7 +79,7 @@ def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
     p = Path(path)
     if p.is_dir():
         sub = "best" if best else "last"
-        for candidate in (p / sub / MODEL_FILE, p / MODEL_FILE):
+        for candidate in (p / sub / MODEL_FILE, p / MODEL_FILE, displaced(p / sub) / MODEL_FILE):
             if candidate.is_file():
                 return candidate
         hint = " (best/ exists only for runs with a validation split)" if best else ""
@@ -73,7 +96,8 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({error_reason(e)})") from None
 
 
 def load_checkpoint(path: str | Path, best: bool = False) -> Checkpoint:
@@ -87,12 +111,12 @@ def load_checkpoint(path: str | Path, best: bool = False) -> Checkpoint:
         config = Config.from_dict(json.loads(meta["config"]), source=str(file))
         classes = json.loads(meta["classes"])
     except (KeyError, json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{file}: bad checkpoint metadata ({e})") from None
+        raise CheckpointError(f"{file}: bad checkpoint metadata ({error_reason(e)})") from None
     model = build_model(config)
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: corrupt checkpoint ({e})") from None
+        raise CheckpointError(f"{file}: corrupt checkpoint ({error_reason(e)})") from None
     load_state(model, state, file)
     return Checkpoint(model.eval(), config, classes, file)
 

@@ -7,8 +7,11 @@ reads and writes YAML, and applies ``section.key=value`` overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,45 @@ from bitvit.quant import QuantConfig
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming it."""
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Allowed values per section and key: (test, what the error says was expected). Types are already
+# checked against the dataclass fields; these are the ranges a run would otherwise crash on.
+Rule = tuple[Callable[[Any], bool], str]
+POSITIVE_INT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                      "an integer >= 1")
+POSITIVE: Rule = (lambda v: _number(v) and v > 0, "a number > 0")
+NON_NEGATIVE: Rule = (lambda v: _number(v) and v >= 0, "a number >= 0")
+FRACTION: Rule = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+RULES: dict[str, dict[str, Rule]] = {
+    "model": {
+        **dict.fromkeys(("image_size", "in_channels", "patch_size", "dim", "depth", "heads",
+                         "num_classes"), POSITIVE_INT),
+        "mlp_ratio": POSITIVE,
+        **dict.fromkeys(("dropout", "attn_dropout", "drop_path"), FRACTION),
+    },
+    "train": {
+        **dict.fromkeys(("epochs", "batch_size", "eval_batch_size"), POSITIVE_INT),
+        **dict.fromkeys(("lr", "weight_decay", "warmup_epochs", "min_lr"), NON_NEGATIVE),
+        "label_smoothing": FRACTION,
+        "betas": (lambda v: isinstance(v, tuple | list) and len(v) == 2
+                  and all(FRACTION[0](b) for b in v), "two numbers in [0, 1)"),
+        "grad_clip": (lambda v: v is None or POSITIVE[0](v), "null or a number > 0"),
+        "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
+                   is not None, "auto, cpu, cuda or cuda:N"),
+    },
+}
+
+
+def check_values(section: str, values: Mapping[str, Any]) -> None:
+    """Raise a one-line ConfigError naming the first key of ``section`` outside its range."""
+    for key, (ok, expected) in RULES.get(section, {}).items():
+        if key in values and not ok(values[key]):
+            raise ConfigError(f"{section}.{key}={values[key]!r}: expected {expected}")
 
 
 @dataclass
@@ -53,8 +95,7 @@ class TrainConfig:
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r}: expected one of "
                                   f"{', '.join(valid)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("train.epochs and train.batch_size must be at least 1")
+        check_values("train", dataclasses.asdict(self))
 
 
 @dataclass
@@ -63,6 +104,10 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # The model section's dataclass lives in model.py; its ranges are checked here.
+        check_values("model", dataclasses.asdict(self.model))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -142,6 +187,8 @@ def _build(section_cls: type, values: dict[str, Any], section: str, source: str)
                               f"{', '.join(valid)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
     try:
+        # Before construction: a dataclass's own checks may divide by these values.
+        check_values(section, kwargs)
         return section_cls(**kwargs)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -183,4 +230,8 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the config as YAML, atomically (a resumed run rewrites its config.yaml)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

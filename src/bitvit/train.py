@@ -12,7 +12,9 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,16 +34,27 @@ from bitvit.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     build_model,
+    displaced,
+    error_reason,
     load_checkpoint,
     load_state,
     save_model,
 )
 from bitvit.config import Config, ConfigError, load_config, save_config
-from bitvit.data import ImageSet, augment, load_data, normalize
+from bitvit.data import (
+    DataConfig,
+    ImageSet,
+    augment,
+    find_data,
+    load_data,
+    normalize,
+    resolve_cache_dir,
+)
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]
 STATE_FILE = "state.pt"
+STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
 
 
 class TrainingError(RuntimeError):
@@ -77,9 +90,92 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ..
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(model: nn.Module, data: ImageSet, mean: tuple[float, ...], std: tuple[float, ...],
-             batch_size: int = 500, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix (rows: true class) on a data set."""
+def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None = None,
+             mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, *,
+             best: bool = False, limit_test: int | None = None, engine: str = "int",
+             compile: bool = False, batch_size: int | None = None,
+             device: str | torch.device = "auto") -> dict[str, Any]:
+    """Evaluate a model on its test set: the report ``bitvit eval`` prints, as a dict.
+
+    ``source`` is a run folder (its ``last/``, or ``best/`` with ``best=True``), a checkpoint
+    folder or ``model.safetensors`` file, or an exported ``.safetensors`` file (loaded with
+    `bitvit.load` and ``engine``, ``compile``); these load on ``device`` (auto: cuda if
+    available). It may also be a model in memory: an `ExportedModel`, or any module given with
+    ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
+
+    ``data`` is None (the model's own ``data.path``), a data file or folder (its test split;
+    ``limit_test``: a class-balanced subset, by default the run's own), or an `ImageSet` used as
+    is. For a training checkpoint ``compile`` wraps the model in ``torch.compile`` (eager if that
+    fails); ``engine`` is for exported files (a checkpoint runs as trained).
+
+    Returns ``{"model": file or None, "n", "loss", "accuracy", "per_class_accuracy": {class:
+    accuracy}, "confusion_matrix": rows = true class, columns = predicted}``. Bad inputs raise
+    one-line `CheckpointError`, `ExportError`, `DataError` or `ConfigError`.
+    """
+    from bitvit.data import DataError
+    from bitvit.engine import compile_model
+    from bitvit.export import ExportedModel, ExportError, is_export, load
+
+    config, classes, path = None, None, None
+    if isinstance(source, (str, Path)):
+        dev = resolve_device(device, "device") if isinstance(device, str) else device
+        if is_export(source):
+            if best:
+                raise ExportError(f"{source}: an exported file has no best/ checkpoint; best "
+                                  "(--best) applies to run folders")
+            model = load(source, device=dev, engine=engine, compile=compile)
+        else:
+            ckpt = load_checkpoint(source, best=best)
+            model, config, classes, path = ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
+    else:
+        given = [name for name, on in (("best", best), ("engine", engine != "int"),
+                                       ("compile", compile), ("device", device != "auto")) if on]
+        if given:
+            raise TypeError(f"evaluate: {given[0]} applies when evaluate loads the model from a "
+                            f"file; pass a path, or load the model with the option yourself")
+        model = source
+    if isinstance(model, ExportedModel):
+        config, classes, path = model.config, model.classes, model.path
+        mean = mean or model.preprocessing.mean
+        std = std or model.preprocessing.std
+    elif config is not None:
+        mean, std = mean or config.data.mean, std or config.data.std
+
+    if isinstance(data, ImageSet):
+        if limit_test is not None:
+            raise TypeError("evaluate: limit_test applies when evaluate reads the data; "
+                            "subset the ImageSet yourself")
+        test = data
+    elif config is None:
+        raise TypeError("evaluate: a model without a stored config needs data as an ImageSet "
+                        "and its mean and std")
+    else:
+        # Only the test split: no validation carve-out, and the run's test subset by default.
+        data_cfg = replace(config.data, path=str(data) if data is not None else config.data.path,
+                           limit_test=limit_test if limit_test is not None
+                           else config.data.limit_test, val_size=0)
+        test = load_data(data_cfg, config.model.image_size, config.model.in_channels).test
+    if mean is None or std is None:
+        raise TypeError("evaluate: a module evaluated on an ImageSet needs its mean and std")
+    if classes is not None and test.classes != classes:
+        raise DataError(f"{path or 'model'}: the model's classes ({', '.join(classes[:3])}...) "
+                        f"differ from the data's ({', '.join(test.classes[:3])}...)")
+
+    dev = getattr(model, "device", None) or next(iter(model.state_dict().values())).device
+    if batch_size is None:
+        batch_size = config.train.eval_batch_size if config is not None else 500
+    if compile and not isinstance(model, ExportedModel):
+        example = normalize(test.images[:batch_size].to(dev), mean, std)
+        model = compile_model(model.eval(), example)
+    return {"model": None if path is None else str(path),
+            **evaluate_model(model, test, mean, std, batch_size, dev)}
+
+
+def evaluate_model(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
+                   std: tuple[float, ...], batch_size: int = 500,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix (rows: true class) of a model
+    already on ``device`` on a data set; `evaluate` takes paths and does the loading."""
     logits = predict_logits(model, data.images, mean, std, batch_size, device)
     labels = data.labels.cpu()
     pred = logits.argmax(dim=1)
@@ -141,7 +237,7 @@ def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int) -> torch.
 def _atomic_dir(target: Path, write: Any) -> None:
     """Fill a temporary folder with ``write(folder)``, then swap it in for ``target``."""
     tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
+    old = displaced(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
@@ -150,6 +246,15 @@ def _atomic_dir(target: Path, write: Any) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_folder(target: Path) -> Path:
+    """``target``, or the complete previous folder that a kill between `_atomic_dir`'s two
+    renames leaves under its displaced name. Read only: the next save replaces both."""
+    old = displaced(target)
+    if not target.exists() and all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE)):
+        return old
+    return target
 
 
 def _git_commit() -> str | None:
@@ -174,10 +279,23 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "--device") -> torch.device:
+    """auto (cuda if available), cpu, cuda or cuda:N; a one-line ConfigError naming ``key`` for
+    anything else or for a CUDA device this machine does not have."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is None:
+        raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={name!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -234,13 +352,14 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
           quiet: bool = False, command: list[str] | None = None) -> RunResult:
     """Train a model as ``config`` says into the run folder ``out`` (or continue ``resume``).
 
-    Returns the run's metrics. Raises `TrainingError` on a non-finite loss (``last/`` keeps the
-    last good epoch) and lets KeyboardInterrupt through after marking the run interrupted.
+    Returns the run's metrics. Raises `TrainingError` on a non-finite loss or parameters
+    (``last/`` keeps the last good epoch) and lets KeyboardInterrupt through after marking the
+    run interrupted.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "train.device")
     if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -258,9 +377,8 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
     writer = rank == 0
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
+    # The run folder is created only once data, model and checkpoints have loaded, so that a
+    # bad config or data path leaves nothing behind.
     splits = load_data(config.data, config.model.image_size, config.model.in_channels)
     classes = splits.classes
     if len(classes) != config.model.num_classes:
@@ -272,8 +390,8 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     model = build_model(config)
     if tc.init_from and resume is None:
         # Quantization-aware training from a full-precision model: same keys, same shapes.
-        source = load_checkpoint(tc.init_from).model
-        load_state(model, source.state_dict(), tc.init_from)
+        source = load_checkpoint(tc.init_from)
+        load_state(model, source.model.state_dict(), source.path)
     model.to(device)
     optimizer = make_optimizer(model, tc)
     steps_per_epoch = len(splits.train.labels) // tc.batch_size
@@ -308,11 +426,16 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         "device": _device_name(device),
         "processes": world,
         "torch": torch.__version__,
+        "data": _data_source(config.data),
+        # With status "running", pid and host tell a live run from a killed one (bitvit sweep).
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "start": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "end": None,
         "status": "running",
     }
     if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None and (run_dir / "run.json").exists():
             previous = json.loads((run_dir / "run.json").read_text())
             run_info["resumed_from"] = previous.get("resumed_from", []) + [previous]
@@ -343,9 +466,7 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                 if not _all_finite(loss_value, distributed, device):
                     what = (f"loss is {loss_value}" if not math.isfinite(loss_value)
                             else "another process's loss is not finite")
-                    raise TrainingError(
-                        f"{what} at epoch {epoch}, step {step + 1}: stopping; "
-                        f"{run_dir / 'last'} keeps epoch {epoch - 1}")
+                    raise _non_finite(f"{what} at epoch {epoch}, step {step + 1}", epoch, run_dir)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:
@@ -373,19 +494,31 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                 val = _evaluate_sharded(model, splits.val, mean, std, tc.eval_batch_size, device,
                                         world, rank)
                 row.update(val_loss=val[0], val_acc=val[1])
+            # Every process sees the same parameters and the same all-reduced losses, so all
+            # of them stop here together; nothing of this epoch is saved.
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise _non_finite(f"parameters are not finite after epoch {epoch}", epoch,
+                                  run_dir)
+            for split in ("test", "val"):
+                if not math.isfinite(row.get(f"{split}_loss", 0.0)):
+                    raise _non_finite(f"{split} loss is {row[f'{split}_loss']} after epoch "
+                                      f"{epoch}", epoch, run_dir)
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             if writer:
                 is_best = splits.val is not None and row["val_acc"] > best_acc
                 best_acc = max(best_acc, row.get("val_acc", -1.0))
                 state = _state(optimizer, scheduler, epoch, best_acc)
-                _atomic_dir(run_dir / "last",
-                            lambda d: _save(d, model, config, classes, state))  # noqa: B023
+                # Order for a kill at any point: the metrics row and best/ first, last/ last.
+                # Until last/ moves on, resume redoes this epoch: it drops the row and rewrites
+                # best/ identically; the other way round a kill would lose the row for good.
+                write_metrics(metrics_path, rows, columns)
+                plot_curves(rows, run_dir / "curves.png", _title(config))
                 if is_best:
                     _atomic_dir(run_dir / "best",
                                 lambda d: _save(d, model, config, classes, state))  # noqa: B023
-                write_metrics(metrics_path, rows, columns)
-                plot_curves(rows, run_dir / "curves.png", _title(config))
+                _atomic_dir(run_dir / "last",
+                            lambda d: _save(d, model, config, classes, state))  # noqa: B023
                 if quiet:
                     print(_summary_line(row, tc.epochs), flush=True)
             if distributed:
@@ -404,6 +537,13 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                             wall_seconds=round(time.perf_counter() - wall_start, 1))
             _write_json(run_dir / "run.json", run_info)
     return RunResult(run_dir, status, rows)
+
+
+def _non_finite(what: str, epoch: int, run_dir: Path) -> TrainingError:
+    """The error that stops a run on a non-finite value, saying what the run folder keeps."""
+    kept = (f"{run_dir / 'last'} keeps epoch {epoch - 1}" if epoch > 1
+            else "no checkpoint was saved (it happened in the first epoch)")
+    return TrainingError(f"{what}: stopping; {kept}")
 
 
 def _all_finite(value: float, distributed: bool, device: torch.device) -> bool:
@@ -448,7 +588,9 @@ def _save(folder: Path, model: nn.Module, config: Config, classes: list[str],
 
 def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any) -> tuple[int, float]:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch."""
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch
+    and the best validation accuracy so far. Bad files give a one-line CheckpointError."""
+    folder = _checkpoint_folder(folder)
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
     for f in (model_file, state_file):
         if not f.is_file():
@@ -456,18 +598,36 @@ def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     try:
         weights = load_file(str(model_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
-        raise CheckpointError(f"{model_file}: corrupt checkpoint ({e})") from None
+        raise CheckpointError(f"{model_file}: corrupt checkpoint, expected safetensors weights "
+                              f"written by bitvit train ({error_reason(e)})") from None
     load_state(model, weights, model_file)
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
+        raise CheckpointError(f"{state_file}: unreadable training state, expected a torch.save "
+                              f"file written by bitvit train ({error_reason(e)})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: not a bitvit training state: missing "
+                              f"{', '.join(missing)} (expected {', '.join(STATE_KEYS)})")
+    try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
-        raise CheckpointError(f"{state_file}: unreadable training state ({e})") from None
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["epoch"]) + 1, float(state["best_acc"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return int(state["epoch"]) + 1, float(state["best_acc"])
+    except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
+        raise CheckpointError(f"{state_file}: training state does not fit this run's model and "
+                              f"optimizer ({error_reason(e)})") from None
+
+
+def _data_source(cfg: DataConfig) -> str:
+    """The data file or folder that `load_data` read, as an absolute path (for run.json)."""
+    if cfg.path is None and cfg.download:
+        # Where data.download_cifar10 keeps the official tarball.
+        return str((resolve_cache_dir(cfg.cache_dir) / "cifar-10-python.tar.gz").resolve())
+    return str(find_data(cfg.path).resolve())
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
