@@ -2,7 +2,7 @@
 
 from bitvit.checkpoint import load_checkpoint
 from bitvit.config import Config, load_config
-from bitvit.engine import InferenceLinear, convert_for_inference, set_engine
+from bitvit.engine import InferenceLinear, compile_model, convert_for_inference, set_engine
 from bitvit.export import ExportedModel, ExportError, export_checkpoint, export_model, load
 from bitvit.model import VisionTransformer, ViTConfig
 from bitvit.profile import profile_model
@@ -33,6 +33,7 @@ __all__ = [
     "load_config",
     "train",
     "InferenceLinear",
+    "compile_model",
     "convert_for_inference",
     "set_engine",
     "profile_model",

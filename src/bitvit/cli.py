@@ -51,7 +51,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last/")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.set_defaults(func=_train)
+    # A resume keeps the run's config.yaml: any option but these would be ignored, so is refused.
+    honoured = {"help", "resume", "epochs", "data", "quiet"}
+    p.set_defaults(func=_train,
+                   resume_refuses=[(a.dest, a.option_strings[0], a.default) for a in p._actions
+                                   if a.option_strings and a.dest not in honoured])
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -71,10 +75,12 @@ def _train(args: argparse.Namespace) -> int:
     from bitvit.train import config_for_resume, train
 
     if args.resume:
-        if args.config or args.overrides or any(
-                getattr(args, f) is not None for f in ("quant", "where", "act_bits", "seed")):
-            raise CliError("--resume continues a run with its own config.yaml: pass only "
-                           "--resume DIR (and --epochs N to extend it, --data P to relocate data)")
+        given = [flag for dest, flag, default in args.resume_refuses
+                 if getattr(args, dest) != default] + args.overrides[:1]
+        if given:
+            raise CliError(f"{given[0]} cannot be given with --resume, which continues a run "
+                           "with its saved config.yaml; only --epochs N (to extend it), --data P "
+                           "(to relocate the data) and --quiet may be")
         config = config_for_resume(args.resume, args.epochs)
         if args.data:
             config.data.path = args.data
@@ -101,32 +107,17 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=("int", "fp"), default="int",
                    help="exported models: integer kernels (int) or dequantized fp32 (fp)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fused kernels; eager if compiling fails)")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bitvit.checkpoint import load_checkpoint
-    from bitvit.data import load_data
-    from bitvit.export import is_export, load
-    from bitvit.train import evaluate, resolve_device
+    from bitvit.train import evaluate
 
-    device = resolve_device(args.device)
-    if is_export(args.model):
-        model = load(args.model, device=device, engine=args.engine)
-        cfg, classes, path = model.config, model.classes, model.path
-    else:
-        ckpt = load_checkpoint(args.model, best=args.best)
-        model, cfg, classes, path = ckpt.model.to(device), ckpt.config, ckpt.classes, ckpt.path
-    data_cfg = cfg.data
-    data_cfg.path = args.data or data_cfg.path
-    data_cfg.limit_test = args.limit_test if args.limit_test is not None else data_cfg.limit_test
-    data_cfg.val_size = 0  # only the test set is used
-    test = load_data(data_cfg, cfg.model.image_size, cfg.model.in_channels).test
-    if test.classes != classes:
-        raise CliError(f"{args.model}: the model's classes ({', '.join(classes[:3])}...) "
-                       f"differ from the data's ({', '.join(test.classes[:3])}...)")
-    result = evaluate(model, test, data_cfg.mean, data_cfg.std, device=device)
-    print(json.dumps({"model": str(path), **result}))
+    print(json.dumps(evaluate(args.model, data=args.data, best=args.best,
+                              limit_test=args.limit_test, engine=args.engine,
+                              compile=args.compile, device=args.device)))
     return 0
 
 
@@ -186,6 +177,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--engine", choices=("int", "fp"), default="int",
                    help="integer kernels (int) or dequantized fp32 (fp) for quantized layers")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fused kernels; eager if compiling fails)")
     p.set_defaults(func=_run_predict)
 
 
@@ -197,7 +190,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
-    model = load(args.model, device=resolve_device(args.device), engine=args.engine)
+    model = load(args.model, device=resolve_device(args.device), engine=args.engine,
+                 compile=args.compile)
     files = image_files(args.images)
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
@@ -245,7 +239,7 @@ def _run_profile(args: argparse.Namespace) -> int:
                            args.best)
     profile = profile_model(src.model, src.config, args.float_precision,
                             src.ternary_packing or args.ternary_packing, src.weights_source,
-                            source=str(args.source))
+                            source=str(args.source), packed_float_dtype=src.float_dtype)
     print(profile.to_json() if args.json else profile.format_table())
     return 0
 
