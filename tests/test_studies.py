@@ -6,7 +6,11 @@ import importlib
 import json
 import math
 import os
+import shutil
+import socket
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -387,6 +391,125 @@ def test_a_run_that_is_training_right_now_is_left_alone(tmp_path):
     for f in run.iterdir():
         os.utime(f, (f.stat().st_atime - old, f.stat().st_mtime - old))
     assert plan_sweep(sweep)[0].state == "restart"  # killed long ago: start again
+
+
+def _age(run_dir: Path, seconds: float = 3 * 3600) -> None:
+    for f in run_dir.iterdir():
+        os.utime(f, (f.stat().st_atime - seconds, f.stat().st_mtime - seconds))
+
+
+def test_a_running_run_whose_process_died_is_resumed_at_once(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                                   grid={"train.seed": [0]}))
+    run = fake_run(sweep.out / "seed=0", [], [0.5], status="running", epochs=2, weights=True)
+
+    def mark(**keys):  # what `bitvit train` writes into run.json at its start
+        info = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**info, **keys}))
+
+    def state():
+        return plan_sweep(sweep)[0].state
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)
+    here, now = socket.gethostname(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    mark(pid=int(exited.stdout), host=here, start=now)
+    assert state() == "resume"  # killed (SIGKILL, OOM): no waiting for the folder to age
+    mark(pid=os.getpid())
+    _age(run)
+    assert state() == "running"  # its process is alive, however long since it wrote anything
+    if Path(f"/proc/{os.getpid()}/stat").is_file():
+        mark(start="2000-01-01T00:00:00+00:00")
+        assert state() == "resume"  # the pid now belongs to a younger process: reused
+    # A pid from another machine says nothing here: the folder's age decides.
+    mark(pid=int(exited.stdout), host=f"not-{here}", start=now)
+    assert state() == "running"
+    _age(run)
+    assert state() == "resume"
+
+
+RECORDING_CLI = """
+import json
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_studies import fake_run
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+run_dir = Path(args[args.index("--resume" if "--resume" in args else "--out") + 1])
+fake_run(run_dir, [a for a in args if a.startswith("train.seed=")], [0.5] * 3)
+"""
+
+
+def test_parallel_and_one_at_a_time_sweeps_run_the_same_commands(tmp_path, monkeypatch,
+                                                                 fake_train, capsys):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                                   grid={"train.seed": [0, 1]}))
+    extra = ["data.path=/elsewhere/cifar", "train.epochs=3"]
+
+    def interrupted():  # seed=0 stopped after one epoch with a checkpoint; seed=1 not started
+        shutil.rmtree(sweep.out, ignore_errors=True)
+        fake_run(sweep.out / "seed=0", ["train.seed=0"], [0.5], status="interrupted",
+                 epochs=2, weights=True)
+
+    interrupted()
+    run_sweep(sweep, extra, log=lambda *_: None)
+    in_process = sorted(command[1:] for _, _, command in fake_train)
+
+    interrupted()
+    log = tmp_path / "argv.jsonl"
+    script = tmp_path / "recording_cli.py"
+    script.write_text(RECORDING_CLI.format(tests=str(ROOT / "tests"), log=str(log)))
+    monkeypatch.setattr(studies, "_python_bitvit", lambda: [sys.executable, str(script)])
+    run_sweep(sweep, extra, parallel=2, log=lambda *_: None)
+    in_subprocesses = sorted(json.loads(line) for line in log.read_text().splitlines())
+
+    assert in_process == in_subprocesses
+    # The resume carries the moved data and the longer budget; the new run gets every override.
+    assert ["train", "--resume", str(sweep.out / "seed=0"), "--epochs", "3", "--quiet",
+            "--data", "/elsewhere/cifar"] in in_process
+    new = next(c for c in in_process if "--out" in c)
+    assert new[-3:] == ["data.path=/elsewhere/cifar", "train.epochs=3", "train.seed=1"]
+
+    # A setting a resume cannot change is refused before anything trains, in both modes.
+    interrupted()
+    fake_train.clear()
+    log.unlink()
+    message = (r"seed=0: a resumed run keeps its own train.device='auto' .* but the sweep asks "
+               r"train.device='cpu'")
+    for parallel in (1, 2):
+        with pytest.raises(SweepError, match=message):
+            run_sweep(sweep, ["train.device=cpu"], parallel=parallel, log=lambda *_: None)
+    assert fake_train == [] and not log.exists()
+    assert main(["sweep", str(sweep.path), "train.device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.device='cpu'" in err and len(err.splitlines()) == 1
+
+
+def test_the_figure_says_device_and_budget(tmp_path, monkeypatch):
+    study = study1(tmp_path)
+    fake_run(study / "method=fp_seed=3", ["train.seed=3"], [0.3, 0.5], device="cuda (H100)")
+    runs = [load_run(p) for p in studies.find_run_dirs([study])]
+    groups = compare_groups(group_runs(runs))
+
+    def title(fig) -> str:
+        return "\n".join(t.get_text() for t in fig.texts)
+
+    text = title(studies.plot_groups(groups, tmp_path / "a.png", "Study one", full_epochs=100))
+    assert text.splitlines()[:2] == [
+        "Study one", "device: cpu (test, 2 threads); cuda (H100); 2 of 100 epochs"]
+    assert "device: cpu (test, 2 threads); cuda (H100); 2 epochs\n" in title(
+        studies.plot_groups(groups, tmp_path / "b.png"))
+
+    # `bitvit compare --out` (no title) draws it too, with the budget it is given.
+    figures = []
+    plot = studies.plot_groups
+    monkeypatch.setattr(studies, "plot_groups", lambda *a, **k: figures.append(plot(*a, **k)))
+    assert main(["compare", str(study), "--out", str(tmp_path / "cmp"), "--full-epochs", "15"]
+                ) == 0
+    assert title(figures[0]).startswith("device: cpu (test, 2 threads); cuda (H100); "
+                                        "2 of 15 epochs\n")
 
 
 def test_committed_results_are_what_their_run_folders_give(tmp_path, monkeypatch):

@@ -24,9 +24,12 @@ order of the file (``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0
 keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``). Runs are trained
 grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
 
-``run_sweep`` skips finished runs (run.json says finished and every epoch is in metrics.csv),
-resumes runs that have a ``last/`` checkpoint, and restarts the others from scratch, so a sweep
-can be stopped and started again at will. Weights stay in the run folders (``last/``, ``best/``)
+``run_sweep`` skips finished runs (run.json says finished and every epoch is in metrics.csv)
+and runs whose ``bitvit train`` is alive, resumes runs that have a ``last/`` checkpoint, and
+restarts the others from scratch, so a sweep can be stopped and started again at will. Extra
+overrides given to the sweep apply to new runs; a resumed run keeps its own config.yaml except
+``train.epochs`` and ``data.path`` (what ``bitvit train --resume`` can change), and an extra
+override it could not honour is refused. Weights stay in the run folders (``last/``, ``best/``)
 for export and evaluation; ``.gitignore`` keeps them out of ``results/``.
 
 Comparison
@@ -47,13 +50,16 @@ import fcntl
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +240,8 @@ def _count_rows(path: Path) -> int:
 
 def run_state(run_dir: Path, config: Config) -> str:
     """What a sweep does with a run folder: new, finished (skip), running (skip: run.json says
-    running and the folder changed recently), resume or restart.
+    running and its process is alive; see `_still_running`), resume (a last/ checkpoint and
+    config.yaml) or restart.
 
     Raises `SweepError` when the folder holds a run of a different experiment (the sweep file
     changed under it); more epochs than the folder's run is fine: it is resumed to extend it.
@@ -257,15 +264,55 @@ def run_state(run_dir: Path, config: Config) -> str:
     if rows > epochs:
         raise SweepError(f"{run_dir}: holds {rows} epochs but the sweep asks train.epochs="
                          f"{epochs}; move the folder away or change 'out'")
-    status = _read_json(run_dir / "run.json").get("status")
+    info = _read_json(run_dir / "run.json")
+    status = info.get("status")
     if status == "finished" and rows == epochs:
         return "finished"
-    if status == "running" and _recently_active(run_dir):
+    if status == "running" and _still_running(run_dir, info):
         return "running"  # most likely a `bitvit train` at work right now: leave it alone
-    if (run_dir / "last" / "model.safetensors").is_file() and (run_dir / "last" / "state.pt"
-                                                               ).is_file():
+    if all((run_dir / f).is_file() for f in ("last/model.safetensors", "last/state.pt",
+                                              "config.yaml")):
         return "resume"
     return "restart"
+
+
+def _still_running(run_dir: Path, info: dict[str, Any]) -> bool:
+    """Whether the `bitvit train` that wrote a "running" run.json is alive.
+
+    On the host that wrote it (run.json ``host``), its ``pid`` says so: a process killed by
+    SIGKILL, the OOM killer or a preemption never marks its run interrupted, and its run is
+    resumed at once. Elsewhere, or for run.json files without those keys, the folder's age is
+    the best guess.
+    """
+    pid, host = info.get("pid"), info.get("host")
+    if isinstance(pid, int) and pid > 0 and host == socket.gethostname():
+        return _pid_alive(pid) and not _pid_started_after(pid, info.get("start"))
+    return _recently_active(run_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _pid_started_after(pid: int, start: Any, slack: float = 5.0) -> bool:
+    """Whether process ``pid`` started after the run's recorded start (ISO time): then the pid
+    was reused by another process after the trainer died. False when unknown (no /proc)."""
+    try:
+        started = datetime.fromisoformat(str(start)).timestamp()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    # Field 22 of /proc/PID/stat (index 19 after the command name): start, in ticks after boot.
+    process_start = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    return process_start > started + slack  # slack: start is recorded in whole seconds
 
 
 def _recently_active(run_dir: Path, min_seconds: float = 1800.0) -> bool:
@@ -308,7 +355,7 @@ class PlannedRun:
     run_dir: Path
     point: dict[str, Any]
     config: Config
-    state: str  # new | finished | resume | restart
+    state: str  # new | finished | running | resume | restart
     command: list[str]  # the equivalent `bitvit train` command
 
 
@@ -319,14 +366,41 @@ def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]
         config = sweep_config(sweep, point, extra)
         run_dir = sweep.out / name
         state = run_state(run_dir, config)
-        if state == "resume":
-            command = ["bitvit", "train", "--resume", str(run_dir), "--epochs",
-                       str(config.train.epochs), "--quiet"]
-        else:
-            command = ["bitvit", "train", "--config", sweep.base, "--out", str(run_dir),
-                       "--quiet", *sweep.overrides, *(extra or []), *point_overrides(point)]
+        command = train_command(sweep, point, run_dir, config, state, extra)
         plan.append(PlannedRun(name, run_dir, point, config, state, command))
     return plan
+
+
+# What `bitvit train --resume DIR` cannot change (it takes only --data and --epochs): a sweep
+# asking a resumed run for another value of one of these is refused rather than ignored.
+RESUME_KEEPS = sorted(IGNORED_KEYS - {"data.path"})
+
+
+def train_command(sweep: Sweep, point: dict[str, Any], run_dir: Path, config: Config,
+                  state: str, extra: list[str] | None = None) -> list[str]:
+    """The `bitvit train` command that trains a run folder in ``state``; the one-at-a-time path
+    records it and the parallel path runs it, so both do the same.
+
+    A new run gets every override (the sweep's, ``extra``, the point's). A resumed run keeps its
+    own config.yaml: ``--epochs`` and, when the sweep moves the data, ``--data`` carry what a
+    resume can change; any other setting that differs from the run's own raises `SweepError`.
+    """
+    if state != "resume":
+        return ["bitvit", "train", "--config", sweep.base, "--out", str(run_dir), "--quiet",
+                *sweep.overrides, *(extra or []), *point_overrides(point)]
+    saved = experiment_key(load_config(run_dir / "config.yaml").to_dict(), set())
+    wanted = experiment_key(config.to_dict(), set())
+    for key in RESUME_KEEPS:
+        if saved.get(key) != wanted.get(key):
+            raise SweepError(f"{run_dir}: a resumed run keeps its own {key}={saved.get(key)!r} "
+                             f"(bitvit train --resume changes only data.path and train.epochs) "
+                             f"but the sweep asks {key}={wanted.get(key)!r}; drop that override, "
+                             "or move the folder away to train the run again")
+    command = ["bitvit", "train", "--resume", str(run_dir), "--epochs",
+               str(config.train.epochs), "--quiet"]
+    if wanted.get("data.path") != saved.get("data.path"):
+        command += ["--data", str(config.data.path)]
+    return command
 
 
 def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
@@ -366,14 +440,14 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
         failed = []
         for r in todo:
             try:
-                _train_in_process(r, sweep, log)
+                _train_in_process(r, sweep, log, extra)
             except TrainingError as e:  # a diverged run: go on with the others, say so at the end
                 log(f"FAILED    {r.run_dir}: {e}")
                 failed.append(r.name)
         if failed:
             raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     else:
-        _train_in_subprocesses(todo, sweep, parallel, log)
+        _train_in_subprocesses(todo, sweep, parallel, log, extra)
     return plan
 
 
@@ -381,20 +455,31 @@ def _lock_path(sweep: Sweep, name: str) -> Path:
     return sweep.out / ".locks" / f"{name}.lock"
 
 
-def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any) -> None:
+def _claim(r: PlannedRun, sweep: Sweep, extra: list[str] | None, log: Any) -> bool:
+    """Under the run's lock: look at the folder again and, if it still needs training, set the
+    run's state and command and clear a folder that restarts. False: leave the run alone."""
+    r.state = run_state(r.run_dir, r.config)
+    if r.state in ("finished", "running"):
+        return False
+    r.command = train_command(sweep, r.point, r.run_dir, r.config, r.state, extra)
+    log(f"{r.state:9s} {r.run_dir}: {shlex.join(r.command)}")
+    if r.state == "restart":
+        shutil.rmtree(r.run_dir)
+    return True
+
+
+def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any,
+                      extra: list[str] | None = None) -> None:
     from bitvit.train import train
 
     with _lock(_lock_path(sweep, r.name)) as locked:
         if not locked:
             log(f"busy      {r.run_dir} (another sweep is training it)")
             return
-        state = run_state(r.run_dir, r.config)  # again, under the lock
-        if state in ("finished", "running"):
+        if not _claim(r, sweep, extra, log):
             return
-        log(f"{state:9s} {r.run_dir}: {shlex.join(r.command)}")
-        if state == "restart":
-            shutil.rmtree(r.run_dir)
-        if state == "resume":
+        # r.config is what r.command gives: train_command refuses a resume it cannot express.
+        if r.state == "resume":
             train(r.config, resume=r.run_dir, quiet=True, command=r.command)
         else:
             train(r.config, out=r.run_dir, quiet=True, command=r.command)
@@ -406,7 +491,7 @@ def _python_bitvit() -> list[str]:
 
 
 def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
-                           log: Any) -> None:
+                           log: Any, extra: list[str] | None = None) -> None:
     queue = list(todo)
     running: list[tuple[PlannedRun, subprocess.Popen, contextlib.ExitStack]] = []
     failed = []
@@ -419,15 +504,11 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                     log(f"busy      {r.run_dir} (another sweep is training it)")
                     stack.close()
                     continue
-                state = run_state(r.run_dir, r.config)
-                if state in ("finished", "running"):
+                if not _claim(r, sweep, extra, log):
                     stack.close()
                     continue
-                if state == "restart":
-                    shutil.rmtree(r.run_dir)
                 r.run_dir.mkdir(parents=True, exist_ok=True)
                 logfile = stack.enter_context((r.run_dir / "train.log").open("a"))
-                log(f"{state:9s} {r.run_dir}: {shlex.join(r.command)}")
                 cmd = [*_python_bitvit(), *r.command[1:]]
                 proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
                 running.append((r, proc, stack))
@@ -812,9 +893,20 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
     return "\n".join(lines) + "\n"
 
 
-def plot_groups(groups: list[Group], path: str | Path, title: str = "") -> None:
+def provenance(runs: list[Run], full_epochs: int | None = None) -> str:
+    """Where and how long the runs trained, e.g. ``device: cpu (...); 15 of 100 epochs``; the
+    figure carries it so that it never travels without its device and budget."""
+    configured = ", ".join(map(str, sorted({r.epochs_configured for r in runs}))) or "0"
+    budget = f"{configured} of {full_epochs} epochs" if full_epochs else f"{configured} epochs"
+    return f"device: {'; '.join(_devices(runs)) or 'none'}; {budget}"
+
+
+def plot_groups(groups: list[Group], path: str | Path, title: str = "",
+                full_epochs: int | None = None) -> Any:
     """Loss and accuracy per epoch (train solid, test dashed), one color per group: the mean
-    over seeds with a min-max band, over the epochs every run of the group has."""
+    over seeds with a min-max band, over the epochs every run of the group has. The title says
+    on what device the plotted runs trained and their budget (of ``full_epochs`` when given).
+    Returns the (closed) matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -852,11 +944,13 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "") -> None:
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                frameon=False)
     legend = "mean over seeds, band: min-max over seeds; train solid, test dashed"
-    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=10)
+    lines = [title, provenance([r for g in shown for r in g.runs if r.rows], full_epochs), legend]
+    fig.suptitle("\n".join(line for line in lines if line), fontsize=10)
     rows = -(-len(handles) // min(4, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def compare(paths: list[str | Path], out: str | Path | None = None, margin: float = 0.01,
@@ -869,7 +963,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        plot_groups(groups, out / "compare.png", title)
+        plot_groups(groups, out / "compare.png", title, full_epochs)
         figure = "compare.png"
     text = compare_markdown(groups, runs, full_epochs, figure)
     if out is not None:
