@@ -17,7 +17,7 @@ from bitvit.checkpoint import CheckpointError, build_model, save_model
 from bitvit.cli import main
 from bitvit.config import Config
 from bitvit.data import ImageSet, normalize
-from bitvit.engine import InferenceLinear, convert_for_inference
+from bitvit.engine import InferenceLinear, compile_model, convert_for_inference
 from bitvit.export import (
     ExportedModel,
     ExportError,
@@ -355,6 +355,37 @@ def test_export_is_atomic(tmp_path):
     assert load(path).vit.head.weight[0, 0].item() == 1e6
 
 
+def test_load_compiled_agrees_with_eager(tmp_path):
+    """`load(compile=True)`: the int engine under torch.compile gives the eager logits.
+
+    Tolerance: inductor fuses and reorders the fp32 arithmetic (LayerNorm, absmax scales, the
+    rescale), which can flip an int8 activation code at a rounding boundary and move logits
+    (magnitude ~15) by a few 1e-4: atol 1e-3, and equal argmax where the top-2 margin is wider
+    than 2e-3. One test only: compiling on CPU takes tens of seconds.
+    """
+    import warnings
+
+    config = small_config("b158")
+    model = small_model(config)
+    path = export_model(model, config, CLASSES, tmp_path / "m.safetensors")
+    eager = load(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = bitvit.load(path, compile=True)
+    fallback = [str(w.message) for w in caught if "running eager" in str(w.message)]
+    if fallback:
+        pytest.skip(f"torch.compile unavailable here: {fallback[0]}")
+    assert isinstance(compiled.vit, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(eager.vit, bitvit.VisionTransformer)
+    images = uint8_images(48)
+    want, got = eager.logits(images), compiled.logits(images, batch_size=20)  # 20, 20, 8 rows
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    top2 = want.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 2e-3
+    assert clear.float().mean() > 0.9 and torch.equal(got.argmax(1)[clear], want.argmax(1)[clear])
+    assert bitvit.compile_model is compile_model
+
+
 def test_load_on_cuda(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -459,6 +490,22 @@ def test_tensors_not_matching_config(exported, tmp_path):
     short = {**tensors, "blocks.0.attn.qkv.codes": tensors["blocks.0.attn.qkv.codes"][:-1]}
     assert_one_line_error(rewrite(exported, tmp_path / "d.safetensors", short),
                           "do not match.*blocks.0.attn.qkv.codes")
+    # Right shapes, wrong dtypes (and a checksum that matches them): named, not a traceback
+    # from load_state_dict or the kernels.
+    for i, (key, dtype, match) in enumerate([
+            ("pos_embed", torch.int32, "pos_embed has dtype torch.int32, expected torch.float16"),
+            ("head.weight", torch.int32, "head.weight has dtype torch.int32"),
+            ("norm.weight", torch.float32, "norm.weight has dtype torch.float32"),  # file: fp16
+            ("blocks.0.mlp.fc1.bias", torch.int16, "blocks.0.mlp.fc1.bias has dtype"),
+            ("blocks.0.mlp.fc1.scale", torch.float16, "fc1.scale has dtype torch.float16, "
+                                                      "expected torch.float32"),
+            ("blocks.0.mlp.fc1.codes", torch.int8, "fc1.codes has dtype torch.int8, "
+                                                   "expected torch.uint8")]):
+        wrong = {**tensors, key: tensors[key].to(dtype)}
+        assert_one_line_error(rewrite(exported, tmp_path / f"dtype{i}.safetensors", wrong),
+                              f"do not match.*{match}")
+    assert_one_line_error(rewrite(exported, tmp_path / "h.safetensors", float_dtype="bf16"),
+                          "bad export metadata.*float_dtype 'bf16'")
     # A config that says another model (deeper) than the tensors hold.
     meta = json.loads(safe_open(str(exported), "pt").metadata()["config"])
     meta["model"]["depth"] = 3

@@ -209,20 +209,68 @@ def test_bytes_held_by_the_module_as_loaded():
     assert p.totals["bytes_resident"] < p.totals["bytes_held_by_module"]
 
 
-def test_profile_of_an_export_matches_the_file(tmp_path):
+@pytest.mark.parametrize("float_dtype", ["fp16", "fp32"])
+def test_profile_of_an_export_matches_the_file(tmp_path, capsys, float_dtype):
     export = pytest.importorskip("bitvit.export")
     from safetensors import safe_open
 
     config = Config(model=TINY, quant=QuantConfig(method="b158"))
     model = tiny("b158")
     file = tmp_path / "model.safetensors"
-    export.export_model(model, config, [str(i) for i in range(10)], file, packing="2bit")
+    export.export_model(model, config, [str(i) for i in range(10)], file, packing="2bit",
+                        float_dtype=float_dtype)
     src = load_for_profile(file)
-    assert src.ternary_packing == "2bit"
-    p = profile_model(src.model, src.config, ternary_packing=src.ternary_packing)
-    direct = profile_model(model, TINY, ternary_packing="2bit")
+    assert src.ternary_packing == "2bit" and src.float_dtype == float_dtype
+    p = profile_model(src.model, src.config, ternary_packing=src.ternary_packing,
+                      packed_float_dtype=src.float_dtype)
+    direct = profile_model(model, TINY, ternary_packing="2bit", packed_float_dtype=float_dtype)
     for key in ("params", "zero_weights", "macs", "add_macs", "bytes_packed"):
         assert p.totals[key] == direct.totals[key], key
     with safe_open(str(file), framework="pt") as f:
         stored = sum(f.get_tensor(k).nbytes for k in f.keys())  # noqa: SIM118 - not iterable
     assert p.totals["bytes_packed"] == stored
+    assert p.packed_float_dtype == float_dtype and f"{float_dtype} biases" in p.format_table()
+    # The command line reads the file's float dtype too.
+    capsys.readouterr()
+    assert main(["profile", str(file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["bytes_packed"] == stored
+
+
+def test_packed_floats_default_to_the_export_default():
+    p = profile_model(tiny("b158"), TINY)  # no file: fp16, as `bitvit export` writes
+    head = rows_by_name(p)["head"]
+    assert head.bytes_packed == 2 * 90 and head.stored_bits_per_weight == 16
+    assert p.packed_float_dtype == "fp16" and "export's default" in " ".join(p.assumptions)
+    fp32 = rows_by_name(profile_model(tiny("b158"), TINY, packed_float_dtype="fp32"))
+    assert fp32["head"].bytes_packed == 4 * 90
+    assert fp32["blocks.0.mlp.fc1"].bytes_packed == math.ceil(256 / 5) + 4 + 4 * 32
+    with pytest.raises(ValueError, match="packed_float_dtype='bf16'"):
+        profile_model(tiny(), TINY, packed_float_dtype="bf16")
+
+
+def _storage_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every tensor the module holds (parameters and buffers), each storage once."""
+    storages = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method, quant", [
+    ("b158", {}), ("b158", {"act_bits": "none", "where": "mlp"}), ("bitnet", {"act_bits": 1}),
+    ("xnor", {}), ("sign", {"act_bits": 8}), ("fp", {}),
+])
+def test_resident_bytes_are_what_the_loaded_model_holds(tmp_path, method, quant):
+    """The profile's resident weights equal what `bitvit.load` (int engine) really holds."""
+    import bitvit
+
+    config = Config(model=TINY, quant=QuantConfig(method=method, **quant))
+    file = tmp_path / "model.safetensors"
+    bitvit.export_model(build_model(config), config, [str(i) for i in range(10)], file)
+    src = load_for_profile(file)
+    p = profile_model(src.model, src.config, packed_float_dtype=src.float_dtype)
+    held = _storage_bytes(bitvit.load(file, engine="int"))
+    assert p.totals["bytes_resident"] == held
+    assert p.totals["bytes_held_by_module"] == held
+    if method != "fp":  # 1 byte per quantized weight, not 2 (or a cached fp32 copy)
+        assert held < 4 * p.totals["params"] - 2 * p.totals["quantized_weights"]

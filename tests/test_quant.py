@@ -45,6 +45,12 @@ def test_bitnet_hand_computed():
     codes, scale = quantize_weights(w, "bitnet")
     assert codes.tolist() == [[-1, 1], [1, -1]]
     assert scale.item() == pytest.approx(3.0 / 4)  # mean |W|
+    # A weight where beta = mean|W| = 1.0 differs from the centred weight's mean|W - mean W|
+    # = 0.5 (above both are 0.75), so taking the scale from the wrong tensor fails here.
+    w = torch.tensor([[0.0, 1.0], [2.0, 1.0]])  # mean 1; W - mean = [-1, 0, 1, 0]
+    codes, scale = quantize_weights(w, "bitnet")
+    assert codes.tolist() == [[-1, 1], [1, 1]]
+    assert scale.item() == 1.0 and scale.item() != (w - w.mean()).abs().mean().item()
 
 
 def test_sign_hand_computed():
@@ -87,6 +93,16 @@ def test_int8_activations_hand_computed():
     assert s[0].item() == pytest.approx(127.0)
     assert s[1].item() == pytest.approx(127.0 / EPS)
     torch.testing.assert_close(quantize_activations(x, 8)[0], torch.tensor([127, -64, 32, 0]) / 127)
+
+
+def test_int8_activations_round_half_to_even():
+    # max|x| = 127 gives s = 1 exactly, so x * s are exact ties: half to even gives 62, 0, -2,
+    # 4, where rounding half away from zero would give 63, 1, -3, 5 (and -63.5 -> -64 either way).
+    x = torch.tensor([[127.0, 62.5, 0.5, -2.5, 3.5, -63.5]])
+    q, s = absmax_int8(x)
+    assert s.item() == 1.0
+    assert q.tolist() == [[127, 62, 0, -2, 4, -64]]
+    assert quantize_activations(x, 8).tolist() == [[127.0, 62.0, 0.0, -2.0, 4.0, -64.0]]
 
 
 def test_int8_activation_error_bound():
@@ -222,6 +238,17 @@ def test_summary_rows():
     # Pixels are never binarized: the patch embedding falls back to 8-bit activations.
     assert rows[0].act_bits == 8 and model.patch_embed.proj.act_bits == 8
     assert {r.act_bits for r in rows[1:]} == {1}
+
+
+@pytest.mark.parametrize("method,default_bits", [
+    ("b158", 8), ("bitnet", 8), ("sign", None), ("xnor", None)])
+def test_default_act_bits(method, default_bits):
+    # BitNet's methods quantize activations to 8 bits; the binarization study's stay full
+    # precision (None), in the summary rows and in the layers alike.
+    model = VisionTransformer(ViTConfig(depth=1, dim=32, heads=4, patch_size=8))
+    rows = quantize_(model, method)
+    assert len(rows) == 5 and all(r.act_bits == default_bits for r in rows)
+    assert all(m.act_bits == default_bits for m in model.modules() if isinstance(m, BitLinear))
 
 
 def test_head_untouched_and_fp_is_a_no_op():

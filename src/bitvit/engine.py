@@ -11,7 +11,9 @@
   weight (``codes * scale``): the comparison baseline (and what runs under bf16 autocast).
 
 Layers whose activations stay full precision (``act_bits=None``: the weights-only binary study)
-use the dequantized weight under both engines: there is no integer product to take.
+use the dequantized weight under both engines: there is no integer product to take. The int
+engine computes it per call, so that every quantized layer holds only its int8 codes (1 byte per
+weight, what `bitvit profile` counts as resident).
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class InferenceLinear(nn.Module):
     ``codes`` (out, in) int8 in {-1, 0, 1}; ``scale`` float32, (1,) per tensor or (out,) per
     output channel; ``codes * scale[:, None]`` is the weight. All three are buffers, so
     ``.to(device)`` moves them and the state dict holds them under these names.
+
+    The codes are held once, 1 byte per weight: on the integer path ``codes`` is the (out, in)
+    transpose of a contiguous (in, out) tensor, the layout ``torch._int_mm`` reads (`codes_t`,
+    a view). The ``"fp"`` engine also caches the dequantized fp32 weight; the ``"int"`` engine
+    dequantizes per call where it needs a float weight (weights-only layers, autocast).
     """
 
     def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, method: str,
@@ -71,12 +78,11 @@ class InferenceLinear(nn.Module):
         self.register_buffer("codes", codes.detach().to(torch.int8).contiguous())
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        # Derived and not saved: the transposed codes _int_mm takes, or the fp weight.
-        self.register_buffer("codes_t", None, persistent=False)
+        # Derived and not saved: the fp engine's dequantized weight.
         self.register_buffer("weight_fp", None, persistent=False)
         self.engine = ""
         self.set_engine(engine)
-        # Loading new codes or scale must refresh the derived buffers too.
+        # Loading new codes or scale must refresh the layout and the derived buffer too.
         self.register_load_state_dict_post_hook(lambda module, _: module.set_engine(module.engine))
 
     @classmethod
@@ -84,11 +90,26 @@ class InferenceLinear(nn.Module):
         codes, scale = layer.quantized_weight()
         return cls(codes, scale, layer.bias, layer.method, layer.act_bits, layer.sub_norm, engine)
 
+    @property
+    def uses_int(self) -> bool:
+        """Whether the forward pass multiplies integers (int engine, quantized activations)."""
+        return self.engine == "int" and self.act_bits is not None
+
+    @property
+    def codes_t(self) -> Tensor | None:
+        """The (in, out) codes ``torch._int_mm`` takes, a view of ``codes``; None off that path."""
+        return self.codes.t() if self.uses_int else None
+
     def set_engine(self, engine: str) -> None:
         self.engine = check_engine(engine)
-        uses_int = engine == "int" and self.act_bits is not None
-        self.codes_t = self.codes.t().contiguous() if uses_int else None
-        self.weight_fp = None if uses_int else self.dequantized_weight()
+        # One copy of the codes, in the layout its reader wants: (in, out) contiguous for the
+        # integer kernel (exposed as its (out, in) transpose), row-major otherwise.
+        # .contiguous() copies only when the layout changes.
+        if self.uses_int:
+            self.codes = self.codes.t().contiguous().t()
+        else:
+            self.codes = self.codes.contiguous()
+        self.weight_fp = self.dequantized_weight() if engine == "fp" else None
 
     def dequantized_weight(self) -> Tensor:
         return self.codes.float() * self.scale.reshape(-1, 1)
@@ -96,7 +117,7 @@ class InferenceLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.sub_norm:
             x = F.layer_norm(x, (self.in_features,), eps=EPS)
-        if self.codes_t is None or torch.is_autocast_enabled(x.device.type):
+        if not self.uses_int or torch.is_autocast_enabled(x.device.type):
             return self._forward_fp(x)
         return self._forward_int(x)
 
@@ -114,7 +135,7 @@ class InferenceLinear(nn.Module):
         else:  # 1-bit: sign(x) in {-1, 1} times codes is exact; the token's mean|x| rescales
             q = torch.where(x2 >= 0, 1, -1).to(torch.int8)
             row_scale = 1.0 / x2.abs().mean(dim=-1, keepdim=True)
-        acc = int_mm(q, self.codes_t)
+        acc = int_mm(q, self.codes.t())  # contiguous (in, out): see set_engine
         y = rescale(acc, row_scale, self.scale, self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 

@@ -422,18 +422,21 @@ def _mismatch(path: Path, what: str) -> ExportError:
     return ExportError(f"{path}: tensors do not match the stored config ({what})")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu",
-         engine: str = "int") -> ExportedModel:
+def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "int",
+         compile: bool = False) -> ExportedModel:
     """Load an exported model for inference: an `ExportedModel` in eval mode on ``device``.
 
     Quantized layers become `bitvit.engine.InferenceLinear` (``engine``: ``int`` for the
     integer kernels, ``fp`` for the exact fake-quant arithmetic of training's eval mode); the
     other parameters are loaded back in fp32. Use ``model(x)`` on normalized images,
     ``model.logits(images_uint8)`` on raw ones, ``model.classes``, ``model.preprocessing``.
+    ``compile``: run the ViT under ``torch.compile`` (`bitvit.engine.compile_model`: compiled
+    here, on a dummy batch, so it costs load time rather than the first call; on failure a
+    warning and the eager model). ``model.vit`` is then the compiled wrapper of the ViT.
     Raises `ExportError` (one line naming the file) for anything that is not a readable
     export of this format version whose tensors match its config.
     """
-    from bitvit.engine import InferenceLinear
+    from bitvit.engine import InferenceLinear, compile_model
 
     path = Path(path)
     meta = read_export_metadata(path)
@@ -443,6 +446,9 @@ def load(path: str | Path, device: str | torch.device = "cpu",
         preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
         info = json.loads(meta["layers"])
         checksum = meta["sha256"]
+        if meta["float_dtype"] not in FLOAT_DTYPES:
+            raise ValueError(f"float_dtype {meta['float_dtype']!r} is not fp16 or fp32")
+        float_dtype = FLOAT_DTYPES[meta["float_dtype"]]
     except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
         raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
     if not isinstance(classes, list) or len(classes) != config.model.num_classes:
@@ -468,30 +474,34 @@ def load(path: str | Path, device: str | torch.device = "cpu",
             raise _mismatch(path, f"layer {name}: stored {stored}, config gives "
                                   f"{_layer_info(layer, allowed[0])}")
 
-    # Every tensor the file must hold, with its shape.
-    expected: dict[str, tuple[int, ...]] = {}
+    # Every tensor the file must hold, with its shape and dtype (a wrong dtype would otherwise
+    # fail deep inside load_state_dict or the kernels).
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     quantized_keys = set()  # the latent-weight model's keys that the file replaces
     layer_keys = set()  # the file's keys for quantized layers
     for name, layer in layers.items():
         out_f, in_f = layer.out_features, layer.in_features
         per_byte = _PER_BYTE[info[name]["packing"]]
-        expected[f"{name}.codes"] = (packed_numel(out_f * in_f, per_byte),)
-        expected[f"{name}.scale"] = (out_f if layer.method == "xnor" else 1,)
+        expected[f"{name}.codes"] = ((packed_numel(out_f * in_f, per_byte),), torch.uint8)
+        expected[f"{name}.scale"] = ((out_f if layer.method == "xnor" else 1,), torch.float32)
         quantized_keys |= {f"{name}.weight", f"{name}.bias"}
         if layer.bias is not None:
-            expected[f"{name}.bias"] = (out_f,)
+            expected[f"{name}.bias"] = ((out_f,), float_dtype)
         layer_keys |= {f"{name}.codes", f"{name}.scale", f"{name}.bias"}
     for key, value in vit.state_dict().items():
         if key not in quantized_keys:
-            expected[key] = tuple(value.shape)
+            expected[key] = (tuple(value.shape),
+                             float_dtype if value.is_floating_point() else value.dtype)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise _mismatch(path, f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
-    for key, shape in expected.items():
+    for key, (shape, dtype) in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise _mismatch(path, f"{key} has shape {tuple(tensors[key].shape)}, "
                                   f"expected {shape}")
+        if tensors[key].dtype != dtype:
+            raise _mismatch(path, f"{key} has dtype {tensors[key].dtype}, expected {dtype}")
 
     for name, layer in layers.items():
         try:
@@ -509,7 +519,13 @@ def load(path: str | Path, device: str | torch.device = "cpu",
               for k in expected if k not in layer_keys}
     vit.load_state_dict(floats, strict=False, assign=True)
     model = ExportedModel(vit, config, classes, preprocessing, path)
-    return model.requires_grad_(False).eval().to(device)
+    model = model.requires_grad_(False).eval().to(device)
+    if compile:
+        size, channels = preprocessing.image_size, preprocessing.channels
+        example = torch.zeros(2, channels, size, size, device=device)
+        torch._dynamo.mark_dynamic(example, 0)  # one graph for every batch size above 1
+        model.vit = compile_model(model.vit, example)
+    return model
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:

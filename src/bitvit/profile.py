@@ -50,11 +50,15 @@ FLOAT_PRECISIONS = ("fp32", "fp16")
 # Stored bits per weight in a packed file: ternary as 5 trits per byte (3^5 = 243 <= 256),
 # or 4 two-bit codes per byte; binary as 8 signs per byte.
 TERNARY_PACKINGS = {"base3": 5, "2bit": 4}
-# Float tensors (unquantized layers, biases, norms, embeddings) in the packed export.
-# TODO(export): keep in step with bitvit.export's format if it stores them differently.
-PACKED_FLOAT_BYTES = 2  # fp16
+# Float tensors (unquantized layers, biases, norms, embeddings) in the packed export, by
+# `bitvit export --float-dtype`; an exported file records its own, a config is profiled as
+# the export default.
+PACKED_FLOAT_BYTES = {"fp16": 2, "fp32": 4}
+DEFAULT_PACKED_FLOAT_DTYPE = "fp16"
 PACKED_SCALE_BYTES = 4  # fp32 weight scales
-RESIDENT_CODE_BYTES = 1  # packed codes are unpacked to int8 at load for the integer kernels
+# Packed codes are unpacked to int8 at load and held once, in the integer kernel's layout
+# (bitvit.engine.InferenceLinear).
+RESIDENT_CODE_BYTES = 1
 
 
 @dataclass
@@ -101,12 +105,14 @@ class Profile:
     weights_source: str  # what the zero counts come from
     source: str = ""
     assumptions: list[str] = field(default_factory=list)
+    packed_float_dtype: str = DEFAULT_PACKED_FLOAT_DTYPE  # float tensors in the packed file
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "image_size": self.image_size,
             "float_precision": self.float_precision,
+            "packed_float_dtype": self.packed_float_dtype,
             "weights_source": self.weights_source,
             "rows": [asdict(r) for r in self.rows],
             "totals": self.totals,
@@ -209,17 +215,25 @@ def profile_model(
     ternary_packing: str = "base3",
     weights_source: str = "the model's weights",
     source: str = "",
+    packed_float_dtype: str | None = None,
 ) -> Profile:
     """Profile one image's inference through ``model`` (a `VisionTransformer`, quantized or not).
 
     ``float_precision`` is the precision of every float operation (unquantized layers, attention,
     rescales) and of the baseline the energy is compared with. ``ternary_packing``: ``base3``
-    (5 trits per byte, 1.6 bits per weight) or ``2bit``. Zero weights are counted from the
+    (5 trits per byte, 1.6 bits per weight) or ``2bit``. ``packed_float_dtype``: how the packed
+    file stores its float tensors, ``fp16`` or ``fp32`` (an export's own: `ProfileSource`'s
+    ``float_dtype``); None: fp16, the export default. Zero weights are counted from the
     layer's actual codes, so they are only as meaningful as ``weights_source``.
     """
     if float_precision not in FLOAT_PRECISIONS:
         raise ValueError(f"float_precision={float_precision!r}: expected one of "
                          f"{', '.join(FLOAT_PRECISIONS)}")
+    packed_dtype = packed_float_dtype or DEFAULT_PACKED_FLOAT_DTYPE
+    if packed_dtype not in PACKED_FLOAT_BYTES:
+        raise ValueError(f"packed_float_dtype={packed_float_dtype!r}: expected one of "
+                         f"{', '.join(PACKED_FLOAT_BYTES)}")
+    packed_float_bytes = PACKED_FLOAT_BYTES[packed_dtype]
     if ternary_packing not in TERNARY_PACKINGS:
         raise ValueError(f"ternary_packing={ternary_packing!r}: expected one of "
                          f"{', '.join(TERNARY_PACKINGS)}")
@@ -233,7 +247,7 @@ def profile_model(
     for name, module in model.named_modules():
         if _is_linear(module):
             rows.append(_linear_row(name, module, linear_tokens.get(name, 0), fp, float_bytes,
-                                    ternary_packing))
+                                    ternary_packing, packed_float_bytes))
             counted.update(id(p) for p in module.parameters(recurse=False))
             # Attention's two products run between qkv and proj: list them there.
             attn_name = name.rpartition(".")[0]
@@ -250,9 +264,10 @@ def profile_model(
         owner = model.get_submodule(pname.rpartition(".")[0]) if "." in pname else model
         (norm_params if isinstance(owner, nn.LayerNorm) else other).append((pname, p))
     if other:
-        rows.append(_params_row(", ".join(n for n, _ in other), other, float_bytes))
+        rows.append(_params_row(", ".join(n for n, _ in other), other, float_bytes,
+                                packed_float_bytes))
     if norm_params:
-        rows.append(_params_row("layer norms", norm_params, float_bytes))
+        rows.append(_params_row("layer norms", norm_params, float_bytes, packed_float_bytes))
 
     for row in rows:
         row.energy_pj = _energy(row.ops)
@@ -261,12 +276,12 @@ def profile_model(
     totals = _totals(rows)
     totals["bytes_held_by_module"] = _bytes_held(model)
     return Profile(rows, totals, vit.image_size, fp, weights_source, source,
-                   _assumptions(fp, ternary_packing))
+                   _assumptions(fp, ternary_packing, packed_float_dtype), packed_dtype)
 
 
 def _bytes_held(model: nn.Module) -> int:
     """What this PyTorch module holds as loaded (a training model's latent fp32 weights, an
-    inference model's codes and their cached copies), shared tensors once."""
+    inference model's codes, plus the fp engine's cached fp32 weights), shared tensors once."""
     seen: dict[tuple[int, int], int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen[(t.data_ptr(), t.nbytes)] = t.nbytes
@@ -274,7 +289,7 @@ def _bytes_held(model: nn.Module) -> int:
 
 
 def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
-                ternary_packing: str) -> LayerProfile:
+                ternary_packing: str, packed_float_bytes: int) -> LayerProfile:
     out_f, in_f = m.out_features, m.in_features
     bias = getattr(m, "bias", None)
     n_bias = bias.numel() if bias is not None else 0
@@ -291,9 +306,9 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     if method == "fp":
         row.act_bits = None
         row.info_bits_per_weight = 32.0
-        row.stored_bits_per_weight = 8.0 * PACKED_FLOAT_BYTES
+        row.stored_bits_per_weight = 8.0 * packed_float_bytes
         row.info_bits = 32.0 * row.params
-        row.bytes_packed = PACKED_FLOAT_BYTES * row.params
+        row.bytes_packed = packed_float_bytes * row.params
         row.bytes_resident = float_bytes * row.params
         row.mul_macs = row.macs
         row.ops = dict(row.baseline_ops)
@@ -309,7 +324,7 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.stored_bits_per_weight = 8.0 / per_byte
     row.info_bits = BITS_PER_WEIGHT[method] * n + 32.0 * (n_bias + n_scales)
     row.bytes_packed = (_packed_code_bytes(method, n, ternary_packing)
-                        + PACKED_SCALE_BYTES * n_scales + PACKED_FLOAT_BYTES * n_bias)
+                        + PACKED_SCALE_BYTES * n_scales + packed_float_bytes * n_bias)
     row.bytes_resident = RESIDENT_CODE_BYTES * n + 4 * n_scales + float_bytes * n_bias
     row.zero_macs = tokens * row.zero_weights
     row.add_macs = row.macs - row.zero_macs
@@ -341,14 +356,14 @@ def _attention_rows(name: str, tokens: int, dim: int, heads: int, fp: str, float
     return rows
 
 
-def _params_row(name: str, params: list[tuple[str, nn.Parameter]], float_bytes: int
-                ) -> LayerProfile:
+def _params_row(name: str, params: list[tuple[str, nn.Parameter]], float_bytes: int,
+                packed_float_bytes: int) -> LayerProfile:
     count = sum(p.numel() for _, p in params)
     return LayerProfile(
         name, "params", "-", params=count, info_bits=32.0 * count, bytes_fp32=4 * count,
-        bytes_fp16=2 * count, bytes_packed=PACKED_FLOAT_BYTES * count,
+        bytes_fp16=2 * count, bytes_packed=packed_float_bytes * count,
         bytes_resident=float_bytes * count, info_bits_per_weight=32.0,
-        stored_bits_per_weight=8.0 * PACKED_FLOAT_BYTES,
+        stored_bits_per_weight=8.0 * packed_float_bytes,
     )
 
 
@@ -381,8 +396,11 @@ def _totals(rows: list[LayerProfile]) -> dict[str, Any]:
     return totals
 
 
-def _assumptions(fp: str, ternary_packing: str) -> list[str]:
+def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None) -> list[str]:
     per_byte = TERNARY_PACKINGS[ternary_packing]
+    floats = (f"{DEFAULT_PACKED_FLOAT_DTYPE} biases and other float tensors (bitvit export's "
+              "default; --float-dtype fp32 doubles them)" if packed_float_dtype is None
+              else f"{packed_float_dtype} biases and other float tensors")
     return [
         "Counts are per image (batch 1); MACs are those of the linear layers and attention's "
         "QK^T and AV products. Biases, norms, softmax, GELU and activation quantization are "
@@ -394,12 +412,13 @@ def _assumptions(fp: str, ternary_packing: str) -> list[str]:
         f"(as BitNet does); with float activations as {fp.upper()} adds. Each output of a "
         f"quantized layer costs one {fp.upper()} multiply to rescale.",
         f"Packed bytes: ternary codes {per_byte} per byte, binary 8 per byte, fp32 weight "
-        "scales (one per tensor, one per output channel for xnor), fp16 biases and other "
-        "float tensors; file headers are not counted.",
-        f"Resident weights: quantized layers as int8 codes "
-        f"(1 byte per weight: packed codes are unpacked at load), fp32 scales, {fp} biases; "
-        f"all other parameters in {fp}. Peak activations: the largest layer's {fp} input and "
-        "output (for attention q, k, v and the T x T scores of every head), batch 1.",
+        f"scales (one per tensor, one per output channel for xnor), {floats}; file headers "
+        "are not counted.",
+        f"Resident weights: quantized layers as int8 codes (1 byte per weight: packed codes "
+        f"are unpacked at load and held once by the int engine, which dequantizes per call "
+        f"where it needs a float weight), fp32 scales, {fp} biases; all other parameters in "
+        f"{fp}. Peak activations: the largest layer's {fp} input and output (for attention "
+        "q, k, v and the T x T scores of every head), batch 1.",
     ]
 
 
@@ -476,7 +495,8 @@ def _format(p: Profile) -> str:
         f"{t['stored_bits_per_param']:.3g}", _bytes(t["bytes_fp32"]), _bytes(t["bytes_fp16"]),
         _bytes(t["bytes_packed"]), _bytes(t["bytes_resident"]),
     ])
-    out.append("Memory (bits per weight: information / stored packed; totals per parameter)")
+    out.append("Memory (bits per weight: information / stored packed, float tensors packed in "
+               f"{p.packed_float_dtype}; totals per parameter)")
     out += _table(["layer", "method", "params", "info b/w", "stored b/w", "fp32", "fp16",
                    "packed", "resident"], mem_rows)
     out.append("")
@@ -538,6 +558,7 @@ class ProfileSource:
     config: Config
     weights_source: str  # where the weights (and so the zero counts) come from
     ternary_packing: str | None = None  # the file's packing, for an exported model
+    float_dtype: str | None = None  # the file's float tensors (fp16/fp32), for an exported model
 
 
 def load_for_profile(
@@ -606,9 +627,9 @@ def _load_exported(path: Path) -> ProfileSource:
         loaded = load(path)  # the default engine: what `bitvit predict` runs
     except ValueError as e:
         raise ProfileError(str(e)) from None
-    packings = {layer.get("packing") for layer in
-                json.loads(read_export_metadata(path)["layers"]).values()}
+    meta = read_export_metadata(path)  # already checked by load
+    packings = {layer.get("packing") for layer in json.loads(meta["layers"]).values()}
     ternary = sorted(packings & set(TERNARY_PACKINGS))
     # The inference layers keep in/out_features, method, act_bits and their int8 codes.
     return ProfileSource(loaded.vit, loaded.config, f"the exported codes in {path}",
-                         ternary[0] if ternary else None)
+                         ternary[0] if ternary else None, meta["float_dtype"])
