@@ -256,7 +256,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
         "the repository root (paths in sweep files are relative to the working directory).")
     p.add_argument("sweep", metavar="SWEEP.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="extra overrides for every run (e.g. train.device=cuda)")
+                   help="extra overrides for new runs (e.g. train.device=cuda); a resumed run "
+                   "keeps its own config but data.path and train.epochs, and a different value "
+                   "of anything else is refused")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N runs at once as subprocesses (several runs on one GPU)")
