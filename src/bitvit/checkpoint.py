@@ -20,6 +20,7 @@ from bitvit.quant import quantize_
 
 CHECKPOINT_FORMAT = "bitvit-checkpoint"
 MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FILE
 
 
 class CheckpointError(ValueError):
@@ -47,6 +48,16 @@ def displaced(folder: Path) -> Path:
     A process killed between the two renames leaves only this folder; readers fall back to it.
     """
     return folder.with_name(f".{folder.name}.old")
+
+
+def checkpoint_folder(folder: Path) -> Path:
+    """``folder``, or the complete previous folder that a kill between the two renames of
+    `train._atomic_dir` leaves under its `displaced` name. Read only: the next save replaces
+    both."""
+    old = displaced(folder)
+    if not folder.exists() and all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE)):
+        return old
+    return folder
 
 
 @dataclass
@@ -79,7 +90,7 @@ def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
     p = Path(path)
     if p.is_dir():
         sub = "best" if best else "last"
-        for candidate in (p / sub / MODEL_FILE, p / MODEL_FILE, displaced(p / sub) / MODEL_FILE):
+        for candidate in (checkpoint_folder(p / sub) / MODEL_FILE, p / MODEL_FILE):
             if candidate.is_file():
                 return candidate
         hint = " (best/ exists only for runs with a validation split)" if best else ""

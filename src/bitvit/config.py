@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming it."""
 
 
+# train.device and --device: auto (cuda when available), cpu, cuda or cuda:N.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -53,7 +57,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "betas": (lambda v: isinstance(v, tuple | list) and len(v) == 2
                   and all(FRACTION[0](b) for b in v), "two numbers in [0, 1)"),
         "grad_clip": (lambda v: v is None or POSITIVE[0](v), "null or a number > 0"),
-        "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)
+        "device": (lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v)
                    is not None, "auto, cpu, cuda or cuda:N"),
     },
 }

@@ -114,6 +114,7 @@ class DataSplits:
     val: ImageSet | None
     test: ImageSet
     classes: list[str]
+    source: Path  # the data file or folder actually read (found or downloaded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +153,8 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
         train, val = split_validation(train, cfg.val_size, cfg.seed)
     log.info("data %s: train %d, val %d, test %d, %d classes", path, len(train),
              len(val) if val is not None else 0, len(test), len(train.classes))
-    return DataSplits(train=train, val=val, test=test, classes=list(train.classes))
+    return DataSplits(train=train, val=val, test=test, classes=list(train.classes),
+                      source=path.resolve())
 
 
 def find_data(path: str | None) -> Path:

@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -32,28 +31,21 @@ from torch import nn
 
 from bitvit.checkpoint import (
     MODEL_FILE,
+    STATE_FILE,
     CheckpointError,
     build_model,
+    checkpoint_folder,
     displaced,
     error_reason,
     load_checkpoint,
     load_state,
     save_model,
 )
-from bitvit.config import Config, ConfigError, load_config, save_config
-from bitvit.data import (
-    DataConfig,
-    ImageSet,
-    augment,
-    find_data,
-    load_data,
-    normalize,
-    resolve_cache_dir,
-)
+from bitvit.config import DEVICE_PATTERN, Config, ConfigError, load_config, save_config
+from bitvit.data import ImageSet, augment, load_data, normalize
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]
-STATE_FILE = "state.pt"
 STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
 
 
@@ -248,15 +240,6 @@ def _atomic_dir(target: Path, write: Any) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _checkpoint_folder(target: Path) -> Path:
-    """``target``, or the complete previous folder that a kill between `_atomic_dir`'s two
-    renames leaves under its displaced name. Read only: the next save replaces both."""
-    old = displaced(target)
-    if not target.exists() and all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE)):
-        return old
-    return target
-
-
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -282,7 +265,7 @@ def _device_name(device: torch.device) -> str:
 def resolve_device(name: str, key: str = "--device") -> torch.device:
     """auto (cuda if available), cpu, cuda or cuda:N; a one-line ConfigError naming ``key`` for
     anything else or for a CUDA device this machine does not have."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is None:
+    if DEVICE_PATTERN.fullmatch(name) is None:
         raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -426,7 +409,7 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         "device": _device_name(device),
         "processes": world,
         "torch": torch.__version__,
-        "data": _data_source(config.data),
+        "data": str(splits.source),
         # With status "running", pid and host tell a live run from a killed one (bitvit sweep).
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -590,7 +573,7 @@ def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                 scheduler: Any) -> tuple[int, float]:
     """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch
     and the best validation accuracy so far. Bad files give a one-line CheckpointError."""
-    folder = _checkpoint_folder(folder)
+    folder = checkpoint_folder(folder)
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
     for f in (model_file, state_file):
         if not f.is_file():
@@ -620,14 +603,6 @@ def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
         raise CheckpointError(f"{state_file}: training state does not fit this run's model and "
                               f"optimizer ({error_reason(e)})") from None
-
-
-def _data_source(cfg: DataConfig) -> str:
-    """The data file or folder that `load_data` read, as an absolute path (for run.json)."""
-    if cfg.path is None and cfg.download:
-        # Where data.download_cifar10 keeps the official tarball.
-        return str((resolve_cache_dir(cfg.cache_dir) / "cifar-10-python.tar.gz").resolve())
-    return str(find_data(cfg.path).resolve())
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
