@@ -556,8 +556,9 @@ def _evaluate_sharded(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
 
 def _state(optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
            best_acc: float) -> dict[str, Any]:
-    state = {"epoch": epoch, "best_acc": best_acc, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+    # Built from STATE_KEYS so that what resume checks for is what is written.
+    state = dict(zip(STATE_KEYS, (epoch, best_acc, optimizer.state_dict(),
+                                  scheduler.state_dict(), torch.get_rng_state()), strict=True))
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
