@@ -331,7 +331,7 @@ def test_report_from_a_small_results_tree(tmp_path, monkeypatch):
     assert "![loss and accuracy per epoch](one/compare.png)" in text
     assert (tmp_path / "results/one/compare.png").is_file()
     assert "## Study later" in text and "bitvit sweep studies/later.yaml   # not run yet" in text
-    assert "Not run (1 of 1): `seed=0`." in text
+    assert "Not run: all 1 planned runs (`bitvit sweep studies/later.yaml --dry-run`" in text
     assert write_report("results", "studies").read_text() == text  # regenerates the same
     assert main(["report"]) == 0
 

@@ -1021,10 +1021,12 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
                               title=sweep.title)
             text = text.replace("](compare.png)", f"]({rel}/compare.png)")
             lines += [text.rstrip(), ""]
-        if missing:
-            lines.append(f"Not run ({len(missing)} of {len(planned)}): "
-                         + ", ".join(f"`{n}`" for n in missing) + ".")
-            lines.append("")
+        if missing and not present:  # a list of every grid point would drown the page
+            lines += [f"Not run: all {len(planned)} planned runs (`bitvit sweep {sweep.path} "
+                      "--dry-run` lists them).", ""]
+        elif missing:
+            lines += [f"Not run ({len(missing)} of {len(planned)}): "
+                      + ", ".join(f"`{n}`" for n in missing) + ".", ""]
     path = results / "README.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
