@@ -350,8 +350,28 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``section.key=value`` overrides may come anywhere among options.
+
+    argparse stops filling a positional list at the first option, so overrides after one come
+    back as unknown arguments: they are appended to ``overrides`` in order (where a malformed
+    one is refused as it would be before the first option).
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    rest = []
+    for arg in unknown:
+        if hasattr(args, "overrides") and not arg.startswith("-"):
+            args.overrides.append(arg)
+        else:
+            rest.append(arg)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill marks the run interrupted
     try:
         return int(args.func(args) or 0)

@@ -126,7 +126,7 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping with sections {_names(cls)}")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"{source}: unknown section {sorted(unknown)[0]!r}; "
+            raise ConfigError(f"{source}: unknown section {sorted(unknown, key=str)[0]!r}; "
                               f"valid sections: {_names(cls)}")
         sections = {}
         for f in dataclasses.fields(cls):
@@ -200,14 +200,34 @@ def _build(section_cls: type, values: dict[str, Any], section: str, source: str)
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
-    raw = {k: dict(v or {}) for k, v in raw.items()}
+    # Sections that are not mappings are kept as they are, for Config.from_dict to name.
+    raw = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r}: expected section.key=value")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value else None
+        values = raw.setdefault(section, {})
+        if isinstance(values, dict):
+            values[name] = _override_value(key, value)
     return raw
+
+
+def _override_value(key: str, value: str) -> Any:
+    """An override's value parsed as YAML (safe: tags such as !!python/... are refused)."""
+    if not value:
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={value!r}: not a valid YAML value "
+                          f"({_yaml_reason(e)})") from None
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """The first line of a YAML error, without PyYAML's multi-line context."""
+    problem = getattr(e, "problem", None)
+    return " ".join(str(problem or e).split()) or type(e).__name__
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -226,6 +246,12 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder; expected a YAML {what}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file; expected a YAML {what}") from None
+    except OSError as e:  # unreadable: permissions, a device, ...
+        raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

@@ -160,6 +160,15 @@ _PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_numbers(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                       for x in v)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw uint8 images become model inputs: resize, then (x / 255 - mean) / std."""
@@ -178,9 +187,19 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        p = cls(**d)
-        return cls(int(p.image_size), int(p.channels), tuple(map(float, p.mean)),
-                   tuple(map(float, p.std)), str(p.interpolation))
+        """From export metadata; a ValueError naming the key for a value of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing={d!r}: expected a mapping")
+        p = cls(**d)  # a TypeError names a missing or unknown key
+        for key, ok, expected in (
+                ("image_size", _is_int, "an integer"), ("channels", _is_int, "an integer"),
+                ("mean", _is_numbers, "a list of numbers"), ("std", _is_numbers,
+                                                              "a list of numbers"),
+                ("interpolation", lambda v: isinstance(v, str), "a string")):
+            if not ok(getattr(p, key)):
+                raise ValueError(f"preprocessing.{key}={getattr(p, key)!r}: expected {expected}")
+        return cls(p.image_size, p.channels, tuple(map(float, p.mean)),
+                   tuple(map(float, p.std)), p.interpolation)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -211,7 +230,8 @@ class Preprocessing:
             with Image.open(path) as img:
                 img.load()
                 a = fit_image(img, self.image_size, self.channels)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as e:
             why = str(e).splitlines()[0] if str(e) else "unreadable"
             raise ExportError(f"{path}: not a readable image ({why})") from None
         return torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
@@ -377,6 +397,8 @@ def export_checkpoint(src: str | Path, out: str | Path, best: bool = False, **op
 def read_export_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of an export file, checked for its format and version."""
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path}: is a folder; expected an exported .safetensors file")
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     try:
@@ -418,6 +440,27 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                           f"({str(e).splitlines()[0]})") from None
 
 
+def _check_preprocessing(path: Path, p: Preprocessing, config: Config) -> None:
+    """The stored preprocessing must fit the stored config, or every image would be blamed."""
+    def bad(what: str) -> ExportError:
+        return ExportError(f"{path}: bad export metadata (preprocessing.{what})")
+
+    for key, config_key, want in (("image_size", "image_size", config.model.image_size),
+                                  ("channels", "in_channels", config.model.in_channels)):
+        if getattr(p, key) != want:
+            raise bad(f"{key}={getattr(p, key)!r}: expected model.{config_key}={want} of the "
+                      "stored config")
+    for key in ("mean", "std"):
+        values = getattr(p, key)
+        if len(values) != p.channels:
+            raise bad(f"{key}={list(values)}: expected one number per channel ({p.channels})")
+        if not all(math.isfinite(v) and (key == "mean" or v > 0) for v in values):
+            raise bad(f"{key}={list(values)}: expected finite numbers"
+                      + (" > 0" if key == "std" else ""))
+    if p.interpolation != "bilinear":
+        raise bad(f"interpolation={p.interpolation!r}: expected 'bilinear'")
+
+
 def _mismatch(path: Path, what: str) -> ExportError:
     return ExportError(f"{path}: tensors do not match the stored config ({what})")
 
@@ -454,6 +497,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     if not isinstance(classes, list) or len(classes) != config.model.num_classes:
         raise ExportError(f"{path}: bad export metadata (class names do not match "
                           f"model.num_classes={config.model.num_classes})")
+    _check_preprocessing(path, preprocessing, config)
 
     tensors = _read_tensors(path)
     if _digest(tensors) != checksum:

@@ -1,0 +1,234 @@
+"""Bad input through the real command line: exit status 2 and one line on stderr naming the
+culprit (the override's key, the file, the refused global), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from bitvit.cli import main
+from bitvit.export import _digest
+
+CLASSES = ["cat", "dog"]
+# A tiny model for 16x16 images: a 1-epoch run on 8 images takes a fraction of a second.
+TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
+        "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
+        "train.batch_size=4", "train.device=cpu"]
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    """Run the CLI: it must exit 2 with exactly one line on stderr; return that line."""
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"bitvit {argv[0]}: error: "), err
+    return err.strip()
+
+
+def write_image_folder(root: Path) -> Path:
+    """train/ and test/ with two classes of 16x16 PNGs."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """An image folder, a finished one-epoch run of the tiny model on it, and its export."""
+    folder = tmp_path_factory.mktemp("trained")
+    images = write_image_folder(folder / "images")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITVIT_CACHE", str(folder / "cache"))
+        assert main(["train", "--data", str(images), "--out", str(folder / "run"),
+                     "--epochs", "1", "--quiet", *TINY]) == 0
+    assert main(["export", str(folder / "run"), "--out", str(folder / "model.safetensors")]) == 0
+    return {"images": images, "run": folder / "run", "export": folder / "model.safetensors",
+            "cache": folder / "cache"}
+
+
+@pytest.fixture
+def exported(trained) -> Path:
+    return trained["export"]
+
+
+# --- overrides ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", ["train.betas=[0.9,",
+                                      'train.betas=!!python/object/apply:os.system ["echo hi"]'])
+@pytest.mark.parametrize("command", ["train", "profile"])
+def test_override_that_is_not_valid_yaml(capsys, tmp_path, override, command):
+    source = ["profile", str(Path(__file__).parents[1] / "configs/paper.yaml")]
+    argv = ["train", "--out", str(tmp_path / "run")] if command == "train" else source
+    err = one_line_error(capsys, *argv, override)
+    assert "override train.betas=" in err and "not a valid YAML value" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_mixed_with_options_are_applied(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BITVIT_CACHE", str(trained["cache"]))
+    out = tmp_path / "run"
+    assert main(["train", "model.dim=64", "--data", str(trained["images"]), *TINY[:2],
+                 "--epochs", "1", "train.lr=0.01", "--out", str(out), "--quiet",
+                 "model.depth=1", *TINY[4:], "--seed", "3", "model.heads=4"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["dim"] == 64 and saved["model"]["heads"] == 4
+    assert saved["train"]["lr"] == 0.01 and saved["train"]["epochs"] == 1
+    assert saved["train"]["seed"] == 3
+    # Still refused, before or after an option: what is not section.key=value.
+    for argv in (["stray", "--epochs", "1"], ["--epochs", "1", "train.lr=0.1", "stray"],
+                 ["train.lr=0.1", "--epochs", "1", "stray"]):
+        err = one_line_error(capsys, "train", *argv)
+        assert "override 'stray': expected section.key=value" in err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "train.lr=0.1", "--epochs", "1", "--no-such-option"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in (
+        capsys.readouterr().err)
+
+
+def test_overrides_after_options_in_sweep_and_profile(tmp_path, capsys):
+    config = Path(__file__).parents[1] / "configs/paper.yaml"
+    assert main(["profile", str(config), "--json", "model.depth=2", "--quant", "fp",
+                 "model.dim=64"]) == 0
+    mixed = capsys.readouterr().out
+    assert main(["profile", str(config), "model.depth=2", "model.dim=64", "--json", "--quant",
+                 "fp"]) == 0
+    assert capsys.readouterr().out == mixed
+    err = one_line_error(capsys, "profile", str(config), "--json", "model.depth=2",
+                         "model.heads=3")
+    assert "model.heads=3 must divide model.dim" in err
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(config), "out": str(tmp_path / "runs"),
+                                     "grid": {"quant.method": ["fp"]}}))
+    err = one_line_error(capsys, "sweep", str(sweep), "--dry-run", "model.heads=3")
+    assert "model.heads=3 must divide model.dim" in err
+
+
+# --- config and sweep files -----------------------------------------------------------------------
+
+
+def test_config_that_is_a_folder_or_binary(tmp_path, capsys):
+    err = one_line_error(capsys, "train", "--config", str(tmp_path))
+    assert f"{tmp_path}: is a folder" in err
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    err = one_line_error(capsys, "train", "--config", str(binary))
+    assert f"{binary}: not a text file" in err
+    err = one_line_error(capsys, "sweep", str(binary))
+    assert f"{binary}: not a text file" in err
+    err = one_line_error(capsys, "sweep", str(tmp_path))
+    assert f"{tmp_path}: is a folder" in err
+
+
+@pytest.mark.parametrize("text", ["1: 2", "{model: [1], 2: x}"])
+def test_config_with_odd_sections(tmp_path, capsys, text):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    err = one_line_error(capsys, "train", "--config", str(config), "model.dim=64")
+    assert f"{config}: " in err and ("unknown section" in err or "must be a mapping" in err)
+
+
+# --- predict: images --------------------------------------------------------------------------
+
+
+def test_predict_decompression_bomb(exported, tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 1-bit zeros: ~50 KB on disk, 400M pixels
+    assert bomb.stat().st_size < 100_000
+    err = one_line_error(capsys, "predict", str(exported), str(bomb), "--device", "cpu")
+    assert f"{bomb}: not a readable image" in err and "decompression bomb" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated_png", "truncated_jpeg", "corrupt_png", "empty",
+                                    "not_an_image"])
+def test_predict_unreadable_images(exported, tmp_path, capsys, damage):
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    good = tmp_path / ("good.jpg" if damage == "truncated_jpeg" else "good.png")
+    Image.fromarray(pixels).save(good)
+    data = good.read_bytes()
+    bad = tmp_path / f"bad{good.suffix}"
+    bad.write_bytes({"truncated_png": data[:len(data) // 2],
+                     "truncated_jpeg": data[:len(data) // 2],
+                     "corrupt_png": data[:100] + bytes(20) + data[120:],
+                     "empty": b"",
+                     "not_an_image": b"just some text\n"}[damage])
+    err = one_line_error(capsys, "predict", str(exported), str(good), str(bad), "--device", "cpu")
+    assert f"{bad}: not a readable image" in err
+
+
+# --- predict: the export's preprocessing metadata -----------------------------------------------
+
+
+def with_preprocessing(src: Path, dst: Path, **changes) -> Path:
+    """A copy of an export with changed preprocessing metadata (tensors and checksum intact)."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(src))
+    assert meta["sha256"] == _digest(tensors)
+    meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), **changes})
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"image_size": 0}, "preprocessing.image_size=0: expected model.image_size=16"),
+    ({"image_size": "16"}, "preprocessing.image_size='16': expected an integer"),
+    ({"channels": 1}, "preprocessing.channels=1: expected model.in_channels=3"),
+    ({"mean": [0.5]}, r"preprocessing.mean=\[0.5\]: expected one number per channel \(3\)"),
+    ({"std": [0.2, 0.0, 0.2]}, r"preprocessing.std=\[0.2, 0.0, 0.2\]: expected finite numbers > 0"),
+    ({"std": [0.2, -1, 0.2]}, "preprocessing.std=.*: expected finite numbers > 0"),
+    ({"mean": [0.5, float("nan"), 0.5]}, "preprocessing.mean=.*nan.*: expected finite numbers"),
+    ({"interpolation": "nearest"}, "preprocessing.interpolation='nearest'"),
+])
+def test_predict_bad_preprocessing_metadata(exported, tmp_path, capsys, changes, expected):
+    bad = with_preprocessing(exported, tmp_path / "bad.safetensors", **changes)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    err = one_line_error(capsys, "predict", str(bad), str(image), "--device", "cpu")
+    assert f"{bad}: bad export metadata" in err and str(image) not in err
+    assert re.search(expected, err), err
+
+
+def test_predict_model_that_is_a_folder(tmp_path, capsys):
+    err = one_line_error(capsys, "predict", str(tmp_path), str(tmp_path))
+    assert f"{tmp_path}: is a folder; expected an exported .safetensors file" in err
+
+
+# --- resume: a state.pt with a code payload -------------------------------------------------
+
+
+class RunsCode:
+    """Pickles as a call of os.system: what a malicious state.pt holds."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_resume_refuses_a_state_with_a_code_payload(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BITVIT_CACHE", str(trained["cache"]))
+    evil = tmp_path / "evil"
+    shutil.copytree(trained["run"], evil)
+    state = torch.load(trained["run"] / "last/state.pt", weights_only=True)
+    torch.save({**state, "epoch": RunsCode()}, evil / "last/state.pt")
+    err = one_line_error(capsys, "train", "--resume", str(evil), "--epochs", "2", "--quiet")
+    assert f"{evil / 'last/state.pt'}: unreadable training state" in err
+    # os.system is posix.system on Linux (its __module__): torch names that.
+    assert f"refuses the global {os.system.__module__}.system" in err
+    assert "weights_only" not in err and "trust" not in err
