@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
 from bitvit.cli import main as cli_main
 from bitvit.config import ConfigError, load_config
-from bitvit.data import DataError
-from bitvit.data import balanced_subset, load_data
+from bitvit.data import DataError, balanced_subset, load_data
 from bitvit.train import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
