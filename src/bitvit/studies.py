@@ -37,10 +37,13 @@ Comparison
 `load_runs` reads run folders (metrics.csv, config.yaml, run.json); `group_runs` groups runs
 whose configs are equal except for the seed and settings that do not change the experiment
 (device, data location, compile, eval batch size); `compare_groups` computes per-group
-mean +- std over seeds and, for each quantized group, the difference to its full-precision
-group: a 95% confidence interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST
-equivalence test at a stated margin. `compare_markdown` and `plot_groups` turn that into a
-table and the first study's figure; `write_report` regenerates ``results/README.md``.
+mean +- std over seeds (test accuracy and loss over the last k epochs and at the final one,
+train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` where runs have it)
+and, for each quantized group, the difference to its full-precision group: a 95% confidence
+interval (Welch-Satterthwaite), Welch's t-test p-value, Holm-adjusted over the table, and a TOST
+equivalence test at a stated margin beside the margin the seeds can resolve (`bitvit.stats`).
+`compare_markdown` and `plot_groups` turn that into a table and the first study's figure;
+`write_report` regenerates ``results/README.md``.
 """
 
 from __future__ import annotations
