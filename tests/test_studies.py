@@ -282,17 +282,21 @@ def test_compare_writes_table_and_figure(tmp_path):
     assert (out / "compare.png").stat().st_size > 10_000
     assert (out / "compare.md").read_text() == text
     assert "cpu (test, 2 threads)" in text and "2 of 100 epochs" in text
-    assert "| fp | 0, 1, 2 | 50.00 ± 1.00 |" in text
-    assert "| b158 (1 unfinished) | 0, 1 | 52.50 ± 0.71 |" in text
-    assert "bitnet | 0 | 40.00 (1 seed)" in text
+    # test acc over the last 5 epochs (both of these runs' 2), then at the final epoch.
+    assert "| fp | 0, 1, 2 | 40.00 ± 0.50 | 50.00 ± 1.00 |" in text
+    assert "| b158 (1 unfinished) | 0, 1 | 41.25 ± 0.35 | 52.50 ± 0.71 |" in text
+    assert "bitnet | 0 | 35.00 (1 seed) | 40.00 (1 seed)" in text
     assert "method=b158_seed=2: 1 of 2 epochs, status interrupted" in text
     assert "left out of the statistics" in text
     b158 = next(g for g in groups if g.label == "b158")
     d = b158.vs_fp["final_test_acc"]
-    assert d == welch_difference([0.52, 0.53], [0.49, 0.50, 0.51], 0.01)
-    assert f"| b158 | final test acc | +2.50 [{d.ci_low * 100:+.2f}, {d.ci_high * 100:+.2f}] " \
-           f"| {d.p_value:.3g} |" in text
-    assert "| bitnet | final test acc | -10.00 | n/a | n/a | n/a: needs at least 2 seeds" in text
+    raw = welch_difference([0.52, 0.53], [0.49, 0.50, 0.51], 0.01)
+    assert (d.diff, d.ci_low, d.ci_high, d.p_value) == (raw.diff, raw.ci_low, raw.ci_high,
+                                                        raw.p_value)
+    assert f"| b158 | test acc, final | +2.50 [{d.ci_low * 100:+.2f}, {d.ci_high * 100:+.2f}] " \
+           f"| {d.p_value:.3g} | {d.p_adjusted:.3g} |" in text
+    assert ("| bitnet | test acc, final | -10.00 | n/a | n/a | n/a | n/a | n/a: needs at least 2 "
+            "seeds") in text
     assert "margin of ±1 accuracy points and ±0.05 loss" in text
 
 
@@ -326,7 +330,7 @@ def test_report_from_a_small_results_tree(tmp_path, monkeypatch):
     assert text.startswith("# Results")
     assert "## Study one" in text and "Question: Is b158 as good as fp?" in text
     assert "bitvit sweep studies/one.yaml\n" in text
-    assert "2 of 100 epochs" in text and "| fp | 0, 1 | 50.50 ± 0.71 |" in text
+    assert "2 of 100 epochs" in text and "| fp | 0, 1 | 40.25 ± 0.35 | 50.50 ± 0.71 |" in text
     assert "Not run (1 of 4): `method=b158_seed=1`." in text
     assert "![loss and accuracy per epoch](one/compare.png)" in text
     assert (tmp_path / "results/one/compare.png").is_file()

@@ -22,8 +22,15 @@ from safetensors.torch import load_file, save_file
 from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
 from bitvit.cli import main as cli_main
 from bitvit.config import ConfigError, load_config
-from bitvit.data import DataError
-from bitvit.train import METRIC_COLUMNS, TrainingError, config_for_resume, train
+from bitvit.data import DataError, balanced_subset, load_data
+from bitvit.train import (
+    METRIC_COLUMNS,
+    TRAIN_EVAL_COLUMNS,
+    TrainingError,
+    config_for_resume,
+    evaluate_model,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
@@ -52,7 +59,7 @@ def test_training_run_writes_everything_and_loss_falls(real_env, tmp_path):
     assert result.status == "finished"
     rows = metrics(run)
     header = (run / "metrics.csv").read_text().splitlines()[0]
-    assert header == ",".join(METRIC_COLUMNS + ["val_loss", "val_acc"])
+    assert header == ",".join(METRIC_COLUMNS + ["val_loss", "val_acc"] + TRAIN_EVAL_COLUMNS)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.1
     assert float(rows[-1]["test_acc"]) > 0.15  # chance is 0.10
@@ -105,7 +112,7 @@ def test_kill_and_resume_equals_uninterrupted(real_env, tmp_path):
     res = bitvit("train", "--resume", str(killed), "--quiet", env=real_env, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     a, b = metrics(full), metrics(killed)
-    assert len(a) == len(b) == 5
+    assert len(a) == len(b) == 5 and set(TRAIN_EVAL_COLUMNS) <= set(a[0])
     for ra, rb in zip(a, b, strict=True):
         assert {k: v for k, v in ra.items() if k != "seconds"} == \
                {k: v for k, v in rb.items() if k != "seconds"}
@@ -252,6 +259,38 @@ def test_compile_option_trains(real_env, tmp_path):
                    out=tmp_path / "compiled", quiet=True)
     assert result.status == "finished" and math.isfinite(result.final["train_loss"])
     assert load_checkpoint(tmp_path / "compiled").model.blocks[0].mlp.fc1.method == "b158"
+
+
+def test_train_eval_columns_are_the_model_in_eval_mode_on_a_fixed_train_subset(
+        real_env, tmp_path, monkeypatch):
+    # With heavy dropout the running train-mode accuracy and the eval-mode one part ways; the
+    # columns must be the last checkpoint evaluated (eval mode) on the seeded balanced subset.
+    monkeypatch.setattr(_train_module(), "TRAIN_EVAL_SIZE", 120)
+    config = tiny("train.epochs=2", "model.dropout=0.5", "data.seed=3", limit_train=300)
+    result = train(config, out=tmp_path / "run", quiet=True)
+    subset = balanced_subset(load_data(config.data).train, 120, 3)
+    assert len(subset) == 120
+    expected = evaluate_model(load_checkpoint(tmp_path / "run").model, subset, config.data.mean,
+                              config.data.std)
+    last = result.metrics[-1]
+    assert last["train_eval_acc"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert last["train_eval_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert float(metrics(tmp_path / "run")[-1]["train_eval_acc"]) == pytest.approx(
+        expected["accuracy"], abs=1e-5)
+
+
+def test_a_run_folder_from_before_the_train_eval_columns_resumes_with_its_columns(
+        real_env, tmp_path):
+    from bitvit.train import read_metrics, write_metrics
+
+    run = tmp_path / "run"
+    train(tiny("train.epochs=1", limit_train=200), out=run, quiet=True)
+    rows = read_metrics(run / "metrics.csv")
+    assert list(rows[0]) == METRIC_COLUMNS + TRAIN_EVAL_COLUMNS  # new folders have them ...
+    write_metrics(run / "metrics.csv", rows, METRIC_COLUMNS)  # ... folders from before do not
+    result = train(config_for_resume(run, epochs=2), resume=run, quiet=True)
+    assert result.status == "finished" and len(metrics(run)) == 2
+    assert (run / "metrics.csv").read_text().splitlines()[0] == ",".join(METRIC_COLUMNS)
 
 
 # --- never lose work: crash points, corrupt checkpoints, non-finite values, bad values ----------

@@ -294,6 +294,8 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="count unfinished runs at their last epoch (they are marked)")
     p.add_argument("--full-epochs", type=int,
                    help="the full budget, to mark shortened runs (e.g. 100)")
+    p.add_argument("--last-k", type=int, default=5, metavar="K",
+                   help="headline: the mean over each run's last K epochs (default 5)")
     p.set_defaults(func=_compare)
 
 
@@ -301,7 +303,8 @@ def _compare(args: argparse.Namespace) -> int:
     from bitvit.studies import compare
 
     _, text = compare(args.runs, out=args.out, margin=args.margin, loss_margin=args.loss_margin,
-                      include_unfinished=args.include_unfinished, full_epochs=args.full_epochs)
+                      include_unfinished=args.include_unfinished, full_epochs=args.full_epochs,
+                      last_k=args.last_k)
     print(text, end="")
     return 0
 
@@ -316,13 +319,15 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--studies", default="studies", help="sweep files (default: studies)")
     p.add_argument("--margin", type=float, default=0.01)
     p.add_argument("--loss-margin", type=float, default=0.05)
+    p.add_argument("--last-k", type=int, default=5, metavar="K",
+                   help="headline: the mean over each run's last K epochs (default 5)")
     p.set_defaults(func=_report)
 
 
 def _report(args: argparse.Namespace) -> int:
     from bitvit.studies import write_report
 
-    print(write_report(args.results, args.studies, args.margin, args.loss_margin))
+    print(write_report(args.results, args.studies, args.margin, args.loss_margin, args.last_k))
     return 0
 
 

@@ -37,10 +37,13 @@ Comparison
 `load_runs` reads run folders (metrics.csv, config.yaml, run.json); `group_runs` groups runs
 whose configs are equal except for the seed and settings that do not change the experiment
 (device, data location, compile, eval batch size); `compare_groups` computes per-group
-mean +- std over seeds and, for each quantized group, the difference to its full-precision
-group: a 95% confidence interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST
-equivalence test at a stated margin. `compare_markdown` and `plot_groups` turn that into a
-table and the first study's figure; `write_report` regenerates ``results/README.md``.
+mean +- std over seeds (test accuracy and loss over the last k epochs and at the final one,
+train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` where runs have it)
+and, for each quantized group, the difference to its full-precision group: a 95% confidence
+interval (Welch-Satterthwaite), Welch's t-test p-value, Holm-adjusted over the table, and a TOST
+equivalence test at a stated margin beside the margin the seeds can resolve (`bitvit.stats`).
+`compare_markdown` and `plot_groups` turn that into a table and the first study's figure;
+`write_report` regenerates ``results/README.md``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ import yaml
 
 from bitvit.config import Config, load_config, read_yaml_mapping
 from bitvit.quant import resolve_act_bits
+from bitvit.stats import (  # noqa: F401 - Summary, summarize, welch_difference: also from here
+    Difference,
+    Summary,
+    adjust_holm,
+    last_k_mean,
+    summarize,
+    welch_difference,
+)
 
 SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs", "grid"}
 SWEEP_COPY = "sweep.yaml"
@@ -599,115 +610,62 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics (pure functions)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    n: int
-    mean: float
-    std: float  # sample standard deviation (ddof 1); nan with one value
-    min: float
-    max: float
-
-
-def summarize(values: list[float]) -> Summary:
-    import numpy as np
-
-    a = np.asarray(values, dtype=float)
-    if a.size == 0:
-        return Summary(0, math.nan, math.nan, math.nan, math.nan)
-    std = float(a.std(ddof=1)) if a.size > 1 else math.nan
-    return Summary(int(a.size), float(a.mean()), std, float(a.min()), float(a.max()))
-
-
-@dataclass
-class Difference:
-    """mean(a) - mean(b) with Welch's t statistics, and a TOST equivalence test at ``margin``."""
-
-    diff: float
-    ci_low: float
-    ci_high: float
-    df: float
-    p_value: float  # Welch's t-test, two-sided: H0 mean(a) == mean(b)
-    margin: float
-    tost_p: float  # H0 |mean(a) - mean(b)| >= margin; small p: equivalent within the margin
-    alpha: float = 0.05
-    reason: str = ""  # why the statistics are not available (then the numbers are nan)
-
-    @property
-    def available(self) -> bool:
-        return not self.reason
-
-    @property
-    def significant(self) -> bool:
-        return self.available and self.p_value < self.alpha
-
-    @property
-    def equivalent(self) -> bool:
-        return self.available and self.tost_p < self.alpha
-
-    @property
-    def verdict(self) -> str:
-        if not self.available:
-            return "n/a"
-        if self.significant and self.equivalent:
-            return "differs, within the margin"
-        if self.significant:
-            return "differs"
-        if self.equivalent:
-            return "equivalent"
-        return "inconclusive"
-
-
-def welch_difference(a: list[float], b: list[float], margin: float,
-                     alpha: float = 0.05) -> Difference:
-    """Difference of means a - b: (1 - alpha) CI with Welch-Satterthwaite degrees of freedom,
-    Welch's two-sided t-test, and two one-sided Welch tests (TOST) against +-margin."""
-    import numpy as np
-    from scipy import stats
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    nan = math.nan
-    diff = float(a.mean() - b.mean()) if a.size and b.size else nan
-    if a.size < 2 or b.size < 2:
-        return Difference(diff, nan, nan, nan, nan, margin, nan, alpha,
-                          reason=f"needs at least 2 seeds per group (has {a.size} and {b.size})")
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = math.sqrt(va + vb)
-    scale = max(1.0, abs(float(a.mean())), abs(float(b.mean())))
-    if se <= 1e-12 * scale:  # every seed gave the same number in both groups: no spread at all
-        equal = abs(diff) <= 1e-12 * scale
-        return Difference(diff, diff, diff, math.inf, 1.0 if equal else 0.0, margin,
-                          0.0 if abs(diff) < margin else 1.0, alpha)
-    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    # TOST: H0 diff <= -margin (tested on a + margin > b) and H0 diff >= margin (a - margin < b).
-    p_low = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
-    p_high = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
-    return Difference(diff, diff - half, diff + half, float(df), p, margin,
-                      float(max(p_low, p_high)), alpha)
-
-
-# ---------------------------------------------------------------------------------------------
 # Groups and the comparison
 # ---------------------------------------------------------------------------------------------
 
-# What the table reports per run; (column name, function of a run).
-METRICS: dict[str, tuple[str, Any]] = {
-    "final_test_acc": ("final test acc", lambda r: r.final("test_acc")),
-    "best_test_acc": ("best test acc", lambda r: max(row["test_acc"] for row in r.rows)),
-    "final_test_loss": ("final test loss", lambda r: r.final("test_loss")),
-    "final_train_acc": ("final train acc", lambda r: r.final("train_acc")),
-    "gap": ("train-test gap", lambda r: r.final("train_acc") - r.final("test_acc")),
-    "epochs": ("epochs", lambda r: float(len(r.rows))),
-    "wall_seconds": ("wall time", lambda r: r.wall_seconds),
+DEFAULT_LAST_K = 5
+
+
+def train_acc_column(run: Run) -> str:
+    """``train_eval_acc`` (eval mode, a fixed training subset) where the run recorded it, else
+    ``train_acc`` (the running average in train mode, dropout on, of runs from before)."""
+    return "train_eval_acc" if run.rows and "train_eval_acc" in run.rows[0] else "train_acc"
+
+
+def has_val(run: Run) -> bool:
+    return bool(run.rows) and "val_acc" in run.rows[0]
+
+
+def best_test_acc(run: Run) -> float:
+    """Test accuracy at the epoch of highest validation accuracy (the first such epoch: the
+    best/ checkpoint); without a validation split, the highest test accuracy (optimistic)."""
+    if has_val(run):
+        return max(run.rows, key=lambda row: row["val_acc"])["test_acc"]
+    return max(row["test_acc"] for row in run.rows)
+
+
+# What the table reports per run: metric -> function of (run, k of the last-k window).
+METRICS: dict[str, Any] = {
+    "last_test_acc": lambda r, k: last_k_mean([row["test_acc"] for row in r.rows], k),
+    "final_test_acc": lambda r, k: r.final("test_acc"),
+    "best_test_acc": lambda r, k: best_test_acc(r),
+    "last_test_loss": lambda r, k: last_k_mean([row["test_loss"] for row in r.rows], k),
+    "final_test_loss": lambda r, k: r.final("test_loss"),
+    "train_acc": lambda r, k: last_k_mean([row[train_acc_column(r)] for row in r.rows], k),
+    "gap": lambda r, k: last_k_mean(
+        [row[train_acc_column(r)] - row["test_acc"] for row in r.rows], k),
+    "epochs": lambda r, k: float(len(r.rows)),
+    "wall_seconds": lambda r, k: r.wall_seconds,
 }
-# The metrics tested against full precision; accuracies use the accuracy margin, losses the loss
-# margin.
-TESTED = ["final_test_acc", "final_test_loss", "final_train_acc", "gap"]
+# The metrics tested against full precision (one Holm family per table); accuracies use the
+# accuracy margin, losses the loss margin.
+TESTED = ["last_test_acc", "final_test_acc", "last_test_loss", "final_test_loss", "train_acc",
+          "gap"]
+
+
+def metric_labels(runs: list[Run], k: int) -> dict[str, str]:
+    """Column names for a table of these runs; they say which train accuracy and which "best"
+    the runs give (a table of old and new run folders says both)."""
+    kinds = {train_acc_column(r) for r in runs if r.rows}
+    train = ("eval mode" if kinds == {"train_eval_acc"} else "running, train mode"
+             if kinds <= {"train_acc"} else "eval mode or running")
+    vals = {has_val(r) for r in runs if r.rows}
+    best = ("test acc at best val" if vals == {True} else "best test acc (optimistic)"
+            if vals <= {False} else "test acc at best val, or best (optimistic)")
+    return {"last_test_acc": f"test acc, last {k}", "final_test_acc": "test acc, final",
+            "best_test_acc": best, "last_test_loss": f"test loss, last {k}",
+            "final_test_loss": "test loss, final", "train_acc": f"train acc ({train}), last {k}",
+            "gap": f"train-test gap, last {k}", "epochs": "epochs", "wall_seconds": "wall time"}
 
 
 @dataclass
@@ -724,8 +682,8 @@ class Group:
     def is_fp(self) -> bool:
         return self.key.get("quant.method") == "fp"
 
-    def values(self, metric: str) -> list[float]:
-        return [METRICS[metric][1](r) for r in self.runs if r.rows]
+    def values(self, metric: str, last_k: int = DEFAULT_LAST_K) -> list[float]:
+        return [METRICS[metric](r, last_k) for r in self.runs if r.rows]
 
 
 def _label_part(key: str, value: Any) -> str:
@@ -776,11 +734,14 @@ def _without_quant(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_groups(groups: list[Group], margin: float = 0.01, loss_margin: float = 0.05,
-                   alpha: float = 0.05) -> list[Group]:
+                   alpha: float = 0.05, last_k: int = DEFAULT_LAST_K) -> list[Group]:
     """Fill each group's summaries and, for quantized groups, the differences to the
-    full-precision group that matches it in everything but quantization."""
+    full-precision group that matches it in everything but quantization, their Welch p-values
+    Holm-adjusted over every difference of the comparison (one table, one family)."""
+    if last_k < 1:
+        raise SweepError(f"--last-k {last_k}: expected 1 or more epochs")
     for g in groups:
-        g.stats = {m: summarize(g.values(m)) for m in METRICS}
+        g.stats = {m: summarize(g.values(m, last_k)) for m in METRICS}
     fps = [g for g in groups if g.is_fp]
     for g in groups:
         if g.is_fp:
@@ -790,8 +751,9 @@ def compare_groups(groups: list[Group], margin: float = 0.01, loss_margin: float
             continue
         g.reference = ref.label
         for m in TESTED:
-            g.vs_fp[m] = welch_difference(g.values(m), ref.values(m),
+            g.vs_fp[m] = welch_difference(g.values(m, last_k), ref.values(m, last_k),
                                           loss_margin if "loss" in m else margin, alpha)
+    adjust_holm([d for g in groups for d in g.vs_fp.values()])
     return groups
 
 
@@ -831,8 +793,64 @@ def _devices(runs: list[Run]) -> list[str]:
     return sorted({str(r.info.get("device", "unknown device")) for r in runs})
 
 
+def _amount(x: float, metric: str) -> str:
+    """A margin in the metric's units: accuracy points, or loss."""
+    return f"{100 * x:.2f} pts" if "acc" in metric or metric == "gap" else f"{x:.4f}"
+
+
+def verdict_text(d: Difference, metric: str) -> str:
+    """The verdict; an inconclusive one says why: a test significant only before Holm, a margin
+    finer than the seeds can resolve, or a 90% CI that reaches past the margin."""
+    if d.verdict != "inconclusive":
+        return d.verdict if d.available else f"n/a: {d.reason}"
+    why = []
+    if d.p_value < d.alpha:
+        why.append(f"Welch p < {d.alpha:g} only before Holm")
+    margin = _amount(d.margin, metric)
+    if d.resolvable >= d.margin:
+        why.append(f"resolvable margin {_amount(d.resolvable, metric)} > {margin}")
+    else:
+        why.append(f"{100 - 200 * d.alpha:g}% CI reaches past ±{margin}")
+    return "inconclusive: " + "; ".join(why)
+
+
+def _notes(runs: list[Run], k: int) -> list[str]:
+    """What the table's columns are: the last-k window, which best, which train accuracy."""
+    with_rows = [r for r in runs if r.rows]
+    short = sorted({len(r.rows) for r in with_rows if len(r.rows) < k})
+    window = (f"Last {k}: the mean over each run's last {k} epochs (a steadier headline than the "
+              "final epoch alone)" + (f"; runs with fewer epochs ({', '.join(map(str, short))}) "
+                                      "give the mean of all of theirs" if short else "") + ".")
+    vals = {has_val(r) for r in with_rows}
+    best = []
+    if True in vals:
+        best.append("test acc at best val is the test accuracy at the epoch of highest "
+                    "validation accuracy (the best/ checkpoint)")
+    if False in vals:
+        best.append("best test acc is the maximum over epochs, picked on the test set "
+                    "(optimistic)")
+    kinds = {train_acc_column(r) for r in with_rows}
+    train = []
+    if "train_eval_acc" in kinds:
+        train.append("train acc (eval mode) is the model in eval mode on a fixed class-balanced "
+                     "subset of up to 10,000 training images (train_eval_acc)")
+    if "train_acc" in kinds:
+        train.append("train acc (running, train mode) is the running average over each epoch "
+                     "in train mode (train_acc: dropout on, weights changing; these runs predate "
+                     "the eval-mode train accuracy)" if kinds == {"train_acc"} else
+                     "runs without train_eval_acc give their running train-mode average "
+                     "(train_acc)")
+    return [window, _sentence(best), _sentence(train)[:-1] + "; the train-test gap is that "
+            "accuracy minus test accuracy, epoch by epoch, averaged over the same window."]
+
+
+def _sentence(parts: list[str]) -> str:
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
+
+
 def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
-                     figure: str | None = None) -> str:
+                     figure: str | None = None, last_k: int = DEFAULT_LAST_K) -> str:
     """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished."""
     lines = []
     configured = sorted({r.epochs_configured for r in runs})
@@ -847,11 +865,12 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
         lines.append(f"Training images: class-balanced subset of {', '.join(limits)} "
                      "(data.limit_train).")
     lines.append("")
-    lines.append("Mean ± std (ddof 1) over seeds; accuracies in %. Best test acc is the maximum "
-                 "over epochs, picked on the test set (optimistic).")
+    lines.append("Mean ± std (ddof 1) over seeds; accuracies in %. "
+                 + " ".join(_notes(runs, last_k)))
     lines.append("")
     cols = list(METRICS)
-    lines.append("| group | seeds | " + " | ".join(METRICS[m][0] for m in cols) + " |")
+    labels = metric_labels(runs, last_k)
+    lines.append("| group | seeds | " + " | ".join(labels[m] for m in cols) + " |")
     lines.append("|---" * (len(cols) + 2) + "|")
     for g in groups:
         seeds = ", ".join(str(r.seed) for r in g.runs) or "none"
@@ -864,22 +883,28 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
         margins = next(iter(compared)).vs_fp
         acc_m = 100 * margins["final_test_acc"].margin
         loss_m = margins["final_test_loss"].margin
+        tests = sum(d.available for g in compared for d in g.vs_fp.values())
         lines += ["", f"Differences to full precision (group − fp, matched in everything but "
-                  f"quantization): 95% confidence interval (Welch–Satterthwaite), Welch t-test "
-                  f"p-value, TOST equivalence p-value at a margin of ±{acc_m:g} accuracy points "
-                  f"and ±{loss_m:g} loss (equivalent: TOST p < 0.05).", ""]
-        lines.append("| group | metric | difference [95% CI] | Welch p | TOST p | verdict |")
-        lines.append("|---|---|---|---|---|---|")
+                  f"quantization): 95% confidence interval (Welch–Satterthwaite); Welch t-test "
+                  f"p-value, raw and Holm-adjusted over the {tests} tests of this table (differs: "
+                  f"Holm p < 0.05); TOST equivalence p-value at a margin of ±{acc_m:g} accuracy "
+                  f"points and ±{loss_m:g} loss (equivalent: TOST p < 0.05). Resolvable margin: "
+                  f"the half-width of the 90% confidence interval (Welch), the smallest margin "
+                  f"TOST can confirm with these seeds even for a difference of zero.", ""]
+        lines.append("| group | metric | difference [95% CI] | Welch p | Holm p | TOST p "
+                     "| resolvable margin | verdict |")
+        lines.append("|---" * 8 + "|")
         for g in compared:
             for m, d in g.vs_fp.items():
                 if d.available:
                     diff = (f"{_signed(d.diff, m)} [{_signed(d.ci_low, m)}, "
                             f"{_signed(d.ci_high, m)}]")
-                    lines.append(f"| {g.label} | {METRICS[m][0]} | {diff} | {d.p_value:.3g} | "
-                                 f"{d.tost_p:.3g} | {d.verdict} |")
+                    lines.append(f"| {g.label} | {labels[m]} | {diff} | {d.p_value:.3g} | "
+                                 f"{d.p_adjusted:.3g} | {d.tost_p:.3g} | "
+                                 f"{_amount(d.resolvable, m)} | {verdict_text(d, m)} |")
                 else:
-                    lines.append(f"| {g.label} | {METRICS[m][0]} | {_signed(d.diff, m)} | n/a | "
-                                 f"n/a | n/a: {d.reason} |")
+                    lines.append(f"| {g.label} | {labels[m]} | {_signed(d.diff, m)} | n/a | n/a "
+                                 f"| n/a | n/a | {verdict_text(d, m)} |")
     unfinished = [r for g in groups for r in g.unfinished]
     if unfinished:
         counted = any(r in g.runs for g in groups for r in g.unfinished)
@@ -955,17 +980,20 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
 
 def compare(paths: list[str | Path], out: str | Path | None = None, margin: float = 0.01,
             loss_margin: float = 0.05, include_unfinished: bool = False,
-            full_epochs: int | None = None, title: str = "") -> tuple[list[Group], str]:
-    """Load, group and compare run folders; with ``out``, write compare.md and compare.png."""
+            full_epochs: int | None = None, title: str = "",
+            last_k: int = DEFAULT_LAST_K) -> tuple[list[Group], str]:
+    """Load, group and compare run folders; with ``out``, write compare.md and compare.png.
+    ``last_k``: the window of the last-k means (test accuracy and loss, train accuracy, gap)."""
     runs = [load_run(p) for p in find_run_dirs(paths)]
-    groups = compare_groups(group_runs(runs, include_unfinished), margin, loss_margin)
+    groups = compare_groups(group_runs(runs, include_unfinished), margin, loss_margin,
+                            last_k=last_k)
     figure = None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         plot_groups(groups, out / "compare.png", title, full_epochs)
         figure = "compare.png"
-    text = compare_markdown(groups, runs, full_epochs, figure)
+    text = compare_markdown(groups, runs, full_epochs, figure, last_k)
     if out is not None:
         (out / "compare.md").write_text(text)
     return groups, text
@@ -989,7 +1017,8 @@ def _study_sweeps(results: Path, studies: Path | None) -> list[Sweep]:
 
 
 def write_report(results: str | Path = "results", studies: str | Path | None = "studies",
-                 margin: float = 0.01, loss_margin: float = 0.05) -> Path:
+                 margin: float = 0.01, loss_margin: float = 0.05,
+                 last_k: int = DEFAULT_LAST_K) -> Path:
     """Regenerate RESULTS/README.md (and each study's compare.md, compare.png) from the
     committed run folders; grid points without a run folder are listed as not run."""
     results = Path(results)
@@ -1018,7 +1047,7 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
         if present:
             _, text = compare([out / n for n in planned if n in present], out=out, margin=margin,
                               loss_margin=loss_margin, full_epochs=sweep.full_epochs,
-                              title=sweep.title)
+                              title=sweep.title, last_k=last_k)
             text = text.replace("](compare.png)", f"]({rel}/compare.png)")
             lines += [text.rstrip(), ""]
         if missing and not present:  # a list of every grid point would drown the page

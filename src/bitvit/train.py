@@ -42,10 +42,15 @@ from bitvit.checkpoint import (
     save_model,
 )
 from bitvit.config import DEVICE_PATTERN, Config, ConfigError, load_config, save_config
-from bitvit.data import ImageSet, augment, load_data, normalize
+from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]
+# The model in eval mode (no dropout, no augmentation) on a fixed class-balanced subset of the
+# training split: unlike train_loss/train_acc, a running average in train mode, it compares
+# with test_loss/test_acc. Last in the row, so folders written before these columns still read.
+TRAIN_EVAL_COLUMNS = ["train_eval_loss", "train_eval_acc"]
+TRAIN_EVAL_SIZE = 10_000
 STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
 
 
@@ -306,10 +311,12 @@ def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-"), ("test", "--"), ("val", ":")):
+    for split, style, label in (("train", "-", "train (running, train mode)"),
+                                ("train_eval", "-.", "train (eval)"), ("test", "--", "test"),
+                                ("val", ":", "val")):
         if rows and f"{split}_loss" in rows[0]:
-            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], style, label=split)
-            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], style, label=split)
+            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], style, label=label)
+            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], style, label=label)
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
@@ -393,6 +400,11 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         start_epoch, best_acc = _load_state(run_dir / "last", model, optimizer, scheduler)
         rows = [r for r in rows if r["epoch"] < start_epoch]
     columns = METRIC_COLUMNS + (VAL_COLUMNS if splits.val is not None else [])
+    # A run resumed from a folder written before the train-eval columns keeps its columns.
+    if not rows or TRAIN_EVAL_COLUMNS[0] in rows[0]:
+        columns += TRAIN_EVAL_COLUMNS
+    # Seeded by the data seed: the same images every epoch, on every rank and after a resume.
+    train_eval = balanced_subset(splits.train, TRAIN_EVAL_SIZE, config.data.seed)
 
     net: nn.Module = model
     if distributed:
@@ -477,12 +489,16 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                 val = _evaluate_sharded(model, splits.val, mean, std, tc.eval_batch_size, device,
                                         world, rank)
                 row.update(val_loss=val[0], val_acc=val[1])
+            if TRAIN_EVAL_COLUMNS[0] in columns:
+                fit = _evaluate_sharded(model, train_eval, mean, std, tc.eval_batch_size,
+                                        device, world, rank)
+                row.update(train_eval_loss=fit[0], train_eval_acc=fit[1])
             # Every process sees the same parameters and the same all-reduced losses, so all
             # of them stop here together; nothing of this epoch is saved.
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise _non_finite(f"parameters are not finite after epoch {epoch}", epoch,
                                   run_dir)
-            for split in ("test", "val"):
+            for split in ("test", "val", "train_eval"):
                 if not math.isfinite(row.get(f"{split}_loss", 0.0)):
                     raise _non_finite(f"{split} loss is {row[f'{split}_loss']} after epoch "
                                       f"{epoch}", epoch, run_dir)
@@ -624,6 +640,8 @@ def _summary_line(row: dict[str, float], epochs: int) -> str:
             f"{row['train_acc']:.4f}  test {row['test_loss']:.4f} {row['test_acc']:.4f}")
     if "val_acc" in row:
         text += f"  val {row['val_loss']:.4f} {row['val_acc']:.4f}"
+    if "train_eval_acc" in row:
+        text += f"  train(eval) {row['train_eval_loss']:.4f} {row['train_eval_acc']:.4f}"
     return text + f"  {row['seconds']:.1f}s"
 
 

@@ -1,0 +1,140 @@
+"""The statistics of the studies, as pure functions: summaries over seeds, a headline that is not
+one noisy epoch, Welch differences with TOST equivalence, and Holm's correction over a table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (ddof 1); nan with one value
+    min: float
+    max: float
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan)
+    std = float(a.std(ddof=1)) if a.size > 1 else math.nan
+    return Summary(int(a.size), float(a.mean()), std, float(a.min()), float(a.max()))
+
+
+def last_k_mean(values: Sequence[float], k: int) -> float:
+    """The mean of the last ``k`` values (all of them when there are fewer); nan when none.
+
+    Test accuracy moves about a point between neighbouring epochs, so the last epoch alone is a
+    noisy statistic of where a run ended; a few epochs' mean is steadier.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: expected 1 or more")
+    window = list(values)[-k:]
+    return math.fsum(window) / len(window) if window else math.nan
+
+
+@dataclass
+class Difference:
+    """mean(a) - mean(b) with Welch's t statistics, and a TOST equivalence test at ``margin``."""
+
+    diff: float
+    ci_low: float
+    ci_high: float
+    df: float
+    p_value: float  # Welch's t-test, two-sided: H0 mean(a) == mean(b)
+    margin: float
+    tost_p: float  # H0 |mean(a) - mean(b)| >= margin; small p: equivalent within the margin
+    alpha: float = 0.05
+    reason: str = ""  # why the statistics are not available (then the numbers are nan)
+    # The half-width of the (1 - 2 alpha) CI: TOST finds equivalence exactly when that CI lies
+    # within +-margin, so with these seeds no margin below this can be confirmed, even for an
+    # observed difference of zero.
+    resolvable: float = math.nan
+    # p_value adjusted for the other tests of its table (Holm); p_value itself until then.
+    p_adjusted: float = math.nan
+
+    @property
+    def available(self) -> bool:
+        return not self.reason
+
+    @property
+    def significant(self) -> bool:
+        return self.available and self.p_adjusted < self.alpha
+
+    @property
+    def equivalent(self) -> bool:
+        return self.available and self.tost_p < self.alpha
+
+    @property
+    def verdict(self) -> str:
+        if not self.available:
+            return "n/a"
+        if self.significant and self.equivalent:
+            return "differs, within the margin"
+        if self.significant:
+            return "differs"
+        if self.equivalent:
+            return "equivalent"
+        return "inconclusive"
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], margin: float,
+                     alpha: float = 0.05) -> Difference:
+    """Difference of means a - b: (1 - alpha) CI with Welch-Satterthwaite degrees of freedom,
+    Welch's two-sided t-test, two one-sided Welch tests (TOST) against +-margin, and the margin
+    these samples can resolve (the half-width of the (1 - 2 alpha) CI)."""
+    import numpy as np
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    nan = math.nan
+    diff = float(a.mean() - b.mean()) if a.size and b.size else nan
+    if a.size < 2 or b.size < 2:
+        return Difference(diff, nan, nan, nan, nan, margin, nan, alpha,
+                          reason=f"needs at least 2 seeds per group (has {a.size} and {b.size})")
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    scale = max(1.0, abs(float(a.mean())), abs(float(b.mean())))
+    if se <= 1e-12 * scale:  # every seed gave the same number in both groups: no spread at all
+        p = 1.0 if abs(diff) <= 1e-12 * scale else 0.0
+        return Difference(diff, diff, diff, math.inf, p, margin,
+                          0.0 if abs(diff) < margin else 1.0, alpha, resolvable=0.0, p_adjusted=p)
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    # TOST: H0 diff <= -margin (tested on a + margin > b) and H0 diff >= margin (a - margin < b).
+    p_low = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
+    p_high = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
+    return Difference(diff, diff - half, diff + half, float(df), p, margin,
+                      float(max(p_low, p_high)), alpha,
+                      resolvable=float(stats.t.ppf(1 - alpha, df)) * se, p_adjusted=p)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given; nan (no test) stays nan and does
+    not count as a test.
+
+    The i-th smallest of m p-values is multiplied by m - i + 1 (i from 1), capped at 1, and
+    made non-decreasing in that order; rejecting where the adjusted p < alpha controls the
+    family-wise error rate at alpha.
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def adjust_holm(differences: Sequence[Difference]) -> None:
+    """Set each available difference's ``p_adjusted`` by Holm over all of them (one family)."""
+    tested = [d for d in differences if d.available]
+    for d, p in zip(tested, holm([d.p_value for d in tested]), strict=True):
+        d.p_adjusted = p

@@ -1,0 +1,159 @@
+"""The studies' statistics: Holm's correction, the last-k headline, the resolvable margin, and
+tables of run folders with and without the eval-mode train accuracy and a validation split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+from test_studies import fake_run
+
+from bitvit.cli import main
+from bitvit.stats import holm, last_k_mean, welch_difference
+from bitvit.studies import compare, compare_groups, group_runs, load_run, verdict_text
+from bitvit.train import (
+    METRIC_COLUMNS,
+    TRAIN_EVAL_COLUMNS,
+    VAL_COLUMNS,
+    read_metrics,
+    write_metrics,
+)
+
+
+def holm_by_definition(p: list[float]) -> list[float]:
+    """Holm straight from its definition: the adjusted p of test i is the largest, over the tests
+    ranked at or before it, of (m - rank + 1) * p, capped at 1."""
+    m = len(p)
+    ranked = sorted(range(m), key=lambda i: p[i])
+    return [max(min(1.0, (m - r) * p[ranked[r]]) for r in range(ranked.index(i) + 1))
+            for i in range(m)]
+
+
+def test_holm_on_a_known_example():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 -> max(0.06, 0.04)
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm(p) == pytest.approx(holm_by_definition(p))
+    many = [0.2, 0.001, 0.04, 0.5, 0.012, 0.0105, 0.9]
+    assert holm(many) == pytest.approx(holm_by_definition(many))
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1
+    # No test (nan) is not counted: the other two form a family of two.
+    out = holm([0.01, math.nan, 0.04])
+    assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
+
+
+def test_last_k_mean_on_fixed_numbers():
+    values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert last_k_mean(values, 5) == pytest.approx(0.5)
+    assert last_k_mean(values, 1) == 0.7
+    assert last_k_mean(values, 10) == pytest.approx(0.4)  # fewer epochs: all of them
+    assert math.isnan(last_k_mean([], 5))
+    with pytest.raises(ValueError):
+        last_k_mean(values, 0)
+
+
+def test_resolvable_margin_is_the_welch_90_percent_half_width():
+    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]  # variances 1 and 4, df 50/17
+    d = welch_difference(a, b, margin=0.5)
+    se = math.sqrt(1 / 3 + 4 / 3)
+    assert d.resolvable == pytest.approx(stats.t.ppf(0.95, 50 / 17) * se)
+    # TOST is equivalent exactly when the 90% CI lies within the margin.
+    q, fp = [0.502, 0.497, 0.506], [0.500, 0.510, 0.490]
+    d = welch_difference(q, fp, margin=0.05)
+    assert d.equivalent and abs(d.diff) + d.resolvable < 0.05
+    tight = welch_difference(q, fp, margin=abs(d.diff) + d.resolvable * 0.99)
+    assert not tight.equivalent
+
+
+def test_inconclusive_says_why():
+    fp, q = [0.50, 0.52, 0.48], [0.51, 0.49, 0.53]  # 3 seeds, ~2 points of spread
+    d = welch_difference(q, fp, margin=0.01)
+    assert d.verdict == "inconclusive" and d.resolvable > 0.01
+    assert verdict_text(d, "last_test_acc") == (
+        f"inconclusive: resolvable margin {100 * d.resolvable:.2f} pts > 1.00 pts")
+    # A margin the seeds can resolve, but a difference whose CI reaches past it.
+    near = welch_difference([0.508, 0.518, 0.528], [0.50, 0.51, 0.52], margin=0.02)
+    assert near.resolvable < near.margin < abs(near.diff) + near.resolvable
+    assert verdict_text(near, "last_test_acc") == "inconclusive: 90% CI reaches past ±2.00 pts"
+    # Significant before Holm, not after: the adjusted p decides, and the verdict says so.
+    d = welch_difference([0.60, 0.61, 0.62], [0.50, 0.51, 0.52], margin=0.2)
+    d.p_adjusted = 0.2
+    assert d.p_value < 0.05 and not d.significant
+    assert verdict_text(d, "last_test_loss").startswith("equivalent")
+    d.margin, d.tost_p = 0.01, 0.9
+    assert verdict_text(d, "last_test_loss") == (
+        f"inconclusive: Welch p < 0.05 only before Holm; resolvable margin "
+        f"{d.resolvable:.4f} > 0.0100")
+
+
+def _with_columns(run_dir: Path, **columns: list[float]) -> Path:
+    """Add columns (train_eval_*, val_*) to a fake run's metrics.csv, in train()'s order."""
+    rows = read_metrics(run_dir / "metrics.csv")
+    for name, values in columns.items():
+        for row, v in zip(rows, values, strict=True):
+            row[name] = v
+    order = METRIC_COLUMNS + [c for c in VAL_COLUMNS + TRAIN_EVAL_COLUMNS if c in columns]
+    write_metrics(run_dir / "metrics.csv", rows, order)
+    return run_dir
+
+
+def _study(tmp_path: Path, train_eval: bool, val: bool) -> Path:
+    """fp and b158 over 3 seeds, 6 epochs; b158's test accuracy ~2 points up."""
+    out = tmp_path / "study"
+    for method, up in (("fp", 0.0), ("b158", 0.02)):
+        for seed in range(3):
+            acc = [0.30, 0.40, 0.45, 0.50, 0.49 + up, 0.51 + up + seed / 200]
+            run = fake_run(out / f"method={method}_seed={seed}",
+                           [f"quant.method={method}", f"train.seed={seed}"], acc)
+            extra = {}
+            if val:  # validation peaks at epoch 4
+                extra |= {"val_loss": [1.0] * 6, "val_acc": [0.3, 0.4, 0.5, 0.6, 0.55, 0.58]}
+            if train_eval:
+                extra |= {"train_eval_loss": [1.0] * 6,
+                          "train_eval_acc": [a + 0.05 + seed / 100 for a in acc]}
+            _with_columns(run, **extra)
+    return out
+
+
+def test_tables_of_new_run_folders(tmp_path):
+    groups, text = compare([_study(tmp_path, train_eval=True, val=True)], last_k=3)
+    fp = groups[0]
+    # train (eval) - test, averaged over the last 3 epochs: 0.05 + seed / 100.
+    assert fp.values("gap", 3) == pytest.approx([0.05, 0.06, 0.07])
+    assert fp.values("train_acc", 3) == pytest.approx(
+        [(0.50 + 0.49 + 0.51 + s / 200) / 3 + 0.05 + s / 100 for s in range(3)])
+    assert fp.values("best_test_acc", 3) == pytest.approx([0.50] * 3)  # test acc at epoch 4
+    assert "| test acc, last 3 | test acc, final | test acc at best val |" in text
+    assert "train acc (eval mode), last 3 | train-test gap, last 3 |" in text
+    assert "(optimistic)" not in text and "train_acc:" not in text
+    # Holm over the 6 tests of the table; the verdicts follow the adjusted p.
+    diffs = list(groups[1].vs_fp.values())
+    assert len(diffs) == 6
+    assert [d.p_adjusted for d in diffs] == pytest.approx(holm([d.p_value for d in diffs]))
+    assert "Holm-adjusted over the 6 tests of this table" in text
+    assert "| Welch p | Holm p | TOST p | resolvable margin | verdict |" in text
+
+
+def test_tables_of_old_run_folders_say_what_their_train_accuracy_is(tmp_path):
+    groups, text = compare([_study(tmp_path, train_eval=False, val=False)])
+    fp = groups[0]
+    # fake_run's train_acc is test_acc + 0.1: the gap over the last 5 epochs is 0.1.
+    assert fp.values("gap") == pytest.approx([0.1] * 3)
+    assert fp.values("best_test_acc") == pytest.approx([0.51, 0.515, 0.52])  # max over epochs
+    assert "| best test acc (optimistic) |" in text
+    assert "train acc (running, train mode), last 5" in text
+    assert "running average over each epoch in train mode (train_acc" in text
+
+
+def test_compare_and_report_take_last_k(tmp_path, capsys):
+    study = _study(tmp_path, train_eval=True, val=False)
+    assert main(["compare", str(study), "--last-k", "2"]) == 0
+    assert "| test acc, last 2 |" in capsys.readouterr().out
+    assert main(["compare", str(study), "--last-k", "0"]) == 2
+    assert "--last-k 0: expected 1 or more" in capsys.readouterr().err
+    runs = [load_run(p) for p in sorted(study.iterdir())]
+    groups = compare_groups(group_runs(runs), last_k=1)
+    assert groups[0].stats["last_test_acc"].mean == pytest.approx(
+        groups[0].stats["final_test_acc"].mean)
