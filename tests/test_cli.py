@@ -127,7 +127,8 @@ def spied_load(tmp_path, monkeypatch) -> tuple[Path, list[dict]]:
     """A small exported file (no training) and the keyword arguments `load` is called with."""
     config = Config.from_dict({"model": {"image_size": 16, "patch_size": 4, "dim": 32,
                                          "depth": 1, "heads": 2, "num_classes": 3},
-                               "quant": {"method": "b158"}})
+                               "quant": {"method": "b158"},
+                               "data": {"mean": [0.5] * 3, "std": [0.25] * 3}})
     path = export_model(build_model(config), config, ["a", "b", "c"], tmp_path / "m.safetensors")
     calls: list[dict] = []
 

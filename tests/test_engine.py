@@ -285,6 +285,7 @@ def test_agreement_of_a_trained_exported_model(tmp_path):
     The model must have learned (accuracy >= 0.6, chance 0.1), or agreement says little.
     """
     from bitvit.config import Config
+    from bitvit.data import DataConfig
     from bitvit.export import export_model, load
     from bitvit.quant import QuantConfig
 
@@ -300,7 +301,8 @@ def test_agreement_of_a_trained_exported_model(tmp_path):
         opt.zero_grad()
         F.cross_entropy(model(x_train[batch]), y_train[batch]).backward()
         opt.step()
-    config = Config(model=TINY, quant=QuantConfig(method="b158"))
+    config = Config(model=TINY, quant=QuantConfig(method="b158"),
+                    data=DataConfig(mean=(0.5,) * 3, std=(0.25,) * 3))  # an export needs numbers
     path = export_model(model.eval(), config, [f"c{i}" for i in range(TINY.num_classes)],
                         tmp_path / "m.safetensors")
     int_model, fp_model = load(path, engine="int"), load(path, engine="fp")

@@ -7,6 +7,7 @@ import torch
 from bitvit.checkpoint import build_model, save_model
 from bitvit.cli import main
 from bitvit.config import Config
+from bitvit.data import DataConfig
 from bitvit.model import VisionTransformer, ViTConfig
 from bitvit.profile import ENERGY_PJ, SUMMED, load_for_profile, profile_model
 from bitvit.quant import QuantConfig, quantize_
@@ -14,6 +15,7 @@ from bitvit.quant import QuantConfig, quantize_
 # depth 1, dim 8, patch 16 on 32x32: 4 patches + cls = 5 tokens.
 TINY = ViTConfig(image_size=32, patch_size=16, dim=8, depth=1, heads=2, mlp_ratio=4.0,
                  num_classes=10)
+NUMBERS = DataConfig(mean=(0.5,) * 3, std=(0.25,) * 3)  # an export needs normalization numbers
 
 
 def tiny(method: str = "fp", **quant) -> VisionTransformer:
@@ -214,7 +216,7 @@ def test_profile_of_an_export_matches_the_file(tmp_path, capsys, float_dtype):
     export = pytest.importorskip("bitvit.export")
     from safetensors import safe_open
 
-    config = Config(model=TINY, quant=QuantConfig(method="b158"))
+    config = Config(model=TINY, quant=QuantConfig(method="b158"), data=NUMBERS)
     model = tiny("b158")
     file = tmp_path / "model.safetensors"
     export.export_model(model, config, [str(i) for i in range(10)], file, packing="2bit",
@@ -264,7 +266,7 @@ def test_resident_bytes_are_what_the_loaded_model_holds(tmp_path, method, quant)
     """The profile's resident weights equal what `bitvit.load` (int engine) really holds."""
     import bitvit
 
-    config = Config(model=TINY, quant=QuantConfig(method=method, **quant))
+    config = Config(model=TINY, quant=QuantConfig(method=method, **quant), data=NUMBERS)
     file = tmp_path / "model.safetensors"
     bitvit.export_model(build_model(config), config, [str(i) for i in range(10)], file)
     src = load_for_profile(file)

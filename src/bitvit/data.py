@@ -11,6 +11,10 @@ Supported sources (a directory or a tar archive, optionally gzipped):
 Everything is decoded to uint8 ``(N, C, H, W)`` tensors once and cached in a safe ``.npz``
 (loaded with ``allow_pickle=False``) keyed by the source and by ``image_size``/``channels``.
 Normalization and augmentation run later on tensors, on the training device.
+
+Normalization statistics ``auto`` (the default) resolve to CIFAR-10's published values when the
+source is CIFAR-10 (see `is_cifar10`) and the model is RGB, else to the per-channel mean and std
+of the full training split; they are cached beside the decoded arrays in a small JSON file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import logging
 import os
 import pickle
@@ -48,6 +53,12 @@ PY_FILES = (*PY_TRAIN, "test_batch", "batches.meta")
 BIN_FILES = (*(f"{n}.bin" for n in (*PY_TRAIN, "test_batch")), "batches.meta.txt")
 CIFAR_RECORD = 1 + 3 * 32 * 32  # binary version: one label byte, then 3072 CHW pixel bytes
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+AUTO = "auto"  # data.mean / data.std: resolve from the data (see resolve_statistics)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the published per-channel values of its training set
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one entry per channel
 
 
 class DataError(ValueError):
@@ -80,9 +91,11 @@ class DataConfig:
     limit_test: int | None = None
     # Seed for subsets and the validation split (independent of the training seed).
     seed: int = 0
-    # Per-channel normalization on [0, 1] pixels; one entry per channel. Travels with checkpoints.
-    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
-    std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+    # Per-channel normalization on [0, 1] pixels: one number per channel, or auto (each of the
+    # two on its own): CIFAR-10's published values for CIFAR-10 with an RGB model, else computed
+    # from the training split. Training records the resolved numbers (config.yaml, checkpoints).
+    mean: tuple[float, ...] | str = AUTO
+    std: tuple[float, ...] | str = AUTO
     # Training augmentation (all off for the paper preset): random crop after zero padding of
     # crop_padding pixels per side, and random horizontal flip with probability 0.5.
     random_crop: bool = False
@@ -91,8 +104,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         # YAML gives lists; keep tuples of floats so configs compare and serialize cleanly.
-        self.mean = _float_tuple(self.mean, "data.mean")
-        self.std = _float_tuple(self.std, "data.std")
+        self.mean = _stats_value(self.mean, "data.mean")
+        self.std = _stats_value(self.std, "data.std")
 
 
 @dataclass
@@ -115,6 +128,9 @@ class DataSplits:
     test: ImageSet
     classes: list[str]
     source: Path  # the data file or folder actually read (found or downloaded)
+    # The normalization to use: data.mean/data.std with auto resolved (see resolve_statistics).
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +143,8 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
 
     Order: limit_train/limit_test subsets are taken first (so a limited run decodes only what it
     uses), then ``val_size`` images are carved from the (possibly limited) training set.
+    ``mean``/``std`` of the result are ``cfg``'s with ``auto`` resolved from the full training
+    split of the source (before any subset), computed once and cached.
     """
     check_normalization(cfg.mean, cfg.std, channels)
     for name in ("limit_train", "limit_test"):
@@ -142,9 +160,13 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
         path = download_cifar10(cfg.cache_dir, cfg.download_url, cfg.download_md5)
     else:
         path = find_data(cfg.path)
-    train, test = read_images(path, image_size, channels, cfg.cache_dir,
-                              limit_train=cfg.limit_train, limit_test=cfg.limit_test,
-                              seed=cfg.seed)
+    auto = _is_auto(cfg.mean) or _is_auto(cfg.std)
+    train, test, stats = _read_source(path, image_size, channels, cfg.cache_dir,
+                                      (cfg.limit_train, cfg.limit_test), cfg.seed, auto)
+    mean = stats[0] if stats is not None and _is_auto(cfg.mean) else cfg.mean
+    std = stats[1] if stats is not None and _is_auto(cfg.std) else cfg.std
+    if auto:
+        log.info("data.mean %s, data.std %s (auto)", _rounded(mean), _rounded(std))
     val = None
     if cfg.val_size:
         if cfg.val_size >= len(train):
@@ -154,7 +176,7 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
     log.info("data %s: train %d, val %d, test %d, %d classes", path, len(train),
              len(val) if val is not None else 0, len(test), len(train.classes))
     return DataSplits(train=train, val=val, test=test, classes=list(train.classes),
-                      source=path.resolve())
+                      source=path.resolve(), mean=tuple(mean), std=tuple(std))
 
 
 def find_data(path: str | None) -> Path:
@@ -242,7 +264,16 @@ def read_images(path: Path, image_size: int, channels: int,
     chosen images (not cached: that takes seconds); the result equals ``balanced_subset`` of the
     full set with the same seed.
     """
-    path = Path(path)
+    train, test, _ = _read_source(Path(path), image_size, channels, cache_dir,
+                                  (limit_train, limit_test), seed, statistics=False)
+    return train, test
+
+
+def _read_source(path: Path, image_size: int, channels: int,
+                 cache_dir: str | os.PathLike[str] | None, limits: tuple[int | None, int | None],
+                 seed: int, statistics: bool) -> tuple[ImageSet, ImageSet, Stats | None]:
+    """`read_images`, plus with ``statistics`` the source's normalization (`resolve_statistics`)
+    from the cache, or resolved and cached beside the decoded arrays."""
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     if not isinstance(image_size, int) or image_size <= 0:
@@ -255,45 +286,120 @@ def read_images(path: Path, image_size: int, channels: int,
         f"v{CACHE_VERSION}|{source_key}|{image_size}|{channels}".encode()).hexdigest()
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.resolve().name) or "data"
     cache_file = resolve_cache_dir(cache_dir) / f"{stem}-{image_size}px-{channels}c-{key[:24]}.npz"
+    stats_file = cache_file.with_suffix(".stats.json")
 
+    stats = _load_stats(stats_file, key, channels) if statistics else None
     cached = _load_cache(cache_file, key)
-    if cached is None:
-        if tree is None:  # archives are only read on a cache miss
+    form = None
+    # Only CIFAR-10's classes with an RGB model may take the published values; checking that
+    # needs the source's tree, which a cache hit on an archive otherwise never reads.
+    check_cifar = (statistics and stats is None and channels == 3
+                   and (cached is None or tuple(cached[0].classes) == CIFAR10_CLASSES))
+    if cached is None or check_cifar:
+        if tree is None:
             tree = _read_tar(path)
         form = _detect_form(tree, path)
-        if form[0] == "folder" and (limit_train or limit_test):
+        if check_cifar and is_cifar10(tree, form):
+            stats = _save_stats(stats_file, key, (CIFAR10_MEAN, CIFAR10_STD),
+                                "CIFAR-10's published values")
+    if cached is None:
+        assert tree is not None and form is not None
+        if form[0] == "folder" and any(limits) and not (statistics and stats is None):
             # Decode only the chosen subset; cheap enough not to cache.
-            return _read_folder(tree, form[1], image_size, channels,
-                                limits=(limit_train, limit_test), seed=seed)
+            train, test = _read_folder(tree, form[1], image_size, channels, limits=limits,
+                                       seed=seed)
+            return train, test, stats
         train, test = _decode(tree, form, image_size, channels)
         _save_cache(cache_file, key, train, test)
     else:
         train, test = cached
         log.info("loaded %s from cache %s", path, cache_file)
-    if limit_train:
-        train = balanced_subset(train, limit_train, seed)
-    if limit_test:
-        test = balanced_subset(test, limit_test, seed)
-    return train, test
+    if statistics and stats is None:
+        stats = _save_stats(stats_file, key, channel_statistics(train.images),
+                            f"computed from the {len(train)} training images")
+    if limits[0]:
+        train = balanced_subset(train, limits[0], seed)
+    if limits[1]:
+        test = balanced_subset(test, limits[1], seed)
+    return train, test, stats
 
 
-def check_normalization(mean: Iterable[float], std: Iterable[float], channels: int) -> None:
-    """mean/std must have one entry per channel and std must be positive."""
-    mean, std = tuple(mean), tuple(std)
-    if len(mean) != channels:
-        raise DataError(f"data.mean has {len(mean)} entries but the model has {channels} "
-                        f"channel(s); give one per channel")
-    if len(std) != channels:
-        raise DataError(f"data.std has {len(std)} entries but the model has {channels} "
-                        f"channel(s); give one per channel")
-    if any(not s > 0 for s in std):
-        raise DataError(f"data.std entries must be positive, got {list(std)}")
+def is_cifar10(tree: _Tree, form: tuple[str, str]) -> bool:
+    """Whether a source is CIFAR-10, so that ``auto`` normalization takes its published values.
+
+    The official python or binary version with CIFAR-10's ten class names in official order, or
+    an image folder whose class folders are exactly those ten and whose first training image of
+    every class is 32x32 RGB (an image folder's classes are sorted, as the official order is).
+    """
+    kind, root = form
+    if kind == "python":
+        return tuple(_python_classes(tree, root)) == CIFAR10_CLASSES
+    if kind == "binary":
+        return tuple(_binary_classes(tree, root)) == CIFAR10_CLASSES
+    classes, entries = _list_split(tree, root, "train")
+    if tuple(classes) != CIFAR10_CLASSES:
+        return False
+    first: dict[int, str] = {}
+    for rel, label in entries:
+        first.setdefault(label, rel)
+    for rel in first.values():
+        try:
+            with Image.open(io.BytesIO(tree.files[rel]())) as img:  # reads the header only
+                if img.size != (32, 32) or img.mode != "RGB":
+                    return False
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None
+    return True
 
 
-def normalize(images: torch.Tensor, mean: Iterable[float], std: Iterable[float]) -> torch.Tensor:
+def channel_statistics(images: torch.Tensor) -> Stats:
+    """Per-channel mean and (population) std of uint8 (N, C, H, W) images on [0, 1].
+
+    Sums of pixels and of their squares are exact int64, then float64; chunked, so a large set
+    never needs a float copy of itself. A constant channel gets std 1 (it cannot be scaled).
+    """
+    x = images.numpy() if images.device.type == "cpu" else images.cpu().numpy()
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    if n == 0:
+        raise DataError("no training images to compute data.mean/data.std from")
+    total = np.zeros(x.shape[1], dtype=np.int64)
+    squares = np.zeros(x.shape[1], dtype=np.int64)
+    for start in range(0, x.shape[0], 1024):
+        chunk = x[start:start + 1024].astype(np.int64)
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk * chunk).sum(axis=(0, 2, 3))
+    mean = total.astype(np.float64) / n / 255.0
+    var = np.maximum(squares.astype(np.float64) / n / 255.0**2 - mean**2, 0.0)
+    std = np.sqrt(var)
+    if (std == 0).any():
+        log.warning("a channel of the training images is constant; its data.std is set to 1")
+        std[std == 0] = 1.0
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def check_normalization(mean: Iterable[float] | str, std: Iterable[float] | str,
+                        channels: int) -> None:
+    """Each of mean/std is auto, or one finite entry per channel (std's positive)."""
+    for name, values in (("data.mean", mean), ("data.std", std)):
+        if _is_auto(values):
+            continue
+        values = tuple(values)
+        if len(values) != channels:
+            raise DataError(f"{name} has {len(values)} entries but the model has {channels} "
+                            f"channel(s); give one per channel, or auto")
+        if not all(np.isfinite(values)) or (name == "data.std" and any(v <= 0 for v in values)):
+            raise DataError(f"{name} entries must be finite"
+                            f"{' and positive' if name == 'data.std' else ''}, got {list(values)}")
+
+
+def normalize(images: torch.Tensor, mean: Iterable[float] | str,
+              std: Iterable[float] | str) -> torch.Tensor:
     """uint8 (N, C, H, W) or (C, H, W) on any device -> float32 ``(x/255 - mean) / std``."""
     if images.dtype != torch.uint8:
         raise DataError(f"normalize expects uint8 images, got {images.dtype}")
+    if _is_auto(mean) or _is_auto(std):
+        raise DataError("normalize needs numbers, not auto: load_data resolves data.mean and "
+                        "data.std (DataSplits.mean, .std)")
     mean, std = tuple(mean), tuple(std)
     check_normalization(mean, std, images.shape[-3])
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
@@ -563,13 +669,17 @@ def _text(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
-def _read_python(tree: _Tree, root: str, image_size: int,
-                 channels: int) -> tuple[ImageSet, ImageSet]:
+def _python_classes(tree: _Tree, root: str) -> list[str]:
     meta_where = tree.where(_join(root, "batches.meta"))
     meta = safe_unpickle(_need(tree, root, "batches.meta"), meta_where)
     if not isinstance(meta, dict):
         raise DataError(f"{meta_where}: expected a dict with label_names")
-    classes = [_text(c) for c in _key(meta, "label_names", meta_where)]
+    return [_text(c) for c in _key(meta, "label_names", meta_where)]
+
+
+def _read_python(tree: _Tree, root: str, image_size: int,
+                 channels: int) -> tuple[ImageSet, ImageSet]:
+    classes = _python_classes(tree, root)
 
     def batches(names: Iterable[str]) -> ImageSet:
         arrays, labels = [], []
@@ -601,10 +711,14 @@ def _read_python(tree: _Tree, root: str, image_size: int,
 # --------------------------------------------------------------------------------------------
 
 
+def _binary_classes(tree: _Tree, root: str) -> list[str]:
+    meta = _need(tree, root, "batches.meta.txt").decode("utf-8", "replace")
+    return [line.strip() for line in meta.splitlines() if line.strip()]
+
+
 def _read_binary(tree: _Tree, root: str, image_size: int,
                  channels: int) -> tuple[ImageSet, ImageSet]:
-    meta = _need(tree, root, "batches.meta.txt").decode("utf-8", "replace")
-    classes = [line.strip() for line in meta.splitlines() if line.strip()]
+    classes = _binary_classes(tree, root)
 
     def batches(names: Iterable[str]) -> ImageSet:
         recs = []
@@ -772,9 +886,59 @@ def _save_cache(file: Path, key: str, train: ImageSet, test: ImageSet) -> None:
         log.warning("could not write cache %s: %s", file, e)
 
 
-def _float_tuple(v: Any, name: str) -> tuple[float, ...]:
+def _load_stats(file: Path, key: str, channels: int) -> Stats | None:
+    """Cached normalization statistics, or None on a miss (a bad file is a logged miss)."""
+    if not file.exists():
+        return None
+    try:
+        d = json.loads(file.read_text())
+        mean, std = tuple(map(float, d["mean"])), tuple(map(float, d["std"]))
+        if d["key"] != key or len(mean) != channels or len(std) != channels:
+            raise ValueError("key or channel mismatch")
+        check_normalization(mean, std, channels)
+        return mean, std
+    except (OSError, ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
+        log.warning("statistics cache %s unreadable (%s); computing them again", file, e)
+        return None
+
+
+def _save_stats(file: Path, key: str, stats: Stats, how: str) -> Stats:
+    """Write atomically like the decoded cache; an unwritable cache only costs a recompute."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".cache-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": key, "mean": list(stats[0]), "std": list(stats[1]),
+                           "how": how}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, file)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        log.info("normalization statistics (%s) cached in %s", how, file)
+    except OSError as e:
+        log.warning("could not write statistics cache %s: %s", file, e)
+    return stats
+
+
+def _is_auto(v: Any) -> bool:
+    return isinstance(v, str) and v == AUTO
+
+
+def _rounded(values: Iterable[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def _stats_value(v: Any, name: str) -> tuple[float, ...] | str:
+    """data.mean/data.std as given: auto, or a tuple of floats (YAML gives lists)."""
+    if isinstance(v, str):
+        if v == AUTO:
+            return v
+        raise DataError(f"{name} must be auto or a list of numbers (one per channel), got {v!r}")
     try:
         vals = (v,) if isinstance(v, (int, float)) else tuple(v)
         return tuple(float(x) for x in vals)
     except (TypeError, ValueError):
-        raise DataError(f"{name} must be a list of numbers, got {v!r}") from None
+        raise DataError(f"{name} must be auto or a list of numbers (one per channel), "
+                        f"got {v!r}") from None

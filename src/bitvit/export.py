@@ -181,6 +181,11 @@ class Preprocessing:
 
     @classmethod
     def from_config(cls, config: Config) -> Preprocessing:
+        for name in ("mean", "std"):
+            if isinstance(getattr(config.data, name), str):
+                raise ExportError(f"config data.{name} is {getattr(config.data, name)!r}: an "
+                                  "export needs the numbers the model was trained with (a "
+                                  "trained run's config has them)")
         return cls(config.model.image_size, config.model.in_channels,
                    tuple(float(m) for m in config.data.mean),
                    tuple(float(s) for s in config.data.std))

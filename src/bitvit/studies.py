@@ -236,6 +236,16 @@ def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IG
     return {k: v for k, v in sorted(flat.items()) if k not in ignore}
 
 
+def same_setting(key: str, saved: Any, wanted: Any) -> bool:
+    """Whether a run folder's experiment_key value matches the one a sweep asks for.
+
+    A run records the numbers ``data.mean``/``data.std: auto`` resolved to, and auto resolves
+    the same way for the same data, so auto on either side matches any numbers.
+    """
+    auto = key in ("data.mean", "data.std") and "auto" in (saved, wanted)
+    return auto or saved == wanted
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -265,7 +275,8 @@ def run_state(run_dir: Path, config: Config) -> str:
         saved = experiment_key(yaml.safe_load(saved_path.read_text()) or {},
                                IGNORED_KEYS | {"train.epochs"})
         wanted = experiment_key(config.to_dict(), IGNORED_KEYS | {"train.epochs"})
-        differing = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        differing = [k for k in sorted(set(saved) | set(wanted))
+                     if not same_setting(k, saved.get(k), wanted.get(k))]
         if differing:
             k = differing[0]
             raise SweepError(f"{run_dir}: holds a run with {k}={saved.get(k)!r} but the sweep "

@@ -151,7 +151,11 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
         data_cfg = replace(config.data, path=str(data) if data is not None else config.data.path,
                            limit_test=limit_test if limit_test is not None
                            else config.data.limit_test, val_size=0)
-        test = load_data(data_cfg, config.model.image_size, config.model.in_channels).test
+        splits = load_data(data_cfg, config.model.image_size, config.model.in_channels)
+        test = splits.test
+        # A config saved unresolved says auto: use what auto resolves to on this data.
+        mean = splits.mean if isinstance(mean, str) else mean
+        std = splits.std if isinstance(std, str) else std
     if mean is None or std is None:
         raise TypeError("evaluate: a module evaluated on an ImageSet needs its mean and std")
     if classes is not None and test.classes != classes:
@@ -374,6 +378,8 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     if len(classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes} but the data has "
                           f"{len(classes)} classes ({', '.join(classes[:5])}...)")
+    # The run uses and records (config.yaml, checkpoints, exports) the numbers auto resolved to.
+    config = replace(config, data=replace(config.data, mean=splits.mean, std=splits.std))
     mean, std = config.data.mean, config.data.std
 
     torch.manual_seed(tc.seed)
