@@ -195,3 +195,21 @@ def test_config_error_is_one_line_from_load_config():
 def test_real_cifar10_image_folder_gives_the_published_values(real_env):
     s = load_data(DataConfig(limit_train=100, limit_test=10))
     assert (s.mean, s.std) == (CIFAR10_MEAN, CIFAR10_STD)
+
+
+def test_evaluate_resolves_a_checkpoint_saved_with_auto(tmp_path):
+    """A checkpoint whose config says auto (saved from the Python API) evaluates with the
+    statistics auto resolves to on its data."""
+    import bitvit
+    from bitvit.checkpoint import build_model, save_model
+
+    src, _ = gray_folder(tmp_path / "gray", per_class=4)
+    config = load_config(None, [*TINY_GRAY, f"data.path={src}"])
+    model = build_model(config)
+    (tmp_path / "ckpt").mkdir()
+    save_model(tmp_path / "ckpt" / "model.safetensors", model, config, GRAY_CLASSES)
+    report = bitvit.evaluate(tmp_path / "ckpt", device="cpu")
+    s = load_data(config.data, image_size=28, channels=1)
+    direct = bitvit.evaluate(model.eval(), s.test, s.mean, s.std)
+    assert report.pop("model") and direct.pop("model") is None
+    assert report == direct

@@ -129,8 +129,8 @@ class DataSplits:
     classes: list[str]
     source: Path  # the data file or folder actually read (found or downloaded)
     # The normalization to use: data.mean/data.std with auto resolved (see resolve_statistics).
-    mean: tuple[float, ...] = CIFAR10_MEAN
-    std: tuple[float, ...] = CIFAR10_STD
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 # --------------------------------------------------------------------------------------------
