@@ -165,10 +165,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(real_env, tmp_path, mon
         model = bitvit.checkpoint.build_model(config)
         forward = model.forward
 
-        def forward_with_nan(x):
-            calls["n"] += 1
+        def forward_with_nan(x):  # counts training steps only (10 per epoch)
+            calls["n"] += model.training
             out = forward(x)
-            return out * float("nan") if calls["n"] > 15 and model.training else out
+            return out * float("nan") if calls["n"] > 14 and model.training else out
 
         model.forward = forward_with_nan
         return model
