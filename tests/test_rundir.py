@@ -268,7 +268,7 @@ def test_read_only_folder_at_epoch_2(images, reference, tmp_path, monkeypatch, c
     real_write, calls = rundir.write_file, []
 
     def write_file(path, write):
-        if path.name.startswith(".metrics.csv."):
+        if path.name.startswith(".metrics.csv."):  # its temporary
             calls.append(path)
             if len(calls) == 2:  # epoch 2's row: the folder went read-only
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))

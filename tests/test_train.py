@@ -308,7 +308,7 @@ def test_epoch_end_writes_metrics_and_best_before_last(real_env, tmp_path, monke
 def test_resume_recovers_from_a_kill_between_the_renames_of_last(real_env, tmp_path):
     run = tmp_path / "run"
     train(tiny("train.epochs=1", limit_train=200), out=run, quiet=True)
-    # rundir.swap_folder renames last/ to .last.old, then .last.tmp to last/: a kill between the two.
+    # swap_folder renames last/ to .last.old, then .last.tmp to last/: a kill between the two.
     (run / "last").rename(run / ".last.old")
     (run / ".last.tmp").mkdir()
     assert load_checkpoint(run).path == run / ".last.old/model.safetensors"

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -78,9 +77,7 @@ def write_file(path: Path, write: Callable[[Path], Any]) -> None:
         write(path)
     except Exception as e:  # noqa: BLE001 - libraries wrap OS errors in their own types
         os_error = _as_os_error(e, path)
-        if os_error is None:
-            raise
-        if os_error is e:
+        if os_error is None or os_error is e:
             raise
         raise os_error from None
 
@@ -90,22 +87,20 @@ def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     which is synced and renamed over ``path``. On any failure the temporary is removed and an OS
     failure raises OSError naming ``path``."""
     path = Path(path)
-    tmp = None
+    # Per process, so that two writers of one file never share a temporary; created by
+    # ``write`` itself, so with the usual permissions (mkstemp's are private).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
         write_file(tmp, write)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None or str(e.filename).startswith(str(path.parent / f".{path.name}.")):
+        if e.filename in (None, str(tmp)):
             e.filename = str(path)  # the user knows the file, not its temporary
         raise
     finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
 
 
