@@ -155,6 +155,9 @@ def test_sweep_skips_finished_resumes_interrupted_restarts_the_rest(tmp_path, fa
         ("method=fp_seed=1", "resume"), ("method=b158_seed=0", "new"),
         ("method=b158_seed=1", "new")]
     assert stale.exists() and len(load_run(stale).rows) == 2
+    # What the restarted folder held is moved aside, not deleted.
+    [aside] = out.glob("method=b158_seed=0.restart-*")
+    assert len(load_run(aside).rows) == 1
     # The recorded command trains exactly that run.
     _, _, command = fake_train[2]
     assert command[:2] == ["bitvit", "train"] and '"b158"' in " ".join(command)
@@ -178,11 +181,42 @@ def test_sweep_skips_finished_resumes_interrupted_restarts_the_rest(tmp_path, fa
 def test_sweep_skips_a_run_another_sweep_is_training(tmp_path, fake_train):
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
                                    grid={"train.seed": [0]}))
-    with studies._lock(studies._lock_path(sweep, "seed=0")) as locked:
-        assert locked
+    run = sweep.out / "seed=0"
+    run.mkdir(parents=True)
+    # Another process holds the run folder's lock, as a `bitvit train` into it does.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert plan_sweep(sweep)[0].state == "running"
         lines = []
         run_sweep(sweep, log=lines.append)
-    assert fake_train == [] and any(line.startswith("busy") for line in lines)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fake_train == [] and any(line.startswith("running") for line in lines)
+    # Taking the lock between the plan and the claim: busy, named by the holder's pid.
+    plan = plan_sweep(sweep)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        lines = []
+        studies._train_in_process(plan[0], sweep, lines.append)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fake_train == [] and lines == [f"busy      {run} (pid {holder.pid} is training it)"]
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
 
 
 def test_sweep_cli_resumes_a_real_run_to_more_epochs(real_env, tmp_path, monkeypatch):

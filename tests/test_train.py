@@ -312,7 +312,7 @@ def _rows_without_seconds(run: Path) -> list[dict[str, str]]:
 
 def test_epoch_end_writes_metrics_and_best_before_last(real_env, tmp_path, monkeypatch):
     train_module = _train_module()
-    real_atomic_dir, real_write_metrics = train_module._atomic_dir, train_module.write_metrics
+    real_atomic_dir, real_write_metrics = train_module.swap_folder, train_module.write_metrics
     events: list[str] = []
 
     def atomic_dir(target, write):
@@ -325,7 +325,7 @@ def test_epoch_end_writes_metrics_and_best_before_last(real_env, tmp_path, monke
         events.append("metrics")
         real_write_metrics(path, rows, columns)
 
-    monkeypatch.setattr(train_module, "_atomic_dir", atomic_dir)
+    monkeypatch.setattr(train_module, "swap_folder", atomic_dir)
     monkeypatch.setattr(train_module, "write_metrics", write_metrics)
     run = tmp_path / "run"
     with pytest.raises(Killed):
@@ -337,7 +337,7 @@ def test_epoch_end_writes_metrics_and_best_before_last(real_env, tmp_path, monke
     assert torch.load(run / "last/state.pt", weights_only=True)["epoch"] == 1
     epoch2 = _rows_without_seconds(run)[1]
 
-    monkeypatch.setattr(train_module, "_atomic_dir", real_atomic_dir)
+    monkeypatch.setattr(train_module, "swap_folder", real_atomic_dir)
     result = train(config_for_resume(run), resume=run, quiet=True)
     assert result.status == "finished"
     rows = _rows_without_seconds(run)
@@ -347,7 +347,7 @@ def test_epoch_end_writes_metrics_and_best_before_last(real_env, tmp_path, monke
 def test_resume_recovers_from_a_kill_between_the_renames_of_last(real_env, tmp_path):
     run = tmp_path / "run"
     train(tiny("train.epochs=1", limit_train=200), out=run, quiet=True)
-    # _atomic_dir renames last/ to .last.old, then .last.tmp to last/: a kill between the two.
+    # swap_folder renames last/ to .last.old, then .last.tmp to last/: a kill between the two.
     (run / "last").rename(run / ".last.old")
     (run / ".last.tmp").mkdir()
     assert load_checkpoint(run).path == run / ".last.old/model.safetensors"

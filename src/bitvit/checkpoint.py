@@ -10,18 +10,21 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from bitvit import rundir
 from bitvit.config import Config, ConfigError
 from bitvit.model import VisionTransformer
 from bitvit.quant import quantize_
+from bitvit.rundir import MODEL_FILE, STATE_FILE, checkpoint_folder, displaced  # noqa: F401
 
 CHECKPOINT_FORMAT = "bitvit-checkpoint"
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FILE
+STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
 
 
 class CheckpointError(ValueError):
@@ -54,24 +57,6 @@ def _unpickler_reason(text: str) -> str:
              and "weights_only" not in line and not line.startswith("Check the documentation")]
     detail = f" ({lines[0][:80]})" if lines else ""
     return f"torch's safe loader refuses its contents{detail}; not loaded"
-
-
-def displaced(folder: Path) -> Path:
-    """Where `last/` waits while its replacement is renamed into place (see train._atomic_dir).
-
-    A process killed between the two renames leaves only this folder; readers fall back to it.
-    """
-    return folder.with_name(f".{folder.name}.old")
-
-
-def checkpoint_folder(folder: Path) -> Path:
-    """``folder``, or the complete previous folder that a kill between the two renames of
-    `train._atomic_dir` leaves under its `displaced` name. Read only: the next save replaces
-    both."""
-    old = displaced(folder)
-    if not folder.exists() and all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE)):
-        return old
-    return folder
 
 
 @dataclass
@@ -158,3 +143,67 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Pat
                 f"expected {tuple(own[shapes[0]].shape)}")
         raise CheckpointError(f"{file}: checkpoint is from another model ({what})")
     model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: weights and the state that continues the run
+# ---------------------------------------------------------------------------------------------
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+                   best_acc: float) -> dict[str, Any]:
+    """What ``state.pt`` holds beside the weights: enough to continue the run exactly."""
+    # Built from STATE_KEYS so that what resume checks for is what is written.
+    state = dict(zip(STATE_KEYS, (epoch, best_acc, optimizer.state_dict(),
+                                  scheduler.state_dict(), torch.get_rng_state()), strict=True))
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_training_checkpoint(folder: Path, model: nn.Module, config: Config,
+                             classes: list[str], state: dict[str, Any]) -> None:
+    """Write a checkpoint folder: the model file and the training state."""
+    rundir.write_file(folder / MODEL_FILE, lambda p: save_model(p, model, config, classes))
+    rundir.write_file(folder / STATE_FILE, lambda p: _torch_save(state, p))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with path.open("wb") as f:  # through a Python file, a full disk raises OSError (ENOSPC)
+        torch.save(obj, f)
+
+
+def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any) -> tuple[int, float]:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch
+    and the best validation accuracy so far. Bad files give a one-line CheckpointError."""
+    folder = checkpoint_folder(folder)
+    model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
+    for f in (model_file, state_file):
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; cannot resume (did an epoch complete?)")
+    try:
+        weights = load_file(str(model_file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
+        raise CheckpointError(f"{model_file}: corrupt checkpoint, expected safetensors weights "
+                              f"written by bitvit train ({error_reason(e)})") from None
+    load_state(model, weights, model_file)
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
+        raise CheckpointError(f"{state_file}: unreadable training state, expected a torch.save "
+                              f"file written by bitvit train ({error_reason(e)})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: not a bitvit training state: missing "
+                              f"{', '.join(missing)} (expected {', '.join(STATE_KEYS)})")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return int(state["epoch"]) + 1, float(state["best_acc"])
+    except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
+        raise CheckpointError(f"{state_file}: training state does not fit this run's model and "
+                              f"optimizer ({error_reason(e)})") from None

@@ -20,11 +20,12 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.data import DataError
     from bitvit.export import ExportError
     from bitvit.profile import ProfileError
+    from bitvit.rundir import RunBusyError
     from bitvit.studies import SweepError
     from bitvit.train import TrainingError
 
     return (CliError, CheckpointError, ConfigError, DataError, ExportError, ProfileError,
-            SweepError, TrainingError)
+            RunBusyError, SweepError, TrainingError)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def _run_export(args: argparse.Namespace) -> int:
                                 float_dtype=args.float_dtype)
     except CheckpointError:
         raise
-    except (ValueError, OSError) as e:  # e.g. values beyond fp16, an unwritable --out
+    except ValueError as e:  # e.g. values beyond fp16
         raise CliError(f"{args.out}: {e}") from None
     size, ref = out.stat().st_size, src.stat().st_size
     print(f"wrote {out}: {size:,} bytes ({args.packing} ternary packing, {args.float_dtype} "
@@ -382,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _one_line_errors() as e:
         print(f"bitvit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only, no permission: the file and the reason
+        from bitvit.rundir import describe
+
+        print(f"bitvit {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bitvit {args.command}: interrupted", file=sys.stderr)

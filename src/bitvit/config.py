@@ -261,7 +261,6 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the config as YAML, atomically (a resumed run rewrites its config.yaml)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    from bitvit.rundir import write_text
+
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

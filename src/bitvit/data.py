@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from bitvit.rundir import atomic_file
+
 log = logging.getLogger("bitvit.data")
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -870,17 +872,14 @@ def _save_cache(file: Path, key: str, train: ImageSet, test: ImageSet) -> None:
     """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".cache-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as f:
                 np.savez(f, key=np.array(key), classes=np.array(train.classes, dtype=str),
                          train_images=train.images.numpy(), train_labels=train.labels.numpy(),
                          test_images=test.images.numpy(), test_labels=test.labels.numpy())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, file)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+
+        atomic_file(file, write)
         log.info("cached decoded data in %s", file)
     except OSError as e:  # a read-only cache folder should not stop training
         log.warning("could not write cache %s: %s", file, e)

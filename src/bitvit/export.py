@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from bitvit.config import Config, ConfigError
 from bitvit.data import IMAGE_EXTS, fit_image, normalize
 from bitvit.model import VisionTransformer
 from bitvit.quant import BitLinear
+from bitvit.rundir import atomic_file
 
 EXPORT_FORMAT = "bitvit-export"
 FORMAT_VERSION = "1"
@@ -377,15 +376,8 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # Whole or not at all; a full disk raises OSError naming the file, and leaves no temporary.
+    return atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def export_checkpoint(src: str | Path, out: str | Path, best: bool = False, **opts) -> Path:

@@ -25,8 +25,10 @@ keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``). Run
 grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
 
 ``run_sweep`` skips finished runs (run.json says finished and every epoch is in metrics.csv)
-and runs whose ``bitvit train`` is alive, resumes runs that have a ``last/`` checkpoint, and
-restarts the others from scratch, so a sweep can be stopped and started again at will. Extra
+and runs whose ``bitvit train`` is alive (it holds the run folder's lock), resumes runs that
+have a checkpoint, and restarts the others from scratch, moving what they hold aside to
+``NAME.restart-TIME/`` (a sweep deletes nothing), so a sweep can be stopped and started again
+at will. Extra
 overrides given to the sweep apply to new runs; a resumed run keeps its own config.yaml except
 ``train.epochs`` and ``data.path`` (what ``bitvit train --resume`` can change), and an extra
 override it could not honour is refused. Weights stay in the run folders (``last/``, ``best/``)
@@ -49,14 +51,12 @@ equivalence test at a stated margin beside the margin the seeds can resolve (`bi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import json
 import math
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -68,6 +68,7 @@ from typing import Any
 
 import yaml
 
+from bitvit import rundir
 from bitvit.config import Config, load_config, read_yaml_mapping
 from bitvit.quant import resolve_act_bits
 from bitvit.stats import (  # noqa: F401 - Summary, summarize, welch_difference: also from here
@@ -260,15 +261,18 @@ def _count_rows(path: Path) -> int:
 
 
 def run_state(run_dir: Path, config: Config) -> str:
-    """What a sweep does with a run folder: new, finished (skip), running (skip: run.json says
-    running and its process is alive; see `_still_running`), resume (a last/ checkpoint and
-    config.yaml) or restart.
+    """What a sweep does with a run folder: new, finished (skip), running (skip: another process
+    holds the folder's lock, or run.json says running and its process is alive; see
+    `_still_running`), resume (a checkpoint `bitvit train --resume` can continue, and
+    config.yaml) or restart (what the folder holds is moved aside first, never deleted).
 
     Raises `SweepError` when the folder holds a run of a different experiment (the sweep file
     changed under it); more epochs than the folder's run is fine: it is resumed to extend it.
     """
     run_dir = Path(run_dir)
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if rundir.locked_by_other(run_dir):
+        return "running"  # a `bitvit train` at work right now: leave it alone
+    if rundir.is_empty(run_dir):
         return "new"
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
@@ -286,14 +290,14 @@ def run_state(run_dir: Path, config: Config) -> str:
     if rows > epochs:
         raise SweepError(f"{run_dir}: holds {rows} epochs but the sweep asks train.epochs="
                          f"{epochs}; move the folder away or change 'out'")
-    info = _read_json(run_dir / "run.json")
+    info = rundir.read_info(run_dir)
     status = info.get("status")
     if status == "finished" and rows == epochs:
         return "finished"
+    # Runs written without the lock (older bitvit, or a file system without flock).
     if status == "running" and _still_running(run_dir, info):
-        return "running"  # most likely a `bitvit train` at work right now: leave it alone
-    if all((run_dir / f).is_file() for f in ("last/model.safetensors", "last/state.pt",
-                                              "config.yaml")):
+        return "running"
+    if rundir.has_checkpoint(run_dir) and saved_path.is_file():
         return "resume"
     return "restart"
 
@@ -339,31 +343,13 @@ def _pid_started_after(pid: int, start: Any, slack: float = 5.0) -> bool:
 
 def _recently_active(run_dir: Path, min_seconds: float = 1800.0) -> bool:
     """Whether a run folder changed within max(min_seconds, 3 x its longest epoch)."""
-    from bitvit.train import read_metrics
-
     try:
-        longest = max((r.get("seconds", 0.0) for r in read_metrics(run_dir / "metrics.csv")),
+        longest = max((r.get("seconds", 0.0) for r in rundir.read_metrics(run_dir)),
                       default=0.0)
     except (ValueError, KeyError):
         longest = 0.0
     newest = max(f.stat().st_mtime for f in run_dir.iterdir())
     return time.time() - newest < max(min_seconds, 3 * longest)
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive, non-blocking lock, so two sweeps never train the same run at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,14 +416,13 @@ def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
     copy = sweep.out / SWEEP_COPY
     text = f"# copied from {sweep.path} by bitvit sweep\n" + sweep.path.read_text()
     if not copy.exists() or copy.read_text() != text:
-        copy.write_text(text)
+        rundir.write_text(copy, text)
     if argv:
         line = shlex.join(argv)
         log = sweep.out / COMMANDS_FILE
         seen = log.read_text().splitlines() if log.exists() else []
         if line not in seen:
-            with log.open("a") as f:
-                f.write(line + "\n")
+            rundir.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
 
 
 def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
@@ -473,20 +458,27 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
     return plan
 
 
-def _lock_path(sweep: Sweep, name: str) -> Path:
-    return sweep.out / ".locks" / f"{name}.lock"
+def _lock(r: PlannedRun, stack: contextlib.ExitStack, log: Any) -> int | None:
+    """Take the run folder's lock (the one `bitvit train` holds) for ``stack``'s lifetime and
+    return its descriptor; None, said in the log, when another process holds it."""
+    try:
+        return stack.enter_context(rundir.locked(r.run_dir))
+    except rundir.RunBusyError:
+        log(f"busy      {r.run_dir} (pid {rundir.holder(r.run_dir)} is training it)")
+        return None
 
 
 def _claim(r: PlannedRun, sweep: Sweep, extra: list[str] | None, log: Any) -> bool:
     """Under the run's lock: look at the folder again and, if it still needs training, set the
-    run's state and command and clear a folder that restarts. False: leave the run alone."""
+    run's state and command and move aside what a restarting folder holds (nothing is
+    deleted). False: leave the run alone."""
     r.state = run_state(r.run_dir, r.config)
     if r.state in ("finished", "running"):
         return False
     r.command = train_command(sweep, r.point, r.run_dir, r.config, r.state, extra)
     log(f"{r.state:9s} {r.run_dir}: {shlex.join(r.command)}")
     if r.state == "restart":
-        shutil.rmtree(r.run_dir)
+        log(f"moved     {r.run_dir} aside to {rundir.move_aside(r.run_dir)}")
     return True
 
 
@@ -494,11 +486,8 @@ def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any,
                       extra: list[str] | None = None) -> None:
     from bitvit.train import train
 
-    with _lock(_lock_path(sweep, r.name)) as locked:
-        if not locked:
-            log(f"busy      {r.run_dir} (another sweep is training it)")
-            return
-        if not _claim(r, sweep, extra, log):
+    with contextlib.ExitStack() as stack:
+        if _lock(r, stack, log) is None or not _claim(r, sweep, extra, log):
             return
         # r.config is what r.command gives: train_command refuses a resume it cannot express.
         if r.state == "resume":
@@ -522,17 +511,16 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
             while queue and len(running) < parallel:
                 r = queue.pop(0)
                 stack = contextlib.ExitStack()
-                if not stack.enter_context(_lock(_lock_path(sweep, r.name))):
-                    log(f"busy      {r.run_dir} (another sweep is training it)")
+                fd = _lock(r, stack, log)
+                if fd is None or not _claim(r, sweep, extra, log):
                     stack.close()
                     continue
-                if not _claim(r, sweep, extra, log):
-                    stack.close()
-                    continue
-                r.run_dir.mkdir(parents=True, exist_ok=True)
                 logfile = stack.enter_context((r.run_dir / "train.log").open("a"))
                 cmd = [*_python_bitvit(), *r.command[1:]]
-                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+                # The child trains under the lock this process holds: it inherits it.
+                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                        pass_fds=(fd,),
+                                        env={**os.environ, rundir.LOCK_FD_ENV: str(fd)})
                 running.append((r, proc, stack))
             time.sleep(0.5)
             for item in list(running):
@@ -612,7 +600,8 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
         if (p / "config.yaml").is_file():
             found.append(p)
         elif p.is_dir():
-            found += sorted(d for d in p.iterdir() if (d / "config.yaml").is_file())
+            found += sorted(d for d in p.iterdir() if (d / "config.yaml").is_file()
+                            and ".restart-" not in d.name)  # moved aside by a restart
         else:
             raise SweepError(f"{p}: no such run folder")
     if not found:

@@ -8,11 +8,8 @@ to a temporary folder and renamed into place, and every epoch reseeds its random
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,23 +23,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from bitvit.checkpoint import (
-    MODEL_FILE,
-    STATE_FILE,
+from bitvit import rundir
+from bitvit.checkpoint import (  # noqa: F401 - STATE_KEYS: importable from here, as it was
+    STATE_KEYS,
     CheckpointError,
     build_model,
-    checkpoint_folder,
-    displaced,
-    error_reason,
     load_checkpoint,
     load_state,
-    save_model,
 )
+from bitvit.checkpoint import load_training_state as _load_state
+from bitvit.checkpoint import save_training_checkpoint as _save
+from bitvit.checkpoint import training_state as _state
 from bitvit.config import DEVICE_PATTERN, Config, ConfigError, load_config, save_config
 from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
+from bitvit.rundir import (  # noqa: F401 - read_metrics: importable from here, as it was
+    read_metrics,
+    swap_folder,
+    write_metrics,
+)
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]
@@ -51,7 +51,6 @@ VAL_COLUMNS = ["val_loss", "val_acc"]
 # with test_loss/test_acc. Last in the row, so folders written before these columns still read.
 TRAIN_EVAL_COLUMNS = ["train_eval_loss", "train_eval_acc"]
 TRAIN_EVAL_SIZE = 10_000
-STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
 
 
 class TrainingError(RuntimeError):
@@ -235,20 +234,6 @@ def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int) -> torch.
     return torch.tensor(list(sampler))
 
 
-def _atomic_dir(target: Path, write: Any) -> None:
-    """Fill a temporary folder with ``write(folder)``, then swap it in for ``target``."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    old = displaced(target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -290,23 +275,6 @@ def resolve_device(name: str, key: str = "--device") -> torch.device:
     return device
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: int(row[k]) if k == "epoch" else f"{row[k]:.6g}" for k in columns})
-    tmp.replace(path)
-
-
 def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -328,8 +296,10 @@ def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        rundir.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +317,31 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     """Train a model as ``config`` says into the run folder ``out`` (or continue ``resume``).
 
     Returns the run's metrics. Raises `TrainingError` on a non-finite loss or parameters
-    (``last/`` keeps the last good epoch) and lets KeyboardInterrupt through after marking the
-    run interrupted.
+    (``last/`` keeps the last good epoch), OSError naming the file when the disk is full or
+    read-only (the run marked failed, ``last/`` intact), `RunBusyError` when another process
+    holds the folder's lock, and lets KeyboardInterrupt through after marking the run
+    interrupted. A folder that holds a run without a checkpoint (killed in its first epoch) is
+    moved aside to ``OUT.restart-TIME/`` and the run starts again.
     """
+    run_dir = Path(resume) if resume is not None else Path(out or _default_run_dir(config))
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes, so only it owns the folder
+        return _train(config, run_dir, resume, quiet, command)
+    if resume is not None and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder; cannot resume")
+    created = not run_dir.exists()
+    # Held for the whole run, so a second `bitvit train` into the folder is refused at once.
+    with rundir.locked(run_dir):
+        try:
+            return _train(config, run_dir, resume, quiet, command)
+        except BaseException:
+            if created and rundir.is_empty(run_dir):  # a bad config leaves nothing behind
+                (run_dir / rundir.LOCK).unlink(missing_ok=True)
+                run_dir.rmdir()
+            raise
+
+
+def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
+           command: list[str] | None) -> RunResult:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
@@ -365,12 +357,11 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
                           f"{world} processes")
 
-    run_dir = Path(resume) if resume is not None else Path(out or _default_run_dir(config))
-    metrics_path = run_dir / "metrics.csv"
-    if resume is None and metrics_path.exists():
+    metrics_path = run_dir / rundir.METRICS
+    writer = rank == 0
+    if resume is None and writer and rundir.has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
-    writer = rank == 0
     # The run folder is created only once data, model and checkpoints have loaded, so that a
     # bad config or data path leaves nothing behind.
     splits = load_data(config.data, config.model.image_size, config.model.in_channels)
@@ -436,12 +427,17 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         "status": "running",
     }
     if writer:
+        if resume is None and rundir.holds_run(run_dir):
+            # Killed before its first checkpoint: nothing to resume, nothing to delete either.
+            aside = rundir.move_aside(run_dir)
+            print(f"bitvit train: {run_dir} held a run without a checkpoint; moved it to "
+                  f"{aside} and starting again", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is not None and (run_dir / "run.json").exists():
-            previous = json.loads((run_dir / "run.json").read_text())
+        previous = rundir.read_info(run_dir) if resume is not None else {}
+        if previous:
             run_info["resumed_from"] = previous.get("resumed_from", []) + [previous]
-        save_config(config, run_dir / "config.yaml")
-        _write_json(run_dir / "run.json", run_info)
+        save_config(config, run_dir / rundir.CONFIG)
+        rundir.write_info(run_dir, run_info)
 
     wall_start = time.perf_counter()
     train_images = splits.train.images.to(device)
@@ -518,11 +514,11 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
                 # Until last/ moves on, resume redoes this epoch: it drops the row and rewrites
                 # best/ identically; the other way round a kill would lose the row for good.
                 write_metrics(metrics_path, rows, columns)
-                plot_curves(rows, run_dir / "curves.png", _title(config))
+                plot_curves(rows, run_dir / rundir.CURVES, _title(config))
                 if is_best:
-                    _atomic_dir(run_dir / "best",
+                    swap_folder(run_dir / rundir.BEST,
                                 lambda d: _save(d, model, config, classes, state))  # noqa: B023
-                _atomic_dir(run_dir / "last",
+                swap_folder(run_dir / rundir.LAST,
                             lambda d: _save(d, model, config, classes, state))  # noqa: B023
                 if quiet:
                     print(_summary_line(row, tc.epochs), flush=True)
@@ -535,12 +531,20 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     except TrainingError as e:
         run_info["error"] = str(e)
         raise
+    except OSError as e:  # disk full, read-only: the write that failed left last/ as it was
+        run_info["error"] = rundir.describe(e)
+        raise
     finally:
         if writer:
             run_info.update(status=status,
                             end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             wall_seconds=round(time.perf_counter() - wall_start, 1))
-            _write_json(run_dir / "run.json", run_info)
+            try:
+                rundir.write_info(run_dir, run_info)
+            except OSError:
+                if status == "finished":
+                    raise
+                # Already failing (the disk is full, say): the first error is the one to tell.
     return RunResult(run_dir, status, rows)
 
 
@@ -576,64 +580,6 @@ def _evaluate_sharded(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
-def _state(optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
-           best_acc: float) -> dict[str, Any]:
-    # Built from STATE_KEYS so that what resume checks for is what is written.
-    state = dict(zip(STATE_KEYS, (epoch, best_acc, optimizer.state_dict(),
-                                  scheduler.state_dict(), torch.get_rng_state()), strict=True))
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _save(folder: Path, model: nn.Module, config: Config, classes: list[str],
-          state: dict[str, Any]) -> None:
-    save_model(folder / MODEL_FILE, model, config, classes)
-    torch.save(state, folder / STATE_FILE)
-
-
-def _load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any) -> tuple[int, float]:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch
-    and the best validation accuracy so far. Bad files give a one-line CheckpointError."""
-    folder = checkpoint_folder(folder)
-    model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
-    for f in (model_file, state_file):
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing; cannot resume (did an epoch complete?)")
-    try:
-        weights = load_file(str(model_file))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
-        raise CheckpointError(f"{model_file}: corrupt checkpoint, expected safetensors weights "
-                              f"written by bitvit train ({error_reason(e)})") from None
-    load_state(model, weights, model_file)
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
-        raise CheckpointError(f"{state_file}: unreadable training state, expected a torch.save "
-                              f"file written by bitvit train ({error_reason(e)})") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{state_file}: not a bitvit training state: missing "
-                              f"{', '.join(missing)} (expected {', '.join(STATE_KEYS)})")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return int(state["epoch"]) + 1, float(state["best_acc"])
-    except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
-        raise CheckpointError(f"{state_file}: training state does not fit this run's model and "
-                              f"optimizer ({error_reason(e)})") from None
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _title(config: Config) -> str:
     q = config.quant
     quant = "fp32" if q.method == "fp" else f"{q.method} ({q.where}, act {q.act_bits})"
@@ -661,7 +607,7 @@ def _progress(total: int, epoch: int, epochs: int, disable: bool) -> Any:
 
 def config_for_resume(run_dir: str | Path, epochs: int | None = None) -> Config:
     """The saved config of a run, optionally with more epochs (to extend a finished run)."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / rundir.CONFIG
     if not path.is_file():
         raise ConfigError(f"{path}: missing; --resume needs a run folder written by bitvit train")
     config = load_config(path)

@@ -1,0 +1,318 @@
+"""The run folder: its paths, its lock, and every write into it, in one place.
+
+A run folder holds ``metrics.csv``, ``config.yaml``, ``run.json``, ``curves.png``, ``last/`` and
+``best/`` checkpoints, and ``.lock``. One process owns it at a time: `locked` holds an advisory
+``flock`` on ``.lock`` (released by the OS when the process dies). Files are written by
+`atomic_file` (temporary file, then rename) and checkpoint folders by `swap_folder`; a failed
+write removes its temporary and raises `OSError` naming the file. Nothing here deletes a run:
+a folder that must start again is moved aside (`move_aside`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.csv"
+CONFIG = "config.yaml"
+RUN_JSON = "run.json"
+CURVES = "curves.png"
+LAST = "last"
+BEST = "best"
+LOCK = ".lock"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FILE
+# What a run writes; a folder holding any of these (but no checkpoint) restarts aside.
+RUN_ENTRIES = (METRICS, CONFIG, RUN_JSON, CURVES, LAST, BEST, f".{LAST}.tmp", f".{LAST}.old",
+               f".{BEST}.tmp", f".{BEST}.old")
+# Inherited from a `bitvit sweep` parent: the descriptor of the run folder's lock it holds.
+LOCK_FD_ENV = "BITVIT_RUN_LOCK_FD"
+
+
+class RunBusyError(ValueError):
+    """Another process holds the run folder's lock; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: errors name the file; temporaries never stay
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(e: OSError) -> str:
+    """``path: reason``, the one-line form of an operating-system error."""
+    reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+def _as_os_error(e: BaseException, path: Path) -> OSError | None:
+    """The OSError behind a library's write error (safetensors says "os error 28"), naming
+    ``path``; None when it is not one."""
+    if isinstance(e, OSError):
+        if e.errno is None:
+            return OSError(errno.EIO, str(e), str(path))
+        if not e.filename:
+            e.filename = str(path)
+        return e
+    found = re.search(r"os error (\d+)", str(e))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def write_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(path)``; an OS failure (also one wrapped by safetensors) raises OSError naming
+    ``path``."""
+    try:
+        write(path)
+    except Exception as e:  # noqa: BLE001 - libraries wrap OS errors in their own types
+        os_error = _as_os_error(e, path)
+        if os_error is None or os_error is e:
+            raise
+        raise os_error from None
+
+
+def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` as a whole or not at all: ``write(tmp)`` fills a temporary file beside it,
+    which is synced and renamed over ``path``. On any failure the temporary is removed and an OS
+    failure raises OSError naming ``path``."""
+    path = Path(path)
+    # Per process, so that two writers of one file never share a temporary; created by
+    # ``write`` itself, so with the usual permissions (mkstemp's are private).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_file(tmp, write)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, str(tmp)):
+            e.filename = str(path)  # the user knows the file, not its temporary
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_file(path, lambda tmp: tmp.write_text(text))
+
+
+def displaced(folder: Path) -> Path:
+    """Where a checkpoint folder waits while its replacement is renamed into place.
+
+    A process killed between the two renames of `swap_folder` leaves only this folder;
+    readers fall back to it (`checkpoint_folder`).
+    """
+    return folder.with_name(f".{folder.name}.old")
+
+
+def checkpoint_folder(folder: Path) -> Path:
+    """``folder``, or the complete previous folder that a kill between the two renames of
+    `swap_folder` leaves under its `displaced` name. Read only: the next save replaces both."""
+    old = displaced(folder)
+    if not folder.exists() and all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE)):
+        return old
+    return folder
+
+
+def swap_folder(target: Path, write: Callable[[Path], Any]) -> None:
+    """Fill a temporary folder with ``write(folder)``, then swap it in for ``target``.
+
+    ``target`` is complete before and after; a failure while writing removes the temporary
+    folder, leaves ``target`` as it was and raises OSError naming the file under ``target``.
+    """
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = displaced(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename and str(e.filename).startswith(str(tmp)):
+            e.filename = str(target) + str(e.filename)[len(str(tmp)):]
+        raise
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run folder holds
+# ---------------------------------------------------------------------------------------------
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``--resume`` can continue the run: a complete last/ (or its `displaced` copy)."""
+    last = checkpoint_folder(Path(run_dir) / LAST)
+    return all((last / f).is_file() for f in (MODEL_FILE, STATE_FILE))
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether the folder holds anything a run writes (a lock file alone is not a run)."""
+    return any((Path(run_dir) / name).exists() for name in RUN_ENTRIES)
+
+
+def is_empty(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return not run_dir.exists() or all(p.name == LOCK for p in run_dir.iterdir())
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Move everything in ``run_dir`` but its lock to a new sibling ``NAME.restart-TIME/``, so
+    that the run can start again in ``run_dir`` without deleting anything; return that folder."""
+    run_dir = Path(run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.restart-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.restart-{stamp}-{n}")
+    aside.mkdir()
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name != LOCK:
+            entry.rename(aside / entry.name)
+    return aside
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a metrics.csv (a run folder's, or the file); [] when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: int(row[k]) if k == "epoch" else f"{row[k]:.6g}"
+                                 for k in columns})
+
+    atomic_file(path, write)
+
+
+def read_info(run_dir: Path) -> dict[str, Any]:
+    """run.json, or {} when it is missing or unreadable."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def write_info(run_dir: Path, info: dict[str, Any]) -> None:
+    write_text(Path(run_dir) / RUN_JSON, json.dumps(info, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+# ---------------------------------------------------------------------------------------------
+
+# Lock files this process holds: path -> [descriptor, depth, inherited]. Re-entrant, so that a
+# sweep holding a run's lock can call train() on it in the same process.
+_held: dict[Path, list[Any]] = {}
+
+
+def _inherited(path: Path) -> int | None:
+    """The lock descriptor a `bitvit sweep` parent passed down for ``path``, if any."""
+    try:
+        fd = int(os.environ.get(LOCK_FD_ENV, ""))
+        mine, theirs = os.fstat(fd), path.stat()
+    except (ValueError, OSError):
+        return None
+    return fd if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) else None
+
+
+def holder(run_dir: Path) -> str:
+    """The pid written into the lock file by its holder ("?" when unknown)."""
+    try:
+        return (Path(run_dir) / LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def acquire(run_dir: Path) -> int:
+    """Take the run folder's lock (creating the folder); return its descriptor. Raises
+    `RunBusyError` naming the folder and the holder's pid if another process has it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = (run_dir / LOCK).resolve()
+    if path in _held:
+        _held[path][1] += 1
+        return _held[path][0]
+    fd = _inherited(path)
+    inherited = fd is not None
+    if fd is None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not inherited:
+            os.close(fd)
+        raise RunBusyError(f"{run_dir}: in use by another bitvit process (pid {holder(run_dir)}); "
+                           "wait for it to end or choose another folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[path] = [fd, 1, inherited]
+    return fd
+
+
+def release(run_dir: Path) -> None:
+    path = (Path(run_dir) / LOCK).resolve()
+    entry = _held.get(path)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[path]
+        if not entry[2]:  # an inherited lock is the parent's to release
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+        os.close(entry[0])
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[int]:
+    """Hold the run folder's lock for the block (see `acquire`); yields its descriptor."""
+    fd = acquire(run_dir)
+    try:
+        yield fd
+    finally:
+        release(run_dir)
+
+
+def locked_by_other(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock (a live run)."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file() or path.resolve() in _held:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock, if it got one
+    return False
