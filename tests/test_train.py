@@ -270,8 +270,8 @@ def test_train_eval_columns_are_the_model_in_eval_mode_on_a_fixed_train_subset(
     result = train(config, out=tmp_path / "run", quiet=True)
     subset = balanced_subset(load_data(config.data).train, 120, 3)
     assert len(subset) == 120
-    expected = evaluate_model(load_checkpoint(tmp_path / "run").model, subset, config.data.mean,
-                              config.data.std)
+    ckpt = load_checkpoint(tmp_path / "run")  # its config holds the resolved mean and std
+    expected = evaluate_model(ckpt.model, subset, ckpt.config.data.mean, ckpt.config.data.std)
     last = result.metrics[-1]
     assert last["train_eval_acc"] == pytest.approx(expected["accuracy"], abs=1e-6)
     assert last["train_eval_loss"] == pytest.approx(expected["loss"], rel=1e-5)
