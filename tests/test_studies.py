@@ -235,6 +235,52 @@ def test_sweep_cli_resumes_a_real_run_to_more_epochs(real_env, tmp_path, monkeyp
     assert result.info["resumed_from"][0]["status"] == "finished"
 
 
+def test_a_sweep_with_a_runs_root_trains_outside_and_copies_the_small_files(
+        real_env, tmp_path, monkeypatch):
+    tiny = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8",
+            "data.limit_train=300", "data.limit_test=100", "train.batch_size=50"]
+    path = write_sweep(tmp_path / "s.yaml", overrides=[*tiny, "train.epochs=2"],
+                       runs_root=str(tmp_path / "root"), grid={"train.seed": [0]})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(studies.RUNS_ROOT_ENV, raising=False)
+    assert main(["sweep", str(path)]) == 0
+    run, copy = tmp_path / "root/out/seed=0", tmp_path / "out/seed=0"
+    assert (run / "last/model.safetensors").is_file()  # weights stay in the runs root ...
+    assert sorted(p.name for p in copy.iterdir()) == sorted(studies.SMALL_FILES)  # ... not here
+    for name in studies.SMALL_FILES:
+        assert (copy / name).read_bytes() == (run / name).read_bytes()
+    assert load_run(copy).finished and (tmp_path / "out/commands.txt").is_file()
+    reference = (copy / "metrics.csv").read_text()
+
+    # The runs root is gone (a new machine): the sweep trains the run again, to the same numbers.
+    shutil.rmtree(tmp_path / "root")
+    assert [r.state for r in plan_sweep(load_sweep(path))] == ["new"]
+    assert main(["sweep", str(path)]) == 0
+    assert _without_seconds(copy / "metrics.csv") == _without_seconds_text(reference)
+
+    # --sync copies without training; $BITVIT_RUNS_ROOT moves the root.
+    (copy / "run.json").unlink()
+    assert main(["sweep", str(path), "--sync"]) == 0 and (copy / "run.json").is_file()
+    monkeypatch.setenv(studies.RUNS_ROOT_ENV, str(tmp_path / "elsewhere"))
+    assert load_sweep(path).run_dir("seed=0") == tmp_path / "elsewhere/out/seed=0"
+
+
+def test_sync_needs_a_runs_root(tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", grid={"train.seed": [0]})
+    assert main(["sweep", str(path), "--sync"]) == 2
+    assert "needs a sweep file with runs_root" in capsys.readouterr().err
+
+
+def _without_seconds_text(text: str) -> list[list[str]]:
+    rows = [line.split(",") for line in text.strip().splitlines()]
+    drop = rows[0].index("seconds")
+    return [[c for i, c in enumerate(r) if i != drop] for r in rows]
+
+
+def _without_seconds(path: Path) -> list[list[str]]:
+    return _without_seconds_text(path.read_text())
+
+
 # --- statistics ---------------------------------------------------------------------------------
 
 

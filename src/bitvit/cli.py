@@ -261,17 +261,28 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                    "keeps its own config but data.path and train.epochs, and a different value "
                    "of anything else is refused")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen")
+    p.add_argument("--sync", action="store_true",
+                   help="with a runs_root: only copy the runs' small files into the sweep's out "
+                   "folder (to commit them while the sweep trains), train nothing")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N runs at once as subprocesses (several runs on one GPU)")
     p.set_defaults(func=_sweep)
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from bitvit.studies import load_sweep, run_sweep
+    from bitvit.studies import load_sweep, run_sweep, sync_results
 
     if args.parallel < 1:
         raise CliError(f"--parallel {args.parallel}: expected 1 or more")
     sweep = load_sweep(args.sweep)
+    if args.sync:
+        if sweep.runs_root is None:
+            raise CliError(f"{args.sweep}: --sync needs a sweep file with runs_root (its run "
+                           "folders are already in its out folder)")
+        names = sync_results(sweep)
+        print(f"copied the small files of {len(names)} run(s) from "
+              f"{sweep.runs_root / sweep.out.name} into {sweep.out}")
+        return 0
     run_sweep(sweep, args.overrides, parallel=args.parallel, dry_run=args.dry_run,
               argv=["bitvit", "sweep", args.sweep, *args.overrides])
     return 0

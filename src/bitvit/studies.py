@@ -11,6 +11,10 @@ from the repository root, as the recorded commands do)::
     overrides: [train.epochs=15]      # section.key=value, applied to every run
     full_epochs: 100                  # optional: the budget this tier shortens (report says so)
     out: results/study1-cpu           # one run folder per point goes here
+    runs_root: ~/.cache/bitvit/runs   # optional: train in RUNS_ROOT/<out's name>/NAME instead
+                                      # (outside the work tree; $BITVIT_RUNS_ROOT overrides) and
+                                      # copy the small files (metrics.csv, config.yaml, run.json,
+                                      # curves.png) into out/NAME before, during and after
     runs:                             # optional: a list of sub-grids; their union ...
       - {quant.method: [sign, xnor], quant.where: [all, mlp, attn], quant.act_bits: [none, 1]}
       - {quant.method: [fp, b158]}
@@ -80,7 +84,11 @@ from bitvit.stats import (  # noqa: F401 - Summary, summarize, welch_difference:
     welch_difference,
 )
 
-SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs", "grid"}
+SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs_root", "runs",
+              "grid"}
+# With ``runs_root``, what a sweep copies from each run folder into ``out`` (never weights).
+SMALL_FILES = (rundir.METRICS, rundir.CONFIG, rundir.RUN_JSON, rundir.CURVES)
+RUNS_ROOT_ENV = "BITVIT_RUNS_ROOT"  # overrides a sweep file's runs_root
 SWEEP_COPY = "sweep.yaml"
 COMMANDS_FILE = "commands.txt"
 
@@ -105,9 +113,17 @@ class Sweep:
     title: str = ""
     question: str = ""
     full_epochs: int | None = None
+    runs_root: Path | None = None  # run folders live here (outside the work tree), not in out
 
     def name(self, point: dict[str, Any]) -> str:
         return run_name(point, self.keys)
+
+    def run_dir(self, name: str) -> Path:
+        """Where the run trains: ``out/NAME``, or ``RUNS_ROOT/<out's name>/NAME`` with a runs
+        root, whose small files `sync_results` copies into ``out/NAME``."""
+        if self.runs_root is None:
+            return self.out / name
+        return self.runs_root / self.out.name / name
 
     def run_dirs(self) -> dict[str, dict[str, Any]]:
         """Run folder name -> point, in sweep order."""
@@ -160,9 +176,15 @@ def load_sweep(path: str | Path) -> Sweep:
     full_epochs = raw.get("full_epochs")
     if full_epochs is not None and (not isinstance(full_epochs, int) or full_epochs < 1):
         raise SweepError(f"{path}: 'full_epochs' must be a positive integer")
+    runs_root = raw.get("runs_root")
+    if runs_root is not None and not isinstance(runs_root, str):
+        raise SweepError(f"{path}: 'runs_root' must be a path (~ allowed)")
+    if runs_root is not None:
+        runs_root = Path(os.environ.get(RUNS_ROOT_ENV) or runs_root).expanduser()
     sweep = Sweep(path=path, base=raw["base"], out=Path(raw["out"]), overrides=list(overrides),
                   points=points, keys=keys, title=str(raw.get("title") or path.stem),
-                  question=str(raw.get("question") or ""), full_epochs=full_epochs)
+                  question=str(raw.get("question") or ""), full_epochs=full_epochs,
+                  runs_root=runs_root)
     names = [sweep.name(p) for p in points]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -372,7 +394,7 @@ def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]
     plan = []
     for name, point in sweep.run_dirs().items():
         config = sweep_config(sweep, point, extra)
-        run_dir = sweep.out / name
+        run_dir = sweep.run_dir(name)
         state = run_state(run_dir, config)
         command = train_command(sweep, point, run_dir, config, state, extra)
         plan.append(PlannedRun(name, run_dir, point, config, state, command))
@@ -425,14 +447,48 @@ def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
             rundir.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
 
 
+def sync_results(sweep: Sweep) -> list[str]:
+    """With a runs root: copy each run folder's small files (`SMALL_FILES`) into ``out/NAME``,
+    so that results/ holds what a report needs while the weights stay outside the work tree.
+    A run folder that is gone (another machine) leaves its earlier copy alone. Returns the
+    names copied."""
+    if sweep.runs_root is None:
+        return []
+    copied = []
+    for name in sweep.run_dirs():
+        src, dst = sweep.run_dir(name), sweep.out / name
+        files = [f for f in SMALL_FILES if (src / f).is_file()]
+        if rundir.CONFIG not in files:
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            data = (src / f).read_bytes()
+            if not (dst / f).is_file() or (dst / f).read_bytes() != data:
+                rundir.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
+        copied.append(name)
+    return copied
+
+
 def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
               dry_run: bool = False, argv: list[str] | None = None,
               log: Any = print) -> list[PlannedRun]:
     """Train every unfinished run of a sweep; return the plan (with states before running).
 
     ``parallel`` > 1 trains that many runs at once as ``python -m bitvit train`` subprocesses
-    (several runs on one GPU); each writes its output to RUN/train.log.
+    (several runs on one GPU); each writes its output to RUN/train.log. With a runs root the
+    small files are copied into ``out`` before, while (every few minutes) and after training.
     """
+    if not dry_run:
+        sync_results(sweep)
+    try:
+        return _run_sweep(sweep, extra, parallel, dry_run, argv, log)
+    finally:
+        if not dry_run:
+            sync_results(sweep)
+
+
+def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bool,
+               argv: list[str] | None, log: Any) -> list[PlannedRun]:
     plan = plan_sweep(sweep, extra)
     todo = [r for r in plan if r.state not in ("finished", "running")]
     for r in plan:
@@ -451,6 +507,7 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
             except TrainingError as e:  # a diverged run: go on with the others, say so at the end
                 log(f"FAILED    {r.run_dir}: {e}")
                 failed.append(r.name)
+            sync_results(sweep)
         if failed:
             raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     else:
@@ -496,6 +553,9 @@ def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any,
             train(r.config, out=r.run_dir, quiet=True, command=r.command)
 
 
+SYNC_SECONDS = 300.0
+
+
 def _python_bitvit() -> list[str]:
     """How a subprocess calls the command line (this interpreter, this package)."""
     return [sys.executable, "-m", "bitvit"]
@@ -506,8 +566,12 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
     queue = list(todo)
     running: list[tuple[PlannedRun, subprocess.Popen, contextlib.ExitStack]] = []
     failed = []
+    synced = time.monotonic()
     try:
         while queue or running:
+            if time.monotonic() - synced > SYNC_SECONDS:  # results/ follows long runs
+                sync_results(sweep)
+                synced = time.monotonic()
             while queue and len(running) < parallel:
                 r = queue.pop(0)
                 stack = contextlib.ExitStack()
@@ -528,6 +592,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                 if proc.poll() is not None:
                     running.remove(item)
                     stack.close()
+                    sync_results(sweep)
                     if proc.returncode != 0:
                         failed.append(r.name)
                     log(f"{'done' if proc.returncode == 0 else 'FAILED':9s} {r.run_dir}"
