@@ -18,7 +18,7 @@ from bitvit.cli import main
 from bitvit.config import Config, ConfigError, load_config
 from bitvit.data import CIFAR10_MEAN, CIFAR10_STD, DataConfig, DataError, load_data
 from bitvit.export import ExportError, export_model
-from bitvit.studies import SweepError, run_state
+from bitvit.sweep import SweepError, run_state
 
 GRAY_CLASSES = ["dark", "light", "mid"]
 

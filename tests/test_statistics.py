@@ -11,8 +11,8 @@ from scipy import stats
 from test_studies import fake_run
 
 from bitvit.cli import main
+from bitvit.report import compare, compare_groups, group_runs, load_run, verdict_text
 from bitvit.stats import holm, last_k_mean, welch_difference
-from bitvit.studies import compare, compare_groups, group_runs, load_run, verdict_text
 from bitvit.train import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,

@@ -17,22 +17,27 @@ import pytest
 import yaml
 from scipy import stats
 
-from bitvit import studies
 from bitvit.cli import main
 from bitvit.config import load_config, save_config
-from bitvit.studies import (
-    SweepError,
+from bitvit.figures import plot_groups
+from bitvit.report import (
     compare,
     compare_groups,
+    compare_markdown,
+    find_run_dirs,
     group_runs,
     load_run,
+    write_report,
+)
+from bitvit.schedule import SMALL_FILES, _train_in_process, run_sweep
+from bitvit.stats import summarize, welch_difference
+from bitvit.sweep import (
+    RUNS_ROOT_ENV,
+    SweepError,
     load_sweep,
     plan_sweep,
     run_name,
-    run_sweep,
-    summarize,
-    welch_difference,
-    write_report,
+    sweep_config,
 )
 from bitvit.train import METRIC_COLUMNS, write_metrics
 
@@ -110,7 +115,7 @@ def test_every_committed_sweep_file_loads_and_builds_its_configs():
     for path in files:
         sweep = load_sweep(path)
         for point in sweep.points:
-            studies.sweep_config(sweep, point)  # raises on a bad key or value
+            sweep_config(sweep, point)  # raises on a bad key or value
     s2 = load_sweep(ROOT / "studies/study2-cpu.yaml")
     assert len(s2.points) == 42  # (fp, b158, 2 methods x 3 places x 2 activations) x 3 seeds
 
@@ -202,7 +207,7 @@ def test_sweep_skips_a_run_another_sweep_is_training(tmp_path, fake_train):
     try:
         assert holder.stdout.readline().strip() == "locked"
         lines = []
-        studies._train_in_process(plan[0], sweep, lines.append)
+        _train_in_process(plan[0], sweep, lines.append)
     finally:
         holder.kill()
         holder.wait()
@@ -242,12 +247,12 @@ def test_a_sweep_with_a_runs_root_trains_outside_and_copies_the_small_files(
     path = write_sweep(tmp_path / "s.yaml", overrides=[*tiny, "train.epochs=2"],
                        runs_root=str(tmp_path / "root"), grid={"train.seed": [0]})
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(studies.RUNS_ROOT_ENV, raising=False)
+    monkeypatch.delenv(RUNS_ROOT_ENV, raising=False)
     assert main(["sweep", str(path)]) == 0
     run, copy = tmp_path / "root/out/seed=0", tmp_path / "out/seed=0"
     assert (run / "last/model.safetensors").is_file()  # weights stay in the runs root ...
-    assert sorted(p.name for p in copy.iterdir()) == sorted(studies.SMALL_FILES)  # ... not here
-    for name in studies.SMALL_FILES:
+    assert sorted(p.name for p in copy.iterdir()) == sorted(SMALL_FILES)  # ... not here
+    for name in SMALL_FILES:
         assert (copy / name).read_bytes() == (run / name).read_bytes()
     assert load_run(copy).finished and (tmp_path / "out/commands.txt").is_file()
     reference = (copy / "metrics.csv").read_text()
@@ -261,7 +266,7 @@ def test_a_sweep_with_a_runs_root_trains_outside_and_copies_the_small_files(
     # --sync copies without training; $BITVIT_RUNS_ROOT moves the root.
     (copy / "run.json").unlink()
     assert main(["sweep", str(path), "--sync"]) == 0 and (copy / "run.json").is_file()
-    monkeypatch.setenv(studies.RUNS_ROOT_ENV, str(tmp_path / "elsewhere"))
+    monkeypatch.setenv(RUNS_ROOT_ENV, str(tmp_path / "elsewhere"))
     assert load_sweep(path).run_dir("seed=0") == tmp_path / "elsewhere/out/seed=0"
 
 
@@ -340,7 +345,7 @@ def study1(tmp_path: Path) -> Path:
 
 
 def test_groups_labels_and_unfinished_runs(tmp_path):
-    runs = [load_run(p) for p in studies.find_run_dirs([study1(tmp_path)])]
+    runs = [load_run(p) for p in find_run_dirs([study1(tmp_path)])]
     groups = {g.label: g for g in group_runs(runs)}
     assert list(groups) == ["fp", "b158", "bitnet"]  # fp first; act_bits default == 8
     assert [r.seed for r in groups["b158"].runs] == [0, 1]
@@ -422,11 +427,11 @@ def test_report_from_a_small_results_tree(tmp_path, monkeypatch):
 
 def test_unfinished_runs_counted_only_when_asked(tmp_path):
     study = study1(tmp_path)
-    runs = [load_run(p) for p in studies.find_run_dirs([study])]
+    runs = [load_run(p) for p in find_run_dirs([study])]
     groups = compare_groups(group_runs(runs, include_unfinished=True))
     b158 = next(g for g in groups if g.label == "b158")
     assert b158.stats["final_test_acc"].n == 3
-    text = studies.compare_markdown(groups, runs)
+    text = compare_markdown(groups, runs)
     assert "counted at their last epoch" in text
 
 
@@ -456,7 +461,7 @@ print("trained", run_dir)
 def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeypatch):
     script = tmp_path / "fake_cli.py"
     script.write_text(FAKE_CLI.format(tests=str(ROOT / "tests")))
-    monkeypatch.setattr(studies, "_python_bitvit", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr("bitvit.schedule._python_bitvit", lambda: [sys.executable, str(script)])
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
                                    grid={"train.seed": [0, 1, 2]}))
     with pytest.raises(SweepError, match="1 run\\(s\\) failed: seed=1"):
@@ -545,7 +550,7 @@ def test_parallel_and_one_at_a_time_sweeps_run_the_same_commands(tmp_path, monke
     log = tmp_path / "argv.jsonl"
     script = tmp_path / "recording_cli.py"
     script.write_text(RECORDING_CLI.format(tests=str(ROOT / "tests"), log=str(log)))
-    monkeypatch.setattr(studies, "_python_bitvit", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr("bitvit.schedule._python_bitvit", lambda: [sys.executable, str(script)])
     run_sweep(sweep, extra, parallel=2, log=lambda *_: None)
     in_subprocesses = sorted(json.loads(line) for line in log.read_text().splitlines())
 
@@ -574,22 +579,22 @@ def test_parallel_and_one_at_a_time_sweeps_run_the_same_commands(tmp_path, monke
 def test_the_figure_says_device_and_budget(tmp_path, monkeypatch):
     study = study1(tmp_path)
     fake_run(study / "method=fp_seed=3", ["train.seed=3"], [0.3, 0.5], device="cuda (H100)")
-    runs = [load_run(p) for p in studies.find_run_dirs([study])]
+    runs = [load_run(p) for p in find_run_dirs([study])]
     groups = compare_groups(group_runs(runs))
 
     def title(fig) -> str:
         return "\n".join(t.get_text() for t in fig.texts)
 
-    text = title(studies.plot_groups(groups, tmp_path / "a.png", "Study one", full_epochs=100))
+    text = title(plot_groups(groups, tmp_path / "a.png", "Study one", full_epochs=100))
     assert text.splitlines()[:2] == [
         "Study one", "device: cpu (test, 2 threads); cuda (H100); 2 of 100 epochs"]
     assert "device: cpu (test, 2 threads); cuda (H100); 2 epochs\n" in title(
-        studies.plot_groups(groups, tmp_path / "b.png"))
+        plot_groups(groups, tmp_path / "b.png"))
 
     # `bitvit compare --out` (no title) draws it too, with the budget it is given.
     figures = []
-    plot = studies.plot_groups
-    monkeypatch.setattr(studies, "plot_groups", lambda *a, **k: figures.append(plot(*a, **k)))
+    monkeypatch.setattr("bitvit.report.plot_groups",
+                        lambda *a, **k: figures.append(plot_groups(*a, **k)))
     assert main(["compare", str(study), "--out", str(tmp_path / "cmp"), "--full-epochs", "15"]
                 ) == 0
     assert title(figures[0]).startswith("device: cpu (test, 2 threads); cuda (H100); "

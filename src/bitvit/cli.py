@@ -21,7 +21,7 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.export import ExportError
     from bitvit.profile import ProfileError
     from bitvit.rundir import RunBusyError
-    from bitvit.studies import SweepError
+    from bitvit.sweep import SweepError
     from bitvit.train import TrainingError
 
     return (CliError, CheckpointError, ConfigError, DataError, ExportError, ProfileError,
@@ -252,7 +252,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="train every run of a sweep file (finished runs skipped, others resumed)",
         description="Train one run folder per point of a sweep file's grid (see "
-        "bitvit.studies for the schema). Finished runs are skipped, runs with a last/ "
+        "bitvit.sweep for the schema). Finished runs are skipped, runs with a last/ "
         "checkpoint resumed, others restarted: stop and restart a sweep at will. Run it from "
         "the repository root (paths in sweep files are relative to the working directory).")
     p.add_argument("sweep", metavar="SWEEP.yaml")
@@ -270,7 +270,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from bitvit.studies import load_sweep, run_sweep, sync_results
+    from bitvit.schedule import run_sweep, sync_results
+    from bitvit.sweep import load_sweep
 
     if args.parallel < 1:
         raise CliError(f"--parallel {args.parallel}: expected 1 or more")
@@ -312,7 +313,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bitvit.studies import compare
+    from bitvit.report import compare
 
     _, text = compare(args.runs, out=args.out, margin=args.margin, loss_margin=args.loss_margin,
                       include_unfinished=args.include_unfinished, full_epochs=args.full_epochs,
@@ -337,7 +338,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bitvit.studies import write_report
+    from bitvit.report import write_report
 
     print(write_report(args.results, args.studies, args.margin, args.loss_margin, args.last_k))
     return 0

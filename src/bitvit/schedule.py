@@ -1,0 +1,202 @@
+"""Running a sweep: train every unfinished run of its plan, one at a time in this process or
+several at once as `bitvit train` subprocesses, under each run folder's lock, and copy the
+small files of runs trained under a runs root into the sweep's ``out``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bitvit import rundir
+from bitvit.sweep import (
+    COMMANDS_FILE,
+    SWEEP_COPY,
+    PlannedRun,
+    Sweep,
+    SweepError,
+    plan_sweep,
+    run_state,
+    train_command,
+)
+
+# With ``runs_root``, what a sweep copies from each run folder into ``out`` (never weights).
+SMALL_FILES = (rundir.METRICS, rundir.CONFIG, rundir.RUN_JSON, rundir.CURVES)
+
+
+def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    copy = sweep.out / SWEEP_COPY
+    text = f"# copied from {sweep.path} by bitvit sweep\n" + sweep.path.read_text()
+    if not copy.exists() or copy.read_text() != text:
+        rundir.write_text(copy, text)
+    if argv:
+        line = shlex.join(argv)
+        log = sweep.out / COMMANDS_FILE
+        seen = log.read_text().splitlines() if log.exists() else []
+        if line not in seen:
+            rundir.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
+
+
+def sync_results(sweep: Sweep) -> list[str]:
+    """With a runs root: copy each run folder's small files (`SMALL_FILES`) into ``out/NAME``,
+    so that results/ holds what a report needs while the weights stay outside the work tree.
+    A run folder that is gone (another machine) leaves its earlier copy alone. Returns the
+    names copied."""
+    if sweep.runs_root is None:
+        return []
+    copied = []
+    for name in sweep.run_dirs():
+        src, dst = sweep.run_dir(name), sweep.out / name
+        files = [f for f in SMALL_FILES if (src / f).is_file()]
+        if rundir.CONFIG not in files:
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            data = (src / f).read_bytes()
+            if not (dst / f).is_file() or (dst / f).read_bytes() != data:
+                rundir.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
+        copied.append(name)
+    return copied
+
+
+def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
+              dry_run: bool = False, argv: list[str] | None = None,
+              log: Any = print) -> list[PlannedRun]:
+    """Train every unfinished run of a sweep; return the plan (with states before running).
+
+    ``parallel`` > 1 trains that many runs at once as ``python -m bitvit train`` subprocesses
+    (several runs on one GPU); each writes its output to RUN/train.log. With a runs root the
+    small files are copied into ``out`` before, while (every few minutes) and after training.
+    """
+    if not dry_run:
+        sync_results(sweep)
+    try:
+        return _run_sweep(sweep, extra, parallel, dry_run, argv, log)
+    finally:
+        if not dry_run:
+            sync_results(sweep)
+
+
+def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bool,
+               argv: list[str] | None, log: Any) -> list[PlannedRun]:
+    plan = plan_sweep(sweep, extra)
+    todo = [r for r in plan if r.state not in ("finished", "running")]
+    for r in plan:
+        log(f"{r.state:9s} {r.run_dir}")
+    log(f"{len(plan)} runs: {len(plan) - len(todo)} finished or running, {len(todo)} to train")
+    if dry_run or not todo:
+        return plan
+    _record_sweep(sweep, argv)
+    if parallel <= 1:
+        from bitvit.train import TrainingError
+
+        failed = []
+        for r in todo:
+            try:
+                _train_in_process(r, sweep, log, extra)
+            except TrainingError as e:  # a diverged run: go on with the others, say so at the end
+                log(f"FAILED    {r.run_dir}: {e}")
+                failed.append(r.name)
+            sync_results(sweep)
+        if failed:
+            raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+    else:
+        _train_in_subprocesses(todo, sweep, parallel, log, extra)
+    return plan
+
+
+def _lock(r: PlannedRun, stack: contextlib.ExitStack, log: Any) -> int | None:
+    """Take the run folder's lock (the one `bitvit train` holds) for ``stack``'s lifetime and
+    return its descriptor; None, said in the log, when another process holds it."""
+    try:
+        return stack.enter_context(rundir.locked(r.run_dir))
+    except rundir.RunBusyError:
+        log(f"busy      {r.run_dir} (pid {rundir.holder(r.run_dir)} is training it)")
+        return None
+
+
+def _claim(r: PlannedRun, sweep: Sweep, extra: list[str] | None, log: Any) -> bool:
+    """Under the run's lock: look at the folder again and, if it still needs training, set the
+    run's state and command and move aside what a restarting folder holds (nothing is
+    deleted). False: leave the run alone."""
+    r.state = run_state(r.run_dir, r.config)
+    if r.state in ("finished", "running"):
+        return False
+    r.command = train_command(sweep, r.point, r.run_dir, r.config, r.state, extra)
+    log(f"{r.state:9s} {r.run_dir}: {shlex.join(r.command)}")
+    if r.state == "restart":
+        log(f"moved     {r.run_dir} aside to {rundir.move_aside(r.run_dir)}")
+    return True
+
+
+def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any,
+                      extra: list[str] | None = None) -> None:
+    from bitvit.train import train
+
+    with contextlib.ExitStack() as stack:
+        if _lock(r, stack, log) is None or not _claim(r, sweep, extra, log):
+            return
+        # r.config is what r.command gives: train_command refuses a resume it cannot express.
+        if r.state == "resume":
+            train(r.config, resume=r.run_dir, quiet=True, command=r.command)
+        else:
+            train(r.config, out=r.run_dir, quiet=True, command=r.command)
+
+
+SYNC_SECONDS = 300.0
+
+
+def _python_bitvit() -> list[str]:
+    """How a subprocess calls the command line (this interpreter, this package)."""
+    return [sys.executable, "-m", "bitvit"]
+
+
+def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
+                           log: Any, extra: list[str] | None = None) -> None:
+    queue = list(todo)
+    running: list[tuple[PlannedRun, subprocess.Popen, contextlib.ExitStack]] = []
+    failed = []
+    synced = time.monotonic()
+    try:
+        while queue or running:
+            if time.monotonic() - synced > SYNC_SECONDS:  # results/ follows long runs
+                sync_results(sweep)
+                synced = time.monotonic()
+            while queue and len(running) < parallel:
+                r = queue.pop(0)
+                stack = contextlib.ExitStack()
+                fd = _lock(r, stack, log)
+                if fd is None or not _claim(r, sweep, extra, log):
+                    stack.close()
+                    continue
+                logfile = stack.enter_context((r.run_dir / "train.log").open("a"))
+                cmd = [*_python_bitvit(), *r.command[1:]]
+                # The child trains under the lock this process holds: it inherits it.
+                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                        pass_fds=(fd,),
+                                        env={**os.environ, rundir.LOCK_FD_ENV: str(fd)})
+                running.append((r, proc, stack))
+            time.sleep(0.5)
+            for item in list(running):
+                r, proc, stack = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    stack.close()
+                    sync_results(sweep)
+                    if proc.returncode != 0:
+                        failed.append(r.name)
+                    log(f"{'done' if proc.returncode == 0 else 'FAILED':9s} {r.run_dir}"
+                        + ("" if proc.returncode == 0 else f" (see {r.run_dir}/train.log)"))
+    finally:
+        for _, proc, _ in running:  # interrupted: let each child mark its run interrupted
+            proc.terminate()
+        for _, proc, stack in running:
+            proc.wait()
+            stack.close()
+    if failed:
+        raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")

@@ -1,0 +1,399 @@
+"""Sweep files: their schema, the runs they name, what state each run folder is in, and
+the plan (the `bitvit train` command per run); `bitvit.schedule` trains the plan.
+
+Sweep files
+-----------
+A sweep file is YAML with these keys (paths are relative to the working directory: run sweeps
+from the repository root, as the recorded commands do)::
+
+    title: "Study 1 (CPU tier): BitLinear on the paper's ViT"   # for the report
+    question: "Does BitLinear lower the test loss? ..."           # for the report
+    base: configs/paper.yaml          # the config every run starts from
+    overrides: [train.epochs=15]      # section.key=value, applied to every run
+    full_epochs: 100                  # optional: the budget this tier shortens (report says so)
+    out: results/study1-cpu           # one run folder per point goes here
+    runs_root: ~/.cache/bitvit/runs   # optional: train in RUNS_ROOT/<out's name>/NAME instead
+                                      # (outside the work tree; $BITVIT_RUNS_ROOT overrides) and
+                                      # copy the small files (metrics.csv, config.yaml, run.json,
+                                      # curves.png) into out/NAME before, during and after
+    runs:                             # optional: a list of sub-grids; their union ...
+      - {quant.method: [sign, xnor], quant.where: [all, mlp, attn], quant.act_bits: [none, 1]}
+      - {quant.method: [fp, b158]}
+    grid:                             # ... is crossed with this grid (cartesian product)
+      train.seed: [0, 1, 2]
+
+Without ``runs`` the points are the grid's cartesian product. A value may be a scalar (one
+choice) or a list. Each point is one run folder under ``out``, named from its values in the
+order of the file (``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0`` or
+``method=sign_where=mlp_act_bits=1_seed=2`` (the last part of the key, or the whole key when two
+keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``). Runs are trained
+grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
+
+``bitvit.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
+in metrics.csv) and runs whose ``bitvit train`` is alive (it holds the run folder's lock),
+resumes runs that have a checkpoint, and restarts the others from scratch, moving what they
+hold aside to ``NAME.restart-TIME/`` (a sweep deletes nothing), so a sweep can be stopped and
+started again at will. Extra overrides given to the sweep apply to new runs; a resumed run
+keeps its own config.yaml except ``train.epochs`` and ``data.path`` (what ``bitvit train
+--resume`` can change), and an extra override it could not honour is refused. Weights stay in
+the run folders (``last/``, ``best/``) for export and evaluation; ``.gitignore`` keeps them out
+of ``results/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bitvit import rundir
+from bitvit.config import Config, load_config, read_yaml_mapping
+from bitvit.quant import resolve_act_bits
+
+SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs_root", "runs",
+              "grid"}
+RUNS_ROOT_ENV = "BITVIT_RUNS_ROOT"  # overrides a sweep file's runs_root
+SWEEP_COPY = "sweep.yaml"
+COMMANDS_FILE = "commands.txt"
+
+
+class SweepError(ValueError):
+    """A bad sweep file or a run folder that conflicts with it; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep files and run folder names
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    path: Path
+    base: str
+    out: Path
+    overrides: list[str] = field(default_factory=list)
+    points: list[dict[str, Any]] = field(default_factory=list)  # one {section.key: value} per run
+    keys: list[str] = field(default_factory=list)  # the point keys, in order of first appearance
+    title: str = ""
+    question: str = ""
+    full_epochs: int | None = None
+    runs_root: Path | None = None  # run folders live here (outside the work tree), not in out
+
+    def name(self, point: dict[str, Any]) -> str:
+        return run_name(point, self.keys)
+
+    def run_dir(self, name: str) -> Path:
+        """Where the run trains: ``out/NAME``, or ``RUNS_ROOT/<out's name>/NAME`` with a runs
+        root, whose small files `sync_results` copies into ``out/NAME``."""
+        if self.runs_root is None:
+            return self.out / name
+        return self.runs_root / self.out.name / name
+
+    def run_dirs(self) -> dict[str, dict[str, Any]]:
+        """Run folder name -> point, in sweep order."""
+        return {self.name(p): p for p in self.points}
+
+
+def _expand(grid: Any, where: str) -> list[dict[str, Any]]:
+    """The cartesian product of a {section.key: value or [values]} mapping."""
+    if grid is None:
+        return [{}]
+    if not isinstance(grid, dict):
+        raise SweepError(f"{where}: expected a mapping of section.key to a list of values")
+    for key in grid:
+        if not isinstance(key, str) or key.count(".") != 1:
+            raise SweepError(f"{where}: key {key!r}: expected section.key (e.g. quant.method)")
+    choices = [v if isinstance(v, list) else [v] for v in grid.values()]
+    for key, values in zip(grid, choices, strict=True):
+        if not values:
+            raise SweepError(f"{where}: {key} has an empty list of values")
+    return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file (see the module docstring for its schema)."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "sweep file", "keys base, out, grid (and runs)", SweepError)
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid keys: "
+                         f"{', '.join(sorted(SWEEP_KEYS))}")
+    for key in ("base", "out"):
+        if not isinstance(raw.get(key), str):
+            raise SweepError(f"{path}: {key!r} must be a path (relative to the working directory)")
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise SweepError(f"{path}: 'overrides' must be a list of section.key=value strings")
+    runs = raw.get("runs")
+    if runs is not None and (not isinstance(runs, list) or not runs):
+        raise SweepError(f"{path}: 'runs' must be a non-empty list of mappings")
+    grid = _expand(raw.get("grid"), f"{path}: grid")
+    arms = [{}] if runs is None else [
+        p for i, sub in enumerate(runs) for p in _expand(sub, f"{path}: runs[{i}]")]
+    # The grid is the outer loop (every arm gets seed 0 before any gets seed 1), so a sweep
+    # stopped early leaves every configuration with some seeds rather than some with none.
+    points = [{**arm, **g} for g in grid for arm in arms]
+    # Names list the runs' own keys first, then the grid's (e.g. method=sign_where=mlp_seed=0).
+    keys = list(dict.fromkeys([*(k for arm in arms for k in arm), *(raw.get("grid") or {})]))
+    if not keys:
+        raise SweepError(f"{path}: no grid: give 'grid' and/or 'runs' with at least one key")
+    full_epochs = raw.get("full_epochs")
+    if full_epochs is not None and (not isinstance(full_epochs, int) or full_epochs < 1):
+        raise SweepError(f"{path}: 'full_epochs' must be a positive integer")
+    runs_root = raw.get("runs_root")
+    if runs_root is not None and not isinstance(runs_root, str):
+        raise SweepError(f"{path}: 'runs_root' must be a path (~ allowed)")
+    if runs_root is not None:
+        runs_root = Path(os.environ.get(RUNS_ROOT_ENV) or runs_root).expanduser()
+    sweep = Sweep(path=path, base=raw["base"], out=Path(raw["out"]), overrides=list(overrides),
+                  points=points, keys=keys, title=str(raw.get("title") or path.stem),
+                  question=str(raw.get("question") or ""), full_epochs=full_epochs,
+                  runs_root=runs_root)
+    names = [sweep.name(p) for p in points]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SweepError(f"{path}: the grid gives run {duplicates[0]} more than once")
+    return sweep
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    last = [k.split(".")[1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k.replace(".", "-"))
+            for k, s in zip(keys, last, strict=True)}
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "-".join(format_value(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(value))
+
+
+def run_name(point: dict[str, Any], keys: list[str] | None = None) -> str:
+    """A short, filesystem-safe, stable folder name from a point's values, e.g. method=b158_seed=0.
+
+    ``keys`` (all keys of the sweep, in order) fixes the order and the short names; keys absent
+    from this point are left out of its name.
+    """
+    keys = keys or list(point)
+    short = _short_keys(keys)
+    return "_".join(f"{short[k]}={format_value(point[k])}" for k in keys if k in point)
+
+
+def point_overrides(point: dict[str, Any]) -> list[str]:
+    """The point as section.key=value overrides (JSON values, which YAML parses back exactly)."""
+    return [f"{k}={json.dumps(v)}" for k, v in point.items()]
+
+
+def sweep_config(sweep: Sweep, point: dict[str, Any], extra: list[str] | None = None) -> Config:
+    return load_config(sweep.base, [*sweep.overrides, *(extra or []), *point_overrides(point)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: what state they are in
+# ---------------------------------------------------------------------------------------------
+
+# Settings that do not change what a run measures: left out when grouping runs and when checking
+# a run folder against its sweep.
+IGNORED_KEYS = {
+    "train.seed", "train.device", "train.compile", "train.eval_batch_size",
+    "data.path", "data.download", "data.download_url", "data.download_md5", "data.cache_dir",
+}
+
+
+def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IGNORED_KEYS
+                   ) -> dict[str, Any]:
+    """A flat {section.key: value} of what a run measures; quantization settings normalized.
+
+    ``act_bits: default`` becomes the bits it means; full precision (``method: fp`` or
+    ``where: none``) drops every other quant key, since none of them does anything then.
+    """
+    flat = {f"{s}.{k}": (list(v) if isinstance(v, tuple) else v)
+            for s, section in config_dict.items() for k, v in (section or {}).items()}
+    method = flat.get("quant.method", "fp")
+    if method == "fp" or flat.get("quant.where") == "none":
+        for k in [k for k in flat if k.startswith("quant.")]:
+            del flat[k]
+        flat["quant.method"] = "fp"
+    elif "quant.act_bits" in flat:
+        flat["quant.act_bits"] = resolve_act_bits(method, flat["quant.act_bits"])
+    return {k: v for k, v in sorted(flat.items()) if k not in ignore}
+
+
+def same_setting(key: str, saved: Any, wanted: Any) -> bool:
+    """Whether a run folder's experiment_key value matches the one a sweep asks for.
+
+    A run records the numbers ``data.mean``/``data.std: auto`` resolved to, and auto resolves
+    the same way for the same data, so auto on either side matches any numbers.
+    """
+    auto = key in ("data.mean", "data.std") and "auto" in (saved, wanted)
+    return auto or saved == wanted
+
+
+def _count_rows(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    return max(len(path.read_text().strip().splitlines()) - 1, 0)
+
+
+def run_state(run_dir: Path, config: Config) -> str:
+    """What a sweep does with a run folder: new, finished (skip), running (skip: another process
+    holds the folder's lock, or run.json says running and its process is alive; see
+    `_still_running`), resume (a checkpoint `bitvit train --resume` can continue, and
+    config.yaml) or restart (what the folder holds is moved aside first, never deleted).
+
+    Raises `SweepError` when the folder holds a run of a different experiment (the sweep file
+    changed under it); more epochs than the folder's run is fine: it is resumed to extend it.
+    """
+    run_dir = Path(run_dir)
+    if rundir.locked_by_other(run_dir):
+        return "running"  # a `bitvit train` at work right now: leave it alone
+    if rundir.is_empty(run_dir):
+        return "new"
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved = experiment_key(yaml.safe_load(saved_path.read_text()) or {},
+                               IGNORED_KEYS | {"train.epochs"})
+        wanted = experiment_key(config.to_dict(), IGNORED_KEYS | {"train.epochs"})
+        differing = [k for k in sorted(set(saved) | set(wanted))
+                     if not same_setting(k, saved.get(k), wanted.get(k))]
+        if differing:
+            k = differing[0]
+            raise SweepError(f"{run_dir}: holds a run with {k}={saved.get(k)!r} but the sweep "
+                             f"asks {k}={wanted.get(k)!r}; move the folder away or change 'out'")
+    rows = _count_rows(run_dir / "metrics.csv")
+    epochs = config.train.epochs
+    if rows > epochs:
+        raise SweepError(f"{run_dir}: holds {rows} epochs but the sweep asks train.epochs="
+                         f"{epochs}; move the folder away or change 'out'")
+    info = rundir.read_info(run_dir)
+    status = info.get("status")
+    if status == "finished" and rows == epochs:
+        return "finished"
+    # Runs written without the lock (older bitvit, or a file system without flock).
+    if status == "running" and _still_running(run_dir, info):
+        return "running"
+    if rundir.has_checkpoint(run_dir) and saved_path.is_file():
+        return "resume"
+    return "restart"
+
+
+def _still_running(run_dir: Path, info: dict[str, Any]) -> bool:
+    """Whether the `bitvit train` that wrote a "running" run.json is alive.
+
+    On the host that wrote it (run.json ``host``), its ``pid`` says so: a process killed by
+    SIGKILL, the OOM killer or a preemption never marks its run interrupted, and its run is
+    resumed at once. Elsewhere, or for run.json files without those keys, the folder's age is
+    the best guess.
+    """
+    pid, host = info.get("pid"), info.get("host")
+    if isinstance(pid, int) and pid > 0 and host == socket.gethostname():
+        return _pid_alive(pid) and not _pid_started_after(pid, info.get("start"))
+    return _recently_active(run_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _pid_started_after(pid: int, start: Any, slack: float = 5.0) -> bool:
+    """Whether process ``pid`` started after the run's recorded start (ISO time): then the pid
+    was reused by another process after the trainer died. False when unknown (no /proc)."""
+    try:
+        started = datetime.fromisoformat(str(start)).timestamp()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    # Field 22 of /proc/PID/stat (index 19 after the command name): start, in ticks after boot.
+    process_start = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    return process_start > started + slack  # slack: start is recorded in whole seconds
+
+
+def _recently_active(run_dir: Path, min_seconds: float = 1800.0) -> bool:
+    """Whether a run folder changed within max(min_seconds, 3 x its longest epoch)."""
+    try:
+        longest = max((r.get("seconds", 0.0) for r in rundir.read_metrics(run_dir)),
+                      default=0.0)
+    except (ValueError, KeyError):
+        longest = 0.0
+    newest = max(f.stat().st_mtime for f in run_dir.iterdir())
+    return time.time() - newest < max(min_seconds, 3 * longest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: each run's state and its `bitvit train` command
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    run_dir: Path
+    point: dict[str, Any]
+    config: Config
+    state: str  # new | finished | running | resume | restart
+    command: list[str]  # the equivalent `bitvit train` command
+
+
+def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of the sweep with its state and the `bitvit train` command that does it."""
+    plan = []
+    for name, point in sweep.run_dirs().items():
+        config = sweep_config(sweep, point, extra)
+        run_dir = sweep.run_dir(name)
+        state = run_state(run_dir, config)
+        command = train_command(sweep, point, run_dir, config, state, extra)
+        plan.append(PlannedRun(name, run_dir, point, config, state, command))
+    return plan
+
+
+# What `bitvit train --resume DIR` cannot change (it takes only --data and --epochs): a sweep
+# asking a resumed run for another value of one of these is refused rather than ignored.
+RESUME_KEEPS = sorted(IGNORED_KEYS - {"data.path"})
+
+
+def train_command(sweep: Sweep, point: dict[str, Any], run_dir: Path, config: Config,
+                  state: str, extra: list[str] | None = None) -> list[str]:
+    """The `bitvit train` command that trains a run folder in ``state``; the one-at-a-time path
+    records it and the parallel path runs it, so both do the same.
+
+    A new run gets every override (the sweep's, ``extra``, the point's). A resumed run keeps its
+    own config.yaml: ``--epochs`` and, when the sweep moves the data, ``--data`` carry what a
+    resume can change; any other setting that differs from the run's own raises `SweepError`.
+    """
+    if state != "resume":
+        return ["bitvit", "train", "--config", sweep.base, "--out", str(run_dir), "--quiet",
+                *sweep.overrides, *(extra or []), *point_overrides(point)]
+    saved = experiment_key(load_config(run_dir / "config.yaml").to_dict(), set())
+    wanted = experiment_key(config.to_dict(), set())
+    for key in RESUME_KEEPS:
+        if saved.get(key) != wanted.get(key):
+            raise SweepError(f"{run_dir}: a resumed run keeps its own {key}={saved.get(key)!r} "
+                             f"(bitvit train --resume changes only data.path and train.epochs) "
+                             f"but the sweep asks {key}={wanted.get(key)!r}; drop that override, "
+                             "or move the folder away to train the run again")
+    command = ["bitvit", "train", "--resume", str(run_dir), "--epochs",
+               str(config.train.epochs), "--quiet"]
+    if wanted.get("data.path") != saved.get("data.path"):
+        command += ["--data", str(config.data.path)]
+    return command
