@@ -70,7 +70,7 @@ import yaml
 
 from bitvit import rundir
 from bitvit.config import Config, load_config, read_yaml_mapping
-from bitvit.quant import resolve_act_bits
+from bitvit.quant import FULL_PRECISION, resolve_act_bits
 from bitvit.stats import (  # noqa: F401 - Summary, summarize, welch_difference: also from here
     Difference,
     Summary,
@@ -227,11 +227,11 @@ def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IG
     """
     flat = {f"{s}.{k}": (list(v) if isinstance(v, tuple) else v)
             for s, section in config_dict.items() for k, v in (section or {}).items()}
-    method = flat.get("quant.method", "fp")
-    if method == "fp" or flat.get("quant.where") == "none":
+    method = flat.get("quant.method", FULL_PRECISION)
+    if method == FULL_PRECISION or flat.get("quant.where") == "none":
         for k in [k for k in flat if k.startswith("quant.")]:
             del flat[k]
-        flat["quant.method"] = "fp"
+        flat["quant.method"] = FULL_PRECISION
     elif "quant.act_bits" in flat:
         flat["quant.act_bits"] = resolve_act_bits(method, flat["quant.act_bits"])
     return {k: v for k, v in sorted(flat.items()) if k not in ignore}
@@ -680,7 +680,7 @@ class Group:
 
     @property
     def is_fp(self) -> bool:
-        return self.key.get("quant.method") == "fp"
+        return self.key.get("quant.method") == FULL_PRECISION
 
     def values(self, metric: str, last_k: int = DEFAULT_LAST_K) -> list[float]:
         return [METRICS[metric](r, last_k) for r in self.runs if r.rows]
