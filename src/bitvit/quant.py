@@ -233,8 +233,7 @@ class QuantMethod:
         if not isinstance(self.int_path, bool) or (self.int_path and self.ste != "identity"):
             raise bad("int_path", "a bool, True only with the identity STE (the int8 "
                       "kernel's weight gradient)")
-        fits = [p for p in CODES_PER_BYTE if set(CODE_VALUES.get(self.codes, ())) <= set(
-            PACKING_VALUES[p])]
+        fits = [p for p in CODES_PER_BYTE if set(CODE_VALUES[self.codes]) <= set(PACKING_VALUES[p])]
         if (not isinstance(self.packings, tuple) or not self.packings
                 or any(p not in fits for p in self.packings)):
             raise bad("packings", f"a non-empty tuple of {', '.join(fits)}")
@@ -261,25 +260,33 @@ class QuantMethod:
         return 8.0 / CODES_PER_BYTE[self.packing(ternary_packing)]
 
 
-_TERNARY_PACKINGS = ("base3", "2bit")
+_TERNARY = {"codes": "ternary", "packings": ("base3", "2bit")}
+_BINARY = {"packings": ("1bit",)}
+# BitNet's methods: identity STE, 8-bit activations, the int8 training kernel. The binarization
+# study's: clipped STE (BinaryConnect / XNOR-Net), full-precision activations.
+_BITNET_LIKE = {"ste": "identity", "default_act_bits": 8, "int_path": True}
+_BINARIZATION = {"ste": "clipped", "default_act_bits": None, "int_path": False}
 METHOD_TABLE: dict[str, QuantMethod] = {m.name: m for m in (
     QuantMethod("b158", "BitNet b1.58",
                 "RoundClip(W / (gamma + 1e-5), -1, 1), gamma = mean|W| per tensor",
-                "ternary", "tensor", _absmean_ternary, "identity", 8, True, _TERNARY_PACKINGS),
+                granularity="tensor", quantizer=_absmean_ternary, **_TERNARY, **_BITNET_LIKE),
     QuantMethod("b158c", "BitNet b1.58, per channel",
                 "RoundClip(W[o, :] / (gamma_o + 1e-5), -1, 1), gamma_o = mean_i |W[o, i]|",
-                "ternary", "channel", _absmean_ternary_per_channel, "identity", 8, True,
-                _TERNARY_PACKINGS),
+                granularity="channel", quantizer=_absmean_ternary_per_channel, **_TERNARY,
+                **_BITNET_LIKE),
     QuantMethod("twn", "Ternary Weight Networks (Li et al., 2016)",
                 "sign(W) 1{|W| > D_o}, D_o = 0.7 mean_i |W[o, i]|; "
                 "scale_o = mean of |W[o, i]| > D_o (0 if none)",
-                "ternary", "channel", _twn, "identity", 8, True, _TERNARY_PACKINGS),
+                granularity="channel", quantizer=_twn, **_TERNARY, **_BITNET_LIKE),
     QuantMethod("bitnet", "BitNet 1-bit", "sign(W - mean W), scale mean|W| per tensor",
-                "centred binary", "tensor", _centred_sign, "identity", 8, True, ("1bit",)),
+                codes="centred binary", granularity="tensor", quantizer=_centred_sign,
+                **_BINARY, **_BITNET_LIKE),
     QuantMethod("sign", "plain binarization", "sign(W), scale 1",
-                "binary", "none", _sign, "clipped", None, False, ("1bit",)),
+                codes="binary", granularity="none", quantizer=_sign, **_BINARY,
+                **_BINARIZATION),
     QuantMethod("xnor", "XNOR-Net / BWN", "sign(W), scale_o = mean_i |W[o, i]|",
-                "binary", "channel", _sign_per_channel, "clipped", None, False, ("1bit",)),
+                codes="binary", granularity="channel", quantizer=_sign_per_channel, **_BINARY,
+                **_BINARIZATION),
 )}
 
 
