@@ -86,7 +86,7 @@ def test_absmax_int8_equals_the_formula():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["b158", "bitnet"])
+@pytest.mark.parametrize("method", ["b158", "b158c", "twn", "bitnet"])
 def test_int_engine_matches_fp_engine_within_rounding(method):
     layer = _bitlinear(method, 8)
     x = torch.randn(3, 11, 64) * 2.0

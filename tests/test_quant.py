@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitvit import BitLinear, VisionTransformer, ViTConfig, quantize_, quantize_weights
-from bitvit.quant import EPS, absmax_int8, quantize_activations
+from bitvit.quant import EPS, METHODS, absmax_int8, quantize_activations
 
 
 def _b158_with_exact_ties() -> torch.Tensor:
@@ -68,8 +68,42 @@ def test_xnor_hand_computed():
     torch.testing.assert_close(scale, torch.tensor([[1.0], [0.5]]))
 
 
+def test_b158c_hand_computed():
+    # Rows of very different size: one scale per row keeps the small row's codes (a per-tensor
+    # gamma = 8.15 / 8 would round all of row 0 to 0).
+    w = torch.tensor([[0.1, -0.2, 0.05, 0.3], [2.0, -4.0, 1.0, 0.5]])
+    codes, scale = quantize_weights(w, "b158c")
+    # row 0: gamma = 0.65 / 4 = 0.1625, W / gamma = [0.62, -1.23, 0.31, 1.85]
+    # row 1: gamma = 7.5 / 4 = 1.875, W / gamma = [1.07, -2.13, 0.53, 0.27]
+    assert codes.dtype == torch.int8 and codes.tolist() == [[1, -1, 0, 1], [1, -1, 1, 0]]
+    assert scale.dtype == torch.float32 and scale.shape == (2, 1)
+    torch.testing.assert_close(scale, torch.tensor([[0.1625], [1.875]]))
+    assert quantize_weights(w, "b158")[0][0].tolist() == [0, 0, 0, 0]
+
+
+def test_b158c_is_b158_on_a_single_row():
+    w = _b158_with_exact_ties()[1:]  # holds two ties of its own (not of this row's gamma)
+    codes, _ = quantize_weights(w, "b158c")
+    assert codes.tolist() == quantize_weights(w, "b158")[0].tolist()
+
+
+def test_twn_hand_computed():
+    w = torch.tensor([[0.1, -0.2, 0.05, 0.3],  # mean 0.1625, D = 0.11375: keeps -0.2, 0.3
+                      [2.0, -4.0, 1.0, 0.5],  # mean 1.875, D = 1.3125: keeps 2, -4
+                      [0.7, 0.0, 0.0, 3.3],  # mean 1, D = 0.7: 0.7 is not above it
+                      [0.0, 0.0, 0.0, 0.0],  # nothing kept: codes 0, scale 0 (not NaN)
+                      [1.0, -1.0, 1.0, -1.0]])  # D = 0.7: all kept, scale 1
+    codes, scale = quantize_weights(w, "twn")
+    assert codes.dtype == torch.int8
+    assert codes.tolist() == [[0, -1, 0, 1], [1, -1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0],
+                              [1, -1, 1, -1]]
+    assert scale.dtype == torch.float32 and scale.shape == (5, 1)
+    torch.testing.assert_close(scale, torch.tensor([[0.25], [3.0], [3.3], [0.0], [1.0]]))
+
+
 @pytest.mark.parametrize("method,values", [
-    ("b158", {-1, 0, 1}), ("bitnet", {-1, 1}), ("sign", {-1, 1}), ("xnor", {-1, 1})])
+    ("b158", {-1, 0, 1}), ("b158c", {-1, 0, 1}), ("twn", {-1, 0, 1}), ("bitnet", {-1, 1}),
+    ("sign", {-1, 1}), ("xnor", {-1, 1})])
 def test_code_sets_on_random_weights(method, values):
     w = torch.randn(64, 48)
     w[0, :5] = 0.0
@@ -81,7 +115,7 @@ def test_code_sets_on_random_weights(method, values):
 
 @pytest.mark.parametrize("method", ["fp", "int4", ""])
 def test_unknown_methods_raise(method):
-    with pytest.raises(ValueError, match="b158, bitnet, sign, xnor"):
+    with pytest.raises(ValueError, match=", ".join(METHODS)):
         quantize_weights(torch.randn(3, 3), method)
 
 
@@ -128,7 +162,7 @@ def _layer(method, act_bits, w, b):
     return layer
 
 
-@pytest.mark.parametrize("method", ["b158", "bitnet"])
+@pytest.mark.parametrize("method", ["b158", "b158c", "twn", "bitnet"])
 def test_identity_ste_gradients(method):
     torch.manual_seed(0)
     w, b = torch.randn(5, 7), torch.randn(5)
@@ -179,10 +213,12 @@ def test_clipped_ste_for_one_bit_activations():
     assert x.grad[0].abs().sum() > 0
 
 
-def test_int8_path_matches_fake_quant_path():
-    """The fast int8 forward is the same function, with the same gradients, as plain fake quant."""
+@pytest.mark.parametrize("method", ["b158", "b158c", "twn"])
+def test_int8_path_matches_fake_quant_path(method):
+    """The fast int8 forward is the same function, with the same gradients, as plain fake quant
+    (per-tensor and per-output-channel scales alike)."""
     torch.manual_seed(3)
-    layer = BitLinear(64, 48, method="b158")
+    layer = BitLinear(64, 48, method=method)
     x = torch.randn(4, 9, 64, requires_grad=True)
     y = layer(x)
     assert layer._int8_path_ok(x)
@@ -241,7 +277,7 @@ def test_summary_rows():
 
 
 @pytest.mark.parametrize("method,default_bits", [
-    ("b158", 8), ("bitnet", 8), ("sign", None), ("xnor", None)])
+    ("b158", 8), ("b158c", 8), ("twn", 8), ("bitnet", 8), ("sign", None), ("xnor", None)])
 def test_default_act_bits(method, default_bits):
     # BitNet's methods quantize activations to 8 bits; the binarization study's stay full
     # precision (None), in the summary rows and in the layers alike.

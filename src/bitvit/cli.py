@@ -8,6 +8,7 @@ import signal
 import sys
 
 from bitvit import __version__
+from bitvit.methods import FULL_PRECISION, METHOD_NAMES  # torch-free: --help stays fast
 
 
 class CliError(Exception):
@@ -41,7 +42,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="download official CIFAR-10 (python version) into the cache if needed")
     p.add_argument("--out", help="run folder (default: runs/<time>_<method>_s<seed>)")
-    p.add_argument("--quant", choices=["fp", "b158", "bitnet", "sign", "xnor"])
+    p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_NAMES])
     p.add_argument("--where", choices=["all", "mlp", "attn", "none"])
     p.add_argument("--act-bits", choices=["8", "1", "none", "default"])
     p.add_argument("--epochs", type=int)
@@ -220,9 +221,9 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides (YAML configs only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--quant", metavar="METHOD",
-                   help="quantization method (fp, b158, bitnet, sign, xnor); for a checkpoint: "
-                   "quantize a full-precision one after training")
+    p.add_argument("--quant", metavar="METHOD", choices=[FULL_PRECISION, *METHOD_NAMES],
+                   help=f"quantization method ({', '.join([FULL_PRECISION, *METHOD_NAMES])}); "
+                   "for a checkpoint: quantize a full-precision one after training")
     p.add_argument("--where", help="which linears to quantize: all, mlp, attn, none")
     p.add_argument("--act-bits", help="activation bits: 8, 1, none or default")
     p.add_argument("--best", action="store_true", help="a run folder's best/ checkpoint")

@@ -3,9 +3,10 @@
 The file holds only what inference needs:
 
 - quantized layers (``BitLinear``): the weight codes, packed; the scale in fp32; the bias.
-  Ternary codes (``b158``) go 5 per byte in base 3 (1.6 bits per weight, close to the
-  log2(3) = 1.585 limit), or 4 per byte in 2 bits with ``packing="2bit"``. Binary codes
-  (``bitnet``, ``sign``, ``xnor``) go 8 per byte.
+  Ternary codes (``b158``, ``b158c``, ``twn``) go 5 per byte in base 3 (1.6 bits per weight,
+  close to the log2(3) = 1.585 limit), or 4 per byte in 2 bits with ``packing="2bit"``. Binary
+  codes (``bitnet``, ``sign``, ``xnor``) go 8 per byte. Each method's row of
+  `bitvit.quant.METHOD_TABLE` says which packings its codes take and how many scales it has.
 - every other parameter (patch/position embeddings, LayerNorms, the head, full-precision
   linears) in fp16 (``float_dtype="fp16"``, the default) or fp32.
 
@@ -44,14 +45,13 @@ from bitvit.checkpoint import build_model, load_checkpoint
 from bitvit.config import Config, ConfigError
 from bitvit.data import IMAGE_EXTS, fit_image, normalize
 from bitvit.model import VisionTransformer
-from bitvit.quant import BitLinear
+from bitvit.quant import CODES_PER_BYTE, METHOD_TABLE, BitLinear
 from bitvit.rundir import atomic_file
 
 EXPORT_FORMAT = "bitvit-export"
 FORMAT_VERSION = "1"
 PACKINGS = ("base3", "2bit")  # the choice for ternary codes; binary codes are always 1bit
 FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-TERNARY_METHODS = ("b158",)  # every other method is binary: codes in {-1, +1}
 
 
 class ExportError(ValueError):
@@ -151,7 +151,6 @@ def unpack_binary(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 _PACK = {"base3": pack_ternary, "2bit": pack_ternary_2bit, "1bit": pack_binary}
 _UNPACK = {"base3": unpack_ternary, "2bit": unpack_ternary_2bit, "1bit": unpack_binary}
-_PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +301,7 @@ def _quantized_layers(model: nn.Module) -> dict[str, BitLinear]:
 def _layer_info(layer: BitLinear, packing: str) -> dict:
     return {"shape": [layer.out_features, layer.in_features], "method": layer.method,
             "act_bits": layer.act_bits, "sub_norm": layer.sub_norm,
-            "packing": packing if layer.method in TERNARY_METHODS else "1bit"}
+            "packing": METHOD_TABLE[layer.method].packing(packing)}
 
 
 def _skeleton(config: Config) -> VisionTransformer:
@@ -510,7 +509,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     for name, layer in layers.items():
         stored = info[name]
         packing = stored.get("packing") if isinstance(stored, dict) else None
-        allowed = PACKINGS if layer.method in TERNARY_METHODS else ("1bit",)
+        allowed = METHOD_TABLE[layer.method].packings
         if packing not in allowed or stored != _layer_info(layer, packing):
             raise _mismatch(path, f"layer {name}: stored {stored}, config gives "
                                   f"{_layer_info(layer, allowed[0])}")
@@ -522,9 +521,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     layer_keys = set()  # the file's keys for quantized layers
     for name, layer in layers.items():
         out_f, in_f = layer.out_features, layer.in_features
-        per_byte = _PER_BYTE[info[name]["packing"]]
+        per_byte = CODES_PER_BYTE[info[name]["packing"]]
         expected[f"{name}.codes"] = ((packed_numel(out_f * in_f, per_byte),), torch.uint8)
-        expected[f"{name}.scale"] = ((out_f if layer.method == "xnor" else 1,), torch.float32)
+        n_scales = METHOD_TABLE[layer.method].scale_count(out_f)
+        expected[f"{name}.scale"] = ((n_scales,), torch.float32)
         quantized_keys |= {f"{name}.weight", f"{name}.bias"}
         if layer.bias is not None:
             expected[f"{name}.bias"] = ((out_f,), float_dtype)

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from bitvit.config import Config
+from bitvit.methods import DEFAULT_METHOD, FULL_PRECISION
 from bitvit.model import ViTConfig
-from bitvit.quant import BITS_PER_WEIGHT, METHODS, QuantConfig, quantize_weights
+from bitvit.quant import CODES_PER_BYTE, METHOD_TABLE, QuantConfig, quantize_weights
 
 # Energy per arithmetic operation in pJ. 45 nm: Horowitz, ISSCC 2014; 7 nm: as tabulated in the
 # BitNet papers (Wang et al., 2023, Table 2; Ma et al., 2024). See ENERGY_SOURCE.
@@ -47,8 +48,8 @@ ENERGY_SOURCE = (
 )
 FLOAT_PRECISIONS = ("fp32", "fp16")
 
-# Stored bits per weight in a packed file: ternary as 5 trits per byte (3^5 = 243 <= 256),
-# or 4 two-bit codes per byte; binary as 8 signs per byte.
+# The choices for ternary codes in a packed file: 5 trits per byte (3^5 = 243 <= 256) or 4
+# two-bit codes per byte (binary codes take 8 per byte; see bitvit.quant.CODES_PER_BYTE).
 TERNARY_PACKINGS = {"base3": 5, "2bit": 4}
 # Float tensors (unquantized layers, biases, norms, embeddings) in the packed export, by
 # `bitvit export --float-dtype`; an exported file records its own, a config is profiled as
@@ -67,7 +68,7 @@ class LayerProfile:
 
     name: str
     kind: str  # linear | attention | params
-    method: str = "fp"  # fp | b158 | bitnet | sign | xnor ("-" for attention and params)
+    method: str = FULL_PRECISION  # fp or a METHOD_TABLE name ("-" for attention and params)
     act_bits: int | None = None  # activation bits of a quantized linear
     shape: tuple[int, int] | None = None  # (out_features, in_features)
     tokens: int = 0  # rows the layer sees per image
@@ -139,8 +140,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _method(module: nn.Module) -> str:
-    method = getattr(module, "method", "fp")
-    return method if method in METHODS else "fp"
+    method = getattr(module, "method", FULL_PRECISION)
+    return method if method in METHOD_TABLE else FULL_PRECISION
 
 
 def _codes(module: nn.Module, method: str) -> torch.Tensor:
@@ -151,15 +152,6 @@ def _codes(module: nn.Module, method: str) -> torch.Tensor:
     if codes is not None:
         return codes
     return quantize_weights(module.weight, method)[0]
-
-
-def _scale_count(method: str, out_features: int) -> int:
-    return out_features if method == "xnor" else 1
-
-
-def _packed_code_bytes(method: str, n: int, ternary_packing: str) -> int:
-    per_byte = TERNARY_PACKINGS[ternary_packing] if method == "b158" else 8
-    return math.ceil(n / per_byte)
 
 
 def _energy(ops: dict[str, int]) -> dict[str, float]:
@@ -303,7 +295,7 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.activation_bytes = float_bytes * tokens * (in_f + out_f)
     _add_ops(row.baseline_ops, f"{fp}_mul", row.macs)
     _add_ops(row.baseline_ops, f"{fp}_add", row.macs)
-    if method == "fp":
+    if method == FULL_PRECISION:
         row.act_bits = None
         row.info_bits_per_weight = 32.0
         row.stored_bits_per_weight = 8.0 * packed_float_bytes
@@ -318,12 +310,12 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.act_bits = act_bits
     codes = _codes(m, method)
     row.zero_weights = int((codes == 0).sum())
-    n_scales = _scale_count(method, out_f)
-    row.info_bits_per_weight = BITS_PER_WEIGHT[method]
-    per_byte = TERNARY_PACKINGS[ternary_packing] if method == "b158" else 8
-    row.stored_bits_per_weight = 8.0 / per_byte
-    row.info_bits = BITS_PER_WEIGHT[method] * n + 32.0 * (n_bias + n_scales)
-    row.bytes_packed = (_packed_code_bytes(method, n, ternary_packing)
+    spec = METHOD_TABLE[method]
+    n_scales = spec.scale_count(out_f)
+    row.info_bits_per_weight = spec.info_bits
+    row.stored_bits_per_weight = spec.stored_bits(ternary_packing)
+    row.info_bits = spec.info_bits * n + 32.0 * (n_bias + n_scales)
+    row.bytes_packed = (math.ceil(n / CODES_PER_BYTE[spec.packing(ternary_packing)])
                         + PACKED_SCALE_BYTES * n_scales + packed_float_bytes * n_bias)
     row.bytes_resident = RESIDENT_CODE_BYTES * n + 4 * n_scales + float_bytes * n_bias
     row.zero_macs = tokens * row.zero_weights
@@ -333,7 +325,7 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     _add_ops(row.ops, "int8_add" if act_bits in (8, 1) else f"{fp}_add", row.add_macs)
     # One rescale per output (weight scale times the token's activation scale); sign with float
     # activations has scale 1 and needs none.
-    if not (method == "sign" and act_bits is None):
+    if not (spec.granularity == "none" and act_bits is None):
         _add_ops(row.ops, f"{fp}_mul", tokens * out_f)
     return row
 
@@ -392,7 +384,7 @@ def _totals(rows: list[LayerProfile]) -> dict[str, Any]:
     totals["info_bits_per_param"] = totals["info_bits"] / params if params else 0.0
     totals["stored_bits_per_param"] = 8.0 * totals["bytes_packed"] / params if params else 0.0
     linear = [r for r in rows if r.kind == "linear"]
-    totals["quantized_weights"] = sum(r.weights for r in linear if r.method != "fp")
+    totals["quantized_weights"] = sum(r.weights for r in linear if r.method != FULL_PRECISION)
     return totals
 
 
@@ -470,8 +462,8 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 def _method_str(r: LayerProfile) -> str:
     if r.kind != "linear":
         return "-"
-    if r.method == "fp":
-        return "fp"
+    if r.method == FULL_PRECISION:
+        return FULL_PRECISION
     return f"{r.method}/a{r.act_bits if r.act_bits is not None else 'fp'}"
 
 
@@ -505,7 +497,8 @@ def _format(p: Profile) -> str:
     for r in p.rows:
         if r.kind == "params":
             continue
-        zero = f"{r.zero_weights / r.weights:.1%}" if r.weights and r.method != "fp" else "-"
+        quantized = r.weights and r.method != FULL_PRECISION
+        zero = f"{r.zero_weights / r.weights:.1%}" if quantized else "-"
         ops_rows.append([
             r.name, _method_str(r) if r.kind == "linear" else p.float_precision, str(r.tokens),
             _si(r.macs), _si(r.mul_macs), _si(r.add_macs), _si(r.zero_macs), zero,
@@ -603,11 +596,11 @@ def load_for_profile(
     model, config = ckpt.model, ckpt.config
     if all(v is None for v in flags.values()):
         return ProfileSource(model, config, f"the trained weights in {ckpt.path}")
-    if config.quant.method != "fp":
+    if config.quant.method != FULL_PRECISION:
         raise ProfileError(f"{ckpt.path}: already quantized ({config.quant.method}); "
                            "--quant/--where/--act-bits apply to full-precision checkpoints")
     q = config.quant
-    method = quant or "b158"
+    method = quant or DEFAULT_METHOD
     act = act_bits if act_bits is not None else "default"
     try:
         quantize_(model, method, where or q.where, act, q.include_patch_embed,

@@ -1,40 +1,33 @@
 """Low-bit weight and activation quantizers, the quantized linear layer, and `quantize_`.
 
-Weight methods (``codes * scale`` is the weight the forward pass uses):
-
-- ``b158``   BitNet b1.58 ternary: gamma = mean|W|, codes = RoundClip(W / (gamma + eps), -1, 1).
-- ``bitnet`` BitNet 1-bit: codes = sign(W - mean(W)), scale = mean|W|.
-- ``sign``   plain binarization: codes = sign(W), scale = 1.
-- ``xnor``   XNOR-Net / BWN: codes = sign(W), one scale per output channel, mean_i |W[o, i]|.
-
-In every binary method sign(0) = +1, so codes are never 0.
+Every weight method is one row of `METHOD_TABLE` (a `QuantMethod`): its codes, scale
+granularity, quantizer, STE, default activation bits, packing and formula. The README's method
+table lists the same rows. ``codes * scale`` is the weight the forward pass uses; in every
+binary method sign(0) = +1, so codes are never 0.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("b158", "bitnet", "sign", "xnor")
+from bitvit.methods import FULL_PRECISION, METHOD_NAMES
+
 WHERE = ("all", "mlp", "attn", "none")
 ACT_BITS = (8, 1, None)
 EPS = 1e-5
-# Information content of one weight: what the codes could be compressed to at best.
-BITS_PER_WEIGHT = {"b158": math.log2(3), "bitnet": 1.0, "sign": 1.0, "xnor": 1.0}
-# BitNet quantizes activations to 8 bits; the binarization study kept them in full precision.
-DEFAULT_ACT_BITS: dict[str, int | None] = {"b158": 8, "bitnet": 8, "sign": None, "xnor": None}
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
+    if method not in METHOD_TABLE:
         raise ValueError(
-            f"unknown quantization method {method!r}: expected one of {', '.join(METHODS)} "
-            "('fp' means no quantization and has no quantizer)"
+            f"unknown quantization method {method!r}: expected one of {', '.join(METHOD_NAMES)} "
+            f"({FULL_PRECISION!r} means no quantization and has no quantizer)"
         )
     return method
 
@@ -42,7 +35,7 @@ def check_method(method: str) -> str:
 def resolve_act_bits(method: str, act_bits: int | str | None) -> int | None:
     """Turn the user's act_bits ('default', 'none', 8, 1, None) into 8, 1 or None."""
     if act_bits == "default":
-        return DEFAULT_ACT_BITS[check_method(method)]
+        return METHOD_TABLE[check_method(method)].default_act_bits
     if isinstance(act_bits, str) and act_bits.lower() == "none":
         return None
     if isinstance(act_bits, str) and act_bits.isdigit():
@@ -62,28 +55,50 @@ def sign_nonzero(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _row_absmean(w: torch.Tensor) -> torch.Tensor:
+    """mean_i |W[o, i]| per output channel, shaped (out, 1, ...) to broadcast against w."""
+    return w.abs().flatten(1).mean(dim=1).reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+def _absmean_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gamma = w.abs().mean()
+    return (w / (gamma + EPS)).round_().clamp_(-1, 1), gamma.reshape((1,) * w.dim())
+
+
+def _absmean_ternary_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gamma = _row_absmean(w)
+    return (w / (gamma + EPS)).round_().clamp_(-1, 1), gamma
+
+
+def _twn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Li et al. (2016): threshold 0.7 * mean|W| per channel, scale = mean |W| above it.
+    a = w.abs()
+    kept = a > 0.7 * _row_absmean(w)
+    codes = torch.sign(w) * kept  # |W| > threshold >= 0, so sign(W) is never 0 here
+    count = kept.flatten(1).sum(dim=1).clamp_(min=1)  # a row with nothing kept gets scale 0
+    scale = (a * kept).flatten(1).sum(dim=1) / count
+    return codes, scale.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+def _centred_sign(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return sign_nonzero(w - w.mean()), w.abs().mean().reshape((1,) * w.dim())
+
+
+def _sign(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return sign_nonzero(w), torch.ones((1,) * w.dim(), device=w.device)
+
+
+def _sign_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return sign_nonzero(w), _row_absmean(w)
+
+
 def quantize_weights(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight (out, in, ...) to int8 ``codes`` and a float32 ``scale``.
 
     ``codes * scale`` is the weight the forward pass uses. The scale has the weight's number of
-    dimensions: all ones for a per-tensor scale, ``(out, 1, ...)`` for ``xnor``.
+    dimensions: all ones for a per-tensor scale, ``(out, 1, ...)`` per output channel.
     """
-    check_method(method)
-    w = weight.detach().float()
-    ones = (1,) * w.dim()
-    if method == "b158":
-        gamma = w.abs().mean()
-        codes = (w / (gamma + EPS)).round_().clamp_(-1, 1)
-        scale = gamma.reshape(ones)
-    elif method == "bitnet":
-        codes = sign_nonzero(w - w.mean())
-        scale = w.abs().mean().reshape(ones)
-    elif method == "sign":
-        codes = sign_nonzero(w)
-        scale = torch.ones(ones, device=w.device)
-    else:  # xnor
-        codes = sign_nonzero(w)
-        scale = w.abs().flatten(1).mean(dim=1).reshape((-1,) + ones[1:])
+    codes, scale = METHOD_TABLE[check_method(method)].quantizer(weight.detach().float())
     return codes.to(torch.int8), scale.float()
 
 
@@ -163,10 +178,130 @@ def ste_clipped(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
     return _ClippedSTE.apply(x, x_q.detach())
 
 
-# Binary weights use the clipped estimator, ternary and BitNet 1-bit the identity.
-_WEIGHT_STE = {
-    "b158": ste_identity, "bitnet": ste_identity, "sign": ste_clipped, "xnor": ste_clipped,
-}
+STES = {"identity": ste_identity, "clipped": ste_clipped}
+
+
+# ---------------------------------------------------------------------------------------------
+# The method table: everything the rest of bitvit needs to know about a method.
+# ---------------------------------------------------------------------------------------------
+
+# The values a method's codes take. "centred binary" codes are signs around the mean.
+CODE_VALUES = {"ternary": (-1, 0, 1), "binary": (-1, 1), "centred binary": (-1, 1)}
+# none: scale 1; tensor: one scale; channel: one scale per output channel.
+GRANULARITIES = ("none", "tensor", "channel")
+# How packed codes are stored (bitvit.export): codes per byte and the values a packing holds.
+CODES_PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
+PACKING_VALUES = {"base3": (-1, 0, 1), "2bit": (-1, 0, 1), "1bit": (-1, 1)}
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """One weight quantization method. Every field is required and checked on creation, so a
+    half-described method is refused with a one-line error rather than mishandled downstream."""
+
+    name: str
+    label: str  # human name, e.g. "BitNet b1.58" (README, reports)
+    formula: str  # codes and scale, as the README's method table gives them
+    codes: str  # a key of CODE_VALUES
+    granularity: str  # one of GRANULARITIES
+    quantizer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # fp32 W -> codes, scale
+    ste: str  # a key of STES: the weight's backward rule
+    default_act_bits: int | None  # what act_bits="default" means
+    int_path: bool  # BitLinear trains through the int8 x int8 kernel with 8-bit activations
+    packings: tuple[str, ...]  # keys of CODES_PER_BYTE this method's codes may be stored in
+
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str) -> ValueError:
+            return ValueError(f"quantization method {self.name!r}: {field}="
+                              f"{getattr(self, field)!r}, expected {expected}")
+
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise bad("name", "an identifier")
+        for field in ("label", "formula"):
+            if not isinstance(getattr(self, field), str) or not getattr(self, field):
+                raise bad(field, "a non-empty string")
+        if self.codes not in CODE_VALUES:
+            raise bad("codes", f"one of {', '.join(CODE_VALUES)}")
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", f"one of {', '.join(GRANULARITIES)}")
+        if not callable(self.quantizer):
+            raise bad("quantizer", "a function W -> (codes, scale)")
+        if self.ste not in STES:
+            raise bad("ste", f"one of {', '.join(STES)}")
+        if self.default_act_bits not in ACT_BITS or isinstance(self.default_act_bits, bool):
+            raise bad("default_act_bits", "8, 1 or None")
+        if not isinstance(self.int_path, bool) or (self.int_path and self.ste != "identity"):
+            raise bad("int_path", "a bool, True only with the identity STE (the int8 "
+                      "kernel's weight gradient)")
+        fits = [p for p in CODES_PER_BYTE if set(CODE_VALUES[self.codes]) <= set(PACKING_VALUES[p])]
+        if (not isinstance(self.packings, tuple) or not self.packings
+                or any(p not in fits for p in self.packings)):
+            raise bad("packings", f"a non-empty tuple of {', '.join(fits)}")
+
+    @property
+    def info_bits(self) -> float:
+        """Information bits per weight: log2 of the number of code values."""
+        return math.log2(len(CODE_VALUES[self.codes]))
+
+    @property
+    def weight_ste(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return STES[self.ste]
+
+    def scale_count(self, out_features: int) -> int:
+        """How many fp32 scales a layer stores (a scale of 1 is stored too, as one number)."""
+        return out_features if self.granularity == "channel" else 1
+
+    def packing(self, ternary_packing: str) -> str:
+        """The packing used when ternary codes are asked to be ``ternary_packing``."""
+        return ternary_packing if ternary_packing in self.packings else self.packings[0]
+
+    def stored_bits(self, ternary_packing: str) -> float:
+        """Bits per weight in the packed file."""
+        return 8.0 / CODES_PER_BYTE[self.packing(ternary_packing)]
+
+
+_TERNARY = {"codes": "ternary", "packings": ("base3", "2bit")}
+_BINARY = {"packings": ("1bit",)}
+# BitNet's methods: identity STE, 8-bit activations, the int8 training kernel. The binarization
+# study's: clipped STE (BinaryConnect / XNOR-Net), full-precision activations.
+_BITNET_LIKE = {"ste": "identity", "default_act_bits": 8, "int_path": True}
+_BINARIZATION = {"ste": "clipped", "default_act_bits": None, "int_path": False}
+METHOD_TABLE: dict[str, QuantMethod] = {m.name: m for m in (
+    QuantMethod("b158", "BitNet b1.58",
+                "RoundClip(W / (gamma + 1e-5), -1, 1), gamma = mean|W| per tensor",
+                granularity="tensor", quantizer=_absmean_ternary, **_TERNARY, **_BITNET_LIKE),
+    QuantMethod("b158c", "BitNet b1.58, per channel",
+                "RoundClip(W[o, :] / (gamma_o + 1e-5), -1, 1), gamma_o = mean_i |W[o, i]|",
+                granularity="channel", quantizer=_absmean_ternary_per_channel, **_TERNARY,
+                **_BITNET_LIKE),
+    QuantMethod("twn", "Ternary Weight Networks (Li et al., 2016)",
+                "sign(W) 1{|W| > D_o}, D_o = 0.7 mean_i |W[o, i]|; "
+                "scale_o = mean of |W[o, i]| > D_o (0 if none)",
+                granularity="channel", quantizer=_twn, **_TERNARY, **_BITNET_LIKE),
+    QuantMethod("bitnet", "BitNet 1-bit", "sign(W - mean W), scale mean|W| per tensor",
+                codes="centred binary", granularity="tensor", quantizer=_centred_sign,
+                **_BINARY, **_BITNET_LIKE),
+    QuantMethod("sign", "plain binarization", "sign(W), scale 1",
+                codes="binary", granularity="none", quantizer=_sign, **_BINARY,
+                **_BINARIZATION),
+    QuantMethod("xnor", "XNOR-Net / BWN", "sign(W), scale_o = mean_i |W[o, i]|",
+                codes="binary", granularity="channel", quantizer=_sign_per_channel, **_BINARY,
+                **_BINARIZATION),
+)}
+
+
+def check_table(table: Mapping[str, QuantMethod]) -> None:
+    """Every row is a checked `QuantMethod` under its own name, one per name in METHOD_NAMES."""
+    for key, spec in table.items():
+        if not isinstance(spec, QuantMethod) or spec.name != key:
+            raise ValueError(f"METHOD_TABLE[{key!r}] is not a QuantMethod named {key!r}")
+    if tuple(table) != METHOD_NAMES:
+        raise ValueError(f"METHOD_TABLE has {', '.join(table)} but bitvit.methods.METHOD_NAMES "
+                         f"has {', '.join(METHOD_NAMES)}: add a method to both")
+
+
+check_table(METHOD_TABLE)
+METHODS = tuple(METHOD_TABLE)
 
 
 def pad_for_int_mm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +428,7 @@ class BitLinear(nn.Linear):
             x = ste_identity(x, quantize_activations(x, 8))
         elif self.act_bits == 1:
             x = ste_clipped(x, quantize_activations(x, 1))
-        w = _WEIGHT_STE[self.method](self.weight, (codes * scale).to(self.weight.dtype))
+        w = METHOD_TABLE[self.method].weight_ste(self.weight, (codes * scale).to(self.weight.dtype))
         return F.linear(x, w, self.bias)
 
     def _int8_path_ok(self, x: torch.Tensor) -> bool:
@@ -301,7 +436,7 @@ class BitLinear(nn.Linear):
         # plain path so the layer computes in the precision the user asked for.
         return (
             self.act_bits == 8
-            and self.method in ("b158", "bitnet")
+            and METHOD_TABLE[self.method].int_path
             and x.dtype == torch.float32
             and x.device.type in ("cpu", "cuda")
             and not torch.is_autocast_enabled(x.device.type)
@@ -322,14 +457,14 @@ class BitLinear(nn.Linear):
 class QuantConfig:
     """The ``quant:`` section of a config: the arguments of `quantize_`."""
 
-    method: str = "fp"  # fp | b158 | bitnet | sign | xnor
+    method: str = FULL_PRECISION  # fp or a METHOD_TABLE name
     where: str = "all"  # all | mlp | attn | none
-    act_bits: int | str | None = "default"  # 8 | 1 | none | default (8 for b158/bitnet, none else)
+    act_bits: int | str | None = "default"  # 8 | 1 | none | default (the method's)
     include_patch_embed: bool = True  # with where=all, quantize the patch projection too
     sub_norm: bool = False  # BitNet's SubLN: LayerNorm (no affine) before activation quantization
 
     def __post_init__(self) -> None:
-        if self.method != "fp":
+        if self.method != FULL_PRECISION:
             check_method(self.method)
         if self.act_bits != "default":
             resolve_act_bits(self.method, self.act_bits)  # raises on anything but 8, 1, none
@@ -344,7 +479,7 @@ class QuantizedLayer:
     name: str
     method: str
     shape: tuple[int, int]  # (out_features, in_features)
-    bits_per_weight: float  # information bits: log2(3) for b158, 1 for binary
+    bits_per_weight: float  # information bits: log2(3) for ternary, 1 for binary
     act_bits: int | None
 
 
@@ -382,7 +517,7 @@ def quantize_(
     """
     if where not in WHERE:
         raise ValueError(f"unknown where {where!r}: expected one of {', '.join(WHERE)}")
-    if method == "fp":
+    if method == FULL_PRECISION:
         return []
     check_method(method)
     bits = resolve_act_bits(method, act_bits)
@@ -401,5 +536,5 @@ def quantize_(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         rows.append(QuantizedLayer(name, method, (module.out_features, module.in_features),
-                                   BITS_PER_WEIGHT[method], layer_bits))
+                                   METHOD_TABLE[method].info_bits, layer_bits))
     return rows

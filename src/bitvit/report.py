@@ -25,6 +25,7 @@ import yaml
 
 from bitvit import rundir
 from bitvit.figures import devices, plot_groups
+from bitvit.methods import FULL_PRECISION
 from bitvit.stats import (
     Difference,
     Summary,
@@ -181,7 +182,7 @@ class Group:
 
     @property
     def is_fp(self) -> bool:
-        return self.key.get("quant.method") == "fp"
+        return self.key.get("quant.method") == FULL_PRECISION
 
     def values(self, metric: str, last_k: int = DEFAULT_LAST_K) -> list[float]:
         return [METRICS[metric](r, last_k) for r in self.runs if r.rows]

@@ -57,6 +57,7 @@ import yaml
 
 from bitvit import rundir
 from bitvit.config import Config, load_config, read_yaml_mapping
+from bitvit.methods import FULL_PRECISION
 from bitvit.quant import resolve_act_bits
 
 SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs_root", "runs",
@@ -222,11 +223,11 @@ def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IG
     """
     flat = {f"{s}.{k}": (list(v) if isinstance(v, tuple) else v)
             for s, section in config_dict.items() for k, v in (section or {}).items()}
-    method = flat.get("quant.method", "fp")
-    if method == "fp" or flat.get("quant.where") == "none":
+    method = flat.get("quant.method", FULL_PRECISION)
+    if method == FULL_PRECISION or flat.get("quant.where") == "none":
         for k in [k for k in flat if k.startswith("quant.")]:
             del flat[k]
-        flat["quant.method"] = "fp"
+        flat["quant.method"] = FULL_PRECISION
     elif "quant.act_bits" in flat:
         flat["quant.act_bits"] = resolve_act_bits(method, flat["quant.act_bits"])
     return {k: v for k, v in sorted(flat.items()) if k not in ignore}

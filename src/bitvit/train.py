@@ -38,6 +38,7 @@ from bitvit.checkpoint import save_training_checkpoint as _save
 from bitvit.checkpoint import training_state as _state
 from bitvit.config import DEVICE_PATTERN, Config, ConfigError, load_config, save_config
 from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
+from bitvit.methods import FULL_PRECISION
 from bitvit.rundir import (  # noqa: F401 - read_metrics: importable from here, as it was
     read_metrics,
     swap_folder,
@@ -582,7 +583,8 @@ def _evaluate_sharded(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
 
 def _title(config: Config) -> str:
     q = config.quant
-    quant = "fp32" if q.method == "fp" else f"{q.method} ({q.where}, act {q.act_bits})"
+    quant = (
+        "fp32" if q.method == FULL_PRECISION else f"{q.method} ({q.where}, act {q.act_bits})")
     m = config.model
     return f"ViT p{m.patch_size} d{m.dim} L{m.depth}, {quant}, seed {config.train.seed}"
 
