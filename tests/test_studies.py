@@ -19,7 +19,7 @@ from scipy import stats
 
 from bitvit.cli import main
 from bitvit.config import load_config, save_config
-from bitvit.figures import plot_groups
+from bitvit.figures import plot_dots, plot_groups
 from bitvit.report import (
     compare,
     compare_groups,
@@ -418,7 +418,9 @@ def test_report_from_a_small_results_tree(tmp_path, monkeypatch):
     assert "2 of 100 epochs" in text and "| fp | 0, 1 | 40.25 ± 0.35 | 50.50 ± 0.71 |" in text
     assert "Not run (1 of 4): `method=b158_seed=1`." in text
     assert "![loss and accuracy per epoch](one/compare.png)" in text
+    assert "![every seed's test accuracy, last 5 epochs, per group](one/compare-dots.png)" in text
     assert (tmp_path / "results/one/compare.png").is_file()
+    assert (tmp_path / "results/one/compare-dots.png").is_file()
     assert "## Study later" in text and "bitvit sweep studies/later.yaml   # not run yet" in text
     assert "Not run: all 1 planned runs (`bitvit sweep studies/later.yaml --dry-run`" in text
     assert write_report("results", "studies").read_text() == text  # regenerates the same
@@ -599,6 +601,77 @@ def test_the_figure_says_device_and_budget(tmp_path, monkeypatch):
                 ) == 0
     assert title(figures[0]).startswith("device: cpu (test, 2 threads); cuda (H100); "
                                         "2 of 15 epochs\n")
+
+
+def study2(tmp_path: Path) -> Path:
+    """Seven groups on 40 training images: fp and b158, sign and xnor at two placements and two
+    activation widths; sign collapses. Two seeds each, 3 epochs."""
+    out = tmp_path / "study2"
+    points = [("fp", [], 0.37), ("b158", ["quant.method=b158"], 0.40)]
+    points += [(f"{m}_{w}_{a}", [f"quant.method={m}", f"quant.where={w}", f"quant.act_bits={a}"],
+                0.2 if m == "sign" else 0.39)
+               for m in ("sign", "xnor") for w, a in (("all", "none"), ("all", "1"), ("mlp", "1"))]
+    for name, overrides, acc in points:
+        for seed in (0, 1):
+            fake_run(out / f"{name}_seed={seed}", [*overrides, f"train.seed={seed}",
+                                                    "data.limit_train=40"],
+                     [0.1, acc - 0.01 * seed, acc + 0.01 * seed])
+    return out
+
+
+def figure_text(fig) -> str:
+    return "\n".join(t.get_text() for t in fig.texts)
+
+
+def test_many_groups_get_a_panel_per_method(tmp_path):
+    groups = compare_groups(group_runs([load_run(p) for p in find_run_dirs([study2(tmp_path)])]))
+    assert len(groups) == 8
+    fig = plot_groups(groups, tmp_path / "many.png", "Study two", full_epochs=100)
+    assert (tmp_path / "many.png").stat().st_size > 10_000
+    text = figure_text(fig)
+    assert "Study two" in text and "3 of 100 epochs" in text
+    assert "training images: 40 (class-balanced subset); test images: full test set" in text
+    acc_row = fig.axes[:3]
+    assert [ax.get_title() for ax in acc_row] == ["fp, b158", "sign", "xnor"]
+    assert acc_row[0].get_ylabel() == "test accuracy (%)"
+    sign = {line.get_label(): line for line in acc_row[1].get_lines()}
+    # Placements and activation widths as lines in the method's panel, fp as the reference.
+    assert set(sign) == {"all act-fp (n=2)", "all act1 (n=2)", "mlp act1 (n=2)",
+                         "fp mean (reference)"}
+    assert list(sign["all act1 (n=2)"].get_ydata()) == pytest.approx([10, 19.5, 20.5])  # in %
+    assert list(sign["fp mean (reference)"].get_ydata()) == pytest.approx([10, 36.5, 37.5])
+    assert acc_row[1].get_shared_y_axes().joined(acc_row[1], acc_row[2])  # panels compare
+
+    # Up to four groups: one pair of panels, accuracy in % and the data size in the title.
+    few = compare_groups(group_runs([load_run(p) for p in find_run_dirs([study1(tmp_path)])]))
+    fig = plot_groups(few, tmp_path / "few.png")
+    assert len(fig.axes) == 2 and fig.axes[0].get_ylabel() == "accuracy (%)"
+    assert max(max(line.get_ydata()) for line in fig.axes[0].get_lines()) > 40
+    assert "training images: full training set; test images: full test set" in figure_text(fig)
+
+
+def test_dot_plot_has_a_dot_per_seed_sorted_by_mean(tmp_path):
+    groups = compare_groups(group_runs([load_run(p) for p in find_run_dirs([study2(tmp_path)])]))
+    fig = plot_dots(groups, tmp_path / "dots.png", "Study two", full_epochs=100, last_k=2)
+    assert (tmp_path / "dots.png").stat().st_size > 10_000
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    # Worst at the bottom (y = 0), best on top; a scatter collection per group, a dot per seed.
+    assert labels[-1] == "b158 all act8 (n=2)" and labels[0].startswith("sign")
+    assert len(ax.collections) == len(groups) == len(labels)
+    for y, dots in enumerate(ax.collections):
+        group = next(g for g in groups if f"{g.label} (n=2)" == labels[y])
+        xs = sorted(dots.get_offsets()[:, 0])
+        assert xs == pytest.approx(sorted(100 * v for v in group.values("last_test_acc", 2)))
+    fp_line = next(line for line in ax.get_lines() if line.get_label().startswith("fp mean"))
+    assert list(fp_line.get_xdata()) == pytest.approx([37, 37])  # mean over seeds of epochs 2-3
+    text = figure_text(fig)
+    assert "training images: 40 (class-balanced subset)" in text and "3 of 100 epochs" in text
+
+    # compare --out writes it beside the curves and links it from the table text.
+    _, md = compare([study2(tmp_path)], out=tmp_path / "cmp")
+    assert (tmp_path / "cmp/compare-dots.png").is_file()
+    assert "![every seed's test accuracy, last 5 epochs, per group](compare-dots.png)" in md
 
 
 def test_committed_results_are_what_their_run_folders_give(tmp_path, monkeypatch):

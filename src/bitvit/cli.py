@@ -295,10 +295,11 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
         "compare", help="group runs by seed; table and figure with statistics against fp",
         description="Group runs that differ only by seed; print a Markdown table (mean +- std "
         "over seeds, differences to full precision with 95% CI, Welch p, TOST equivalence) "
-        "and, with --out, write compare.md and compare.png (loss and accuracy per epoch).")
+        "and, with --out, write compare.md, compare.png (accuracy and loss per epoch) and "
+        "compare-dots.png (every seed's headline accuracy).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders, or folders holding run folders")
-    p.add_argument("--out", metavar="DIR", help="write compare.md and compare.png here")
+    p.add_argument("--out", metavar="DIR", help="write compare.md and the figures here")
     p.add_argument("--margin", type=float, default=0.01,
                    help="TOST equivalence margin for accuracies, as a fraction (default 0.01 = "
                    "1 point)")
@@ -326,7 +327,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="regenerate results/README.md from the run folders",
                        description="Regenerate RESULTS/README.md, and each study's compare.md "
-                       "and compare.png, from the run folders of the sweeps in STUDIES/*.yaml "
+                       "and figures, from the run folders of the sweeps in STUDIES/*.yaml "
                        "(and RESULTS/*/sweep.yaml); grid points without a run are listed as "
                        "not run.")
     p.add_argument("--results", default="results", help="results folder (default: results)")

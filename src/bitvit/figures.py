@@ -1,5 +1,12 @@
-"""The figures of a comparison: loss and accuracy per epoch per group, titled with where and
-how long the runs trained. matplotlib is imported only when a figure is drawn."""
+"""The figures of a comparison, titled with where and how long the runs trained and on how many
+images. matplotlib is imported only when a figure is drawn.
+
+- `plot_groups` (compare.png): accuracy (%) and loss per epoch. Up to `FEW_GROUPS` groups share
+  one pair of panels; more get small multiples, one column per quantization method.
+- `plot_dots` (compare-dots.png): every seed's headline test accuracy per group, groups sorted
+  by their mean, fp's mean as a reference line; drawn for every comparison, so that each table
+  has its ranking beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from bitvit.report import Group, Run
+
+FEW_GROUPS = 4  # up to this many groups share one pair of panels
+BAND = "band: min-max over seeds"
 
 
 def devices(runs: list[Run]) -> list[str]:
@@ -23,53 +35,242 @@ def provenance(runs: list[Run], full_epochs: int | None = None) -> str:
     return f"device: {'; '.join(devices(runs)) or 'none'}; {budget}"
 
 
-def plot_groups(groups: list[Group], path: str | Path, title: str = "",
-                full_epochs: int | None = None) -> Any:
-    """Loss and accuracy per epoch (train solid, test dashed), one color per group: the mean
-    over seeds with a min-max band, over the epochs every run of the group has. The title says
-    on what device the plotted runs trained and their budget (of ``full_epochs`` when given).
-    Returns the (closed) matplotlib Figure."""
+def _images(limit: Any, held_out: int = 0, split: str = "training") -> str:
+    if limit is None:
+        # The config does not record the full split's size, so it is not printed.
+        return (f"full {split} set less {held_out:,} for validation" if held_out
+                else f"full {split} set")
+    if held_out:
+        return (f"{int(limit) - held_out:,} (class-balanced subset of {int(limit):,}, "
+                f"{held_out:,} held out for validation)")
+    return f"{int(limit):,} (class-balanced subset)"
+
+
+def data_size(runs: list[Run]) -> str:
+    """How many images the runs trained and were tested on (config.yaml ``data.limit_train``,
+    ``data.val_size``, ``data.limit_test``), e.g. ``training images: 10,000 (class-balanced
+    subset); test images: full test set``."""
+    data = [r.config.get("data", {}) for r in runs]
+    train = sorted({_images(d.get("limit_train"), int(d.get("val_size") or 0)) for d in data})
+    test = sorted({_images(d.get("limit_test"), split="test") for d in data})
+    return f"training images: {'; '.join(train)}; test images: {'; '.join(test)}"
+
+
+def _suptitle(fig: Figure, runs: list[Run], title: str, full_epochs: int | None,
+              *notes: str) -> None:
+    lines = [title, provenance(runs, full_epochs), data_size(runs), *notes]
+    fig.suptitle("\n".join(line for line in lines if line), fontsize=10)
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(runs: list[Run], column: str) -> tuple[Any, Any]:
+    """Epochs and a (seeds, epochs) array of ``column`` over the epochs every run has;
+    accuracies in %."""
     import numpy as np
+
+    n = min(len(r.rows) for r in runs)
+    scale = 100.0 if column.endswith("_acc") else 1.0
+    values = np.array([[scale * row[column] for row in r.rows[:n]] for r in runs])
+    return np.arange(1, n + 1), values
+
+
+def _draw(ax: Any, runs: list[Run], column: str, band: bool = True, **style: Any) -> Any:
+    """The mean over seeds, with the min-max band when ``band`` and there are several seeds."""
+    epochs, values = _curves(runs, column)
+    (line,) = ax.plot(epochs, values.mean(0), **style)
+    if band and len(runs) > 1:
+        ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(),
+                        alpha=0.13, linewidth=0)
+    return line
+
+
+def _finish_axes(ax: Any, ylabel: str | None, xlabel: bool = True) -> None:
+    if xlabel:
+        ax.set_xlabel("epoch")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _used(g: Group) -> list[Run]:
+    return [r for r in g.runs if r.rows]
+
+
+def plot_groups(groups: list[Group], path: str | Path, title: str = "",
+                full_epochs: int | None = None) -> Figure:
+    """Test accuracy (%) and loss per epoch per group: the mean over seeds with a min-max band,
+    over the epochs every run of the group has. Up to `FEW_GROUPS` groups in one pair of panels
+    (train solid, test dashed); more in small multiples (`plot_panels`). The title says on what
+    device the runs trained, their budget (of ``full_epochs`` when given) and how many images.
+    Returns the (closed) matplotlib Figure."""
+    shown = [g for g in groups if _used(g)]
+    if len(shown) > FEW_GROUPS:
+        return plot_panels(shown, path, title, full_epochs)
+    plt = _pyplot()
     from matplotlib.lines import Line2D
 
-    shown = [g for g in groups if any(r.rows for r in g.runs)]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.12 * len(shown)))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
-    for i, g in enumerate(shown):
-        # The default cycle for a few groups; tab20 once there are more than it has colors.
-        color = colors[i] if len(shown) <= len(colors) else plt.cm.tab20(i % 20)
-        runs = [r for r in g.runs if r.rows]
-        n = min(len(r.rows) for r in runs)
-        epochs = np.arange(1, n + 1)
-        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+    for color, g in zip(colors, shown, strict=False):  # at most FEW_GROUPS
+        for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
             for split, style in (("train", "-"), ("test", "--")):
-                values = np.array([[row[f"{split}_{metric}"] for row in r.rows[:n]]
-                                   for r in runs])
-                ax.plot(epochs, values.mean(0), style, color=color)
-                if len(runs) > 1:
-                    ax.fill_between(epochs, values.min(0), values.max(0), color=color,
-                                    alpha=0.15, linewidth=0)
-        handles.append(Line2D([], [], color=color, label=f"{g.label} (n={len(runs)})"))
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+                _draw(ax, _used(g), f"{split}_{metric}", color=color, linestyle=style)
+        handles.append(Line2D([], [], color=color, label=f"{g.label} (n={len(_used(g))})"))
+    _finish_axes(ax_acc, "accuracy (%)")
+    _finish_axes(ax_loss, "loss")
     handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
                 Line2D([], [], color="gray", linestyle="--", label="test")]
-    # One entry per group, below the panels, so many groups never cover the curves.
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+    # Below the panels, so that the entries never cover the curves.
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=9,
                frameon=False)
-    legend = "mean over seeds, band: min-max over seeds; train solid, test dashed"
-    lines = [title, provenance([r for g in shown for r in g.runs if r.rows], full_epochs), legend]
-    fig.suptitle("\n".join(line for line in lines if line), fontsize=10)
-    rows = -(-len(handles) // min(4, len(handles)))
+    _suptitle(fig, [r for g in shown for r in _used(g)], title, full_epochs,
+              f"mean over seeds, {BAND}; train solid, test dashed")
+    rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def _method(g: Group) -> str:
+    return str(g.key.get("quant.method", "runs"))
+
+
+def _rest(g: Group) -> str:
+    """The group's label without its method, e.g. ``attn act1`` for ``xnor attn act1``."""
+    words = g.label.split()
+    return " ".join(words[1:]) if words and words[0] == _method(g) else g.label
+
+
+def _panels(groups: list[Group]) -> list[tuple[str, list[Group]]]:
+    """One panel per method; methods with a single group (fp and b158 in study 2) share one
+    panel, named after them, so that no panel holds a lone line."""
+    by_method: dict[str, list[Group]] = {}
+    for g in groups:
+        by_method.setdefault(_method(g), []).append(g)
+    lone = [gs[0] for gs in by_method.values() if len(gs) == 1]
+    panels = [(m, gs) for m, gs in by_method.items() if len(gs) > 1]
+    if lone:
+        panels.insert(0, (", ".join(_method(g) for g in lone), lone))
+    return panels
+
+
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def _styles(groups: list[Group]) -> dict[str, dict[str, Any]]:
+    """A line style per group label, the same across panels: the color says the placement (the
+    label's words other than the method and activation bits, e.g. ``attn``), the dash the
+    activation bits (``act1``); a lone full-precision group is black."""
+    plt = _pyplot()
+
+    def split(g: Group) -> tuple[str, str]:
+        words = _rest(g).split()
+        act = [w for w in words if w.startswith("act")]
+        return " ".join(w for w in words if not w.startswith("act")), " ".join(act)
+
+    black = [g for g in groups if g.is_fp][:2]
+    black = black if len(black) == 1 else []  # several fp groups need telling apart
+    places = sorted({split(g)[0] for g in groups if g not in black})
+    acts = sorted({split(g)[1] for g in groups if g not in black},
+                  key=lambda a: (a != "act-fp", a))  # unquantized activations solid
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {}
+    for g in groups:
+        place, act = split(g)
+        styles[g.label] = ({"color": "black", "linestyle": "-"} if g in black else
+                           {"color": colors[places.index(place) % len(colors)],
+                            "linestyle": LINESTYLES[acts.index(act) % len(LINESTYLES)]})
+    return styles
+
+
+def plot_panels(groups: list[Group], path: str | Path, title: str = "",
+                full_epochs: int | None = None) -> Figure:
+    """Small multiples: a column per method (`_panels`), test accuracy (%) above, test loss
+    below, y axes shared along each row so that columns compare; each group the mean over seeds
+    with a min-max band, full precision's mean drawn faintly (thick, pale, in the color of its
+    placement) in every column it is not in."""
+    plt = _pyplot()
+    panels = _panels(groups)
+    styles = _styles(groups)
+    fps = [g for g in groups if g.is_fp]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels) + 0.6, 9.2),
+                             sharex=True, sharey="row", squeeze=False, layout="constrained")
+    for col, (name, members) in enumerate(panels):
+        ax_acc, ax_loss = axes[0, col], axes[1, col]
+        shared = len({_method(g) for g in members}) > 1
+        for g in members:
+            label = f"{g.label if shared else _rest(g)} (n={len(_used(g))})"
+            for ax, column in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
+                _draw(ax, _used(g), column, linewidth=1.8, label=label, **styles[g.label])
+        for ref in (f for f in fps if f not in members):
+            for ax, column in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
+                _draw(ax, _used(ref), column, band=False, color=styles[ref.label]["color"],
+                      alpha=0.3, linewidth=3, label=f"{ref.label} mean (reference)")
+        ax_acc.set_title(name, fontsize=12, fontweight="bold")
+        _finish_axes(ax_acc, "test accuracy (%)" if col == 0 else None, xlabel=False)
+        _finish_axes(ax_loss, "test loss" if col == 0 else None)
+        # Each column's legend below it: the curves stay uncovered.
+        ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9,
+                       frameon=False)
+    _suptitle(fig, [r for g in groups for r in _used(g)], title, full_epochs,
+              f"test set, mean over seeds, {BAND}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot_dots(groups: list[Group], path: str | Path, title: str = "",
+              full_epochs: int | None = None, last_k: int = 5) -> Figure:
+    """Every seed's headline test accuracy (%), the mean of its last ``last_k`` epochs, as a
+    dot per seed in a row per group, groups sorted by their mean (best on top), the mean a
+    vertical bar (its value on the right), full precision's mean a dashed vertical line. The
+    dots of one group are one scatter collection. Returns the (closed) matplotlib Figure."""
+    plt = _pyplot()
+    shown = sorted((g for g in groups if _used(g)),
+                   key=lambda g: sum(g.values("last_test_acc", last_k)) / len(_used(g)))
+    # A color per method (fp black): the ranking of methods shows at a glance.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(_method(g) for g in shown if not g.is_fp))
+    fig, ax = plt.subplots(figsize=(9, 2.2 + 0.36 * len(shown)))
+    means = []
+    for y, g in enumerate(shown):
+        values = [100 * v for v in g.values("last_test_acc", last_k)]
+        # Seeds side by side vertically, so that equal values stay countable.
+        offsets = [0.22 * (i - (len(values) - 1) / 2) / max(1, len(values) - 1)
+                   for i in range(len(values))]
+        color = "black" if g.is_fp else palette[methods.index(_method(g)) % len(palette)]
+        ax.scatter(values, [y + o for o in offsets], s=30, color=color, alpha=0.85, zorder=3)
+        means.append(sum(values) / len(values))
+        ax.plot([means[-1]] * 2, [y - 0.32, y + 0.32], color=color, linewidth=2.5, zorder=2)
+    for i, ref in enumerate(g for g in shown if g.is_fp):
+        fp_mean = means[shown.index(ref)]
+        ax.axvline(fp_mean, color="black", linestyle=LINESTYLES[1:][i % 3], alpha=0.5,
+                   linewidth=1, label=f"{ref.label} mean {fp_mean:.1f}%")
+    ax.set_yticks(range(len(shown)), [f"{g.label} (n={len(_used(g))})" for g in shown])
+    ax.set_ylim(-0.6, len(shown) - 0.4)
+    # The means as the right-hand tick labels: readable, never on top of a dot.
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(range(len(shown)), [f"{m:.1f}" for m in means])
+    right.set_ylabel("mean (%)")
+    ax.set_xlabel(f"test accuracy (%), mean of the last {last_k} epochs of each run")
+    ax.grid(axis="x", alpha=0.3)
+    if any(g.is_fp for g in shown):
+        ax.legend(loc="lower right", fontsize=8)
+    _suptitle(fig, [r for g in shown for r in _used(g)], title, full_epochs,
+              "a dot per seed; bar and right-hand number: the group's mean")
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return fig

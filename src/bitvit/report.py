@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from bitvit import rundir
-from bitvit.figures import devices, plot_groups
+from bitvit.figures import devices, plot_dots, plot_groups
 from bitvit.methods import FULL_PRECISION
 from bitvit.stats import (
     Difference,
@@ -349,8 +349,10 @@ def _sentence(parts: list[str]) -> str:
 
 
 def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
-                     figure: str | None = None, last_k: int = DEFAULT_LAST_K) -> str:
-    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished."""
+                     figure: str | None = None, last_k: int = DEFAULT_LAST_K,
+                     dots: str | None = None) -> str:
+    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished,
+    and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
     lines = []
     configured = sorted({r.epochs_configured for r in runs})
     lines.append(f"Runs: {len(runs)} (device: {'; '.join(devices(runs))}).")
@@ -414,6 +416,8 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                          f"status {r.info.get('status', 'unknown')}")
     if figure:
         lines += ["", f"![loss and accuracy per epoch]({figure})"]
+    if dots:
+        lines += ["", f"![every seed's test accuracy, last {last_k} epochs, per group]({dots})"]
     return "\n".join(lines) + "\n"
 
 
@@ -421,18 +425,20 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
             loss_margin: float = 0.05, include_unfinished: bool = False,
             full_epochs: int | None = None, title: str = "",
             last_k: int = DEFAULT_LAST_K) -> tuple[list[Group], str]:
-    """Load, group and compare run folders; with ``out``, write compare.md and compare.png.
+    """Load, group and compare run folders; with ``out``, write compare.md, compare.png and
+    compare-dots.png.
     ``last_k``: the window of the last-k means (test accuracy and loss, train accuracy, gap)."""
     runs = [load_run(p) for p in find_run_dirs(paths)]
     groups = compare_groups(group_runs(runs, include_unfinished), margin, loss_margin,
                             last_k=last_k)
-    figure = None
+    figure = dots = None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         plot_groups(groups, out / "compare.png", title, full_epochs)
-        figure = "compare.png"
-    text = compare_markdown(groups, runs, full_epochs, figure, last_k)
+        plot_dots(groups, out / "compare-dots.png", title, full_epochs, last_k)
+        figure, dots = "compare.png", "compare-dots.png"
+    text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots)
     if out is not None:
         (out / "compare.md").write_text(text)
     return groups, text
@@ -487,7 +493,8 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
             _, text = compare([out / n for n in planned if n in present], out=out, margin=margin,
                               loss_margin=loss_margin, full_epochs=sweep.full_epochs,
                               title=sweep.title, last_k=last_k)
-            text = text.replace("](compare.png)", f"]({rel}/compare.png)")
+            for image in ("compare.png", "compare-dots.png"):
+                text = text.replace(f"]({image})", f"]({rel}/{image})")
             lines += [text.rstrip(), ""]
         if missing and not present:  # a list of every grid point would drown the page
             lines += [f"Not run: all {len(planned)} planned runs (`bitvit sweep {sweep.path} "
