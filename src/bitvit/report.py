@@ -198,6 +198,21 @@ def _label_part(key: str, value: Any) -> str:
     return f"{key.split('.')[1]}={format_value(value)}"
 
 
+def group_labels(keys: list[dict[str, Any]]) -> list[str]:
+    """A label per experiment key naming what differs between them (e.g. ``b158 all act8``)."""
+    all_keys = sorted({k for key in keys for k in key})
+    # A key names groups when it takes more than one value among the groups that have it (full
+    # precision has no quant.where, and needs none in its label).
+    differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
+                                              for key in keys if k in key}) > 1]
+    order = ["quant.method", "quant.where", "quant.act_bits"]
+    differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
+    if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
+        differing.insert(0, "quant.method")
+    return [" ".join(_label_part(k, key[k]) for k in differing if k in key)
+            or str(key.get("quant.method", "runs")) for key in keys]
+
+
 def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]:
     """Group runs that differ only by seed (and settings in `IGNORED_KEYS`).
 
@@ -208,20 +223,9 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
     for r in runs:
         key = experiment_key(r.config)
         keyed.setdefault(json.dumps(key, sort_keys=True, default=str), (key, []))[1].append(r)
-    keys = [k for k, _ in keyed.values()]
-    all_keys = sorted({k for key in keys for k in key})
-    # A key names groups when it takes more than one value among the groups that have it (full
-    # precision has no quant.where, and needs none in its label).
-    differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
-                                              for key in keys if k in key}) > 1]
-    order = ["quant.method", "quant.where", "quant.act_bits"]
-    differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
-    if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
-        differing.insert(0, "quant.method")
+    labels = group_labels([k for k, _ in keyed.values()])
     groups = []
-    for key, members in keyed.values():
-        parts = [_label_part(k, key[k]) for k in differing if k in key]
-        label = " ".join(parts) or str(key.get("quant.method", "runs"))
+    for label, (key, members) in zip(labels, keyed.values(), strict=True):
         done = [r for r in members if r.finished]
         unfinished = [r for r in members if not r.finished]
         used = done + (unfinished if include_unfinished else [])
@@ -350,9 +354,8 @@ def _sentence(parts: list[str]) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
-                     figure: str | None = None, last_k: int = DEFAULT_LAST_K) -> str:
-    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished."""
+def provenance_lines(runs: list[Run], full_epochs: int | None = None) -> list[str]:
+    """Where the runs trained, for how many of the full epochs, on how many images."""
     lines = []
     configured = sorted({r.epochs_configured for r in runs})
     lines.append(f"Runs: {len(runs)} (device: {'; '.join(devices(runs))}).")
@@ -365,6 +368,17 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
     if limits != ["None"]:
         lines.append(f"Training images: class-balanced subset of {', '.join(limits)} "
                      "(data.limit_train).")
+    held = sorted({int(r.config.get("data", {}).get("val_size") or 0) for r in runs})
+    if held != [0]:
+        lines.append(f"Validation split: {', '.join(map(str, held))} of those images held out "
+                     "(data.val_size); the rest train.")
+    return lines
+
+
+def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
+                     figure: str | None = None, last_k: int = DEFAULT_LAST_K) -> str:
+    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished."""
+    lines = provenance_lines(runs, full_epochs)
     lines.append("")
     lines.append("Mean ± std (ddof 1) over seeds; accuracies in %. "
                  + " ".join(_notes(runs, last_k)))
@@ -489,6 +503,11 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
         present = {n for n in planned if (out / n / "config.yaml").is_file()}
         missing = [n for n in planned if n not in present]
         if present:
+            from bitvit.tuning import rates_section  # it builds on this module
+
+            section = rates_section(sweep, [out / n for n in planned if n in present], rel,
+                                    margin, last_k)
+            lines += [section.rstrip(), ""] if section else []
             _, text = compare([out / n for n in planned if n in present], out=out, margin=margin,
                               loss_margin=loss_margin, full_epochs=sweep.full_epochs,
                               title=sweep.title, last_k=last_k)
