@@ -11,7 +11,8 @@ interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence te
 margin, each Holm-adjusted over the table (two families), beside the margin the seeds can
 resolve (`bitvit.stats`).
 `compare_markdown` and `plot_groups` (`bitvit.figures`) turn that into a table and the first
-study's figure; `write_report` regenerates ``results/README.md``.
+study's figure; `write_report` regenerates ``results/README.md``, with `bitvit.tuning`'s section
+(each method at its own learning rate) for sweeps over ``train.lr`` with a validation split.
 """
 
 from __future__ import annotations
