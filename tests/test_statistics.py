@@ -12,7 +12,7 @@ from test_studies import fake_run
 
 from bitvit.cli import main
 from bitvit.report import compare, compare_groups, group_runs, load_run, verdict_text
-from bitvit.stats import holm, last_k_mean, welch_difference
+from bitvit.stats import Difference, adjust_holm, holm, last_k_mean, welch_difference
 from bitvit.train import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
@@ -42,6 +42,34 @@ def test_holm_on_a_known_example():
     # No test (nan) is not counted: the other two form a family of two.
     out = holm([0.01, math.nan, 0.04])
     assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
+
+
+def _difference(p_value: float, tost_p: float) -> Difference:
+    """A difference of 0.1 points with given raw p-values (CI within a 1-point margin)."""
+    return Difference(0.001, -0.004, 0.006, 4.0, p_value, 0.01, tost_p, resolvable=0.004,
+                      p_adjusted=p_value, tost_adjusted=tost_p)
+
+
+def test_tost_p_values_are_holm_adjusted_as_their_own_family():
+    tost = [0.01, 0.04, 0.03, 0.005]
+    diffs = [_difference(0.5, p) for p in tost]
+    diffs.append(Difference(math.nan, *[math.nan] * 4, 0.01, math.nan, reason="one seed"))
+    adjust_holm(diffs)
+    # The same known example as Holm's: the unavailable difference is no test.
+    assert [d.tost_adjusted for d in diffs[:4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(diffs[4].tost_adjusted)
+    # The Welch p-values are a family of their own: four times 0.5 gives 1 each.
+    assert [d.p_adjusted for d in diffs[:4]] == pytest.approx([1.0] * 4)
+    # Equivalence is decided by the adjusted TOST p: raw 0.04 and 0.03 no longer pass.
+    assert [d.equivalent for d in diffs[:4]] == [True, False, False, True]
+    assert [d.verdict for d in diffs[:4]] == ["equivalent", "inconclusive", "inconclusive",
+                                              "equivalent"]
+    assert verdict_text(diffs[1], "last_test_acc") == (
+        "inconclusive: TOST p < 0.05 only before Holm")
+    both = _difference(0.03, 0.03)
+    adjust_holm([both, _difference(0.04, 0.04)])  # both families: 0.06, 0.06
+    assert verdict_text(both, "last_test_acc") == (
+        "inconclusive: Welch p < 0.05 only before Holm; TOST p < 0.05 only before Holm")
 
 
 def test_last_k_mean_on_fixed_numbers():
@@ -82,7 +110,7 @@ def test_inconclusive_says_why():
     d.p_adjusted = 0.2
     assert d.p_value < 0.05 and not d.significant
     assert verdict_text(d, "last_test_loss").startswith("equivalent")
-    d.margin, d.tost_p = 0.01, 0.9
+    d.margin, d.tost_p, d.tost_adjusted = 0.01, 0.9, 0.9
     assert verdict_text(d, "last_test_loss") == (
         f"inconclusive: Welch p < 0.05 only before Holm; resolvable margin "
         f"{d.resolvable:.4f} > 0.0100")
@@ -132,8 +160,10 @@ def test_tables_of_new_run_folders(tmp_path):
     diffs = list(groups[1].vs_fp.values())
     assert len(diffs) == 6
     assert [d.p_adjusted for d in diffs] == pytest.approx(holm([d.p_value for d in diffs]))
+    assert [d.tost_adjusted for d in diffs] == pytest.approx(holm([d.tost_p for d in diffs]))
     assert "Holm-adjusted over the 6 tests of this table" in text
-    assert "| Welch p | Holm p | TOST p | resolvable margin | verdict |" in text
+    assert "Holm-adjusted over the 6 TOST tests of this table" in text
+    assert "| Welch p | Holm p | TOST p | TOST Holm p | resolvable margin | verdict |" in text
 
 
 def test_tables_of_old_run_folders_say_what_their_train_accuracy_is(tmp_path):

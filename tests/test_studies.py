@@ -380,8 +380,8 @@ def test_compare_writes_table_and_figure(tmp_path):
                                                         raw.p_value)
     assert f"| b158 | test acc, final | +2.50 [{d.ci_low * 100:+.2f}, {d.ci_high * 100:+.2f}] " \
            f"| {d.p_value:.3g} | {d.p_adjusted:.3g} |" in text
-    assert ("| bitnet | test acc, final | -10.00 | n/a | n/a | n/a | n/a | n/a: needs at least 2 "
-            "seeds") in text
+    assert ("| bitnet | test acc, final | -10.00 | n/a | n/a | n/a | n/a | n/a | n/a: needs at "
+            "least 2 seeds") in text
     assert "margin of ±1 accuracy points and ±0.05 loss" in text
 
 

@@ -7,10 +7,12 @@ whose configs are equal except for the seed and settings that do not change the 
 mean +- std over seeds (test accuracy and loss over the last k epochs and at the final one,
 train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` where runs have it)
 and, for each quantized group, the difference to its full-precision group: a 95% confidence
-interval (Welch-Satterthwaite), Welch's t-test p-value, Holm-adjusted over the table, and a TOST
-equivalence test at a stated margin beside the margin the seeds can resolve (`bitvit.stats`).
+interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence test at a stated
+margin, each Holm-adjusted over the table (two families), beside the margin the seeds can
+resolve (`bitvit.stats`).
 `compare_markdown` and `plot_groups` (`bitvit.figures`) turn that into a table and the first
-study's figure; `write_report` regenerates ``results/README.md``.
+study's figure; `write_report` regenerates ``results/README.md``, with `bitvit.tuning`'s section
+(each method at its own learning rate) for sweeps over ``train.lr`` with a validation split.
 """
 
 from __future__ import annotations
@@ -198,6 +200,21 @@ def _label_part(key: str, value: Any) -> str:
     return f"{key.split('.')[1]}={format_value(value)}"
 
 
+def group_labels(keys: list[dict[str, Any]]) -> list[str]:
+    """A label per experiment key naming what differs between them (e.g. ``b158 all act8``)."""
+    all_keys = sorted({k for key in keys for k in key})
+    # A key names groups when it takes more than one value among the groups that have it (full
+    # precision has no quant.where, and needs none in its label).
+    differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
+                                              for key in keys if k in key}) > 1]
+    order = ["quant.method", "quant.where", "quant.act_bits"]
+    differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
+    if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
+        differing.insert(0, "quant.method")
+    return [" ".join(_label_part(k, key[k]) for k in differing if k in key)
+            or str(key.get("quant.method", "runs")) for key in keys]
+
+
 def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]:
     """Group runs that differ only by seed (and settings in `IGNORED_KEYS`).
 
@@ -208,20 +225,9 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
     for r in runs:
         key = experiment_key(r.config)
         keyed.setdefault(json.dumps(key, sort_keys=True, default=str), (key, []))[1].append(r)
-    keys = [k for k, _ in keyed.values()]
-    all_keys = sorted({k for key in keys for k in key})
-    # A key names groups when it takes more than one value among the groups that have it (full
-    # precision has no quant.where, and needs none in its label).
-    differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
-                                              for key in keys if k in key}) > 1]
-    order = ["quant.method", "quant.where", "quant.act_bits"]
-    differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
-    if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
-        differing.insert(0, "quant.method")
+    labels = group_labels([k for k, _ in keyed.values()])
     groups = []
-    for key, members in keyed.values():
-        parts = [_label_part(k, key[k]) for k in differing if k in key]
-        label = " ".join(parts) or str(key.get("quant.method", "runs"))
+    for label, (key, members) in zip(labels, keyed.values(), strict=True):
         done = [r for r in members if r.finished]
         unfinished = [r for r in members if not r.finished]
         used = done + (unfinished if include_unfinished else [])
@@ -298,15 +304,17 @@ def _amount(x: float, metric: str) -> str:
 
 
 def verdict_text(d: Difference, metric: str) -> str:
-    """The verdict; an inconclusive one says why: a test significant only before Holm, a margin
-    finer than the seeds can resolve, or a 90% CI that reaches past the margin."""
+    """The verdict; an inconclusive one says why: a test (Welch or TOST) passed only before
+    Holm, a margin finer than the seeds can resolve, or a 90% CI that reaches past the margin."""
     if d.verdict != "inconclusive":
         return d.verdict if d.available else f"n/a: {d.reason}"
     why = []
     if d.p_value < d.alpha:
         why.append(f"Welch p < {d.alpha:g} only before Holm")
     margin = _amount(d.margin, metric)
-    if d.resolvable >= d.margin:
+    if d.tost_p < d.alpha:  # the 90% CI lies within the margin, but not after the correction
+        why.append(f"TOST p < {d.alpha:g} only before Holm")
+    elif d.resolvable >= d.margin:
         why.append(f"resolvable margin {_amount(d.resolvable, metric)} > {margin}")
     else:
         why.append(f"{100 - 200 * d.alpha:g}% CI reaches past ±{margin}")
@@ -348,11 +356,8 @@ def _sentence(parts: list[str]) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
-                     figure: str | None = None, last_k: int = DEFAULT_LAST_K,
-                     dots: str | None = None) -> str:
-    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished,
-    and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
+def provenance_lines(runs: list[Run], full_epochs: int | None = None) -> list[str]:
+    """Where the runs trained, for how many of the full epochs, on how many images."""
     lines = []
     configured = sorted({r.epochs_configured for r in runs})
     lines.append(f"Runs: {len(runs)} (device: {'; '.join(devices(runs))}).")
@@ -365,6 +370,19 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
     if limits != ["None"]:
         lines.append(f"Training images: class-balanced subset of {', '.join(limits)} "
                      "(data.limit_train).")
+    held = sorted({int(r.config.get("data", {}).get("val_size") or 0) for r in runs})
+    if held != [0]:
+        lines.append(f"Validation split: {', '.join(map(str, held))} of those images held out "
+                     "(data.val_size); the rest train.")
+    return lines
+
+
+def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
+                     figure: str | None = None, last_k: int = DEFAULT_LAST_K,
+                     dots: str | None = None) -> str:
+    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished,
+    and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
+    lines = provenance_lines(runs, full_epochs)
     lines.append("")
     lines.append("Mean ± std (ddof 1) over seeds; accuracies in %. "
                  + " ".join(_notes(runs, last_k)))
@@ -389,12 +407,14 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                   f"quantization): 95% confidence interval (Welch–Satterthwaite); Welch t-test "
                   f"p-value, raw and Holm-adjusted over the {tests} tests of this table (differs: "
                   f"Holm p < 0.05); TOST equivalence p-value at a margin of ±{acc_m:g} accuracy "
-                  f"points and ±{loss_m:g} loss (equivalent: TOST p < 0.05). Resolvable margin: "
+                  f"points and ±{loss_m:g} loss, raw and Holm-adjusted over the {tests} TOST "
+                  f"tests of this table, a family of their own (equivalent: TOST Holm p < 0.05). "
+                  f"Resolvable margin: "
                   f"the half-width of the 90% confidence interval (Welch), the smallest margin "
                   f"TOST can confirm with these seeds even for a difference of zero.", ""]
         lines.append("| group | metric | difference [95% CI] | Welch p | Holm p | TOST p "
-                     "| resolvable margin | verdict |")
-        lines.append("|---" * 8 + "|")
+                     "| TOST Holm p | resolvable margin | verdict |")
+        lines.append("|---" * 9 + "|")
         for g in compared:
             for m, d in g.vs_fp.items():
                 if d.available:
@@ -402,10 +422,11 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                             f"{_signed(d.ci_high, m)}]")
                     lines.append(f"| {g.label} | {labels[m]} | {diff} | {d.p_value:.3g} | "
                                  f"{d.p_adjusted:.3g} | {d.tost_p:.3g} | "
-                                 f"{_amount(d.resolvable, m)} | {verdict_text(d, m)} |")
+                                 f"{d.tost_adjusted:.3g} | {_amount(d.resolvable, m)} | "
+                                 f"{verdict_text(d, m)} |")
                 else:
                     lines.append(f"| {g.label} | {labels[m]} | {_signed(d.diff, m)} | n/a | n/a "
-                                 f"| n/a | n/a | {verdict_text(d, m)} |")
+                                 f"| n/a | n/a | n/a | {verdict_text(d, m)} |")
     unfinished = [r for g in groups for r in g.unfinished]
     if unfinished:
         counted = any(r in g.runs for g in groups for r in g.unfinished)
@@ -490,6 +511,11 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
         present = {n for n in planned if (out / n / "config.yaml").is_file()}
         missing = [n for n in planned if n not in present]
         if present:
+            from bitvit.tuning import rates_section  # it builds on this module
+
+            section = rates_section(sweep, [out / n for n in planned if n in present], rel,
+                                    margin, last_k)
+            lines += [section.rstrip(), ""] if section else []
             _, text = compare([out / n for n in planned if n in present], out=out, margin=margin,
                               loss_margin=loss_margin, full_epochs=sweep.full_epochs,
                               title=sweep.title, last_k=last_k)

@@ -58,6 +58,8 @@ class Difference:
     resolvable: float = math.nan
     # p_value adjusted for the other tests of its table (Holm); p_value itself until then.
     p_adjusted: float = math.nan
+    # tost_p adjusted likewise, over the TOST tests of its table (their own family).
+    tost_adjusted: float = math.nan
 
     @property
     def available(self) -> bool:
@@ -69,7 +71,7 @@ class Difference:
 
     @property
     def equivalent(self) -> bool:
-        return self.available and self.tost_p < self.alpha
+        return self.available and self.tost_adjusted < self.alpha
 
     @property
     def verdict(self) -> str:
@@ -103,17 +105,19 @@ def welch_difference(a: Sequence[float], b: Sequence[float], margin: float,
     scale = max(1.0, abs(float(a.mean())), abs(float(b.mean())))
     if se <= 1e-12 * scale:  # every seed gave the same number in both groups: no spread at all
         p = 1.0 if abs(diff) <= 1e-12 * scale else 0.0
-        return Difference(diff, diff, diff, math.inf, p, margin,
-                          0.0 if abs(diff) < margin else 1.0, alpha, resolvable=0.0, p_adjusted=p)
+        tost = 0.0 if abs(diff) < margin else 1.0
+        return Difference(diff, diff, diff, math.inf, p, margin, tost, alpha, resolvable=0.0,
+                          p_adjusted=p, tost_adjusted=tost)
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     # TOST: H0 diff <= -margin (tested on a + margin > b) and H0 diff >= margin (a - margin < b).
     p_low = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
     p_high = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
-    return Difference(diff, diff - half, diff + half, float(df), p, margin,
-                      float(max(p_low, p_high)), alpha,
-                      resolvable=float(stats.t.ppf(1 - alpha, df)) * se, p_adjusted=p)
+    tost = float(max(p_low, p_high))
+    return Difference(diff, diff - half, diff + half, float(df), p, margin, tost, alpha,
+                      resolvable=float(stats.t.ppf(1 - alpha, df)) * se, p_adjusted=p,
+                      tost_adjusted=tost)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -134,7 +138,11 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def adjust_holm(differences: Sequence[Difference]) -> None:
-    """Set each available difference's ``p_adjusted`` by Holm over all of them (one family)."""
+    """Holm over all the available differences: their Welch p-values (``p_adjusted``) as one
+    family and their TOST p-values (``tost_adjusted``) as another, so that both "differs" and
+    "equivalent" are claims about the whole table, not one test picked from it."""
     tested = [d for d in differences if d.available]
-    for d, p in zip(tested, holm([d.p_value for d in tested]), strict=True):
-        d.p_adjusted = p
+    welch = holm([d.p_value for d in tested])
+    tost = holm([d.tost_p for d in tested])
+    for d, p, q in zip(tested, welch, tost, strict=True):
+        d.p_adjusted, d.tost_adjusted = p, q

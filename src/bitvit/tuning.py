@@ -1,0 +1,336 @@
+"""Each method at its own learning rate: the rate chosen on validation, the result reported on test.
+
+For runs that differ in ``train.lr`` (and in the method), `choose_rates` picks each method's rate
+by the highest validation accuracy (the mean over each run's last k epochs, then over seeds; a
+tie goes to the smaller rate), and compares the ranking of methods by test accuracy (last k) at
+those rates with the ranking at the rate every other study uses (1e-3). The order claims of the
+chosen-rate ranking are Welch tests between neighbours, Holm-adjusted over the neighbours. An
+incomplete grid (a planned run missing or unfinished) gives no choice and no verdict.
+`rates_section` writes the Markdown section of ``results/README.md`` and `plot_rates` its figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from bitvit.figures import provenance
+from bitvit.report import (
+    DEFAULT_LAST_K,
+    Run,
+    group_labels,
+    has_val,
+    load_run,
+    provenance_lines,
+)
+from bitvit.stats import Difference, Summary, adjust_holm, last_k_mean, summarize, welch_difference
+from bitvit.sweep import IGNORED_KEYS, Sweep, experiment_key, sweep_config
+
+REFERENCE_LR = 1e-3  # the rate of every other study
+FIGURE = "lr.png"
+
+
+@dataclass
+class Cell:
+    """One method at one rate: per finished seed, validation and test accuracy over the last k."""
+
+    lr: float
+    seeds: list[Any] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+    test: list[float] = field(default_factory=list)
+    missing: list[Any] = field(default_factory=list)  # planned seeds without a finished run
+
+    @property
+    def val_summary(self) -> Summary:
+        return summarize(self.val)
+
+    @property
+    def test_summary(self) -> Summary:
+        return summarize(self.test)
+
+
+@dataclass
+class MethodRates:
+    label: str
+    cells: dict[float, Cell]  # by rate, ascending
+    chosen: float | None = None  # None while the method's grid is incomplete
+    tied: list[float] = field(default_factory=list)  # rates sharing the highest validation mean
+
+    @property
+    def complete(self) -> bool:
+        return all(not c.missing and c.val for c in self.cells.values())
+
+
+@dataclass
+class RateChoice:
+    methods: list[MethodRates]
+    lrs: list[float]
+    last_k: int
+    reference: float = REFERENCE_LR
+    ranking_reference: list[str] = field(default_factory=list)  # best first; empty: no verdict
+    ranking_chosen: list[str] = field(default_factory=list)
+    # (upper, lower, upper - lower at their chosen rates), in the chosen-rate ranking, Holm over
+    # these neighbours.
+    adjacent: list[tuple[str, str, Difference]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.methods) and all(m.complete for m in self.methods)
+
+    @property
+    def same_ranking(self) -> bool | None:
+        if not self.ranking_chosen:
+            return None
+        return self.ranking_chosen == self.ranking_reference
+
+    def method(self, label: str) -> MethodRates:
+        return next(m for m in self.methods if m.label == label)
+
+    def missing(self) -> list[str]:
+        """``METHOD at lr=R: seeds S`` for every cell with planned seeds not (yet) finished."""
+        return [f"{m.label} at lr={_lr(c.lr)}: "
+                + (f"seeds {', '.join(map(str, c.missing))}" if c.missing else "no seeds")
+                for m in self.methods for c in m.cells.values() if c.missing or not c.val]
+
+
+def _lr(x: float) -> str:
+    return f"{x:g}"
+
+
+def _method_key(config: dict[str, Any]) -> dict[str, Any]:
+    # Like the sweep's own check of a run folder, the epochs do not make another method (a
+    # planned config and a run extended since may differ in them).
+    return experiment_key(config, IGNORED_KEYS | {"train.lr", "train.epochs"})
+
+
+def _val_last_k(run: Run, k: int) -> float:
+    return last_k_mean([row["val_acc"] for row in run.rows], k)
+
+
+def _test_last_k(run: Run, k: int) -> float:
+    return last_k_mean([row["test_acc"] for row in run.rows], k)
+
+
+def choose_rates(runs: list[Run], last_k: int = DEFAULT_LAST_K,
+                 planned: list[dict[str, Any]] | None = None, margin: float = 0.01,
+                 reference: float = REFERENCE_LR) -> RateChoice:
+    """Each method's rate by validation accuracy, and the rankings on test at those rates and at
+    ``reference``. ``planned``: the config dicts of every run of the grid (a sweep's points);
+    without it, the grid is every method seen at every rate and seed seen. Only finished runs
+    with a validation split count; anything planned and not finished makes the grid
+    incomplete, and an incomplete grid gets no choice, no ranking and no verdict."""
+    configs = planned if planned is not None else [r.config for r in runs]
+    keys: dict[str, dict[str, Any]] = {}
+    for c in configs + [r.config for r in runs]:
+        key = _method_key(c)
+        keys.setdefault(json.dumps(key, sort_keys=True, default=str), key)
+    labels = dict(zip(keys, group_labels(list(keys.values())), strict=True))
+    lrs = sorted({float(c["train"]["lr"]) for c in configs})
+    seeds = sorted({c["train"]["seed"] for c in configs}, key=str)
+    expected = ({(json.dumps(_method_key(c), sort_keys=True, default=str),
+                  float(c["train"]["lr"]), c["train"]["seed"]) for c in configs}
+                if planned is not None else None)
+    methods = {name: MethodRates(labels[name], {lr: Cell(lr) for lr in lrs}) for name in keys}
+    for r in sorted(runs, key=lambda r: str(r.seed)):
+        name = json.dumps(_method_key(r.config), sort_keys=True, default=str)
+        cell = methods[name].cells.setdefault(float(r.config["train"]["lr"]),
+                                              Cell(float(r.config["train"]["lr"])))
+        if r.finished and has_val(r):
+            cell.seeds.append(r.seed)
+            cell.val.append(_val_last_k(r, last_k))
+            cell.test.append(_test_last_k(r, last_k))
+    for name, m in methods.items():
+        m.cells = dict(sorted(m.cells.items()))
+        for cell in m.cells.values():
+            wanted = ([s for s in seeds if (name, cell.lr, s) in expected]
+                      if expected is not None else seeds)
+            cell.missing = [s for s in wanted if s not in cell.seeds]
+        if m.complete:
+            best = max(c.val_summary.mean for c in m.cells.values())
+            # Equal means only up to rounding: the smaller rate wins a tie.
+            m.tied = [lr for lr, c in m.cells.items()
+                      if math.isclose(c.val_summary.mean, best, rel_tol=0, abs_tol=1e-12)]
+            m.chosen = min(m.tied)
+    choice = RateChoice(sorted(methods.values(), key=lambda m: m.label), lrs, last_k, reference)
+    if choice.complete and reference in lrs:
+        _rank(choice, margin)
+    return choice
+
+
+def _rank(choice: RateChoice, margin: float) -> None:
+    def ranking(rate_of: Any) -> list[str]:
+        return [m.label for m in sorted(
+            choice.methods, key=lambda m: (-m.cells[rate_of(m)].test_summary.mean, m.label))]
+
+    choice.ranking_reference = ranking(lambda m: choice.reference)
+    choice.ranking_chosen = ranking(lambda m: m.chosen)
+    for upper, lower in pairwise(choice.ranking_chosen):
+        a, b = choice.method(upper), choice.method(lower)
+        choice.adjacent.append((upper, lower, welch_difference(
+            a.cells[a.chosen].test, b.cells[b.chosen].test, margin)))
+    adjust_holm([d for _, _, d in choice.adjacent])
+
+
+# ---------------------------------------------------------------------------------------------
+# The section and its figure
+# ---------------------------------------------------------------------------------------------
+
+
+def _pct(s: Summary) -> str:
+    if s.n == 0:
+        return "n/a"
+    if s.n == 1:
+        return f"{100 * s.mean:.2f} (1 seed)"
+    return f"{100 * s.mean:.2f} ± {100 * s.std:.2f}"
+
+
+def _chosen_cell(m: MethodRates) -> str:
+    if m.chosen is None:
+        return "—"
+    if len(m.tied) > 1:
+        others = ", ".join(_lr(lr) for lr in m.tied if lr != m.chosen)
+        return f"{_lr(m.chosen)} (tied with {others}: the smaller)"
+    return _lr(m.chosen)
+
+
+def verdict(choice: RateChoice) -> str:
+    """The sentence on whether the ranking at per-method rates is the ranking at the reference,
+    and which of its neighbour orders are significant after Holm."""
+    if not choice.complete:
+        return "Not all runs finished: no verdict yet."
+    if not choice.ranking_chosen:
+        return f"lr={_lr(choice.reference)} is not in the grid: no verdict."
+    chosen = " > ".join(choice.ranking_chosen)
+    if choice.same_ranking:
+        head = (f"The ranking at per-method rates is the same as the ranking at "
+                f"lr={_lr(choice.reference)}: {chosen}.")
+    else:
+        head = (f"The ranking at per-method rates differs from the ranking at "
+                f"lr={_lr(choice.reference)}: {chosen} (at {_lr(choice.reference)}: "
+                f"{' > '.join(choice.ranking_reference)}).")
+    parts = []
+    for upper, lower, d in choice.adjacent:
+        if not d.available:
+            parts.append(f"{upper} > {lower}: n/a ({d.reason})")
+            continue
+        status = ("significant" if d.significant else
+                  "not significant: this order is not established")
+        parts.append(f"{upper} − {lower} {100 * d.diff:+.2f} pts, Holm p {d.p_adjusted:.3g} "
+                     f"({status})")
+    if not parts:
+        return head
+    return (head + f" Neighbours at the chosen rates (Welch, Holm over {len(parts)} "
+            f"pair{'s' if len(parts) > 1 else ''}): " + "; ".join(parts) + ".")
+
+
+def rates_markdown(choice: RateChoice, runs: list[Run], full_epochs: int | None = None,
+                   figure: str | None = None) -> str:
+    """The section: provenance, the per-method table, the two rankings, the verdict."""
+    k, ref = choice.last_k, _lr(choice.reference)
+    lines = ["### Learning rate per method (chosen on validation)", "",
+             *provenance_lines(runs, full_epochs), "",
+             f"Each method's rate is the one with the highest validation accuracy (the mean over "
+             f"each run's last {k} epochs, then over seeds; a tie goes to the smaller rate). Test "
+             f"accuracy (mean over the last {k} epochs) is reported at that rate and at "
+             f"lr={ref}, the rate of the other studies (whose ranking is the one at {ref}). "
+             "Mean ± std (ddof 1) over seeds; accuracies in %.", ""]
+    vals = [f"val acc, last {k}, lr={_lr(lr)}" for lr in choice.lrs]
+    lines.append("| method | " + " | ".join(vals) + f" | chosen lr | test acc, last {k}, at "
+                 f"chosen lr | test acc, last {k}, at lr={ref} |")
+    lines.append("|---" * (len(vals) + 4) + "|")
+    for m in choice.methods:
+        at_chosen = _pct(m.cells[m.chosen].test_summary) if m.chosen is not None else "—"
+        at_ref = (_pct(m.cells[choice.reference].test_summary)
+                  if choice.reference in m.cells else "n/a")
+        lines.append(f"| {m.label} | "
+                     + " | ".join(_pct(m.cells[lr].val_summary) if lr in m.cells else "n/a"
+                                  for lr in choice.lrs)
+                     + f" | {_chosen_cell(m)} | {at_chosen} | {at_ref} |")
+    lines.append("")
+    if choice.complete and choice.ranking_chosen:
+        lines += [f"Ranking by test accuracy (last {k}) at lr={ref}: "
+                  f"{' > '.join(choice.ranking_reference)}.",
+                  f"Ranking at each method's chosen rate: {' > '.join(choice.ranking_chosen)}.",
+                  ""]
+    else:
+        lines += ["Missing or unfinished: " + "; ".join(choice.missing()) + "."
+                  if choice.missing() else "", ""]
+    lines += [verdict(choice), ""]
+    if figure:
+        lines.append(f"![validation accuracy against learning rate]({figure})")
+    kept = [line for i, line in enumerate(lines) if line or (i and lines[i - 1])]  # no 2 blanks
+    return "\n".join(kept).rstrip() + "\n"
+
+
+def _images(runs: list[Run]) -> str:
+    """The data the runs trained on, e.g. ``10000 training images, 5000 validation``."""
+    parts = set()
+    for r in runs:
+        data = r.config.get("data", {})
+        held = int(data.get("val_size") or 0)
+        limit = data.get("limit_train")
+        train = f"{int(limit) - held}" if limit else f"all but {held}" if held else "all"
+        parts.add(f"{train} training images" + (f", {held} validation" if held else ""))
+    return "; ".join(sorted(parts))
+
+
+def plot_rates(choice: RateChoice, runs: list[Run], path: str | Path, title: str = "",
+               full_epochs: int | None = None) -> Any:
+    """Validation accuracy (last k, %) against the rate per method, log x: a dot per seed, a
+    line through the means, a ring on the chosen rate. Returns the (closed) Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(choice.methods):
+        color = colors[i % len(colors)]
+        cells = [c for c in m.cells.values() if c.val]
+        for c in cells:
+            ax.scatter([c.lr] * len(c.val), [100 * v for v in c.val], s=14, color=color,
+                       alpha=0.6, linewidths=0)
+        ax.plot([c.lr for c in cells], [100 * c.val_summary.mean for c in cells], "-",
+                color=color, label=m.label)
+        if m.chosen is not None:
+            ax.scatter([m.chosen], [100 * m.cells[m.chosen].val_summary.mean], s=90,
+                       facecolors="none", edgecolors=color, linewidths=1.5)
+    ax.set_xscale("log")
+    ax.set_xticks(choice.lrs, [_lr(lr) for lr in choice.lrs])
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate (Adam)")
+    ax.set_ylabel(f"validation accuracy, last {choice.last_k} epochs (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    shown = [r for r in runs if r.finished and has_val(r)]
+    lines = [title, f"{provenance(shown, full_epochs)}; {_images(shown)}",
+             "dots: seeds; line: mean over seeds; ring: the chosen rate"]
+    fig.suptitle("\n".join(line for line in lines if line), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def varies_lr(sweep: Sweep) -> bool:
+    return len({p.get("train.lr") for p in sweep.points}) > 1
+
+
+def rates_section(sweep: Sweep, paths: list[Path], link_dir: str, margin: float = 0.01,
+                  last_k: int = DEFAULT_LAST_K) -> str:
+    """The section of ``results/README.md`` for a sweep whose grid varies ``train.lr`` and
+    whose runs have a validation split (else ""), with its figure in the study's folder."""
+    if not varies_lr(sweep):
+        return ""
+    runs = [load_run(p) for p in paths]
+    if not any(has_val(r) for r in runs):
+        return ""
+    planned = [sweep_config(sweep, p).to_dict() for p in sweep.points]
+    choice = choose_rates(runs, last_k, planned, margin)
+    plot_rates(choice, runs, sweep.out / FIGURE, sweep.title, sweep.full_epochs)
+    return rates_markdown(choice, runs, sweep.full_epochs, f"{link_dir}/{FIGURE}")
