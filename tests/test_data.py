@@ -483,8 +483,8 @@ def test_config_errors(tmp_path):
     assert "data.std" in one_line(e)
     with pytest.raises(DataError, match="data.val_size"):
         load_data(DataConfig(path=str(src), val_size=10))
-    with pytest.raises(DataError, match="data.limit_train"):
-        load_data(DataConfig(path=str(src), limit_train=0))
+    with pytest.raises(ConfigError, match="data.limit_train=0: expected null or an integer"):
+        load_config(None, [f"data.path={src}", "data.limit_train=0"])
     with pytest.raises(ConfigError, match="unknown key data.bogus"):
         load_config(None, ["data.bogus=1"])
     cfg = load_config(None, ["data.mean=[0.5, 0.5, 0.5]", "data.val_size=5"])

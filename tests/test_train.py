@@ -23,12 +23,12 @@ from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, sav
 from bitvit.cli import main as cli_main
 from bitvit.config import ConfigError, load_config
 from bitvit.data import DataError, balanced_subset, load_data
+from bitvit.evaluate import evaluate_model
 from bitvit.train import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
     TrainingError,
     config_for_resume,
-    evaluate_model,
     train,
 )
 

@@ -148,15 +148,9 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
     ``mean``/``std`` of the result are ``cfg``'s with ``auto`` resolved from the full training
     split of the source (before any subset), computed once and cached.
     """
+    # The keys' ranges are checked when the config loads (bitvit.config); what remains here
+    # depends on the arguments (channels) or on the data (val_size against its size).
     check_normalization(cfg.mean, cfg.std, channels)
-    for name in ("limit_train", "limit_test"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, int) or v <= 0):
-            raise DataError(f"data.{name} must be a positive integer or null, got {v!r}")
-    if not isinstance(cfg.val_size, int) or cfg.val_size < 0:
-        raise DataError(f"data.val_size must be a non-negative integer, got {cfg.val_size!r}")
-    if cfg.crop_padding < 0:
-        raise DataError(f"data.crop_padding must be >= 0, got {cfg.crop_padding!r}")
 
     if cfg.path is None and cfg.download:
         path = download_cifar10(cfg.cache_dir, cfg.download_url, cfg.download_md5)

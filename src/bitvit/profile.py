@@ -578,12 +578,14 @@ def load_for_profile(
     from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint
     from bitvit.config import load_config
     from bitvit.export import is_export
+    from bitvit.methods import ACT_BITS_NAMES
     from bitvit.quant import quantize_
 
     p = Path(path)
     flags = {"method": quant, "where": where, "act_bits": act_bits}
     if p.suffix.lower() in (".yaml", ".yml"):
-        quant_overrides = [f"quant.{k}={v}" for k, v in flags.items() if v is not None]
+        quant_overrides = [(f"quant.{k}", ACT_BITS_NAMES.get(v, v) if k == "act_bits" else v)
+                           for k, v in flags.items() if v is not None]
         config = load_config(p, [*(overrides or []), *quant_overrides])
         torch.manual_seed(config.train.seed)
         return ProfileSource(build_model(config), config,
