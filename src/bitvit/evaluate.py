@@ -17,6 +17,7 @@ from bitvit.checkpoint import load_checkpoint
 from bitvit.config import resolve_device
 from bitvit.data import DataError, ImageSet, load_data, normalize
 
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
                    std: tuple[float, ...], batch_size: int = 500,

@@ -8,8 +8,8 @@ Module names are stable and are what quantization, checkpoints and exports refer
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
