@@ -23,7 +23,7 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.config import ConfigError
     from bitvit.data import DataError
     from bitvit.export import ExportError
-    from bitvit.profile import ProfileError
+    from bitvit.profile_sources import ProfileError
     from bitvit.rundir import RunBusyError
     from bitvit.studies import SweepError
     from bitvit.train import TrainingError
@@ -243,7 +243,8 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from bitvit.profile import load_for_profile, profile_model
+    from bitvit.profile import profile_model
+    from bitvit.profile_sources import load_for_profile
 
     src = load_for_profile(args.source, args.overrides, args.quant, args.where, args.act_bits,
                            args.best)
