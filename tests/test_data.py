@@ -34,6 +34,8 @@ from bitvit.data import (
     safe_unpickle,
     split_validation,
 )
+from bitvit.data import folder as data_folder
+from bitvit.data import sources as data_sources
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -215,12 +217,12 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     first = read_images(src, 32, 3)
     assert len(_cache_files(tmp_path)) == 1
 
-    real_decode = D._decode
+    real_decode = data_sources._decode
 
     def boom(*a, **k):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(D, "_decode", boom)
+    monkeypatch.setattr(data_sources, "_decode", boom)
     second = read_images(src, 32, 3)  # hit: no decoding
     assert torch.equal(first[0].images, second[0].images)
 
@@ -229,7 +231,7 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(victim)
     with pytest.raises(AssertionError, match="decoded although cached"):
         read_images(src, 32, 3)
-    monkeypatch.setattr(D, "_decode", real_decode)
+    monkeypatch.setattr(data_sources, "_decode", real_decode)
     third = read_images(src, 32, 3)
     assert not torch.equal(first[0].images, third[0].images)
     assert (third[0].images[third[0].labels == 3][0, :, 0, 0] == torch.tensor([1, 2, 3])).all()
@@ -243,7 +245,8 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
 def test_tarball_cache_hit_skips_reading_archive(tmp_path, monkeypatch):
     tar = make_tar(write_binary(tmp_path / "b", make_arrays(2, 1)), tmp_path / "c.tar.gz")
     first = read_images(tar, 32, 3)
-    monkeypatch.setattr(D, "_read_tar", lambda p: pytest.fail("archive read on a cache hit"))
+    monkeypatch.setattr(data_sources, "_read_tar",
+                        lambda p: pytest.fail("archive read on a cache hit"))
     second = read_images(tar, 32, 3)
     assert torch.equal(first[0].images, second[0].images)
     # Same bytes under another name hit the same content key but get their own file name.
@@ -306,8 +309,8 @@ def test_balanced_subset():
 def test_limit_decodes_the_same_subset(tmp_path, monkeypatch):
     src = write_folder(tmp_path / "imgs", make_arrays(4, 3))
     calls = []
-    real = D._decode_image
-    monkeypatch.setattr(D, "_decode_image", lambda *a: calls.append(a[1]) or real(*a))
+    real = data_folder._decode_image
+    monkeypatch.setattr(data_folder, "_decode_image", lambda *a: calls.append(a[1]) or real(*a))
     tr, te = read_images(src, 32, 3, limit_train=20, limit_test=10, seed=3)
     assert len(calls) == 30  # only the chosen images were decoded
     assert not _cache_files(tmp_path)
@@ -483,8 +486,8 @@ def test_config_errors(tmp_path):
     assert "data.std" in one_line(e)
     with pytest.raises(DataError, match="data.val_size"):
         load_data(DataConfig(path=str(src), val_size=10))
-    with pytest.raises(DataError, match="data.limit_train"):
-        load_data(DataConfig(path=str(src), limit_train=0))
+    with pytest.raises(ConfigError, match="data.limit_train=0: expected null or an integer"):
+        load_config(None, [f"data.path={src}", "data.limit_train=0"])
     with pytest.raises(ConfigError, match="unknown key data.bogus"):
         load_config(None, ["data.bogus=1"])
     cfg = load_config(None, ["data.mean=[0.5, 0.5, 0.5]", "data.val_size=5"])

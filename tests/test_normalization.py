@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from safetensors import safe_open
@@ -17,6 +18,7 @@ import bitvit.data as D
 from bitvit.cli import main
 from bitvit.config import Config, ConfigError, load_config
 from bitvit.data import CIFAR10_MEAN, CIFAR10_STD, DataConfig, DataError, load_data
+from bitvit.data import sources as data_sources
 from bitvit.export import ExportError, export_model
 from bitvit.sweep import SweepError, run_state
 
@@ -117,8 +119,9 @@ def test_statistics_are_computed_once_from_the_full_training_split(tmp_path, mon
     assert first.mean[0] == pytest.approx((pixels / 255.0).mean(), rel=1e-12)  # all 36 images
     assert len(list((tmp_path / "cache").glob("*.stats.json"))) == 1
 
-    monkeypatch.setattr(D, "channel_statistics", lambda images: pytest.fail("computed again"))
-    monkeypatch.setattr(D, "_decode", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(data_sources, "channel_statistics",
+                        lambda images: pytest.fail("computed again"))
+    monkeypatch.setattr(data_sources, "_decode", lambda *a: pytest.fail("decoded again"))
     again = load_data(cfg, image_size=28, channels=1)
     assert (again.mean, again.std) == (first.mean, first.std)
     # Another image size is another cache entry, with its own statistics.
@@ -130,13 +133,14 @@ def test_statistics_are_computed_once_from_the_full_training_split(tmp_path, mon
 def test_cifar10_verdict_is_cached_too(tmp_path, monkeypatch):
     tar = make_tar(write_binary(tmp_path / "b", make_arrays(2, 1)), tmp_path / "c.tar.gz")
     assert load_data(DataConfig(path=str(tar))).mean == CIFAR10_MEAN
-    monkeypatch.setattr(D, "_read_tar", lambda p: pytest.fail("archive read on a cache hit"))
+    monkeypatch.setattr(data_sources, "_read_tar",
+                        lambda p: pytest.fail("archive read on a cache hit"))
     assert load_data(DataConfig(path=str(tar))).std == CIFAR10_STD
 
 
 def test_explicit_values_win(tmp_path, monkeypatch):
     src, pixels = gray_folder(tmp_path / "gray")
-    monkeypatch.setattr(D, "channel_statistics", lambda images: pytest.fail("computed"))
+    monkeypatch.setattr(data_sources, "channel_statistics", lambda images: pytest.fail("computed"))
     s = load_data(DataConfig(path=str(src), mean=(0.5,), std=(0.25,)), image_size=28, channels=1)
     assert (s.mean, s.std) == ((0.5,), (0.25,))
     monkeypatch.undo()
@@ -189,7 +193,7 @@ def test_config_error_is_one_line_from_load_config():
         load_config(None, ["data.mean=5x"])
     assert "\n" not in str(e.value) and "data.mean" in str(e.value)
     with pytest.raises(DataError, match="normalize needs numbers"):
-        D.normalize(D.torch.zeros(1, 3, 2, 2, dtype=D.torch.uint8), "auto", (1.0, 1.0, 1.0))
+        D.normalize(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), "auto", (1.0, 1.0, 1.0))
 
 
 def test_real_cifar10_image_folder_gives_the_published_values(real_env):

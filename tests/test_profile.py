@@ -9,7 +9,8 @@ from bitvit.cli import main
 from bitvit.config import Config
 from bitvit.data import DataConfig
 from bitvit.model import VisionTransformer, ViTConfig
-from bitvit.profile import ENERGY_PJ, SUMMED, load_for_profile, profile_model
+from bitvit.profile import ENERGY_PJ, SUMMED, profile_model
+from bitvit.profile_sources import load_for_profile
 from bitvit.quant import QuantConfig, quantize_
 
 # depth 1, dim 8, patch 16 on 32x32: 4 patches + cls = 5 tokens.

@@ -23,12 +23,12 @@ from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, sav
 from bitvit.cli import main as cli_main
 from bitvit.config import ConfigError, load_config
 from bitvit.data import DataError, balanced_subset, load_data
+from bitvit.evaluate import evaluate_model
 from bitvit.train import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
     TrainingError,
     config_for_resume,
-    evaluate_model,
     train,
 )
 
@@ -190,7 +190,7 @@ def test_bad_configs_give_one_line_errors(tmp_path):
         load_config(None, ["model.depth=six"])
     with pytest.raises(ConfigError, match="unknown section 'optim'"):
         load_config(None, ["optim.lr=1"])
-    with pytest.raises(ConfigError, match="quantization method 'b2'"):
+    with pytest.raises(ConfigError, match="quant.method='b2': expected one of fp, b158"):
         load_config(None, ["quant.method=b2"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["lr=1"])

@@ -8,7 +8,10 @@ import signal
 import sys
 
 from bitvit import __version__
-from bitvit.methods import FULL_PRECISION, METHOD_NAMES  # torch-free: --help stays fast
+from bitvit.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_NAMES, WHERE_NAMES
+
+# Nothing here imports torch at module level: --help and --version answer at once, and each
+# subcommand imports what it needs when it runs.
 
 
 class CliError(Exception):
@@ -20,7 +23,7 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.config import ConfigError
     from bitvit.data import DataError
     from bitvit.export import ExportError
-    from bitvit.profile import ProfileError
+    from bitvit.profile_sources import ProfileError
     from bitvit.rundir import RunBusyError
     from bitvit.sweep import SweepError
     from bitvit.train import TrainingError
@@ -43,8 +46,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="download official CIFAR-10 (python version) into the cache if needed")
     p.add_argument("--out", help="run folder (default: runs/<time>_<method>_s<seed>)")
     p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_NAMES])
-    p.add_argument("--where", choices=["all", "mlp", "attn", "none"])
-    p.add_argument("--act-bits", choices=["8", "1", "none", "default"])
+    p.add_argument("--where", choices=WHERE_NAMES)
+    p.add_argument("--act-bits", choices=ACT_BITS_NAMES)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--limit-train", type=int, help="class-balanced subset of N training images")
@@ -60,15 +63,20 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                                    if a.option_strings and a.dest not in honoured])
 
 
-def _train_overrides(args: argparse.Namespace) -> list[str]:
+def _train_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]:
+    """The options as typed (key, value) overrides, then the section.key=value strings (which
+    win, coming last)."""
     flags = {"data": "data.path", "quant": "quant.method", "where": "quant.where",
-             "act_bits": "quant.act_bits", "epochs": "train.epochs", "seed": "train.seed",
+             "epochs": "train.epochs", "seed": "train.seed",
              "limit_train": "data.limit_train", "limit_test": "data.limit_test",
              "init_from": "train.init_from"}
-    out = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in flags.items()
-           if getattr(args, flag) is not None]
+    out: list[str | tuple[str, object]] = [
+        (key, getattr(args, flag)) for flag, key in flags.items()
+        if getattr(args, flag) is not None]
+    if args.act_bits is not None:
+        out.append(("quant.act_bits", ACT_BITS_NAMES[args.act_bits]))
     if args.download:
-        out.append("data.download=true")
+        out.append(("data.download", True))
     return out + list(args.overrides)
 
 
@@ -115,7 +123,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bitvit.train import evaluate
+    from bitvit.evaluate import evaluate
 
     print(json.dumps(evaluate(args.model, data=args.data, best=args.best,
                               limit_test=args.limit_test, engine=args.engine,
@@ -187,8 +195,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
 
+    from bitvit.config import resolve_device
     from bitvit.export import image_files, load
-    from bitvit.train import resolve_device
 
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
@@ -224,8 +232,8 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", metavar="METHOD", choices=[FULL_PRECISION, *METHOD_NAMES],
                    help=f"quantization method ({', '.join([FULL_PRECISION, *METHOD_NAMES])}); "
                    "for a checkpoint: quantize a full-precision one after training")
-    p.add_argument("--where", help="which linears to quantize: all, mlp, attn, none")
-    p.add_argument("--act-bits", help="activation bits: 8, 1, none or default")
+    p.add_argument("--where", choices=WHERE_NAMES, help="which linears to quantize")
+    p.add_argument("--act-bits", choices=ACT_BITS_NAMES, help="activation bits")
     p.add_argument("--best", action="store_true", help="a run folder's best/ checkpoint")
     p.add_argument("--float-precision", choices=("fp32", "fp16"), default="fp32",
                    help="precision of float ops and of the baseline (default fp32)")
@@ -235,7 +243,8 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from bitvit.profile import load_for_profile, profile_model
+    from bitvit.profile import profile_model
+    from bitvit.profile_sources import load_for_profile
 
     src = load_for_profile(args.source, args.overrides, args.quant, args.where, args.act_bits,
                            args.best)

@@ -11,16 +11,20 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bitvit.data import DataConfig
+from bitvit.data import DataConfig, check_normalization
+from bitvit.methods import ACT_BITS_NAMES, METHOD_NAMES, WHERE_NAMES
 from bitvit.model import ViTConfig
 from bitvit.quant import QuantConfig
+
+if typing.TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -43,12 +47,34 @@ POSITIVE_INT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) a
 POSITIVE: Rule = (lambda v: _number(v) and v > 0, "a number > 0")
 NON_NEGATIVE: Rule = (lambda v: _number(v) and v >= 0, "a number >= 0")
 FRACTION: Rule = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+COUNT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+               "an integer >= 0")
+LIMIT: Rule = (lambda v: v is None or POSITIVE_INT[0](v), "null or an integer >= 1")
+
+
+def _one_of(values: Iterable[Any]) -> Rule:
+    values = tuple(values)
+    return (lambda v: isinstance(v, str | int | type(None)) and not isinstance(v, bool)
+            and v in values,
+            "one of " + ", ".join("null" if v is None else str(v) for v in values))
+
+
 RULES: dict[str, dict[str, Rule]] = {
     "model": {
         **dict.fromkeys(("image_size", "in_channels", "patch_size", "dim", "depth", "heads",
                          "num_classes"), POSITIVE_INT),
         "mlp_ratio": POSITIVE,
         **dict.fromkeys(("dropout", "attn_dropout", "drop_path"), FRACTION),
+    },
+    "quant": {
+        "method": _one_of(("fp", *METHOD_NAMES)),
+        "where": _one_of(WHERE_NAMES),
+        # 8, 1 or null; 'default' (the method's), 'none', '8', '1' as older config.yaml say
+        "act_bits": (_one_of((8, 1, None, *ACT_BITS_NAMES))[0], "8, 1, null, none or default"),
+    },
+    "data": {
+        **dict.fromkeys(("val_size", "crop_padding", "seed"), COUNT),
+        **dict.fromkeys(("limit_train", "limit_test"), LIMIT),
     },
     "train": {
         **dict.fromkeys(("epochs", "batch_size", "eval_batch_size"), POSITIVE_INT),
@@ -110,8 +136,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        # The model section's dataclass lives in model.py; its ranges are checked here.
-        check_values("model", dataclasses.asdict(self.model))
+        # The model, quant and data sections' dataclasses live beside their code (torch-side);
+        # their ranges are checked here, so that a bad value fails when the config loads.
+        for section in ("model", "quant", "data"):
+            check_values(section, dataclasses.asdict(getattr(self, section)))
+        try:
+            check_normalization(self.data.mean, self.data.std, self.model.in_channels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -135,7 +167,10 @@ class Config:
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: section {f.name!r} must be a mapping")
             sections[f.name] = _build(section_cls, values, f.name, source)
-        return cls(**sections)
+        try:
+            return cls(**sections)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
 
 def _names(cls: type) -> str:
@@ -198,18 +233,28 @@ def _build(section_cls: type, values: dict[str, Any], section: str, source: str)
         raise ConfigError(f"{source}: {e}") from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+Override = str | tuple[str, Any]  # "section.key=value" (YAML value), or (section.key, value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[str, Any]:
+    """Apply overrides in order to a raw config mapping: ``section.key=value`` strings (values
+    parsed as YAML) or ``(section.key, value)`` pairs, whose values are taken as they are (the
+    command line's typed options)."""
     # Sections that are not mappings are kept as they are, for Config.from_dict to name.
     raw = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
-        key, sep, value = item.partition("=")
+        if isinstance(item, tuple):
+            key, value, sep = item[0], item[1], "="
+        else:
+            key, sep, text = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {item!r}: expected section.key=value")
+        if not isinstance(item, tuple):
+            value = _override_value(key, text)
         values = raw.setdefault(section, {})
         if isinstance(values, dict):
-            values[name] = _override_value(key, value)
+            values[name] = value
     return raw
 
 
@@ -230,8 +275,10 @@ def _yaml_reason(e: yaml.YAMLError) -> str:
     return " ".join(str(problem or e).split()) or type(e).__name__
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None = None,
+                overrides: Iterable[Override] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides (see
+    `apply_overrides`). Every key is checked here: a bad value is a one-line ConfigError."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(path, "config file", f"sections {_names(Config)}", ConfigError)
@@ -257,6 +304,27 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
     if not isinstance(raw, dict):
         raise error(f"{path}: expected a mapping with {expected}")
     return raw
+
+
+def resolve_device(name: str, key: str = "--device") -> torch.device:
+    """auto (cuda if available), cpu, cuda or cuda:N; a one-line ConfigError naming ``key`` for
+    anything else or for a CUDA device this machine does not have."""
+    import torch
+
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={name!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -459,15 +459,20 @@ class QuantConfig:
 
     method: str = FULL_PRECISION  # fp or a METHOD_TABLE name
     where: str = "all"  # all | mlp | attn | none
-    act_bits: int | str | None = "default"  # 8 | 1 | none | default (the method's)
+    # 8 | 1 | null. Given as default (8 for b158/bitnet, null else; null for fp), none, or the
+    # strings older config.yaml files hold: resolved here, once, so nothing downstream sees them.
+    act_bits: int | str | None = "default"
     include_patch_embed: bool = True  # with where=all, quantize the patch projection too
     sub_norm: bool = False  # BitNet's SubLN: LayerNorm (no affine) before activation quantization
 
     def __post_init__(self) -> None:
         if self.method != FULL_PRECISION:
             check_method(self.method)
-        if self.act_bits != "default":
-            resolve_act_bits(self.method, self.act_bits)  # raises on anything but 8, 1, none
+            self.act_bits = resolve_act_bits(self.method, self.act_bits)
+        elif self.act_bits != "default":
+            self.act_bits = resolve_act_bits(self.method, self.act_bits)  # still checked
+        else:
+            self.act_bits = None  # full precision: no activation quantization
         if self.where not in WHERE:
             raise ValueError(f"quant.where={self.where!r}: expected one of {', '.join(WHERE)}")
 

@@ -1,0 +1,130 @@
+"""The data layer's vocabulary: the ``data:`` config section, image sets, constants, errors."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+DEFAULT_DATA = Path("../shared/data/cifar-10-jpeg.tar.gz")  # relative to the project root (cwd)
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+PY_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+PY_FILES = (*PY_TRAIN, "test_batch", "batches.meta")
+BIN_FILES = (*(f"{n}.bin" for n in (*PY_TRAIN, "test_batch")), "batches.meta.txt")
+CIFAR_RECORD = 1 + 3 * 32 * 32  # binary version: one label byte, then 3072 CHW pixel bytes
+CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+AUTO = "auto"  # data.mean / data.std: resolve from the data (see resolve_statistics)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the published per-channel values of its training set
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one entry per channel
+
+
+
+class DataError(ValueError):
+    """Bad data input. The message is always ONE line naming the file/key and what was expected."""
+
+    def __init__(self, message: str) -> None:
+        # Keep messages to one line even when they embed OS or library errors.
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of YAML configs (plain data; CLI flags map onto these fields)."""
+
+    # File or folder to read. None -> $BITVIT_DATA, then ../shared/data/cifar-10-jpeg.tar.gz
+    # (relative to the working directory) if it exists.
+    path: str | None = None
+    # Fetch the official python tarball into cache_dir (used only when path is None).
+    download: bool = False
+    # Download address; None -> $BITVIT_CIFAR10_URL, then the official address.
+    download_url: str | None = None
+    # Expected MD5 of the download; None -> $BITVIT_CIFAR10_MD5, then the official MD5.
+    download_md5: str | None = None
+    # Where decoded arrays and downloads are kept; None -> $BITVIT_CACHE, then ~/.cache/bitvit.
+    cache_dir: str | None = None
+    # Images carved from train (class-balanced, seeded) for model selection; 0 -> no val split.
+    val_size: int = 0
+    # Class-balanced seeded subset of the train / test set (None -> all); applied before val.
+    limit_train: int | None = None
+    limit_test: int | None = None
+    # Seed for subsets and the validation split (independent of the training seed).
+    seed: int = 0
+    # Per-channel normalization on [0, 1] pixels: one number per channel, or auto (each of the
+    # two on its own): CIFAR-10's published values for CIFAR-10 with an RGB model, else computed
+    # from the training split. Training records the resolved numbers (config.yaml, checkpoints).
+    mean: tuple[float, ...] | str = AUTO
+    std: tuple[float, ...] | str = AUTO
+    # Training augmentation (all off for the paper preset): random crop after zero padding of
+    # crop_padding pixels per side, and random horizontal flip with probability 0.5.
+    random_crop: bool = False
+    crop_padding: int = 4
+    horizontal_flip: bool = False
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; keep tuples of floats so configs compare and serialize cleanly.
+        self.mean = _stats_value(self.mean, "data.mean")
+        self.std = _stats_value(self.std, "data.std")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[idx], self.labels[idx], list(self.classes))
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    classes: list[str]
+    source: Path  # the data file or folder actually read (found or downloaded)
+    # The normalization to use: data.mean/data.std with auto resolved (see resolve_statistics).
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _is_auto(v: Any) -> bool:
+    return isinstance(v, str) and v == AUTO
+
+
+def _rounded(values: Iterable[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def _stats_value(v: Any, name: str) -> tuple[float, ...] | str:
+    """data.mean/data.std as given: auto, or a tuple of floats (YAML gives lists)."""
+    if isinstance(v, str):
+        if v == AUTO:
+            return v
+        raise DataError(f"{name} must be auto or a list of numbers (one per channel), got {v!r}")
+    try:
+        vals = (v,) if isinstance(v, (int, float)) else tuple(v)
+        return tuple(float(x) for x in vals)
+    except (TypeError, ValueError):
+        raise DataError(f"{name} must be auto or a list of numbers (one per channel), "
+                        f"got {v!r}") from None
+
+
+def _file_digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

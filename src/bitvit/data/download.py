@@ -1,0 +1,92 @@
+"""Where the data is: --data / data.path, $BITVIT_DATA, the shared default, or a verified
+download of the official CIFAR-10 tarball into the cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bitvit.data.base import DEFAULT_DATA, OFFICIAL_MD5, OFFICIAL_URL, DataError, _file_digest
+
+log = logging.getLogger("bitvit.data")
+
+
+def find_data(path: str | None) -> Path:
+    """Resolve the data location: ``path``, then $BITVIT_DATA, then the shared default."""
+    if path is not None and str(path) != "":
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise DataError(f"data path {path} does not exist (from --data / data.path)")
+        return p
+    env = os.environ.get("BITVIT_DATA")
+    if env:
+        p = Path(env).expanduser()
+        if not p.exists():
+            raise DataError(f"BITVIT_DATA={env} does not exist")
+        return p
+    if DEFAULT_DATA.exists():
+        return DEFAULT_DATA
+    raise DataError("no data found: pass --data PATH (CIFAR-10 tarball or folder, or an image "
+                    "folder with train/ and test/), set BITVIT_DATA, or pass --download")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, then $BITVIT_CACHE, then ~/.cache/bitvit."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("BITVIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bitvit"
+
+
+def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None = None,
+                     md5: str | None = None) -> Path:
+    """Fetch the CIFAR-10 python tarball into ``cache_dir`` and return its path.
+
+    The file is streamed to a temp file and renamed into place only after its MD5 matches, so a
+    truncated or tampered download is never used. An existing file with the right MD5 is reused.
+    """
+    url = url or os.environ.get("BITVIT_CIFAR10_URL") or OFFICIAL_URL
+    md5 = (md5 or os.environ.get("BITVIT_CIFAR10_MD5") or OFFICIAL_MD5).lower()
+    folder = resolve_cache_dir(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / "cifar-10-python.tar.gz"
+    if dest.exists():
+        if _file_digest(dest, "md5") == md5:
+            log.info("using downloaded %s (MD5 ok)", dest)
+            return dest
+        log.warning("%s has the wrong MD5; downloading it again", dest)
+
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.md5()
+        got = 0
+        log.info("downloading %s", url)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            expected = resp.headers.get("Content-Length")
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+        if expected is not None and got != int(expected):
+            raise DataError(f"download of {url} truncated: got {got} of {expected} bytes")
+        if h.hexdigest() != md5:
+            raise DataError(f"download of {url} has MD5 {h.hexdigest()}, expected {md5}; "
+                            "not using it")
+        os.replace(tmp, dest)
+    except http.client.IncompleteRead as e:
+        raise DataError(f"download of {url} truncated: got {got + len(e.partial)} bytes, "
+                        f"expected {e.expected} more") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"could not download {url}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,95 @@
+"""Image folders ``train/<class>/*`` + ``test/<class>/*``: PNG or JPEG, any classes, fitted to
+the model's size and channels."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from bitvit.data.base import IMAGE_EXTS, DataError, ImageSet
+from bitvit.data.subsets import _balanced_indices
+from bitvit.data.tree import _join, _parent, _Tree
+
+log = logging.getLogger("bitvit.data")
+
+
+def fit_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """PIL image -> uint8 (C, image_size, image_size): convert mode, then bilinear resize."""
+    if img.mode.startswith("I;16"):  # 16-bit grayscale PNG: keep the high byte
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL's advised route for palette images with transparency
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:
+        img = img.convert(mode)
+    if img.size != (image_size, image_size):
+        # Square resize (no crop): predictable for any data set; CIFAR is already square.
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+def _list_split(tree: _Tree, root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted folder names) and (file, label) entries of one split, sorted."""
+    base = _join(root, split)
+    classes = sorted(d.rsplit("/", 1)[1] for d in tree.dirs
+                     if _parent(d) == base and not d.rsplit("/", 1)[1].startswith("."))
+    if not classes:
+        raise DataError(f"{tree.where(base)}: no class folders; expected {split}/<class>/*.png "
+                        "or *.jpg")
+    index = {c: i for i, c in enumerate(classes)}
+    per_class: dict[str, list[str]] = {c: [] for c in classes}
+    skipped = []
+    for rel in tree.files:
+        if not rel.startswith(base + "/"):
+            continue
+        parts = rel[len(base) + 1:].split("/")
+        name = parts[-1]
+        if (len(parts) == 2 and parts[0] in index and not name.startswith(".")
+                and PurePosixPath(name).suffix.lower() in IMAGE_EXTS):
+            per_class[parts[0]].append(rel)
+            continue
+        skipped.append(rel)
+    if skipped:
+        log.warning("skipped %d non-image file(s) in %s, e.g. %s", len(skipped),
+                    tree.where(base), tree.where(skipped[0]))
+    for c, files in per_class.items():
+        if not files:
+            raise DataError(f"{tree.where(_join(base, c))}: empty class folder (no PNG/JPEG "
+                            "images); remove it or add images")
+    entries = [(rel, index[c]) for c in classes for rel in sorted(per_class[c])]
+    return classes, entries
+
+
+def _read_folder(tree: _Tree, root: str, image_size: int, channels: int,
+                 limits: tuple[int | None, int | None] = (None, None),
+                 seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    classes, train = _list_split(tree, root, "train")
+    test_classes, test = _list_split(tree, root, "test")
+    if test_classes != classes:
+        raise DataError(f"{tree.where(_join(root, 'test'))}: class folders {test_classes} "
+                        f"differ from train/ {classes}")
+    out = []
+    for entries, limit in ((train, limits[0]), (test, limits[1])):
+        labels = np.array([lab for _, lab in entries], dtype=np.int64)
+        if limit and limit < len(entries):
+            idx = _balanced_indices(labels, limit, seed)
+            entries, labels = [entries[i] for i in idx], labels[idx]
+        images = np.stack([_decode_image(tree, rel, image_size, channels) for rel, _ in entries])
+        out.append(ImageSet(torch.from_numpy(images), torch.from_numpy(labels), list(classes)))
+    return out[0], out[1]
+
+
+def _decode_image(tree: _Tree, rel: str, image_size: int, channels: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(tree.files[rel]())) as img:
+            img.load()
+            return fit_image(img, image_size, channels)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as e:
+        raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None

@@ -1,0 +1,137 @@
+"""Evaluate a model on test data: from a run folder, a checkpoint, an exported file, or a module
+in memory. Training imports only `predict_logits`; the loaders (checkpoint, export, engine) are
+this module's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitvit.checkpoint import load_checkpoint
+from bitvit.config import resolve_device
+from bitvit.data import DataError, ImageSet, load_data, normalize
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
+                   std: tuple[float, ...], batch_size: int = 500,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits (on CPU) for uint8 images (N, C, H, W), normalized with the given mean and std."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), mean, std)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None = None,
+             mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, *,
+             best: bool = False, limit_test: int | None = None, engine: str = "int",
+             compile: bool = False, batch_size: int | None = None,
+             device: str | torch.device = "auto") -> dict[str, Any]:
+    """Evaluate a model on its test set: the report ``bitvit eval`` prints, as a dict.
+
+    ``source`` is a run folder (its ``last/``, or ``best/`` with ``best=True``), a checkpoint
+    folder or ``model.safetensors`` file, or an exported ``.safetensors`` file (loaded with
+    `bitvit.load` and ``engine``, ``compile``); these load on ``device`` (auto: cuda if
+    available). It may also be a model in memory: an `ExportedModel`, or any module given with
+    ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
+
+    ``data`` is None (the model's own ``data.path``), a data file or folder (its test split;
+    ``limit_test``: a class-balanced subset, by default the run's own), or an `ImageSet` used as
+    is. For a training checkpoint ``compile`` wraps the model in ``torch.compile`` (eager if that
+    fails); ``engine`` is for exported files (a checkpoint runs as trained).
+
+    Returns ``{"model": file or None, "n", "loss", "accuracy", "per_class_accuracy": {class:
+    accuracy}, "confusion_matrix": rows = true class, columns = predicted}``. Bad inputs raise
+    one-line `CheckpointError`, `ExportError`, `DataError` or `ConfigError`.
+    """
+    from bitvit.engine import compile_model
+    from bitvit.export import ExportedModel, ExportError, is_export, load
+
+    config, classes, path = None, None, None
+    if isinstance(source, (str, Path)):
+        dev = resolve_device(device, "device") if isinstance(device, str) else device
+        if is_export(source):
+            if best:
+                raise ExportError(f"{source}: an exported file has no best/ checkpoint; best "
+                                  "(--best) applies to run folders")
+            model = load(source, device=dev, engine=engine, compile=compile)
+        else:
+            ckpt = load_checkpoint(source, best=best)
+            model, config, classes, path = ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
+    else:
+        given = [name for name, on in (("best", best), ("engine", engine != "int"),
+                                       ("compile", compile), ("device", device != "auto")) if on]
+        if given:
+            raise TypeError(f"evaluate: {given[0]} applies when evaluate loads the model from a "
+                            f"file; pass a path, or load the model with the option yourself")
+        model = source
+    if isinstance(model, ExportedModel):
+        config, classes, path = model.config, model.classes, model.path
+        mean = mean or model.preprocessing.mean
+        std = std or model.preprocessing.std
+    elif config is not None:
+        mean, std = mean or config.data.mean, std or config.data.std
+
+    if isinstance(data, ImageSet):
+        if limit_test is not None:
+            raise TypeError("evaluate: limit_test applies when evaluate reads the data; "
+                            "subset the ImageSet yourself")
+        test = data
+    elif config is None:
+        raise TypeError("evaluate: a model without a stored config needs data as an ImageSet "
+                        "and its mean and std")
+    else:
+        # Only the test split: no validation carve-out, and the run's test subset by default.
+        data_cfg = replace(config.data, path=str(data) if data is not None else config.data.path,
+                           limit_test=limit_test if limit_test is not None
+                           else config.data.limit_test, val_size=0)
+        splits = load_data(data_cfg, config.model.image_size, config.model.in_channels)
+        test = splits.test
+        # A config saved unresolved says auto: use what auto resolves to on this data.
+        mean = splits.mean if isinstance(mean, str) else mean
+        std = splits.std if isinstance(std, str) else std
+    if mean is None or std is None:
+        raise TypeError("evaluate: a module evaluated on an ImageSet needs its mean and std")
+    if classes is not None and test.classes != classes:
+        raise DataError(f"{path or 'model'}: the model's classes ({', '.join(classes[:3])}...) "
+                        f"differ from the data's ({', '.join(test.classes[:3])}...)")
+
+    dev = getattr(model, "device", None) or next(iter(model.state_dict().values())).device
+    if batch_size is None:
+        batch_size = config.train.eval_batch_size if config is not None else 500
+    if compile and not isinstance(model, ExportedModel):
+        example = normalize(test.images[:batch_size].to(dev), mean, std)
+        model = compile_model(model.eval(), example)
+    return {"model": None if path is None else str(path),
+            **evaluate_model(model, test, mean, std, batch_size, dev)}
+
+
+def evaluate_model(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
+                   std: tuple[float, ...], batch_size: int = 500,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix (rows: true class) of a model
+    already on ``device`` on a data set; `evaluate` takes paths and does the loading."""
+    logits = predict_logits(model, data.images, mean, std, batch_size, device)
+    labels = data.labels.cpu()
+    pred = logits.argmax(dim=1)
+    k = len(data.classes)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
+    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    return {
+        "n": len(labels),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (pred == labels).float().mean().item(),
+        "per_class_accuracy": dict(zip(data.classes, per_class.tolist(), strict=True)),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+

@@ -1,0 +1,125 @@
+"""Modules that each do one job, the config checked once, a command line that starts fast."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bitvit.config import ConfigError, load_config, save_config
+from bitvit.model import VisionTransformer, ViTConfig
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "bitvit"
+
+
+def _imports(module: Path) -> set[str]:
+    """Every module a file imports, at any level (functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_training_does_not_load_exports_or_engines():
+    """Loading run folders, checkpoints and exported files is bitvit.evaluate's job."""
+    assert not _imports(SRC / "train.py") & {"bitvit.export", "bitvit.engine"}
+    code = ("import sys, bitvit.train; "
+            "print(sorted(m for m in ('bitvit.export', 'bitvit.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_command_line_parser_does_not_import_torch():
+    code = ("import sys, bitvit, bitvit.cli; p = bitvit.cli.build_parser(); "
+            "[p.parse_args(a.split()) for a in ('train --act-bits 8', 'eval r', 'predict m i', "
+            "'profile c.yaml', 'sweep s.yaml', 'export r --out m', 'compare r', 'report')]; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    for args in (["--version"], ["train", "--help"], ["report", "--help"]):
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "bitvit", *args],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert " torch" not in run.stderr, args  # -X importtime lists every module imported
+
+
+def test_the_package_names_still_load_lazily():
+    import bitvit
+    import bitvit.evaluate
+    import bitvit.train
+
+    assert callable(bitvit.train) and bitvit.train.__name__ == "train"
+    assert callable(bitvit.evaluate) and bitvit.evaluate.__module__ == "bitvit.evaluate"
+    assert bitvit.VisionTransformer is VisionTransformer
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        bitvit.nothing  # noqa: B018
+
+
+def test_weight_decay_groups_come_from_the_model():
+    model = VisionTransformer(ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2,
+                                        num_classes=3))
+    decay, no_decay = model.param_groups(0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} >= {"pos_embed", "cls_token",
+                                                           "blocks.0.norm1.weight", "head.bias"}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("pos_embed",
+                                                                             "cls_token")}
+    assert "blocks.0.mlp.fc1.weight" in {names[id(p)] for p in decay["params"]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.val_size=-1", "data.val_size=-1: expected an integer >= 0"),
+    ("data.crop_padding=-3", "data.crop_padding=-3: expected an integer >= 0"),
+    ("data.limit_train=0", "data.limit_train=0: expected null or an integer >= 1"),
+    ("data.limit_test=-5", "data.limit_test=-5: expected null or an integer >= 1"),
+    ("data.seed=-1", "data.seed=-1: expected an integer >= 0"),
+    ("quant.method=ternary", "quant.method='ternary': expected one of fp, b158"),
+    ("quant.where=head", "quant.where='head': expected one of all, mlp, attn, none"),
+    ("quant.act_bits=4", "quant.act_bits=4: expected 8, 1, null, none or default"),
+    ("data.std=[1, 1]", "data.std has 2 entries but the model has 3 channel"),
+])
+def test_every_key_is_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method, given, stored", [
+    ("b158", "default", 8), ("sign", "default", None), ("fp", "default", None),
+    ("xnor", "8", 8), ("bitnet", "none", None), ("sign", 1, 1), ("b158", None, None),
+])
+def test_act_bits_are_resolved_once_and_saved_as_numbers(tmp_path, method, given, stored):
+    config = load_config(None, [("quant.method", method), ("quant.act_bits", given)])
+    assert config.quant.act_bits == stored
+    save_config(config, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["quant"]["act_bits"] == stored
+    # An older config.yaml that says 'default' or '8' still reads, as the number it means.
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"quant": {"method": method, "act_bits": given}}))
+    assert load_config(old).quant.act_bits == stored
+
+
+def test_act_bits_flag_reaches_the_config_as_a_number(monkeypatch, tmp_path):
+    from bitvit import cli
+
+    seen = {}
+    train_module = importlib.import_module("bitvit.train")  # bitvit.train is the function
+    monkeypatch.setattr(train_module, "train", lambda config, **kw: seen.setdefault("c", config))
+    with pytest.raises(AttributeError):  # the fake train returns a config, not a RunResult
+        cli.main(["train", "--quant", "sign", "--act-bits", "8", "--out", str(tmp_path / "r")])
+    assert seen["c"].quant.act_bits == 8
+    args = cli.parse_args(["train", "--act-bits", "none", "quant.where=mlp"])
+    assert cli._train_overrides(args) == [("quant.act_bits", None), "quant.where=mlp"]
+    assert json.dumps(torch.__version__)  # torch is imported here: the other tests check without
