@@ -117,7 +117,7 @@ def test_every_committed_sweep_file_loads_and_builds_its_configs():
         for point in sweep.points:
             sweep_config(sweep, point)  # raises on a bad key or value
     s2 = load_sweep(ROOT / "studies/study2-cpu.yaml")
-    assert len(s2.points) == 42  # (fp, b158, 2 methods x 3 places x 2 activations) x 3 seeds
+    assert len(s2.points) == 48  # (fp, b158, b158c, twn, 2 methods x 3 places x 2 acts) x 3 seeds
 
 
 # --- sweep bookkeeping --------------------------------------------------------------------------
