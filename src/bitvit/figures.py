@@ -22,6 +22,13 @@ FEW_GROUPS = 4  # up to this many groups share one pair of panels
 BAND = "band: min-max over seeds"
 
 
+def _save(fig: Any, path: str | Path, dpi: int) -> None:
+    """Write a figure atomically, so a full disk never leaves half a PNG behind."""
+    from bitvit import rundir
+
+    rundir.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
 def devices(runs: list[Run]) -> list[str]:
     """The devices the runs trained on (run.json ``device``), each once."""
     return sorted({str(r.info.get("device", "unknown device")) for r in runs})
@@ -137,7 +144,7 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
               f"mean over seeds, {BAND}; train solid, test dashed")
     rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
-    fig.savefig(path, dpi=120)
+    _save(fig, path, 120)
     plt.close(fig)
     return fig
 
@@ -225,7 +232,7 @@ def plot_panels(groups: list[Group], path: str | Path, title: str = "",
                        frameon=False)
     _suptitle(fig, [r for g in groups for r in _used(g)], title, full_epochs,
               f"test set, mean over seeds, {BAND}")
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
     return fig
 
@@ -271,6 +278,6 @@ def plot_dots(groups: list[Group], path: str | Path, title: str = "",
     _suptitle(fig, [r for g in shown for r in _used(g)], title, full_epochs,
               "a dot per seed; bar and right-hand number: the group's mean")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, 120)
     plt.close(fig)
     return fig

@@ -461,7 +461,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
         figure, dots = "compare.png", "compare-dots.png"
     text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots)
     if out is not None:
-        (out / "compare.md").write_text(text)
+        rundir.write_text(out / "compare.md", text)
     return groups, text
 
 
@@ -529,7 +529,7 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
             lines += [f"Not run ({len(missing)} of {len(planned)}): "
                       + ", ".join(f"`{n}`" for n in missing) + ".", ""]
     path = results / "README.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    rundir.write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 

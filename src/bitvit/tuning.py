@@ -18,6 +18,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from bitvit import rundir
 from bitvit.figures import provenance
 from bitvit.report import (
     DEFAULT_LAST_K,
@@ -312,7 +313,7 @@ def plot_rates(choice: RateChoice, runs: list[Run], path: str | Path, title: str
              "dots: seeds; line: mean over seeds; ring: the chosen rate"]
     fig.suptitle("\n".join(line for line in lines if line), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    rundir.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return fig
 
