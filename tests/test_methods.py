@@ -1,6 +1,7 @@
 """Every registered quantization method, end to end; and the method table's own checks.
 
-A method is one row of `bitvit.quant.METHOD_TABLE`. Each row here goes through quantize_, a
+A method is one row of `bitvit.methods.METHOD_TABLE` (plain data) naming a quantizer of
+`bitvit.quant.QUANTIZERS`. Each row here goes through quantize_, a
 training step, export, load under both engines and the profile, so a row the rest of bitvit
 mishandles (wrong packing, scale shape or stored bits) fails here.
 """
@@ -15,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from bitvit import quant
 from bitvit.cli import main
 from bitvit.config import Config
 from bitvit.export import export_model, load
-from bitvit.methods import METHOD_NAMES
+from bitvit.methods import METHOD_TABLE, QuantMethod
 from bitvit.model import VisionTransformer
 from bitvit.profile import profile_model
-from bitvit.quant import METHOD_TABLE, METHODS, BitLinear, QuantMethod, check_table, quantize_
+from bitvit.quant import METHODS, QUANTIZERS, BitLinear, check_table, quantize_
 
 CLASSES = ["a", "b", "c", "d"]
 # What each kind of code takes in the packed file (base3 for ternary, the export default) and
@@ -150,6 +150,7 @@ def test_a_method_without_packing_is_refused():
     ({"default_act_bits": 4}, "default_act_bits"),
     ({"ste": "clipped"}, "int_path"),  # the int8 training kernel has the identity STE
     ({"quantizer": None}, "quantizer"),
+    ({"quantizer": "not a name"}, "quantizer"),
     ({"formula": ""}, "formula"),
 ])
 def test_bad_method_fields_are_refused(changes, field):
@@ -157,12 +158,22 @@ def test_bad_method_fields_are_refused(changes, field):
         QuantMethod(**_fields(**changes))
 
 
-def test_the_table_and_the_cli_names_agree(monkeypatch):
-    assert METHODS == METHOD_NAMES
+def test_a_row_naming_an_unknown_quantizer_is_refused():
     check_table(METHOD_TABLE)
-    fake = QuantMethod(**_fields())
-    monkeypatch.setitem(quant.METHOD_TABLE, "fake", fake)  # in the table, not in METHOD_NAMES
-    with pytest.raises(ValueError, match="METHOD_NAMES"):
-        check_table(quant.METHOD_TABLE)
+    fake = QuantMethod(**_fields(quantizer="absmax_ternary"))  # a typo: no such quantizer
+    with pytest.raises(ValueError, match=r"^METHOD_TABLE\['fake'\]: quantizer='absmax_ternary', "
+                                         r"expected one of .*absmean_ternary") as e:
+        check_table({**METHOD_TABLE, "fake": fake})
+    assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="not a QuantMethod named 'other'"):
-        check_table({**METHOD_TABLE, "other": fake})
+        check_table({**METHOD_TABLE, "other": QuantMethod(**_fields())})
+
+
+def test_the_per_channel_variant_is_only_a_row():
+    # b158c is b158 with granularity="channel": the same quantizer, called per output channel.
+    b158, b158c = METHOD_TABLE["b158"], METHOD_TABLE["b158c"]
+    differing = {f.name for f in dataclasses.fields(b158)
+                 if getattr(b158, f.name) != getattr(b158c, f.name)}
+    assert differing == {"name", "label", "formula", "granularity"}
+    assert b158.quantizer == b158c.quantizer in QUANTIZERS
+    assert (b158.granularity, b158c.granularity) == ("tensor", "channel")

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from bitvit import __version__
-from bitvit.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_NAMES, WHERE_NAMES
+from bitvit.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES
 
 # Nothing here imports torch at module level: --help and --version answer at once, and each
 # subcommand imports what it needs when it runs.
@@ -45,7 +45,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="download official CIFAR-10 (python version) into the cache if needed")
     p.add_argument("--out", help="run folder (default: runs/<time>_<method>_s<seed>)")
-    p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_NAMES])
+    p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_TABLE])
     p.add_argument("--where", choices=WHERE_NAMES)
     p.add_argument("--act-bits", choices=ACT_BITS_NAMES)
     p.add_argument("--epochs", type=int)
@@ -229,8 +229,8 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides (YAML configs only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--quant", metavar="METHOD", choices=[FULL_PRECISION, *METHOD_NAMES],
-                   help=f"quantization method ({', '.join([FULL_PRECISION, *METHOD_NAMES])}); "
+    p.add_argument("--quant", metavar="METHOD", choices=[FULL_PRECISION, *METHOD_TABLE],
+                   help=f"quantization method ({', '.join([FULL_PRECISION, *METHOD_TABLE])}); "
                    "for a checkpoint: quantize a full-precision one after training")
     p.add_argument("--where", choices=WHERE_NAMES, help="which linears to quantize")
     p.add_argument("--act-bits", choices=ACT_BITS_NAMES, help="activation bits")

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from bitvit.data import DataConfig, check_normalization
-from bitvit.methods import ACT_BITS_NAMES, METHOD_NAMES, WHERE_NAMES
+from bitvit.methods import ACT_BITS_NAMES, METHOD_TABLE, WHERE_NAMES
 from bitvit.model import ViTConfig
 from bitvit.quant import QuantConfig
 
@@ -67,7 +67,7 @@ RULES: dict[str, dict[str, Rule]] = {
         **dict.fromkeys(("dropout", "attn_dropout", "drop_path"), FRACTION),
     },
     "quant": {
-        "method": _one_of(("fp", *METHOD_NAMES)),
+        "method": _one_of(("fp", *METHOD_TABLE)),
         "where": _one_of(WHERE_NAMES),
         # 8, 1 or null; 'default' (the method's), 'none', '8', '1' as older config.yaml say
         "act_bits": (_one_of((8, 1, None, *ACT_BITS_NAMES))[0], "8, 1, null, none or default"),

@@ -6,7 +6,7 @@ The file holds only what inference needs:
   Ternary codes (``b158``, ``b158c``, ``twn``) go 5 per byte in base 3 (1.6 bits per weight,
   close to the log2(3) = 1.585 limit), or 4 per byte in 2 bits with ``packing="2bit"``. Binary
   codes (``bitnet``, ``sign``, ``xnor``) go 8 per byte. Each method's row of
-  `bitvit.quant.METHOD_TABLE` says which packings its codes take and how many scales it has.
+  `bitvit.methods.METHOD_TABLE` says which packings its codes take and how many scales it has.
 - every other parameter (patch/position embeddings, LayerNorms, the head, full-precision
   linears) in fp16 (``float_dtype="fp16"``, the default) or fp32.
 
@@ -44,8 +44,9 @@ from torch import nn
 from bitvit.checkpoint import build_model, load_checkpoint
 from bitvit.config import Config, ConfigError
 from bitvit.data import IMAGE_EXTS, fit_image, normalize
+from bitvit.methods import CODES_PER_BYTE, METHOD_TABLE
 from bitvit.model import VisionTransformer
-from bitvit.quant import CODES_PER_BYTE, METHOD_TABLE, BitLinear
+from bitvit.quant import BitLinear
 from bitvit.rundir import atomic_file
 
 EXPORT_FORMAT = "bitvit-export"

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from bitvit.config import Config
-from bitvit.methods import FULL_PRECISION
+from bitvit.methods import CODES_PER_BYTE, FULL_PRECISION, METHOD_TABLE
 from bitvit.model import ViTConfig
-from bitvit.quant import CODES_PER_BYTE, METHOD_TABLE, quantize_weights
+from bitvit.quant import quantize_weights
 
 # Energy per arithmetic operation in pJ. 45 nm: Horowitz, ISSCC 2014; 7 nm: as tabulated in the
 # BitNet papers (Wang et al., 2023, Table 2; Ma et al., 2024). See ENERGY_SOURCE.
@@ -48,7 +48,7 @@ ENERGY_SOURCE = (
 FLOAT_PRECISIONS = ("fp32", "fp16")
 
 # The choices for ternary codes in a packed file: 5 trits per byte (3^5 = 243 <= 256) or 4
-# two-bit codes per byte (binary codes take 8 per byte; see bitvit.quant.CODES_PER_BYTE).
+# two-bit codes per byte (binary codes take 8 per byte; see bitvit.methods.CODES_PER_BYTE).
 TERNARY_PACKINGS = {"base3": 5, "2bit": 4}
 # Float tensors (unquantized layers, biases, norms, embeddings) in the packed export, by
 # `bitvit export --float-dtype`; an exported file records its own, a config is profiled as

@@ -1,14 +1,13 @@
 """Low-bit weight and activation quantizers, the quantized linear layer, and `quantize_`.
 
-Every weight method is one row of `METHOD_TABLE` (a `QuantMethod`): its codes, scale
-granularity, quantizer, STE, default activation bits, packing and formula. The README's method
-table lists the same rows. ``codes * scale`` is the weight the forward pass uses; in every
-binary method sign(0) = +1, so codes are never 0.
+Every weight method is one row of `bitvit.methods.METHOD_TABLE` (plain data, torch-free); a row
+names its quantizer, a key of `QUANTIZERS`, and its STE, a key of `STES`, both checked here at
+import. ``codes * scale`` is the weight the forward pass uses; in every binary method
+sign(0) = +1, so codes are never 0.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -16,17 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitvit.methods import FULL_PRECISION, METHOD_NAMES
+from bitvit.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
 
-WHERE = ("all", "mlp", "attn", "none")
-ACT_BITS = (8, 1, None)
+WHERE = WHERE_NAMES
 EPS = 1e-5
 
 
 def check_method(method: str) -> str:
     if method not in METHOD_TABLE:
         raise ValueError(
-            f"unknown quantization method {method!r}: expected one of {', '.join(METHOD_NAMES)} "
+            f"unknown quantization method {method!r}: expected one of {', '.join(METHOD_TABLE)} "
             f"({FULL_PRECISION!r} means no quantization and has no quantizer)"
         )
     return method
@@ -60,18 +58,29 @@ def _row_absmean(w: torch.Tensor) -> torch.Tensor:
     return w.abs().flatten(1).mean(dim=1).reshape((-1,) + (1,) * (w.dim() - 1))
 
 
-def _absmean_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    gamma = w.abs().mean()
-    return (w / (gamma + EPS)).round_().clamp_(-1, 1), gamma.reshape((1,) * w.dim())
+def _absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    """The scale mean|W| at ``granularity``: 1 (none), per tensor or per output channel."""
+    if granularity == "none":
+        return torch.ones((1,) * w.dim(), device=w.device)
+    if granularity == "tensor":
+        return w.abs().mean().reshape((1,) * w.dim())
+    return _row_absmean(w)
 
 
-def _absmean_ternary_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    gamma = _row_absmean(w)
+def _only(granularity: str, expected: str, quantizer: str) -> None:
+    if granularity != expected:
+        raise ValueError(f"quantizer {quantizer!r}: granularity={granularity!r}, "
+                         f"expected {expected!r}")
+
+
+def _absmean_ternary(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gamma = _absmean(w, granularity)
     return (w / (gamma + EPS)).round_().clamp_(-1, 1), gamma
 
 
-def _twn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _twn_threshold(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Li et al. (2016): threshold 0.7 * mean|W| per channel, scale = mean |W| above it.
+    _only(granularity, "channel", "twn_threshold")
     a = w.abs()
     kept = a > 0.7 * _row_absmean(w)
     codes = torch.sign(w) * kept  # |W| > threshold >= 0, so sign(W) is never 0 here
@@ -80,16 +89,24 @@ def _twn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
-def _centred_sign(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return sign_nonzero(w - w.mean()), w.abs().mean().reshape((1,) * w.dim())
+def _centred_sign(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _only(granularity, "tensor", "centred_sign")
+    return sign_nonzero(w - w.mean()), _absmean(w, granularity)
 
 
-def _sign(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return sign_nonzero(w), torch.ones((1,) * w.dim(), device=w.device)
+def _sign(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return sign_nonzero(w), _absmean(w, granularity)
 
 
-def _sign_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return sign_nonzero(w), _row_absmean(w)
+# (fp32 weight (out, in, ...), the row's granularity) -> (codes, scale); a row of METHOD_TABLE
+# names one of these. The scale has the weight's number of dimensions.
+Quantizer = Callable[[torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]]
+QUANTIZERS: dict[str, Quantizer] = {
+    "absmean_ternary": _absmean_ternary,
+    "twn_threshold": _twn_threshold,
+    "centred_sign": _centred_sign,
+    "sign": _sign,
+}
 
 
 def quantize_weights(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +115,8 @@ def quantize_weights(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, t
     ``codes * scale`` is the weight the forward pass uses. The scale has the weight's number of
     dimensions: all ones for a per-tensor scale, ``(out, 1, ...)`` per output channel.
     """
-    codes, scale = METHOD_TABLE[check_method(method)].quantizer(weight.detach().float())
+    spec = METHOD_TABLE[check_method(method)]
+    codes, scale = QUANTIZERS[spec.quantizer](weight.detach().float(), spec.granularity)
     return codes.to(torch.int8), scale.float()
 
 
@@ -181,123 +199,20 @@ def ste_clipped(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
 STES = {"identity": ste_identity, "clipped": ste_clipped}
 
 
-# ---------------------------------------------------------------------------------------------
-# The method table: everything the rest of bitvit needs to know about a method.
-# ---------------------------------------------------------------------------------------------
-
-# The values a method's codes take. "centred binary" codes are signs around the mean.
-CODE_VALUES = {"ternary": (-1, 0, 1), "binary": (-1, 1), "centred binary": (-1, 1)}
-# none: scale 1; tensor: one scale; channel: one scale per output channel.
-GRANULARITIES = ("none", "tensor", "channel")
-# How packed codes are stored (bitvit.export): codes per byte and the values a packing holds.
-CODES_PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
-PACKING_VALUES = {"base3": (-1, 0, 1), "2bit": (-1, 0, 1), "1bit": (-1, 1)}
-
-
-@dataclass(frozen=True)
-class QuantMethod:
-    """One weight quantization method. Every field is required and checked on creation, so a
-    half-described method is refused with a one-line error rather than mishandled downstream."""
-
-    name: str
-    label: str  # human name, e.g. "BitNet b1.58" (README, reports)
-    formula: str  # codes and scale, as the README's method table gives them
-    codes: str  # a key of CODE_VALUES
-    granularity: str  # one of GRANULARITIES
-    quantizer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # fp32 W -> codes, scale
-    ste: str  # a key of STES: the weight's backward rule
-    default_act_bits: int | None  # what act_bits="default" means
-    int_path: bool  # BitLinear trains through the int8 x int8 kernel with 8-bit activations
-    packings: tuple[str, ...]  # keys of CODES_PER_BYTE this method's codes may be stored in
-
-    def __post_init__(self) -> None:
-        def bad(field: str, expected: str) -> ValueError:
-            return ValueError(f"quantization method {self.name!r}: {field}="
-                              f"{getattr(self, field)!r}, expected {expected}")
-
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise bad("name", "an identifier")
-        for field in ("label", "formula"):
-            if not isinstance(getattr(self, field), str) or not getattr(self, field):
-                raise bad(field, "a non-empty string")
-        if self.codes not in CODE_VALUES:
-            raise bad("codes", f"one of {', '.join(CODE_VALUES)}")
-        if self.granularity not in GRANULARITIES:
-            raise bad("granularity", f"one of {', '.join(GRANULARITIES)}")
-        if not callable(self.quantizer):
-            raise bad("quantizer", "a function W -> (codes, scale)")
-        if self.ste not in STES:
-            raise bad("ste", f"one of {', '.join(STES)}")
-        if self.default_act_bits not in ACT_BITS or isinstance(self.default_act_bits, bool):
-            raise bad("default_act_bits", "8, 1 or None")
-        if not isinstance(self.int_path, bool) or (self.int_path and self.ste != "identity"):
-            raise bad("int_path", "a bool, True only with the identity STE (the int8 "
-                      "kernel's weight gradient)")
-        fits = [p for p in CODES_PER_BYTE if set(CODE_VALUES[self.codes]) <= set(PACKING_VALUES[p])]
-        if (not isinstance(self.packings, tuple) or not self.packings
-                or any(p not in fits for p in self.packings)):
-            raise bad("packings", f"a non-empty tuple of {', '.join(fits)}")
-
-    @property
-    def info_bits(self) -> float:
-        """Information bits per weight: log2 of the number of code values."""
-        return math.log2(len(CODE_VALUES[self.codes]))
-
-    @property
-    def weight_ste(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return STES[self.ste]
-
-    def scale_count(self, out_features: int) -> int:
-        """How many fp32 scales a layer stores (a scale of 1 is stored too, as one number)."""
-        return out_features if self.granularity == "channel" else 1
-
-    def packing(self, ternary_packing: str) -> str:
-        """The packing used when ternary codes are asked to be ``ternary_packing``."""
-        return ternary_packing if ternary_packing in self.packings else self.packings[0]
-
-    def stored_bits(self, ternary_packing: str) -> float:
-        """Bits per weight in the packed file."""
-        return 8.0 / CODES_PER_BYTE[self.packing(ternary_packing)]
-
-
-_TERNARY = {"codes": "ternary", "packings": ("base3", "2bit")}
-_BINARY = {"packings": ("1bit",)}
-# BitNet's methods: identity STE, 8-bit activations, the int8 training kernel. The binarization
-# study's: clipped STE (BinaryConnect / XNOR-Net), full-precision activations.
-_BITNET_LIKE = {"ste": "identity", "default_act_bits": 8, "int_path": True}
-_BINARIZATION = {"ste": "clipped", "default_act_bits": None, "int_path": False}
-METHOD_TABLE: dict[str, QuantMethod] = {m.name: m for m in (
-    QuantMethod("b158", "BitNet b1.58",
-                "RoundClip(W / (gamma + 1e-5), -1, 1), gamma = mean|W| per tensor",
-                granularity="tensor", quantizer=_absmean_ternary, **_TERNARY, **_BITNET_LIKE),
-    QuantMethod("b158c", "BitNet b1.58, per channel",
-                "RoundClip(W[o, :] / (gamma_o + 1e-5), -1, 1), gamma_o = mean_i |W[o, i]|",
-                granularity="channel", quantizer=_absmean_ternary_per_channel, **_TERNARY,
-                **_BITNET_LIKE),
-    QuantMethod("twn", "Ternary Weight Networks (Li et al., 2016)",
-                "sign(W) 1{|W| > D_o}, D_o = 0.7 mean_i |W[o, i]|; "
-                "scale_o = mean of |W[o, i]| > D_o (0 if none)",
-                granularity="channel", quantizer=_twn, **_TERNARY, **_BITNET_LIKE),
-    QuantMethod("bitnet", "BitNet 1-bit", "sign(W - mean W), scale mean|W| per tensor",
-                codes="centred binary", granularity="tensor", quantizer=_centred_sign,
-                **_BINARY, **_BITNET_LIKE),
-    QuantMethod("sign", "plain binarization", "sign(W), scale 1",
-                codes="binary", granularity="none", quantizer=_sign, **_BINARY,
-                **_BINARIZATION),
-    QuantMethod("xnor", "XNOR-Net / BWN", "sign(W), scale_o = mean_i |W[o, i]|",
-                codes="binary", granularity="channel", quantizer=_sign_per_channel, **_BINARY,
-                **_BINARIZATION),
-)}
-
-
 def check_table(table: Mapping[str, QuantMethod]) -> None:
-    """Every row is a checked `QuantMethod` under its own name, one per name in METHOD_NAMES."""
+    """Every row is a `QuantMethod` under its own name whose quantizer and STE exist here."""
     for key, spec in table.items():
         if not isinstance(spec, QuantMethod) or spec.name != key:
             raise ValueError(f"METHOD_TABLE[{key!r}] is not a QuantMethod named {key!r}")
-    if tuple(table) != METHOD_NAMES:
-        raise ValueError(f"METHOD_TABLE has {', '.join(table)} but bitvit.methods.METHOD_NAMES "
-                         f"has {', '.join(METHOD_NAMES)}: add a method to both")
+        for field, known in (("quantizer", QUANTIZERS), ("ste", STES)):
+            if getattr(spec, field) not in known:
+                raise ValueError(f"METHOD_TABLE[{key!r}]: {field}={getattr(spec, field)!r}, "
+                                 f"expected one of {', '.join(known)}")
+
+
+def weight_ste(method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The method's straight-through estimator for its weight."""
+    return STES[METHOD_TABLE[method].ste]
 
 
 check_table(METHOD_TABLE)
@@ -428,7 +343,7 @@ class BitLinear(nn.Linear):
             x = ste_identity(x, quantize_activations(x, 8))
         elif self.act_bits == 1:
             x = ste_clipped(x, quantize_activations(x, 1))
-        w = METHOD_TABLE[self.method].weight_ste(self.weight, (codes * scale).to(self.weight.dtype))
+        w = weight_ste(self.method)(self.weight, (codes * scale).to(self.weight.dtype))
         return F.linear(x, w, self.bias)
 
     def _int8_path_ok(self, x: torch.Tensor) -> bool:
