@@ -160,3 +160,20 @@ def test_the_report_has_a_section_and_figure_for_a_sweep_over_the_rate(tmp_path,
     assert "| b158 | 40.05 ± 0.07 | 60.05 ± 0.07 | 0.003 | 60.05 ± 0.07 | 40.05 ± 0.07 |" in text
     assert ("The ranking at per-method rates differs from the ranking at lr=0.001: b158 > fp "
             "(at 0.001: fp > b158).") in text
+
+
+def test_planned_auto_normalization_matches_the_numbers_a_run_recorded(tmp_path):
+    # A sweep plans data.mean/std: auto; its runs record the numbers auto resolved to. Both are
+    # one method, not two (the report once listed "fp mean=auto" beside "fp mean=0.49...").
+    table = {"fp": {0.0003: (0.45, 0.45), 0.001: (0.50, 0.50)}}
+    runs = grid(tmp_path, table)
+    planned = []
+    for r in runs:
+        config = yaml.safe_load(yaml.safe_dump(r.config))
+        assert config["data"]["mean"] == "auto"  # fake runs keep the preset's auto ...
+        config["data"]["mean"] = [0.4914, 0.4822, 0.4465]  # ... the plan has numbers, or back
+        config["data"]["std"] = [0.247, 0.2435, 0.2616]
+        planned.append(config)
+    choice = choose_rates(runs, last_k=2, planned=planned)
+    assert choice.complete and [m.label for m in choice.methods] == ["fp"]
+    assert choice.method("fp").chosen == 0.001

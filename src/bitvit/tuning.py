@@ -104,8 +104,10 @@ def _lr(x: float) -> str:
 
 def _method_key(config: dict[str, Any]) -> dict[str, Any]:
     # Like the sweep's own check of a run folder, the epochs do not make another method (a
-    # planned config and a run extended since may differ in them).
-    return experiment_key(config, IGNORED_KEYS | {"train.lr", "train.epochs"})
+    # planned config and a run extended since may differ in them); nor does the normalization,
+    # which a planned config gives as auto and its run records as the numbers auto resolved to.
+    return experiment_key(config, IGNORED_KEYS | {"train.lr", "train.epochs", "data.mean",
+                                                  "data.std"})
 
 
 def _val_last_k(run: Run, k: int) -> float:
