@@ -76,7 +76,9 @@ def test_a_ranking_that_changes_at_per_method_rates(tmp_path):
     assert "Ranking by test accuracy (last 2) at lr=0.001: fp > b158 > bitnet." in text
     figure = plot_rates(choice, runs, tmp_path / "lr.png", "Rates")
     assert figure._suptitle.get_text().startswith(
-        "Rates\ndevice: cpu (test, 2 threads); 3 epochs; 100 training images, 50 validation\n")
+        "Rates\ndevice: cpu (test, 2 threads); 3 epochs\n"
+        "training images: 100 (class-balanced subset of 150, 50 held out for validation); "
+        "test images: ")
     assert (tmp_path / "lr.png").stat().st_size > 0
     assert verdict(choice).startswith(
         "The ranking at per-method rates differs from the ranking at lr=0.001: b158 > fp > "

@@ -403,15 +403,20 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
         acc_m = 100 * margins["final_test_acc"].margin
         loss_m = margins["final_test_loss"].margin
         tests = sum(d.available for g in compared for d in g.vs_fp.values())
-        lines += ["", f"Differences to full precision (group − fp, matched in everything but "
-                  f"quantization): 95% confidence interval (Welch–Satterthwaite); Welch t-test "
-                  f"p-value, raw and Holm-adjusted over the {tests} tests of this table (differs: "
-                  f"Holm p < 0.05); TOST equivalence p-value at a margin of ±{acc_m:g} accuracy "
-                  f"points and ±{loss_m:g} loss, raw and Holm-adjusted over the {tests} TOST "
-                  f"tests of this table, a family of their own (equivalent: TOST Holm p < 0.05). "
-                  f"Resolvable margin: "
-                  f"the half-width of the 90% confidence interval (Welch), the smallest margin "
-                  f"TOST can confirm with these seeds even for a difference of zero.", ""]
+        if not tests:  # no group has two finished seeds on both sides: nothing can be tested
+            lines += ["", "Differences to full precision: no test is possible yet (each side "
+                      "needs at least two finished seeds); the differences of the means are "
+                      "shown without p-values.", ""]
+        else:
+            lines += ["", f"Differences to full precision (group − fp, matched in everything "
+                      f"but quantization): 95% confidence interval (Welch–Satterthwaite); "
+                      f"Welch t-test p-value, raw and Holm-adjusted over the {tests} tests of "
+                      f"this table (differs: Holm p < 0.05); TOST equivalence p-value at a "
+                      f"margin of ±{acc_m:g} accuracy points and ±{loss_m:g} loss, raw and "
+                      f"Holm-adjusted over the {tests} TOST tests of this table, a family of "
+                      f"their own (equivalent: TOST Holm p < 0.05). Resolvable margin: the "
+                      f"half-width of the 90% confidence interval (Welch), the smallest margin "
+                      f"TOST can confirm with these seeds even for a difference of zero.", ""]
         lines.append("| group | metric | difference [95% CI] | Welch p | Holm p | TOST p "
                      "| TOST Holm p | resolvable margin | verdict |")
         lines.append("|---" * 9 + "|")

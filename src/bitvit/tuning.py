@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bitvit import rundir
-from bitvit.figures import provenance
+from bitvit.figures import data_size, provenance
 from bitvit.report import (
     DEFAULT_LAST_K,
     Run,
@@ -269,18 +269,6 @@ def rates_markdown(choice: RateChoice, runs: list[Run], full_epochs: int | None 
     return "\n".join(kept).rstrip() + "\n"
 
 
-def _images(runs: list[Run]) -> str:
-    """The data the runs trained on, e.g. ``10000 training images, 5000 validation``."""
-    parts = set()
-    for r in runs:
-        data = r.config.get("data", {})
-        held = int(data.get("val_size") or 0)
-        limit = data.get("limit_train")
-        train = f"{int(limit) - held}" if limit else f"all but {held}" if held else "all"
-        parts.add(f"{train} training images" + (f", {held} validation" if held else ""))
-    return "; ".join(sorted(parts))
-
-
 def plot_rates(choice: RateChoice, runs: list[Run], path: str | Path, title: str = "",
                full_epochs: int | None = None) -> Any:
     """Validation accuracy (last k, %) against the rate per method, log x: a dot per seed, a
@@ -311,7 +299,7 @@ def plot_rates(choice: RateChoice, runs: list[Run], path: str | Path, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     shown = [r for r in runs if r.finished and has_val(r)]
-    lines = [title, f"{provenance(shown, full_epochs)}; {_images(shown)}",
+    lines = [title, provenance(shown, full_epochs), data_size(shown),
              "dots: seeds; line: mean over seeds; ring: the chosen rate"]
     fig.suptitle("\n".join(line for line in lines if line), fontsize=9)
     fig.tight_layout()
