@@ -168,6 +168,13 @@ def test_sweep_skips_finished_resumes_interrupted_restarts_the_rest(tmp_path, fa
     assert command[:2] == ["bitvit", "train"] and '"b158"' in " ".join(command)
     assert (out / "sweep.yaml").is_file()
     assert (out / "commands.txt").read_text() == "bitvit sweep s.yaml\n"
+    # A line that records the same command with environment settings counts as recorded.
+    (out / "commands.txt").write_text("# note\nOMP_NUM_THREADS=1 bitvit sweep s.yaml\n")
+    from bitvit.schedule import _record_sweep
+    _record_sweep(sweep, ["bitvit", "sweep", "s.yaml"])
+    assert (out / "commands.txt").read_text() == "# note\nOMP_NUM_THREADS=1 bitvit sweep s.yaml\n"
+    _record_sweep(sweep, ["bitvit", "sweep", "s.yaml", "--parallel", "2"])
+    assert (out / "commands.txt").read_text().endswith("\nbitvit sweep s.yaml --parallel 2\n")
 
     fake_train.clear()
     run_sweep(sweep, log=lambda *_: None)  # everything finished now

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,15 @@ from bitvit.sweep import (
 SMALL_FILES = (rundir.METRICS, rundir.CONFIG, rundir.RUN_JSON, rundir.CURVES)
 
 
+def _without_env(line: str) -> str:
+    """A recorded command without its leading ``VAR=value`` settings: ``OMP_NUM_THREADS=1 bitvit
+    sweep S`` already records the command ``bitvit sweep S`` (a comment stays as it is)."""
+    words = line.split()
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):
+        words.pop(0)
+    return " ".join(words)
+
+
 def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
     sweep.out.mkdir(parents=True, exist_ok=True)
     copy = sweep.out / SWEEP_COPY
@@ -38,7 +48,7 @@ def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
         line = shlex.join(argv)
         log = sweep.out / COMMANDS_FILE
         seen = log.read_text().splitlines() if log.exists() else []
-        if line not in seen:
+        if line not in {_without_env(s) for s in seen}:
             rundir.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
 
 
