@@ -285,7 +285,7 @@ def compiled_or_none(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module
 
 def time_interleaved(calls: dict[str, Call], repeats: int, warmup: int,
                      ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Seconds per call of each engine over ``repeats`` rounds, one call of each per round.
+    """Seconds per call of each engine over ``repeats`` rounds of one call each.
 
     An engine that raises (in warm-up or a round) is dropped with the reason; the others go on.
     """
@@ -298,8 +298,13 @@ def time_interleaved(calls: dict[str, Call], repeats: int, warmup: int,
                     call()
             except Exception as err:  # noqa: BLE001
                 failed[name] = f"run: {one_line(err)}"
-        for _ in range(repeats):
-            for name, call in calls.items():
+        names = list(calls)
+        for round_ in range(repeats):
+            # Each round starts one engine further on, so that no engine always follows the same
+            # one (whose threads may still be spinning down, or whose memory is still in cache).
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                call = calls[name]
                 if name in failed:
                     continue
                 try:

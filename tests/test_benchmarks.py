@@ -53,6 +53,8 @@ def test_tiny_run_record_and_json_contract(tmp_path):
         assert key in result and f"{key}_strong" in result
     assert result["threads"] == 1
     assert result["speedup_fp32_b256"] is None  # batch 256 not measured: null, not missing
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        assert result["failed"] == {}  # every engine asked for ran
     # Every engine has a row: timed, or failed with its reason in the JSON.
     for engine in engines.split(","):
         assert any(line.split()[2:3] == [engine] for line in lines[3:-1] if line[:5] == "paper")
