@@ -127,15 +127,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def kernel_info() -> dict[str, str | None]:
+def kernel_info() -> dict[str, object]:
     """ISA summary and the integer kernel `bitvit.kernels` chooses, or a note why not known."""
     try:
-        from bitvit.kernels import choose_kernel, isa_summary
-    except ImportError as err:
+        from bitvit.kernels import choose_kernel, cpu_isa, isa_summary
+
+        choice = choose_kernel("cpu")
+        return {"isa": isa_summary(), "kernel": choice.name, "kernel_reason": choice.reason,
+                "cpu_isa": cpu_isa()}
+    except Exception as err:  # noqa: BLE001 - the benchmark runs without it, and says so
         return {"isa": f"torch capability {torch.backends.cpu.get_cpu_capability()}",
                 "kernel": None, "kernel_reason": f"bitvit.kernels unavailable ({one_line(err)})"}
-    choice = choose_kernel("cpu")
-    return {"isa": isa_summary(), "kernel": choice.name, "kernel_reason": choice.reason}
 
 
 def git_commit() -> str:
@@ -419,11 +421,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     record = Record()
     machine = kernel_info()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    record.print(f"# {command_line()}   (commit {git_commit()}, {date}, CPU {cpu_model()}, "
+    commit = git_commit()
+    record.print(f"# {command_line()}   (commit {commit}, {date}, CPU {cpu_model()}, "
                  f"{args.threads} threads, ISA {machine['isa']}, kernel {machine['kernel']}: "
                  f"{machine['kernel_reason']})")
     result: dict[str, object] = {
-        **machine, "threads": args.threads, "cpu": cpu_model(), "torch": torch.__version__,
+        **machine, "command": command_line(), "commit": commit, "date": date,
+        "threads": args.threads, "cpu": cpu_model(), "torch": torch.__version__,
         "repeats": args.repeats, "malloc_tuned": tuned, "engines": args.engines,
         "bf16": "faster of autocast and bf16 weights", "failed": {},
     }
