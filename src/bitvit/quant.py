@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitvit.kernels import (
+    fp32_mm,
+    int_mm,
+    kernel_name,
+    pad_for_int_mm,  # noqa: F401 - re-exported, its old home
+)
 from bitvit.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
 
 WHERE = WHERE_NAMES
@@ -219,59 +225,33 @@ check_table(METHOD_TABLE)
 METHODS = tuple(METHOD_TABLE)
 
 
-def pad_for_int_mm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad int8 ``a`` (M, K) and ``b`` (K, N) to M > 16 and K, N multiples of 8.
-
-    CUDA's `torch._int_mm` refuses other shapes; zero rows and columns add nothing to the
-    products, so ``torch._int_mm(*pad_for_int_mm(a, b))[:M, :N]`` equals ``a @ b``.
-    """
-    m, k = a.shape
-    n = b.shape[1]
-    pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-    if pad_m or pad_k:
-        a = F.pad(a, (0, pad_k, 0, pad_m))
-    if pad_k or pad_n:
-        b = F.pad(b, (0, pad_n, 0, pad_k))
-    return a, b
-
-
-def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32, exactly.
-
-    ``pad``: pad to the shapes CUDA's kernel needs; by default only on CUDA and only when the
-    shapes need it (the CPU kernel takes any shape).
-    """
-    m, n = a.shape[0], b.shape[1]
-    if pad is None:
-        pad = a.is_cuda and (m <= 16 or a.shape[1] % 8 != 0 or n % 8 != 0)
-    if pad:
-        a, b = pad_for_int_mm(a, b)
-        return torch._int_mm(a, b)[:m, :n]
-    return torch._int_mm(a, b)
-
-
 def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
-    """Int32 products back to fp32: ``acc * (col_scale / row_scale) + bias`` in one pass.
+    """Integer products back to fp32: ``acc * (col_scale / row_scale) + bias`` in one pass.
 
-    ``row_scale`` (M, 1) is the activation scale s (x ~ q / s), ``col_scale`` (1,) or (N,) the
-    weight scale. ``addcmul`` reads the int32 products directly (no separate cast).
+    ``acc`` is either kernel's result (`bitvit.kernels`): int32, or fp32 holding the same
+    integers exactly; both give identical values. ``row_scale`` (M, 1) is the activation scale
+    s (x ~ q / s), ``col_scale`` (1,) or (N,) the weight scale. ``addcmul`` reads int32 products
+    directly (no separate cast).
     """
     ratio = col_scale.reshape(1, -1) / row_scale
     return torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
 
 
 class _Int8Linear(torch.autograd.Function):
-    """y = (q @ codes^T) * scale / s + bias, with int8 x int8 -> int32 products.
+    """y = (q @ codes^T) * scale / s + bias, with exact integer products.
 
     The same function and gradients as the fake-quantized F.linear (identity STE for both
     the activations and the weights), only faster: the products of small integers are exact.
+    ``kernel`` (`bitvit.kernels`): ``int8`` (int8 x int8 -> int32) or ``fp32`` (the same
+    integers as floats); both give identical outputs.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, codes, scale):  # noqa: ANN001 - autograd signature
+    def forward(ctx, x, weight, bias, codes, scale, kernel):  # noqa: ANN001 - autograd
         q, s = absmax_int8(x)
-        acc = int_mm(q.reshape(-1, q.shape[-1]), codes.t())
+        q2 = q.reshape(-1, q.shape[-1])
+        acc = int_mm(q2, codes.t()) if kernel == "int8" else fp32_mm(q2, codes.t())
         y = rescale(acc, s.reshape(-1, 1), scale, bias)
         ctx.save_for_backward(q, s, codes, scale)
         ctx.has_bias = bias is not None
@@ -289,7 +269,7 @@ class _Int8Linear(torch.autograd.Function):
             x_q = q.float().div_(s).reshape(-1, q.shape[-1])
             grad_w = g.t() @ x_q
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class BitLinear(nn.Linear):
@@ -338,7 +318,8 @@ class BitLinear(nn.Linear):
             x = F.layer_norm(x, (self.in_features,), eps=EPS)
         codes, scale = self.quantized_weight()
         if self._int8_path_ok(x):
-            return _Int8Linear.apply(x, self.weight, self.bias, codes, scale.reshape(-1))
+            return _Int8Linear.apply(x, self.weight, self.bias, codes, scale.reshape(-1),
+                                     kernel_name(x.device.type))
         if self.act_bits == 8:
             x = ste_identity(x, quantize_activations(x, 8))
         elif self.act_bits == 1:
