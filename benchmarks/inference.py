@@ -72,8 +72,9 @@ BITVIT_ENGINES = ("int", "int-c", "ort-token", "ort-tensor")
 ONNX_FILES = {"ort-fp32": "fp32.onnx", "ort-int8": "int8.onnx", "ort-token": "b158-token.onnx",
               "ort-tensor": "b158-tensor.onnx"}
 ROOT = Path(__file__).resolve().parents[1]
-# Environment variables that change which kernels torch and oneDNN run: part of the command.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# Environment variables that change which kernels torch, oneDNN and bitvit run: part of the
+# command in the record.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "BITVIT_INT_KERNEL")
 
 Call = Callable[[], object]
 
