@@ -28,8 +28,8 @@ def bench_module():
     return module
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def run_script(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **env_vars}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
@@ -48,7 +48,13 @@ def test_tiny_run_record_and_json_contract(tmp_path):
     assert out.read_text().splitlines() == lines  # --out holds exactly the printed record
     result = json.loads(lines[-1])
     assert all(key in result for key in MACHINE_KEYS)
-    assert result["isa"]
+    from bitvit.kernels import choose_kernel, isa_summary
+
+    # conftest fixes BITVIT_INT_KERNEL for the suite: the record names it and the choice.
+    assert f"BITVIT_INT_KERNEL={os.environ['BITVIT_INT_KERNEL']} python " in header
+    assert result["isa"] == isa_summary() and f"ISA {isa_summary()}," in header
+    assert result["kernel"] == choose_kernel().name == os.environ["BITVIT_INT_KERNEL"]
+    assert result["kernel_reason"] == choose_kernel().reason
     for key in PRESET_KEYS:
         assert key in result and f"{key}_strong" in result
     assert result["threads"] == 1
@@ -116,3 +122,18 @@ def test_bad_engine_name_exits_2():
     proc = run_script("--engines", "fp32,nope")
     assert proc.returncode == 2
     assert "--engines: 'nope' is not one of" in proc.stderr
+
+
+def test_emulated_avx2_is_recorded(tmp_path):
+    from bitvit.kernels import cpu_isa
+
+    if not cpu_isa()["avx2"]:
+        pytest.skip("not an x86 CPU with AVX2")
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = run_script("--repeats", "1", "--warmup", "0", "--batches", "1", "--presets", "paper",
+                      "--engines", "fp32", **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header, result = proc.stdout.splitlines()[0], json.loads(proc.stdout.splitlines()[-1])
+    assert "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 " in header
+    assert result["isa"].startswith("AVX2")  # the capped ISA, not the hardware's
+    assert result["best_engine_b1"] is None and result["speedup_fp32_b1"] is None  # no bitvit
