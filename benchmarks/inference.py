@@ -27,7 +27,17 @@ int-c, ort-token, ort-tensor) over torch fp32 eager, median over median, paper p
 suffix for the strong preset.
 
     PYTHONPATH=src python benchmarks/inference.py [--repeats 20] [--threads 2] [--profile]
-        [--presets paper,strong] [--batches 1,256] [--engines fp32,int,...] [--out FILE]
+        [--compile] [--presets paper,strong] [--batches 1,256] [--engines fp32,int,...]
+        [--out FILE]
+
+The records (on a quiet machine; the second caps torch and oneDNN at AVX2, as on a CPU without
+AVX-512 or VNNI, and the header's ISA says so):
+
+    PYTHONPATH=src python benchmarks/inference.py --repeats 20 --compile --profile \
+        --out benchmarks/results/inference-avx512.txt
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PYTHONPATH=src python \
+        benchmarks/inference.py --repeats 20 --compile --profile \
+        --out benchmarks/results/inference-avx2.txt
 """
 
 from __future__ import annotations
@@ -229,9 +239,11 @@ class PresetModels:
             source = fp32_path
         quantize_dynamic(source, out, weight_type=QuantType.QInt8)
 
-    def calls(self, x: torch.Tensor) -> dict[str, Call]:
-        """Engine -> a no-argument call that runs it on ``x``; failures go to ``failed``."""
+    def calls(self, x: torch.Tensor) -> tuple[dict[str, Call], dict[str, str]]:
+        """Engine -> a no-argument call that runs it on ``x``, and the engines that failed to
+        build for this batch (compiling is per batch size) with why."""
         calls: dict[str, Call] = {}
+        failed = {e: why for e, why in self.failed.items() if e in self.engines}
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         x_bf16 = x.to(torch.bfloat16)
         for engine in self.engines:
@@ -249,14 +261,14 @@ class PresetModels:
                 calls[engine] = lambda: self.fp_model(x)
             elif engine in ("int-c", "fp32-c"):
                 model = self.int_model if engine == "int-c" else self.fp32
-                compiled = compiled_or_none(model, x)
+                compiled = compiled_or_why(model, x)
                 if isinstance(compiled, str):
-                    self.failed[engine] = compiled
+                    failed[engine] = compiled
                 else:
                     calls[engine] = lambda m=compiled: m(x)
             else:
                 calls[engine] = lambda s=self.ort[engine]: s(x)
-        return calls
+        return calls, failed
 
 
 def _under(ctx: contextlib.AbstractContextManager, model: torch.nn.Module,
@@ -265,7 +277,7 @@ def _under(ctx: contextlib.AbstractContextManager, model: torch.nn.Module,
         return model(x)
 
 
-def compiled_or_none(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module | str:
+def compiled_or_why(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module | str:
     """The model compiled for this batch shape, or why compiling failed.
 
     `compile_model` falls back to eager with a warning; here that is a failure to report, not
@@ -453,11 +465,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             models = PresetModels(cfg, args.engines, args.threads, Path(tmp), record)
             for batch in args.batches:
                 x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
-                calls = models.calls(x)
+                calls, build_failed = models.calls(x)
                 times, run_failed = time_interleaved(calls, args.repeats, args.warmup)
                 base = statistics.median(times["fp32"]) if "fp32" in times else None
                 for engine in args.engines:
-                    why = run_failed.get(engine) or models.failed.get(engine)
+                    why = run_failed.get(engine) or build_failed.get(engine)
                     if why:
                         record.print(f"{preset:7} {batch:5d} {engine:10} failed: {why}")
                         failed[f"{engine}_b{batch}{suffix}"] = why

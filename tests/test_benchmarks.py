@@ -114,7 +114,7 @@ def test_compile_fallback_counts_as_failure(monkeypatch):
         return m
 
     monkeypatch.setattr(bench, "compile_model", eager_fallback)
-    why = bench.compiled_or_none(model, torch.zeros(1, 2))
+    why = bench.compiled_or_why(model, torch.zeros(1, 2))
     assert why == "compile: torch.compile failed (RuntimeError: no compiler); running eager"
 
 
