@@ -55,6 +55,7 @@ def test_tiny_run_record_and_json_contract(tmp_path):
     assert result["isa"] == isa_summary() and f"ISA {isa_summary()}," in header
     assert result["kernel"] == choose_kernel().name == os.environ["BITVIT_INT_KERNEL"]
     assert result["kernel_reason"] == choose_kernel().reason
+    assert result["ort_in_speedups"] is (result["hardware_isa"] == result["isa"])
     for key in PRESET_KEYS:
         assert key in result and f"{key}_strong" in result
     assert result["threads"] == 1
@@ -131,9 +132,15 @@ def test_emulated_avx2_is_recorded(tmp_path):
         pytest.skip("not an x86 CPU with AVX2")
     env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     proc = run_script("--repeats", "1", "--warmup", "0", "--batches", "1", "--presets", "paper",
-                      "--engines", "fp32", **env)
+                      "--engines", "fp32,int,ort-int8,ort-token", **env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     header, result = proc.stdout.splitlines()[0], json.loads(proc.stdout.splitlines()[-1])
     assert "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 " in header
     assert result["isa"].startswith("AVX2")  # the capped ISA, not the hardware's
-    assert result["best_engine_b1"] is None and result["speedup_fp32_b1"] is None  # no bitvit
+    if result["hardware_isa"] != result["isa"]:
+        # ONNX Runtime ignores the caps: its rows are shown but kept out of the speedups.
+        assert result["ort_in_speedups"] is False
+        assert "note: ONNX Runtime ignores the ISA caps" in proc.stdout
+        assert result["best_engine_b1"] == "int"
+        assert result["speedup_ort_int8_b1"] is None
+        assert result["ort-token_img_s_b1"] > 0
