@@ -36,7 +36,6 @@ onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on us
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,8 +200,8 @@ def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str) -> s
                      f"{name}.weight_t")
             y = g.op("MatMul", [x, w], f"{name}.matmul")
         elif lin.act_bits == 8 and act_quant == "tensor":
-            zero = g.const(f"{name}.zero_point", np.zeros(lin.scale.shape, np.int8))
-            inputs = [x, codes_t, scale, zero] + ([bias] if bias else [])
+            # Symmetric codes: no weight zero point (an empty name skips the optional input).
+            inputs = [x, codes_t, scale, ""] + ([bias] if bias else [])
             return g.op("DynamicQuantizeMatMul", inputs, f"{name}.dq_matmul",
                         domain="com.microsoft")
         else:
@@ -470,11 +469,3 @@ def metadata_of(path: str | Path) -> dict[str, str]:
                           ) from None
     return {p.key: p.value for p in proto.metadata_props}
 
-
-def describe_export(path: str | Path) -> str:
-    """One line about an ONNX export: size, method and activation quantization."""
-    meta = metadata_of(path)
-    config = json.loads(meta["config"]) if "config" in meta else {}
-    return (f"{path}: {Path(path).stat().st_size:,} bytes, ONNX opset {OPSET}, method "
-            f"{meta.get('method')}, act_quant {meta.get('act_quant')}"
-            + (f", {config['model']['depth']} blocks" if config else ""))
