@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitvit.kernels import choose_kernel, cpu_isa, isa_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "inference.py"
 MACHINE_KEYS = ("isa", "kernel", "kernel_reason")
@@ -48,8 +50,6 @@ def test_tiny_run_record_and_json_contract(tmp_path):
     assert out.read_text().splitlines() == lines  # --out holds exactly the printed record
     result = json.loads(lines[-1])
     assert all(key in result for key in MACHINE_KEYS)
-    from bitvit.kernels import choose_kernel, isa_summary
-
     # conftest fixes BITVIT_INT_KERNEL for the suite: the record names it and the choice.
     assert f"BITVIT_INT_KERNEL={os.environ['BITVIT_INT_KERNEL']} python " in header
     assert result["isa"] == isa_summary() and f"ISA {isa_summary()}," in header
@@ -79,8 +79,8 @@ def test_tiny_run_record_and_json_contract(tmp_path):
             best / result["ort-int8_img_s_b1"], rel=0.02)
     # Sizes: the fp32 checkpoint holds 4 bytes per parameter (plus a small header); the ratio
     # is the exported file over it.
-    n_params = sum(p.numel() for p in bench_module().VisionTransformer(
-        bench_module().PRESETS["paper"]).parameters())
+    bench = bench_module()
+    n_params = sum(p.numel() for p in bench.VisionTransformer(bench.PRESETS["paper"]).parameters())
     assert 4 * n_params < result["fp32_bytes"] < 4 * n_params + 100_000
     assert result["size_ratio_fp32"] == pytest.approx(
         result["exported_bytes"] / result["fp32_bytes"], abs=1e-4)
@@ -126,8 +126,6 @@ def test_bad_engine_name_exits_2():
 
 
 def test_emulated_avx2_is_recorded(tmp_path):
-    from bitvit.kernels import cpu_isa
-
     if not cpu_isa()["avx2"]:
         pytest.skip("not an x86 CPU with AVX2")
     env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
