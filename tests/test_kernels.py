@@ -20,7 +20,7 @@ from bitvit.kernels import (
     reset_choice,
 )
 from bitvit.profile import _bytes_held
-from bitvit.quant import rescale
+from bitvit.quant import absmax_codes, absmax_int8, rescale
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
 
@@ -94,6 +94,15 @@ def test_fp32_kernel_refuses_k_beyond_the_bound():
 def test_fp32_kernel_takes_cached_float_codes():
     q, codes_t = _codes(9, 64, 16, seed=3)
     assert torch.equal(int_matmul(q, codes_t.float(), "fp32"), int_matmul(q, codes_t, "fp32"))
+
+
+def test_float_activation_codes_are_the_int8_codes():
+    x = torch.randn(7, 50) * torch.rand(7, 1) * 10
+    x[0] = 0.0  # an all-zero token: scale 127 / EPS, codes 0
+    q, s = absmax_codes(x)
+    q8, s8 = absmax_int8(x)
+    assert q.dtype == torch.float32 and torch.equal(q, q8.float()) and torch.equal(s, s8)
+    assert q.abs().max() <= 127 and torch.equal(q, q.round())
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitvit.kernels import choose_kernel, int_matmul
-from bitvit.quant import EPS, METHODS, BitLinear, absmax_int8, quantize_activations, rescale
+from bitvit.quant import (
+    EPS,
+    METHODS,
+    BitLinear,
+    absmax_codes,
+    absmax_int8,
+    quantize_activations,
+    rescale,
+)
 
 ENGINES = ("int", "fp")
 
@@ -143,10 +151,11 @@ class InferenceLinear(nn.Module):
     def _forward_int(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
+        as_int8 = self.kernel == "int8"  # the fp32 kernel takes the same codes as floats
         if self.act_bits == 8:
-            q, row_scale = absmax_int8(x2)
+            q, row_scale = absmax_int8(x2) if as_int8 else absmax_codes(x2)
         else:  # 1-bit: sign(x) in {-1, 1} times codes is exact; the token's mean|x| rescales
-            q = torch.where(x2 >= 0, 1, -1).to(torch.int8)
+            q = torch.where(x2 >= 0, 1, -1).to(torch.int8 if as_int8 else torch.float32)
             row_scale = 1.0 / x2.abs().mean(dim=-1, keepdim=True)
         # The codes as the kernel reads them: int8 contiguous (in, out) (see set_engine), or
         # the fp32 kernel's cached float copy.

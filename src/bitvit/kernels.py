@@ -100,7 +100,8 @@ def int_mm(a: Tensor, b: Tensor, pad: bool | None = None) -> Tensor:
 def fp32_mm(q: Tensor, codes_t: Tensor) -> Tensor:
     """The same integers as `int_mm`, through the fp32 matmul: (M, K) @ (K, N) -> fp32.
 
-    ``codes_t`` may already be fp32 (a layer's cached float codes). Exact for weight codes in
+    ``q`` and ``codes_t`` may already be integer-valued fp32 (`bitvit.quant.absmax_codes`, a
+    layer's cached float codes): no casts then. Exact for weight codes in
     {-1, 0, 1}, ``|q| <= 127`` and ``K <= MAX_EXACT_K`` (see the module docstring).
     """
     k = q.shape[-1]
@@ -112,7 +113,8 @@ def fp32_mm(q: Tensor, codes_t: Tensor) -> Tensor:
 
 def int_matmul(q: Tensor, codes_t: Tensor, kernel: str | None = None) -> Tensor:
     """``q`` int8 (M, K) times ``codes_t`` int8 (K, N), exactly, by ``kernel`` (None: the one
-    `choose_kernel` picks for ``q``'s device). int32 from ``int8``, fp32 from ``fp32``."""
+    `choose_kernel` picks for ``q``'s device). int32 from ``int8``, fp32 from ``fp32`` (which
+    also takes both as integer-valued fp32, see `fp32_mm`)."""
     if kernel is None:
         kernel = choose_kernel(q.device).name
     if kernel == "int8":

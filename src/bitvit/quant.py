@@ -137,6 +137,19 @@ def dequantize_weights(weight: torch.Tensor, method: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def absmax_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`absmax_int8`'s codes before the int8 cast: integer-valued float32, ``|q| <= 127``.
+
+    What the fp32 integer kernel (`bitvit.kernels`) multiplies, without an int8 round trip.
+    """
+    x = x.detach().float()
+    # max|x| as max(-min x, max x): no |x| temporary (torch.aminmax is far slower on CPU).
+    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
+    s = 127.0 / absmax.clamp_(min=EPS)
+    # |x * s| <= 127 (up to an ulp), so the clamp to [-128, 127] is implied by the round.
+    return (x * s).round_(), s
+
+
 def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8: q = clamp(round(x * s), -128, 127), s = 127 / max|x|.
 
@@ -144,12 +157,8 @@ def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with an error per element of at most max|x| / 254. Training and the inference engine share
     this function, so both round every element alike.
     """
-    x = x.detach().float()
-    # max|x| as max(-min x, max x): no |x| temporary (torch.aminmax is far slower on CPU).
-    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
-    s = 127.0 / absmax.clamp_(min=EPS)
-    # |x * s| <= 127 (up to an ulp), so the clamp to [-128, 127] is implied by the round.
-    return (x * s).round_().to(torch.int8), s
+    q, s = absmax_codes(x)
+    return q.to(torch.int8), s
 
 
 def quantize_activations(x: torch.Tensor, bits: int | None) -> torch.Tensor:
@@ -249,9 +258,13 @@ class _Int8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, codes, scale, kernel):  # noqa: ANN001 - autograd
-        q, s = absmax_int8(x)
-        q2 = q.reshape(-1, q.shape[-1])
-        acc = int_mm(q2, codes.t()) if kernel == "int8" else fp32_mm(q2, codes.t())
+        if kernel == "int8":
+            q, s = absmax_int8(x)  # saved as int8: 1 byte per activation
+            acc = int_mm(q.reshape(-1, q.shape[-1]), codes.t())
+        else:  # the codes stay float: no casts to int8 and back (the same values)
+            q, s = absmax_codes(x)
+            codes = codes.float()
+            acc = fp32_mm(q.reshape(-1, q.shape[-1]), codes.t())
         y = rescale(acc, s.reshape(-1, 1), scale, bias)
         ctx.save_for_backward(q, s, codes, scale)
         ctx.has_bias = bias is not None
@@ -263,10 +276,13 @@ class _Int8Linear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).float()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            w_q = codes.float().mul_(scale.reshape(-1, 1))
+            # A new tensor either way (codes may be the saved fp32 codes: never in place).
+            w_q = codes.mul(scale.reshape(-1, 1)) if codes.is_floating_point() else (
+                codes.float().mul_(scale.reshape(-1, 1)))
             grad_x = (g @ w_q).reshape(*q.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            x_q = q.float().div_(s).reshape(-1, q.shape[-1])
+            x_q = (q.div(s) if q.is_floating_point() else q.float().div_(s))
+            x_q = x_q.reshape(-1, q.shape[-1])
             grad_w = g.t() @ x_q
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None
