@@ -253,7 +253,9 @@ class _Int8Linear(torch.autograd.Function):
     The same function and gradients as the fake-quantized F.linear (identity STE for both
     the activations and the weights), only faster: the products of small integers are exact.
     ``kernel`` (`bitvit.kernels`): ``int8`` (int8 x int8 -> int32) or ``fp32`` (the same
-    integers as floats); both give identical outputs.
+    integers as floats); both give identical outputs and gradients. For backward, ``int8``
+    saves the activation codes as int8 (1 byte each), ``fp32`` as the float codes it
+    multiplied (4 bytes each, as much as the fake-quant path's saved input).
     """
 
     @staticmethod
