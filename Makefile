@@ -8,7 +8,7 @@ QUICK_ARGS := --config configs/paper.yaml --epochs 2 --quiet
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,onnx]"
 
 quickstart: install
 	rm -rf $(QUICK)

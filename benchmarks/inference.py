@@ -1,23 +1,48 @@
-"""Inference throughput: the integer path vs full precision (fp32 and bf16), and file sizes.
+"""Inference throughput of every engine, in one process, and file sizes: the whole matrix.
 
 For each preset (paper, strong) and batch size (1, 256): images/s of
-- ``fp32``: the unquantized ViT in fp32, eager;
-- ``bf16``: the same fp32 model under ``torch.autocast("cpu", torch.bfloat16)`` (weights stay fp32;
-  autocast recasts them and runs the matmuls in bf16 on every call);
-- ``bf16w``: a bf16 copy of the model (weights stored in bf16, bf16 input: no recasting). The
-  ``speedup_bf16_*`` keys use whichever of the two bf16 variants is faster, so the integer path
-  is compared with the better bf16 baseline;
-- ``int``:  the b158 model exported and loaded back with `bitvit.load` (int8 x int8 -> int32
-  linears; fp16-stored parameters come back as fp32), eager;
-- with ``--compile``, also ``fp32-c`` and ``int-c``: both under ``torch.compile`` (inductor fuses
-  LayerNorm with activation quantization and the rescale with bias and GELU).
-All in one process on the same inputs, interleaved round by round so drift hits all alike.
-Weights are random: speed does not depend on training.
+- ``fp32``: the unquantized ViT in fp32, torch eager (the baseline of every ``speedup`` key);
+- ``bf16``: the same fp32 model under ``torch.autocast("cpu", torch.bfloat16)`` (weights stay
+  fp32; autocast recasts them and runs the matmuls in bf16 on every call);
+- ``bf16w``: a bf16 copy of the model (weights stored in bf16, bf16 input: no recasting);
+- ``int``: the b158 model exported and loaded back with `bitvit.load` (int8 x int8 -> int32
+  linears), eager; ``int-c``: the same under `bitvit.engine.compile_model` (inductor fuses
+  LayerNorm with activation quantization, the rescale with bias and GELU), compiled per batch;
+- ``fp``: the exported b158 model loaded with ``engine="fp"`` (fake-quant on fp32 weights);
+- ``ort-fp32``: ONNX Runtime on the unquantized model as an fp32 ONNX graph;
+- ``ort-int8``: ONNX Runtime on that graph after ``onnxruntime.quantization.quantize_dynamic``
+  (QInt8 weights, activations quantized per call): the standard int8 deployment to beat;
+- ``ort-token`` / ``ort-tensor``: bitvit's ONNX export of the b158 model
+  (`bitvit.onnx_export.to_onnx`, per-token or per-tensor activation scales) under ONNX Runtime;
+- ``fp32-c`` (only with ``--compile`` or named in ``--engines``): the fp32 model compiled.
+Every engine gets the same thread count (``--threads``: torch's intra-op threads and ONNX
+Runtime's ``intra_op_num_threads`` alike). All run on the same inputs, interleaved round by
+round, so that drift on the machine hits all alike. Weights are random: speed does not depend
+on training. An engine that fails to build or run is reported as failed, and the rest go on.
 
-Prints a table and, last, one JSON line (speedups are median over median, paper preset; the
-same keys with a ``_strong`` suffix for the strong preset).
+Under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` torch and oneDNN run as on an AVX2
+CPU, but ONNX Runtime does not: its kernels dispatch on the CPU's own flags. The ``ort-*`` rows
+then run the hardware's ISA (``hardware_isa``); they are printed, with a note, and left out of
+the speedup keys (``ort_in_speedups: false``).
 
-    python benchmarks/inference.py [--repeats 20] [--compile] [--profile]
+Prints a header line (command, commit, date, CPU, threads, ISA, the integer kernel chosen and
+why), a table and, last, one JSON line. ``speedup_fp32_b*``: the best bitvit engine (int,
+int-c, ort-token, ort-tensor) over torch fp32 eager, median over median, paper preset;
+``speedup_ort_int8_b*``: the same best over ``ort-int8``; the same keys with a ``_strong``
+suffix for the strong preset.
+
+    PYTHONPATH=src python benchmarks/inference.py [--repeats 20] [--threads 2] [--profile]
+        [--compile] [--presets paper,strong] [--batches 1,256] [--engines fp32,int,...]
+        [--out FILE]
+
+The records (on a quiet machine; the second caps torch and oneDNN at AVX2, as on a CPU without
+AVX-512 or VNNI, and the header's ISA says so):
+
+    PYTHONPATH=src python benchmarks/inference.py --repeats 20 --compile --profile \
+        --out benchmarks/results/inference-avx512.txt
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PYTHONPATH=src python \
+        benchmarks/inference.py --repeats 20 --compile --profile \
+        --out benchmarks/results/inference-avx2.txt
 """
 
 from __future__ import annotations
@@ -27,11 +52,17 @@ import contextlib
 import copy
 import ctypes
 import json
+import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,6 +70,7 @@ from safetensors.torch import save_file
 
 from bitvit import VisionTransformer, ViTConfig, load, quantize_
 from bitvit.config import Config
+from bitvit.data import DataConfig
 from bitvit.engine import compile_model
 from bitvit.export import export_model
 from bitvit.quant import QuantConfig
@@ -47,6 +79,34 @@ PRESETS = {
     "paper": ViTConfig(patch_size=16, dim=256, depth=6, heads=8, mlp_ratio=4.0),
     "strong": ViTConfig(patch_size=4, dim=192, depth=9, heads=12, mlp_ratio=2.0),
 }
+ENGINES = ("fp32", "bf16", "bf16w", "int", "int-c", "fp", "ort-fp32", "ort-int8", "ort-token",
+           "ort-tensor", "fp32-c")
+DEFAULT_ENGINES = tuple(e for e in ENGINES if e != "fp32-c")
+# bitvit's deployable engines: the "best bitvit engine" of the speedup keys is one of these.
+BITVIT_ENGINES = ("int", "int-c", "ort-token", "ort-tensor")
+ONNX_FILES = {"ort-fp32": "fp32.onnx", "ort-int8": "int8.onnx", "ort-token": "b158-token.onnx",
+              "ort-tensor": "b158-tensor.onnx"}
+ROOT = Path(__file__).resolve().parents[1]
+# Environment variables that change which kernels torch, oneDNN and bitvit run: part of the
+# command in the record.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "BITVIT_INT_KERNEL")
+
+Call = Callable[[], object]
+
+
+class Record:
+    """Prints lines and keeps them, so that ``--out`` gets exactly what was printed."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(self.lines) + "\n")
 
 
 def tune_malloc() -> bool:
@@ -63,19 +123,248 @@ def tune_malloc() -> bool:
         return False
 
 
-def export_and_load(model_fp32: torch.nn.Module, model_b158: torch.nn.Module, cfg: ViTConfig,
-                    ) -> tuple[torch.nn.Module, int, int]:
-    """Export the b158 model, load it back as users do (`bitvit.load`, integer engine).
+def one_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return text[:160]
 
-    Returns (loaded model, exported bytes, fp32 checkpoint bytes).
+
+# ---------------------------------------------------------------------------------------------
+# The machine: CPU, ISA, kernel choice, commit.
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_info() -> dict[str, object]:
+    """ISA summary and the integer kernel `bitvit.kernels` chooses, or a note why not known."""
+    try:
+        from bitvit.kernels import ISA_ENV as CAPS
+        from bitvit.kernels import choose_kernel, cpu_isa, isa_summary
+
+        choice = choose_kernel("cpu")
+        isa = cpu_isa()
+        # What the CPU offers without the env caps: what ONNX Runtime runs (see main).
+        hardware = isa_summary({**isa, **dict.fromkeys(CAPS)})
+        return {"isa": isa_summary(isa), "hardware_isa": hardware, "kernel": choice.name,
+                "kernel_reason": choice.reason, "cpu_isa": isa}
+    except Exception as err:  # noqa: BLE001 - the benchmark runs without it, and says so
+        return {"isa": f"torch capability {torch.backends.cpu.get_cpu_capability()}",
+                "kernel": None, "kernel_reason": f"bitvit.kernels unavailable ({one_line(err)})"}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True).stdout
+        return out + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ISA_ENV if k in os.environ]
+    return " ".join([*env, "python", shlex.join(sys.argv)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the engines of one preset.
+# ---------------------------------------------------------------------------------------------
+
+
+class PresetModels:
+    """Every model of one preset, built once; ``failed`` maps an engine to why it cannot run."""
+
+    def __init__(self, cfg: ViTConfig, engines: list[str], threads: int, tmp: Path,
+                 record: Record) -> None:
+        self.cfg, self.engines, self.threads = cfg, engines, threads
+        self.failed: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+        self.ort: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        torch.manual_seed(0)
+        self.fp32 = VisionTransformer(cfg).eval()
+        self.bf16w = copy.deepcopy(self.fp32).to(torch.bfloat16)
+        self.b158 = copy.deepcopy(self.fp32).eval()
+        quantize_(self.b158, "b158")
+        fp32_path, b158_path = tmp / "fp32.safetensors", tmp / "b158.safetensors"
+        save_file({k: v.contiguous() for k, v in self.fp32.state_dict().items()}, fp32_path)
+        # Normalization numbers an export must carry (CIFAR-10's; speed does not depend on them).
+        data = DataConfig(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+        config = Config(model=cfg, quant=QuantConfig(method="b158"), data=data)
+        export_model(self.b158, config, [str(i) for i in range(cfg.num_classes)], b158_path)
+        self.sizes["fp32_bytes"] = fp32_path.stat().st_size
+        self.sizes["exported_bytes"] = b158_path.stat().st_size
+        self.int_model = load(b158_path, engine="int")
+        self.fp_model = load(b158_path, engine="fp") if "fp" in engines else None
+        if any(e.startswith("ort-") for e in engines):
+            self._build_onnx(tmp, record)
+
+    def _build_onnx(self, tmp: Path, record: Record) -> None:
+        wanted = [e for e in self.engines if e.startswith("ort-")]
+        try:
+            from bitvit.onnx_export import OrtModel, to_onnx
+        except ImportError as err:
+            why = f"bitvit.onnx_export unavailable ({one_line(err)})"
+            record.print(f"note: skipping {', '.join(wanted)}: {why}")
+            self.failed.update(dict.fromkeys(wanted, why))
+            return
+        paths = {e: tmp / ONNX_FILES[e] for e in wanted}
+        steps: dict[str, Callable[[], object]] = {
+            "ort-fp32": lambda: to_onnx(self.fp32, paths["ort-fp32"]),
+            "ort-int8": lambda: self._quantize_dynamic(to_onnx, tmp / ONNX_FILES["ort-fp32"],
+                                                       paths["ort-int8"]),
+            "ort-token": lambda: to_onnx(self.b158, paths["ort-token"], act_quant="token"),
+            "ort-tensor": lambda: to_onnx(self.b158, paths["ort-tensor"], act_quant="tensor"),
+        }
+        for engine in wanted:
+            try:
+                steps[engine]()
+                self.sizes[f"onnx_{engine.removeprefix('ort-')}_bytes"] = paths[engine].stat(
+                    ).st_size
+                self.ort[engine] = OrtModel(paths[engine], threads=self.threads)
+            except Exception as err:  # noqa: BLE001 - a failed engine is a result, not a crash
+                self.failed[engine] = f"build: {one_line(err)}"
+
+    def _quantize_dynamic(self, to_onnx: Callable, fp32_path: Path, out: Path) -> None:
+        """ORT's recipe: pre-process (shape inference, graph cleanup), then QInt8 weights."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if not fp32_path.exists():  # ort-int8 asked for without ort-fp32
+            to_onnx(self.fp32, fp32_path)
+        source = fp32_path.with_name("fp32-pre.onnx")
+        try:
+            quant_pre_process(fp32_path, source)
+        except Exception:  # noqa: BLE001 - pre-processing only helps; quantize the plain graph
+            source = fp32_path
+        quantize_dynamic(source, out, weight_type=QuantType.QInt8)
+
+    def calls(self, x: torch.Tensor) -> tuple[dict[str, Call], dict[str, str]]:
+        """Engine -> a no-argument call that runs it on ``x``, and the engines that failed to
+        build for this batch (compiling is per batch size) with why."""
+        calls: dict[str, Call] = {}
+        failed = {e: why for e, why in self.failed.items() if e in self.engines}
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        x_bf16 = x.to(torch.bfloat16)
+        for engine in self.engines:
+            if engine in self.failed:
+                continue
+            if engine == "fp32":
+                calls[engine] = lambda: self.fp32(x)
+            elif engine == "bf16":
+                calls[engine] = lambda: _under(autocast, self.fp32, x)
+            elif engine == "bf16w":
+                calls[engine] = lambda: self.bf16w(x_bf16)
+            elif engine == "int":
+                calls[engine] = lambda: self.int_model(x)
+            elif engine == "fp":
+                calls[engine] = lambda: self.fp_model(x)
+            elif engine in ("int-c", "fp32-c"):
+                model = self.int_model if engine == "int-c" else self.fp32
+                compiled = compiled_or_why(model, x)
+                if isinstance(compiled, str):
+                    failed[engine] = compiled
+                else:
+                    calls[engine] = lambda m=compiled: m(x)
+            else:
+                calls[engine] = lambda s=self.ort[engine]: s(x)
+        return calls, failed
+
+
+def _under(ctx: contextlib.AbstractContextManager, model: torch.nn.Module,
+           x: torch.Tensor) -> torch.Tensor:
+    with ctx:
+        return model(x)
+
+
+def compiled_or_why(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module | str:
+    """The model compiled for this batch shape, or why compiling failed.
+
+    `compile_model` falls back to eager with a warning; here that is a failure to report, not
+    an eager model to time under the compiled name. ``dynamic=False``: one graph per batch size
+    (dynamo would otherwise turn the second size into a slower dynamic-shape graph).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32_path = Path(tmp) / "fp32.safetensors"
-        save_file({k: v.contiguous() for k, v in model_fp32.state_dict().items()}, fp32_path)
-        out = Path(tmp) / "b158.safetensors"
-        config = Config(model=cfg, quant=QuantConfig(method="b158"))
-        export_model(model_b158, config, [str(i) for i in range(cfg.num_classes)], out)
-        return load(out, engine="int"), out.stat().st_size, fp32_path.stat().st_size
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        compiled = compile_model(model, x, dynamic=False)
+    if compiled is model:
+        why = next((str(w.message) for w in caught if "compile" in str(w.message)), "")
+        return f"compile: {why.splitlines()[0][:160] if why else 'fell back to eager'}"
+    return compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------
+
+
+def time_interleaved(calls: dict[str, Call], repeats: int, warmup: int,
+                     ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Seconds per call of each engine over ``repeats`` rounds of one call each.
+
+    An engine that raises (in warm-up or a round) is dropped with the reason; the others go on.
+    """
+    failed: dict[str, str] = {}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            try:
+                for _ in range(warmup):
+                    call()
+            except Exception as err:  # noqa: BLE001
+                failed[name] = f"run: {one_line(err)}"
+        names = list(calls)
+        for round_ in range(repeats):
+            # Each round starts one engine further on, so that no engine always follows the same
+            # one (whose threads may still be spinning down, or whose memory is still in cache).
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                call = calls[name]
+                if name in failed:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - t0)
+                except Exception as err:  # noqa: BLE001
+                    failed[name] = f"run: {one_line(err)}"
+    return {k: v for k, v in times.items() if k not in failed and v}, failed
+
+
+def summarize(batch: int, times: dict[str, list[float]], suffix: str, with_ort: bool = True,
+              ) -> dict[str, object]:
+    """The JSON keys of one (preset, batch): img/s per engine and the speedups.
+
+    ``with_ort=False`` (torch's ISA capped, ONNX Runtime's not): the best bitvit engine is
+    chosen among the torch ones, and nothing is compared with ``ort-int8``.
+    """
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    out: dict[str, object] = {f"{name}_img_s_b{batch}{suffix}": round(batch / m, 1)
+                              for name, m in med.items()}
+    pool = [e for e in BITVIT_ENGINES if with_ort or not e.startswith("ort-")]
+    bitvit = {name: m for name, m in med.items() if name in pool}
+    best = min(bitvit, key=bitvit.get) if bitvit else None
+    out[f"best_engine_b{batch}{suffix}"] = best
+
+    def over(baseline: str | None) -> float | None:
+        if best is None or baseline not in med:
+            return None
+        return round(med[baseline] / med[best], 3)
+
+    out[f"speedup_fp32_b{batch}{suffix}"] = over("fp32")
+    out[f"speedup_ort_int8_b{batch}{suffix}"] = over("ort-int8" if with_ort else None)
+    bf16 = [n for n in ("bf16", "bf16w") if n in med]
+    out[f"speedup_bf16_b{batch}{suffix}"] = over(min(bf16, key=med.get) if bf16 else None)
+    return out
 
 
 def profile_shares(fn: Callable[[], object], rounds: int = 3) -> list[tuple[str, float]]:
@@ -84,7 +373,9 @@ def profile_shares(fn: Callable[[], object], rounds: int = 3) -> list[tuple[str,
 
     groups = {
         "int8 matmul": ("aten::_int_mm",),
-        "fp32 matmul": ("aten::addmm", "aten::mm", "aten::linear", "aten::bmm"),
+        # On the fp32 kernel (bitvit.kernels) the integer product itself is an fp32 matmul.
+        "fp32 matmul (head; integer product on the fp32 kernel)": (
+            "aten::addmm", "aten::mm", "aten::linear", "aten::bmm"),
         "act quant (absmax, scale, round, cast)": (
             "aten::amax", "aten::amin", "aten::neg_", "aten::maximum", "aten::clamp_",
             "aten::reciprocal", "aten::div", "aten::round_", "aten::round"),
@@ -106,100 +397,136 @@ def profile_shares(fn: Callable[[], object], rounds: int = 3) -> list[tuple[str,
     return sorted(((g, t / whole) for g, t in totals.items()), key=lambda r: -r[1])
 
 
-def main() -> None:
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_list(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if allowed is not None and s not in allowed]
+    if not items or bad:
+        raise ValueError(f"--{what}: {bad[0] if bad else 'empty'!r} is not one of "
+                         f"{', '.join(allowed or ())}")
+    return items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="paper,strong")
+    ap.add_argument("--presets", default="paper,strong", help=f"of {', '.join(PRESETS)}")
     ap.add_argument("--batches", default="1,256")
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                    help=f"subset of {', '.join(ENGINES)} (default all but fp32-c)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="threads for every engine (torch intra-op, ORT intra_op_num_threads)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time fp32-c, the fp32 model compiled (int-c is in the default set)")
+    ap.add_argument("--out", type=Path, help="also write the whole printed record here")
     ap.add_argument("--profile", action="store_true", help="profile the int model at the "
                     "largest batch: where the remaining time goes")
     ap.add_argument("--no-malloc-tune", action="store_true",
                     help="leave glibc malloc at its defaults (see tune_malloc)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        args.presets = parse_list(args.presets, tuple(PRESETS), "presets")
+        args.engines = parse_list(args.engines, ENGINES, "engines")
+        if args.compile and "fp32-c" not in args.engines:
+            args.engines.append("fp32-c")
+        args.batches = [int(b) for b in parse_list(args.batches, None, "batches")]
+        if min(args.batches) < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+            raise ValueError("--batches, --threads and --repeats must be >= 1, --warmup >= 0")
+    except ValueError as err:
+        ap.error(str(err).replace("invalid literal for int() with base 10", "--batches: "
+                                  "expected integers, got"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tune else tune_malloc()
-    batches = [int(b) for b in args.batches.split(",")]
-
+    record = Record()
+    machine = kernel_info()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    commit = git_commit()
+    record.print(f"# {command_line()}   (commit {commit}, {date}, CPU {cpu_model()}, "
+                 f"{args.threads} threads, ISA {machine['isa']}, kernel {machine['kernel']}: "
+                 f"{machine['kernel_reason']})")
     result: dict[str, object] = {
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "repeats": args.repeats, "malloc_tuned": tuned,
-        "bf16": "faster of autocast and bf16 weights",
+        **machine, "command": command_line(), "commit": commit, "date": date,
+        "threads": args.threads, "cpu": cpu_model(), "torch": torch.__version__,
+        "repeats": args.repeats, "malloc_tuned": tuned, "engines": args.engines,
+        "bf16": "faster of autocast and bf16 weights", "failed": {},
     }
-    print(f"inference, CPU, {torch.get_num_threads()} threads, {args.repeats} repeats, "
-          f"malloc tuned: {tuned}; images/s (min time -> best, median time -> typical)")
-    print(f"{'preset':7} {'batch':>5} {'model':7} {'best img/s':>11} {'median img/s':>13} "
-          f"{'speedup':>8}")
-    for preset in args.presets.split(","):
-        cfg = PRESETS[preset]
-        torch.manual_seed(0)
-        fp32 = VisionTransformer(cfg).eval()
-        bf16_weights = copy.deepcopy(fp32).to(torch.bfloat16)
-        b158 = copy.deepcopy(fp32)
-        quantize_(b158, "b158")
-        int_model, exported_bytes, fp32_bytes = export_and_load(fp32, b158, cfg)
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+        result["onnxruntime"] = onnxruntime.__version__
+    # ONNX Runtime's kernels (MLAS) dispatch on CPUID and ignore ATEN_CPU_CAPABILITY and
+    # ONEDNN_MAX_CPU_ISA: under an emulated ISA its rows run the hardware's, so they are shown
+    # but kept out of the speedup keys, which would otherwise compare two different ISAs.
+    ort_comparable = machine.get("hardware_isa", machine["isa"]) == machine["isa"]
+    result["ort_in_speedups"] = ort_comparable
+    if not ort_comparable and any(e.startswith("ort-") for e in args.engines):
+        record.print(f"note: ONNX Runtime ignores the ISA caps: the ort-* rows run "
+                     f"{machine['hardware_isa']}; the speedup keys compare torch engines only")
+    for preset in ("paper", "strong"):  # the contract keys exist (null) even when not measured
         suffix = "" if preset == "paper" else f"_{preset}"
-        result[f"size_ratio_fp32{suffix}"] = round(exported_bytes / fp32_bytes, 4)
-        result[f"exported_bytes{suffix}"] = exported_bytes
-        result[f"fp32_bytes{suffix}"] = fp32_bytes
-
-        for batch in batches:
-            x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
-            nullctx = contextlib.nullcontext()
-            # name -> (model, context, input)
-            models: dict[str, tuple[torch.nn.Module, contextlib.AbstractContextManager,
-                                    torch.Tensor]] = {
-                "fp32": (fp32, nullctx, x),
-                "bf16": (fp32, torch.autocast("cpu", dtype=torch.bfloat16), x),
-                "bf16w": (bf16_weights, nullctx, x.to(torch.bfloat16)),
-                "int": (int_model, nullctx, x),
-            }
-            if args.compile:
+        for key in ("size_ratio_fp32", "best_engine_b1", "best_engine_b256", "speedup_fp32_b1",
+                    "speedup_fp32_b256", "speedup_ort_int8_b256"):
+            result[f"{key}{suffix}"] = None
+    record.print(f"inference, CPU, {args.threads} threads, {args.repeats} repeats, malloc tuned: "
+                 f"{tuned}; images/s (min time -> best, median time -> typical); vs fp32: "
+                 f"median over median")
+    record.print(f"{'preset':7} {'batch':>5} {'engine':10} {'best img/s':>11} "
+                 f"{'median img/s':>13} {'vs fp32':>8}")
+    failed: dict[str, str] = result["failed"]  # type: ignore[assignment]
+    for preset in args.presets:
+        cfg = PRESETS[preset]
+        suffix = "" if preset == "paper" else f"_{preset}"
+        with tempfile.TemporaryDirectory() as tmp:
+            models = PresetModels(cfg, args.engines, args.threads, Path(tmp), record)
+            for batch in args.batches:
+                x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+                calls, build_failed = models.calls(x)
+                times, run_failed = time_interleaved(calls, args.repeats, args.warmup)
+                base = statistics.median(times["fp32"]) if "fp32" in times else None
+                for engine in args.engines:
+                    why = run_failed.get(engine) or build_failed.get(engine)
+                    if why:
+                        record.print(f"{preset:7} {batch:5d} {engine:10} failed: {why}")
+                        failed[f"{engine}_b{batch}{suffix}"] = why
+                        result[f"{engine}_img_s_b{batch}{suffix}"] = None
+                        continue
+                    ts = times[engine]
+                    ratio = f"{base / statistics.median(ts):8.2f}" if base else f"{'-':>8}"
+                    record.print(f"{preset:7} {batch:5d} {engine:10} {batch / min(ts):11.1f} "
+                                 f"{batch / statistics.median(ts):13.1f} {ratio}")
+                result.update(summarize(batch, times, suffix, with_ort=ort_comparable))
+            sizes = models.sizes
+            ratio = sizes["exported_bytes"] / sizes["fp32_bytes"]
+            result[f"size_ratio_fp32{suffix}"] = round(ratio, 4)
+            result.update({f"{k}{suffix}": v for k, v in sizes.items()})
+            onnx = ", ".join(f"{k.removesuffix('_bytes')} {v / 1e6:.3f} MB"
+                             for k, v in sizes.items() if k.startswith("onnx_"))
+            record.print(f"{preset}: exported b158 {sizes['exported_bytes'] / 1e6:.3f} MB, fp32 "
+                         f"checkpoint {sizes['fp32_bytes'] / 1e6:.3f} MB, ratio {ratio:.4f}"
+                         + (f"; {onnx}" if onnx else ""))
+            if args.profile:
+                x = torch.randn(max(args.batches), 3, cfg.image_size, cfg.image_size)
                 with torch.inference_mode():
-                    models["fp32-c"] = (compile_model(fp32, x), nullctx, x)
-                    models["int-c"] = (compile_model(int_model, x), nullctx, x)
-
-            def run(name: str, models=models) -> None:
-                model, ctx, inp = models[name]
-                with ctx:
-                    model(inp)
-
-            times: dict[str, list[float]] = {name: [] for name in models}
-            with torch.inference_mode():
-                for name in models:
-                    for _ in range(args.warmup):
-                        run(name)
-                for _ in range(args.repeats):
-                    for name in models:
-                        t0 = time.perf_counter()
-                        run(name)
-                        times[name].append(time.perf_counter() - t0)
-            base = statistics.median(times["fp32"])
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                print(f"{preset:7} {batch:5d} {name:7} {batch / min(ts):11.1f} "
-                      f"{batch / med:13.1f} {base / med:8.2f}")
-                result[f"{name}_img_s_b{batch}{suffix}"] = round(batch / med, 1)
-            med_int = statistics.median(times["int"])
-            result[f"speedup_fp32_b{batch}{suffix}"] = round(base / med_int, 3)
-            med_bf16 = min(statistics.median(times["bf16"]), statistics.median(times["bf16w"]))
-            result[f"speedup_bf16_b{batch}{suffix}"] = round(med_bf16 / med_int, 3)
-            if args.compile:
-                result[f"speedup_compiled_b{batch}{suffix}"] = round(
-                    statistics.median(times["fp32-c"]) / statistics.median(times["int-c"]), 3)
-                result[f"speedup_int_c_over_fp32_b{batch}{suffix}"] = round(
-                    base / statistics.median(times["int-c"]), 3)
-        print(f"{preset}: exported b158 {exported_bytes / 1e6:.3f} MB, fp32 checkpoint "
-              f"{fp32_bytes / 1e6:.3f} MB, ratio {exported_bytes / fp32_bytes:.4f}")
-        if args.profile:
-            x = torch.randn(max(batches), 3, cfg.image_size, cfg.image_size)
-            with torch.inference_mode():
-                shares = profile_shares(lambda x=x, m=int_model: m(x))
-            print(f"{preset}: int model, batch {max(batches)}, self-CPU share by op group:")
-            for group, share in shares:
-                print(f"  {share:6.1%}  {group}")
-            result[f"profile_int_b{max(batches)}{suffix}"] = {g: round(s, 3) for g, s in shares}
-    print(json.dumps(result))
+                    shares = profile_shares(lambda x=x, m=models.int_model: m(x))
+                record.print(f"{preset}: int model, batch {max(args.batches)}, self-CPU share "
+                             f"by op group:")
+                for group, share in shares:
+                    record.print(f"  {share:6.1%}  {group}")
+                result[f"profile_int_b{max(args.batches)}{suffix}"] = {
+                    g: round(s, 3) for g, s in shares}
+    record.print(json.dumps(result))
+    if args.out:
+        record.write(args.out)
+    return result
 
 
 if __name__ == "__main__":

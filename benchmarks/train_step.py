@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bitvit import VisionTransformer, ViTConfig, quantize_
+from bitvit.kernels import choose_kernel
 
 
 def main() -> None:
@@ -57,11 +58,14 @@ def main() -> None:
             times[method].append(time.perf_counter() - t0)
 
     base = statistics.median(times["fp"]) if "fp" in times else None
+    kernel = choose_kernel(args.device)  # decided by the quantized models' first step
     print(f"train step, paper ViT (patch 16, dim 256, depth 6), batch {args.batch}, "
           f"{args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    print(f"integer kernel: {kernel.name} ({kernel.reason})")
     print(f"{'method':8} {'min ms':>9} {'median ms':>10} {'median/fp':>10}")
     result = {"batch": args.batch, "device": args.device, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "isa": kernel.isa, "int_kernel": kernel.name}
     for method, ts in times.items():
         med = statistics.median(ts)
         ratio = med / base if base else float("nan")

@@ -9,6 +9,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = (ROOT / "../shared/data/cifar-10-jpeg.tar.gz").resolve()
+# One integer kernel for the whole suite, so that results (and resident bytes) do not hang on a
+# micro-benchmark of a shared machine; BITVIT_INT_KERNEL=fp32 runs the suite on the other one.
+# tests/test_kernels.py tests the choice itself.
+os.environ.setdefault("BITVIT_INT_KERNEL", "int8")
 
 
 @pytest.fixture(scope="session")

@@ -105,11 +105,14 @@ def test_ternary_layer_with_known_zeros_splits_adds_and_noops():
 
 
 def test_bits_and_bytes_of_quantized_layers():
-    b158 = rows_by_name(profile_model(tiny("b158"), TINY))["blocks.0.mlp.fc1"]
+    b158 = rows_by_name(profile_model(tiny("b158"), TINY, int_kernel="int8"))["blocks.0.mlp.fc1"]
     assert b158.info_bits_per_weight == pytest.approx(math.log2(3))
     assert b158.stored_bits_per_weight == pytest.approx(1.6)
     assert b158.bytes_packed == math.ceil(256 / 5) + 4 + 2 * 32  # codes, one scale, fp16 bias
     assert b158.bytes_resident == 256 + 4 + 4 * 32  # int8 codes, scale, fp32 bias
+    # The fp32 integer kernel also holds the codes as fp32.
+    fp32 = rows_by_name(profile_model(tiny("b158"), TINY, int_kernel="fp32"))["blocks.0.mlp.fc1"]
+    assert fp32.bytes_resident == (1 + 4) * 256 + 4 + 4 * 32
     two_bit = rows_by_name(profile_model(tiny("b158"), TINY, ternary_packing="2bit"))
     assert two_bit["blocks.0.mlp.fc1"].bytes_packed == 256 // 4 + 4 + 2 * 32
     xnor = rows_by_name(profile_model(tiny("xnor"), TINY))["blocks.0.mlp.fc1"]
@@ -207,7 +210,7 @@ def test_activation_peak_is_the_largest_layer():
 
 def test_bytes_held_by_the_module_as_loaded():
     model = tiny("b158")  # a training model keeps its latent fp32 weights
-    p = profile_model(model, TINY)
+    p = profile_model(model, TINY, int_kernel="int8")
     assert p.totals["bytes_held_by_module"] == 4 * p.totals["params"]
     assert p.totals["bytes_resident"] < p.totals["bytes_held_by_module"]
 
@@ -275,5 +278,5 @@ def test_resident_bytes_are_what_the_loaded_model_holds(tmp_path, method, quant)
     held = _storage_bytes(bitvit.load(file, engine="int"))
     assert p.totals["bytes_resident"] == held
     assert p.totals["bytes_held_by_module"] == held
-    if method != "fp":  # 1 byte per quantized weight, not 2 (or a cached fp32 copy)
-        assert held < 4 * p.totals["params"] - 2 * p.totals["quantized_weights"]
+    if method != "fp" and p.int_kernel == "int8":  # 1 byte per quantized weight, not 2 (or a
+        assert held < 4 * p.totals["params"] - 2 * p.totals["quantized_weights"]  # fp32 copy)

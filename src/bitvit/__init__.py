@@ -22,6 +22,7 @@ _HOMES = {
     "ExportedModel": "export", "ExportError": "export", "export_checkpoint": "export",
     "export_model": "export", "load": "export",
     "VisionTransformer": "model", "ViTConfig": "model",
+    "OrtModel": "onnx_export", "load_onnx": "onnx_export", "to_onnx": "onnx_export",
     "profile_model": "profile",
     "METHODS": "quant", "BitLinear": "quant", "QuantConfig": "quant", "QuantizedLayer": "quant",
     "quantize_": "quant", "quantize_activations": "quant", "quantize_weights": "quant",

@@ -6,9 +6,17 @@ import argparse
 import json
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from bitvit import __version__
 from bitvit.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from bitvit.export import ExportedModel
+
+ENGINE_NAMES = ("int", "fp", "ort")  # bitvit.engine.ENGINES and ONNX Runtime (.onnx files)
 
 # Nothing here imports torch at module level: --help and --version answer at once, and each
 # subcommand imports what it needs when it runs.
@@ -110,13 +118,15 @@ def _train(args: argparse.Namespace) -> int:
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run, checkpoint or exported model on test data")
     p.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a run folder, checkpoint, or exported .safetensors model")
+                   help="a run folder, checkpoint, or exported .safetensors or .onnx model")
     p.add_argument("--data", help="data file or folder (default: the run's own data.path)")
     p.add_argument("--best", action="store_true", help="use best/ instead of last/")
     p.add_argument("--limit-test", type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", choices=("int", "fp"), default="int",
-                   help="exported models: integer kernels (int) or dequantized fp32 (fp)")
+    p.add_argument("--engine", choices=ENGINE_NAMES,
+                   help="exported models: integer kernels (int, the default for .safetensors), "
+                        "dequantized fp32 (fp), or ONNX Runtime (ort, the default and only "
+                        "engine for .onnx files)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fused kernels; eager if compiling fails)")
     p.set_defaults(func=_eval)
@@ -150,6 +160,13 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                         "(binary codes always take 1 bit)")
     p.add_argument("--float-dtype", choices=("fp16", "fp32"), default="fp16",
                    help="dtype of the parameters that are not quantized (default fp16)")
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                   help="safetensors (bitvit's own file, default) or onnx (a graph ONNX "
+                        "Runtime runs as it is: int8 codes, fp32 scales and floats)")
+    p.add_argument("--act-quant", choices=("token", "tensor"),
+                   help="onnx only: 8-bit activations quantized per token (token, default: "
+                        "BitNet's exact arithmetic) or per tensor (tensor: ONNX Runtime's "
+                        "DynamicQuantizeMatMul, faster, approximate)")
     p.set_defaults(func=_run_export)
 
 
@@ -158,6 +175,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from bitvit.export import export_checkpoint
 
     src = resolve_checkpoint(args.src, args.best)
+    if args.format == "onnx":
+        return _run_export_onnx(args, src)
+    if args.act_quant is not None:
+        raise CliError("--act-quant applies to --format onnx (safetensors exports keep "
+                       "BitNet's per-token activations)")
     try:
         out = export_checkpoint(src, args.out, packing=args.packing,
                                 float_dtype=args.float_dtype)
@@ -171,12 +193,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export_onnx(args: argparse.Namespace, src: Path) -> int:
+    from bitvit.checkpoint import CheckpointError
+    from bitvit.export import ExportError
+    from bitvit.onnx_export import export_onnx
+
+    given = [flag for flag, on in (("--packing", args.packing != "base3"),
+                                   ("--float-dtype", args.float_dtype != "fp16")) if on]
+    if given:
+        raise CliError(f"{given[0]} applies to --format safetensors (an ONNX export holds int8 "
+                       "codes and fp32 floats)")
+    act_quant = args.act_quant or "token"
+    try:
+        out = export_onnx(src, args.out, act_quant=act_quant)
+    except (CheckpointError, ExportError):
+        raise
+    except ValueError as e:  # e.g. a layer the graph builder does not know
+        raise CliError(f"{args.out}: {e}") from None
+    size, ref = out.stat().st_size, src.stat().st_size
+    print(f"wrote {out}: {size:,} bytes (ONNX, {act_quant} activation quantization, int8 codes, "
+          f"fp32 floats); fp32 checkpoint {src}: {ref:,} bytes ({ref / size:.1f}x larger)")
+    return 0
+
+
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="classify images with an exported model",
         description="Print the top classes with their probabilities for each image, applying "
                     "the preprocessing stored in the model file.")
-    p.add_argument("model", metavar="MODEL", help="an exported .safetensors file")
+    p.add_argument("model", metavar="MODEL", help="an exported .safetensors or .onnx file")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="PNG/JPEG files, or folders (all PNG/JPEG files inside, sorted)")
     p.add_argument("--top-k", type=int, default=5, metavar="K",
@@ -185,8 +230,10 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    help="one JSON object per line: {file, predictions: [{class, probability}]}")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--engine", choices=("int", "fp"), default="int",
-                   help="integer kernels (int) or dequantized fp32 (fp) for quantized layers")
+    p.add_argument("--engine", choices=ENGINE_NAMES,
+                   help="integer kernels (int, the default for .safetensors) or dequantized "
+                        "fp32 (fp) for quantized layers; ort (ONNX Runtime, CPU) for .onnx "
+                        "files, chosen by default for them")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fused kernels; eager if compiling fails)")
     p.set_defaults(func=_run_predict)
@@ -195,13 +242,11 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from bitvit.config import resolve_device
-    from bitvit.export import image_files, load
+    from bitvit.export import image_files
 
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
-    model = load(args.model, device=resolve_device(args.device), engine=args.engine,
-                 compile=args.compile)
+    model = _load_for_inference(args)
     files = image_files(args.images)
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
@@ -213,6 +258,28 @@ def _run_predict(args: argparse.Namespace) -> int:
             else:
                 print(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
     return 0
+
+
+def _load_for_inference(args: argparse.Namespace) -> ExportedModel:
+    """An exported model for predict: a safetensors export on --engine int/fp, or an .onnx
+    file on ONNX Runtime (--engine ort, chosen by default for .onnx)."""
+    from bitvit.config import resolve_device
+    from bitvit.export import load
+    from bitvit.onnx_export import ENGINE_ORT, load_onnx, resolve_engine
+
+    engine = resolve_engine(args.model, args.engine)
+    if engine != ENGINE_ORT:
+        return load(args.model, device=resolve_device(args.device), engine=engine,
+                    compile=args.compile)
+    if args.compile:
+        raise CliError(f"{args.model}: --compile applies to the int and fp engines; an ONNX "
+                       "file runs on ONNX Runtime as it is")
+    if args.device not in ("auto", "cpu"):
+        raise CliError(f"{args.model}: the ort engine runs on the CPU; --device {args.device} "
+                       "applies to the int and fp engines")
+    model = load_onnx(args.model)
+    model.needs_model_info()
+    return model
 
 
 # --- profile ------------------------------------------------------------------------------------

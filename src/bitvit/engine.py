@@ -4,16 +4,22 @@
 `InferenceLinear` that holds only the int8 weight codes, the fp32 scale and the bias. Two engines:
 
 - ``"int"``: activations are quantized per token to int8 (8-bit layers) or to their sign (1-bit
-  layers), multiplied by the weight codes with int32 accumulation (`torch._int_mm`), then
-  rescaled once in fp32 and the bias added. The integer products are exact, so this computes the
-  fake-quantized layer's function up to fp32 rounding order.
+  layers), multiplied exactly by the weight codes, then rescaled once in fp32 and the bias
+  added. The integer products are exact, so this computes the fake-quantized layer's function
+  up to fp32 rounding order.
+- The integer product's kernel is chosen per machine (`bitvit.kernels.choose_kernel`, once per
+  process): ``int8`` (`torch._int_mm`, int32 accumulation) where it beats fp32 in a cached
+  micro-benchmark (VNNI/AMX CPUs, CUDA), else ``fp32``: the same integers through the fp32
+  matmul, exact (every partial sum is an integer below 2**24) and so giving bit-identical
+  outputs. ``$BITVIT_INT_KERNEL=int8|fp32`` overrides the benchmark. The ``fp32`` kernel caches
+  the codes as fp32 (4 more bytes per weight; `bitvit profile` counts them as resident).
 - ``"fp"``: the fake-quant computation `BitLinear` uses for training, on a cached dequantized
   weight (``codes * scale``): the comparison baseline (and what runs under bf16 autocast).
 
 Layers whose activations stay full precision (``act_bits=None``: the weights-only binary study)
 use the dequantized weight under both engines: there is no integer product to take. The int
-engine computes it per call, so that every quantized layer holds only its int8 codes (1 byte per
-weight, what `bitvit profile` counts as resident).
+engine computes it per call, so that such a layer holds only its int8 codes (1 byte per weight,
+what `bitvit profile` counts as resident).
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bitvit.kernels import choose_kernel, int_matmul
 from bitvit.quant import (
     EPS,
     METHODS,
     BitLinear,
+    absmax_codes,
     absmax_int8,
-    int_mm,
     quantize_activations,
     rescale,
 )
@@ -56,7 +63,10 @@ class InferenceLinear(nn.Module):
     The codes are held once, 1 byte per weight: on the integer path ``codes`` is the (out, in)
     transpose of a contiguous (in, out) tensor, the layout ``torch._int_mm`` reads (`codes_t`,
     a view). The ``"fp"`` engine also caches the dequantized fp32 weight; the ``"int"`` engine
-    dequantizes per call where it needs a float weight (weights-only layers, autocast).
+    dequantizes per call where it needs a float weight (weights-only layers, autocast). Under
+    the ``fp32`` integer kernel (``kernel``, `bitvit.kernels.choose_kernel` for the codes'
+    device, chosen again by ``.to(device)``) the int engine also caches ``codes_f32``, the
+    (in, out) codes as fp32: 4 more bytes per weight.
     """
 
     def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, method: str,
@@ -80,7 +90,9 @@ class InferenceLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # Derived and not saved: the fp engine's dequantized weight.
         self.register_buffer("weight_fp", None, persistent=False)
+        self.register_buffer("codes_f32", None, persistent=False)  # for the fp32 kernel
         self.engine = ""
+        self.kernel: str | None = None  # the integer kernel (bitvit.kernels), when uses_int
         self.set_engine(engine)
         # Loading new codes or scale must refresh the layout and the derived buffer too.
         self.register_load_state_dict_post_hook(lambda module, _: module.set_engine(module.engine))
@@ -110,6 +122,15 @@ class InferenceLinear(nn.Module):
         else:
             self.codes = self.codes.contiguous()
         self.weight_fp = self.dequantized_weight() if engine == "fp" else None
+        self.kernel = choose_kernel(self.codes.device).name if self.uses_int else None
+        self.codes_f32 = self.codes.t().float() if self.kernel == "fp32" else None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # After .to(device) (or any conversion) the kernel is chosen for the new device and
+        # the derived buffers rebuilt from the codes.
+        super()._apply(fn, recurse)
+        self.set_engine(self.engine)
+        return self
 
     def dequantized_weight(self) -> Tensor:
         return self.codes.float() * self.scale.reshape(-1, 1)
@@ -130,19 +151,24 @@ class InferenceLinear(nn.Module):
     def _forward_int(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
+        as_int8 = self.kernel == "int8"  # the fp32 kernel takes the same codes as floats
         if self.act_bits == 8:
-            q, row_scale = absmax_int8(x2)
+            q, row_scale = absmax_int8(x2) if as_int8 else absmax_codes(x2)
         else:  # 1-bit: sign(x) in {-1, 1} times codes is exact; the token's mean|x| rescales
-            q = torch.where(x2 >= 0, 1, -1).to(torch.int8)
+            q = torch.where(x2 >= 0, 1, -1).to(torch.int8 if as_int8 else torch.float32)
             row_scale = 1.0 / x2.abs().mean(dim=-1, keepdim=True)
-        acc = int_mm(q, self.codes.t())  # contiguous (in, out): see set_engine
+        # The codes as the kernel reads them: int8 contiguous (in, out) (see set_engine), or
+        # the fp32 kernel's cached float copy.
+        codes = self.codes_f32 if self.kernel == "fp32" else self.codes.t()
+        acc = int_matmul(q, codes, self.kernel)
         y = rescale(acc, row_scale, self.scale, self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.method}, act_bits={self.act_bits}, "
-                f"engine={self.engine}" + (", sub_norm=True" if self.sub_norm else ""))
+                f"engine={self.engine}" + (f", kernel={self.kernel}" if self.kernel else "")
+                + (", sub_norm=True" if self.sub_norm else ""))
 
 
 # ---------------------------------------------------------------------------------------------

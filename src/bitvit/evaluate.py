@@ -33,7 +33,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ..
 
 def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None = None,
              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, *,
-             best: bool = False, limit_test: int | None = None, engine: str = "int",
+             best: bool = False, limit_test: int | None = None, engine: str | None = None,
              compile: bool = False, batch_size: int | None = None,
              device: str | torch.device = "auto") -> dict[str, Any]:
     """Evaluate a model on its test set: the report ``bitvit eval`` prints, as a dict.
@@ -41,8 +41,10 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     ``source`` is a run folder (its ``last/``, or ``best/`` with ``best=True``), a checkpoint
     folder or ``model.safetensors`` file, or an exported ``.safetensors`` file (loaded with
     `bitvit.load` and ``engine``, ``compile``); these load on ``device`` (auto: cuda if
-    available). It may also be a model in memory: an `ExportedModel`, or any module given with
-    ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
+    available). An ``.onnx`` export runs on ONNX Runtime (``engine`` None or ``"ort"``; CPU);
+    ``engine`` None means int for safetensors exports, ort for .onnx files. It may also be a
+    model in memory: an `ExportedModel` (or `bitvit.onnx_export.OrtModel`), or any module given
+    with ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
 
     ``data`` is None (the model's own ``data.path``), a data file or folder (its test split;
     ``limit_test``: a class-balanced subset, by default the run's own), or an `ImageSet` used as
@@ -59,16 +61,29 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     config, classes, path = None, None, None
     if isinstance(source, (str, Path)):
         dev = resolve_device(device, "device") if isinstance(device, str) else device
-        if is_export(source):
+        from bitvit.onnx_export import ENGINE_ORT, load_onnx, resolve_engine
+
+        if resolve_engine(source, engine) == ENGINE_ORT:
+            given = [name for name, on in (("best (--best)", best),
+                                           ("compile (--compile)", compile),
+                                           (f"device {device}", str(device) not in ("auto", "cpu")))
+                     if on]
+            if given:
+                raise ExportError(f"{source}: an ONNX file runs on ONNX Runtime's CPU engine as "
+                                  f"it is: {given[0]} applies to run folders and safetensors "
+                                  "exports")
+            model = load_onnx(source)
+            model.needs_model_info()
+        elif is_export(source):
             if best:
                 raise ExportError(f"{source}: an exported file has no best/ checkpoint; best "
                                   "(--best) applies to run folders")
-            model = load(source, device=dev, engine=engine, compile=compile)
+            model = load(source, device=dev, engine=engine or "int", compile=compile)
         else:
             ckpt = load_checkpoint(source, best=best)
             model, config, classes, path = ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
     else:
-        given = [name for name, on in (("best", best), ("engine", engine != "int"),
+        given = [name for name, on in (("best", best), ("engine", engine not in (None, "int")),
                                        ("compile", compile), ("device", device != "auto")) if on]
         if given:
             raise TypeError(f"evaluate: {given[0]} applies when evaluate loads the model from a "

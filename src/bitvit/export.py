@@ -320,6 +320,30 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def model_metadata(config: Config, classes: Sequence[str]) -> dict[str, str]:
+    """What every export format records about the model: its config, class names and
+    preprocessing, as JSON strings (read back by `parse_model_metadata`)."""
+    return {"config": json.dumps(config.to_dict()), "classes": json.dumps(list(classes)),
+            "preprocessing": json.dumps(Preprocessing.from_config(config).to_dict())}
+
+
+def parse_model_metadata(path: Path, meta: dict[str, str]) -> tuple[Config, list[str],
+                                                                    Preprocessing]:
+    """The config, class names and preprocessing of `model_metadata`, checked against each
+    other; `ExportError` (one line naming ``path``) for anything missing or inconsistent."""
+    try:
+        config = Config.from_dict(json.loads(meta["config"]), source=str(path))
+        classes = json.loads(meta["classes"])
+        preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
+        raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(classes, list) or len(classes) != config.model.num_classes:
+        raise ExportError(f"{path}: bad export metadata (class names do not match "
+                          f"model.num_classes={config.model.num_classes})")
+    _check_preprocessing(path, preprocessing, config)
+    return config, classes, preprocessing
+
+
 def export_model(model: nn.Module, config: Config, classes: list[str], path: str | Path,
                  packing: str = "base3", float_dtype: str = "fp16") -> Path:
     """Write ``model`` (a `VisionTransformer`, quantized as ``config`` says) for inference.
@@ -367,9 +391,7 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
     metadata = {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": json.dumps(config.to_dict()),
-        "classes": json.dumps(list(classes)),
-        "preprocessing": json.dumps(Preprocessing.from_config(config).to_dict()),
+        **model_metadata(config, classes),
         "layers": json.dumps(info),
         "float_dtype": float_dtype,
         "sha256": _digest(tensors),
@@ -480,21 +502,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
 
     path = Path(path)
     meta = read_export_metadata(path)
+    config, classes, preprocessing = parse_model_metadata(path, meta)
     try:
-        config = Config.from_dict(json.loads(meta["config"]), source=str(path))
-        classes = json.loads(meta["classes"])
-        preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
         info = json.loads(meta["layers"])
         checksum = meta["sha256"]
         if meta["float_dtype"] not in FLOAT_DTYPES:
             raise ValueError(f"float_dtype {meta['float_dtype']!r} is not fp16 or fp32")
         float_dtype = FLOAT_DTYPES[meta["float_dtype"]]
-    except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
         raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
-    if not isinstance(classes, list) or len(classes) != config.model.num_classes:
-        raise ExportError(f"{path}: bad export metadata (class names do not match "
-                          f"model.num_classes={config.model.num_classes})")
-    _check_preprocessing(path, preprocessing, config)
 
     tensors = _read_tensors(path)
     if _digest(tensors) != checksum:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bitvit.config import Config
+from bitvit.kernels import check_kernel, choose_kernel
 from bitvit.methods import CODES_PER_BYTE, FULL_PRECISION, METHOD_TABLE
 from bitvit.model import ViTConfig
 from bitvit.quant import quantize_weights
@@ -57,8 +58,10 @@ PACKED_FLOAT_BYTES = {"fp16": 2, "fp32": 4}
 DEFAULT_PACKED_FLOAT_DTYPE = "fp16"
 PACKED_SCALE_BYTES = 4  # fp32 weight scales
 # Packed codes are unpacked to int8 at load and held once, in the integer kernel's layout
-# (bitvit.engine.InferenceLinear).
+# (bitvit.engine.InferenceLinear); under the fp32 integer kernel (bitvit.kernels) a layer with
+# quantized activations also caches them as fp32.
 RESIDENT_CODE_BYTES = 1
+FP32_KERNEL_CODE_BYTES = 4
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Profile:
     source: str = ""
     assumptions: list[str] = field(default_factory=list)
     packed_float_dtype: str = DEFAULT_PACKED_FLOAT_DTYPE  # float tensors in the packed file
+    int_kernel: str = "int8"  # the integer product's kernel (bitvit.kernels) resident bytes assume
+    int_kernel_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +118,8 @@ class Profile:
             "image_size": self.image_size,
             "float_precision": self.float_precision,
             "packed_float_dtype": self.packed_float_dtype,
+            "int_kernel": self.int_kernel,
+            "int_kernel_reason": self.int_kernel_reason,
             "weights_source": self.weights_source,
             "rows": [asdict(r) for r in self.rows],
             "totals": self.totals,
@@ -207,6 +214,7 @@ def profile_model(
     weights_source: str = "the model's weights",
     source: str = "",
     packed_float_dtype: str | None = None,
+    int_kernel: str | None = None,
 ) -> Profile:
     """Profile one image's inference through ``model`` (a `VisionTransformer`, quantized or not).
 
@@ -216,6 +224,10 @@ def profile_model(
     file stores its float tensors, ``fp16`` or ``fp32`` (an export's own: `ProfileSource`'s
     ``float_dtype``); None: fp16, the export default. Zero weights are counted from the
     layer's actual codes, so they are only as meaningful as ``weights_source``.
+    ``int_kernel``: the integer product's kernel the resident bytes assume (`bitvit.kernels`;
+    ``fp32`` caches fp32 codes, 4 more bytes per weight of a layer with quantized activations);
+    None: the one this process chooses for the model's device. A converted model's layers
+    count the kernel they use.
     """
     if float_precision not in FLOAT_PRECISIONS:
         raise ValueError(f"float_precision={float_precision!r}: expected one of "
@@ -228,6 +240,12 @@ def profile_model(
     if ternary_packing not in TERNARY_PACKINGS:
         raise ValueError(f"ternary_packing={ternary_packing!r}: expected one of "
                          f"{', '.join(TERNARY_PACKINGS)}")
+    if int_kernel is None:
+        param = next(model.parameters(), None)
+        choice = choose_kernel(param.device if param is not None else "cpu")
+        kernel, kernel_reason = choice.name, choice.reason
+    else:
+        kernel, kernel_reason = check_kernel(int_kernel, "int_kernel"), "given"
     vit = config.model if isinstance(config, Config) else config
     fp = float_precision
     float_bytes = 4 if fp == "fp32" else 2
@@ -238,7 +256,8 @@ def profile_model(
     for name, module in model.named_modules():
         if _is_linear(module):
             rows.append(_linear_row(name, module, linear_tokens.get(name, 0), fp, float_bytes,
-                                    ternary_packing, packed_float_bytes))
+                                    ternary_packing, packed_float_bytes,
+                                    getattr(module, "kernel", None) or kernel))
             counted.update(id(p) for p in module.parameters(recurse=False))
             # Attention's two products run between qkv and proj: list them there.
             attn_name = name.rpartition(".")[0]
@@ -267,7 +286,8 @@ def profile_model(
     totals = _totals(rows)
     totals["bytes_held_by_module"] = _bytes_held(model)
     return Profile(rows, totals, vit.image_size, fp, weights_source, source,
-                   _assumptions(fp, ternary_packing, packed_float_dtype), packed_dtype)
+                   _assumptions(fp, ternary_packing, packed_float_dtype, kernel), packed_dtype,
+                   kernel, kernel_reason)
 
 
 def _bytes_held(model: nn.Module) -> int:
@@ -280,7 +300,7 @@ def _bytes_held(model: nn.Module) -> int:
 
 
 def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
-                ternary_packing: str, packed_float_bytes: int) -> LayerProfile:
+                ternary_packing: str, packed_float_bytes: int, kernel: str) -> LayerProfile:
     out_f, in_f = m.out_features, m.in_features
     bias = getattr(m, "bias", None)
     n_bias = bias.numel() if bias is not None else 0
@@ -316,7 +336,10 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.info_bits = spec.info_bits * n + 32.0 * (n_bias + n_scales)
     row.bytes_packed = (math.ceil(n / CODES_PER_BYTE[spec.packing(ternary_packing)])
                         + PACKED_SCALE_BYTES * n_scales + packed_float_bytes * n_bias)
-    row.bytes_resident = RESIDENT_CODE_BYTES * n + 4 * n_scales + float_bytes * n_bias
+    code_bytes = RESIDENT_CODE_BYTES
+    if kernel == "fp32" and act_bits in (8, 1):  # an integer product: the float codes too
+        code_bytes += FP32_KERNEL_CODE_BYTES
+    row.bytes_resident = code_bytes * n + 4 * n_scales + float_bytes * n_bias
     row.zero_macs = tokens * row.zero_weights
     row.add_macs = row.macs - row.zero_macs
     # Integer activations (8-bit, or 1-bit signs) accumulate in integers: BitNet prices these
@@ -387,7 +410,8 @@ def _totals(rows: list[LayerProfile]) -> dict[str, Any]:
     return totals
 
 
-def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None) -> list[str]:
+def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None, kernel: str,
+                 ) -> list[str]:
     per_byte = TERNARY_PACKINGS[ternary_packing]
     floats = (f"{DEFAULT_PACKED_FLOAT_DTYPE} biases and other float tensors (bitvit export's "
               "default; --float-dtype fp32 doubles them)" if packed_float_dtype is None
@@ -405,9 +429,12 @@ def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None) 
         f"Packed bytes: ternary codes {per_byte} per byte, binary 8 per byte, fp32 weight "
         f"scales (one per tensor, one per output channel for xnor), {floats}; file headers "
         "are not counted.",
-        f"Resident weights: quantized layers as int8 codes (1 byte per weight: packed codes "
-        f"are unpacked at load and held once by the int engine, which dequantizes per call "
-        f"where it needs a float weight), fp32 scales, {fp} biases; all other parameters in "
+        "Resident weights: quantized layers as int8 codes (1 byte per weight: packed codes "
+        "are unpacked at load and held once by the int engine, which dequantizes per call "
+        "where it needs a float weight)"
+        + (", plus an fp32 copy of the codes for the fp32 integer kernel (4 bytes per weight "
+           "of a layer with quantized activations)" if kernel == "fp32" else "")
+        + f", fp32 scales, {fp} biases; all other parameters in "
         f"{fp}. Peak activations: the largest layer's {fp} input and output (for attention "
         "q, k, v and the T x T scores of every head), batch 1.",
     ]
@@ -513,6 +540,8 @@ def _format(p: Profile) -> str:
                    *(f"E {n}" for n in NODES)], ops_rows)
     out.append("")
 
+    out.append(f"Integer kernel: {p.int_kernel}"
+               + (f" ({p.int_kernel_reason})" if p.int_kernel_reason else ""))
     out.append(f"Resident for inference: {_bytes(t['bytes_resident'])} of weights + about "
                f"{_bytes(t['activation_bytes_peak'])} of activations per image (peak layer); "
                f"this PyTorch module, as loaded, holds {_bytes(t['bytes_held_by_module'])}.")

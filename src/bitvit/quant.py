@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitvit.kernels import (
+    fp32_mm,
+    int_mm,
+    kernel_name,
+    pad_for_int_mm,  # noqa: F401 - re-exported, its old home
+)
 from bitvit.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
 
 WHERE = WHERE_NAMES
@@ -131,6 +137,19 @@ def dequantize_weights(weight: torch.Tensor, method: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def absmax_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`absmax_int8`'s codes before the int8 cast: integer-valued float32, ``|q| <= 127``.
+
+    What the fp32 integer kernel (`bitvit.kernels`) multiplies, without an int8 round trip.
+    """
+    x = x.detach().float()
+    # max|x| as max(-min x, max x): no |x| temporary (torch.aminmax is far slower on CPU).
+    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
+    s = 127.0 / absmax.clamp_(min=EPS)
+    # |x * s| <= 127 (up to an ulp), so the clamp to [-128, 127] is implied by the round.
+    return (x * s).round_(), s
+
+
 def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8: q = clamp(round(x * s), -128, 127), s = 127 / max|x|.
 
@@ -138,12 +157,8 @@ def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with an error per element of at most max|x| / 254. Training and the inference engine share
     this function, so both round every element alike.
     """
-    x = x.detach().float()
-    # max|x| as max(-min x, max x): no |x| temporary (torch.aminmax is far slower on CPU).
-    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).neg_(), x.amax(dim=-1, keepdim=True))
-    s = 127.0 / absmax.clamp_(min=EPS)
-    # |x * s| <= 127 (up to an ulp), so the clamp to [-128, 127] is implied by the round.
-    return (x * s).round_().to(torch.int8), s
+    q, s = absmax_codes(x)
+    return q.to(torch.int8), s
 
 
 def quantize_activations(x: torch.Tensor, bits: int | None) -> torch.Tensor:
@@ -219,59 +234,39 @@ check_table(METHOD_TABLE)
 METHODS = tuple(METHOD_TABLE)
 
 
-def pad_for_int_mm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad int8 ``a`` (M, K) and ``b`` (K, N) to M > 16 and K, N multiples of 8.
-
-    CUDA's `torch._int_mm` refuses other shapes; zero rows and columns add nothing to the
-    products, so ``torch._int_mm(*pad_for_int_mm(a, b))[:M, :N]`` equals ``a @ b``.
-    """
-    m, k = a.shape
-    n = b.shape[1]
-    pad_m, pad_k, pad_n = max(17 - m, 0), -k % 8, -n % 8
-    if pad_m or pad_k:
-        a = F.pad(a, (0, pad_k, 0, pad_m))
-    if pad_k or pad_n:
-        b = F.pad(b, (0, pad_n, 0, pad_k))
-    return a, b
-
-
-def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32, exactly.
-
-    ``pad``: pad to the shapes CUDA's kernel needs; by default only on CUDA and only when the
-    shapes need it (the CPU kernel takes any shape).
-    """
-    m, n = a.shape[0], b.shape[1]
-    if pad is None:
-        pad = a.is_cuda and (m <= 16 or a.shape[1] % 8 != 0 or n % 8 != 0)
-    if pad:
-        a, b = pad_for_int_mm(a, b)
-        return torch._int_mm(a, b)[:m, :n]
-    return torch._int_mm(a, b)
-
-
 def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
-    """Int32 products back to fp32: ``acc * (col_scale / row_scale) + bias`` in one pass.
+    """Integer products back to fp32: ``acc * (col_scale / row_scale) + bias`` in one pass.
 
-    ``row_scale`` (M, 1) is the activation scale s (x ~ q / s), ``col_scale`` (1,) or (N,) the
-    weight scale. ``addcmul`` reads the int32 products directly (no separate cast).
+    ``acc`` is either kernel's result (`bitvit.kernels`): int32, or fp32 holding the same
+    integers exactly; both give identical values. ``row_scale`` (M, 1) is the activation scale
+    s (x ~ q / s), ``col_scale`` (1,) or (N,) the weight scale. ``addcmul`` reads int32 products
+    directly (no separate cast).
     """
     ratio = col_scale.reshape(1, -1) / row_scale
     return torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
 
 
 class _Int8Linear(torch.autograd.Function):
-    """y = (q @ codes^T) * scale / s + bias, with int8 x int8 -> int32 products.
+    """y = (q @ codes^T) * scale / s + bias, with exact integer products.
 
     The same function and gradients as the fake-quantized F.linear (identity STE for both
     the activations and the weights), only faster: the products of small integers are exact.
+    ``kernel`` (`bitvit.kernels`): ``int8`` (int8 x int8 -> int32) or ``fp32`` (the same
+    integers as floats); both give identical outputs and gradients. For backward, ``int8``
+    saves the activation codes as int8 (1 byte each), ``fp32`` as the float codes it
+    multiplied (4 bytes each, as much as the fake-quant path's saved input).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, codes, scale):  # noqa: ANN001 - autograd signature
-        q, s = absmax_int8(x)
-        acc = int_mm(q.reshape(-1, q.shape[-1]), codes.t())
+    def forward(ctx, x, weight, bias, codes, scale, kernel):  # noqa: ANN001 - autograd
+        if kernel == "int8":
+            q, s = absmax_int8(x)  # saved as int8: 1 byte per activation
+            acc = int_mm(q.reshape(-1, q.shape[-1]), codes.t())
+        else:  # the codes stay float: no casts to int8 and back (the same values)
+            q, s = absmax_codes(x)
+            codes = codes.float()
+            acc = fp32_mm(q.reshape(-1, q.shape[-1]), codes.t())
         y = rescale(acc, s.reshape(-1, 1), scale, bias)
         ctx.save_for_backward(q, s, codes, scale)
         ctx.has_bias = bias is not None
@@ -283,13 +278,16 @@ class _Int8Linear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).float()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            w_q = codes.float().mul_(scale.reshape(-1, 1))
+            # A new tensor either way (codes may be the saved fp32 codes: never in place).
+            w_q = codes.mul(scale.reshape(-1, 1)) if codes.is_floating_point() else (
+                codes.float().mul_(scale.reshape(-1, 1)))
             grad_x = (g @ w_q).reshape(*q.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            x_q = q.float().div_(s).reshape(-1, q.shape[-1])
+            x_q = (q.div(s) if q.is_floating_point() else q.float().div_(s))
+            x_q = x_q.reshape(-1, q.shape[-1])
             grad_w = g.t() @ x_q
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class BitLinear(nn.Linear):
@@ -338,7 +336,8 @@ class BitLinear(nn.Linear):
             x = F.layer_norm(x, (self.in_features,), eps=EPS)
         codes, scale = self.quantized_weight()
         if self._int8_path_ok(x):
-            return _Int8Linear.apply(x, self.weight, self.bias, codes, scale.reshape(-1))
+            return _Int8Linear.apply(x, self.weight, self.bias, codes, scale.reshape(-1),
+                                     kernel_name(x.device.type))
         if self.act_bits == 8:
             x = ste_identity(x, quantize_activations(x, 8))
         elif self.act_bits == 1:

@@ -1,0 +1,471 @@
+"""Export a model as an ONNX graph that ONNX Runtime runs as it is, and run it (`OrtModel`).
+
+The graph is built node by node from the model's modules (`bitvit.model`), not traced, so what
+each quantized layer computes is spelled out here:
+
+- full-precision linears (``nn.Linear``, the head): fp32 ``MatMul`` + ``Add``. A model without
+  quantized layers gives a plain fp32 graph.
+- quantized layers (`BitLinear` or `bitvit.engine.InferenceLinear`) keep their codes as an int8
+  (in, out) initializer with their fp32 scale ((1,) or (out,)) and bias:
+
+  * 8-bit activations, ``act_quant="token"`` (BitNet's, and `bitvit.quant.absmax_int8`'s):
+    s = 127 / max(max|x|, 1e-5) per token, q = Round(x * s) (half to even, as torch.round),
+    fed as uint8 q + 128 to ``MatMulInteger`` with a zero point 128 (u8 x s8, MLAS's fast
+    kernel); the int32 products, cast to fp32, times (weight scale / s), plus the bias. This is
+    the int engine's arithmetic (`InferenceLinear`), in the same order.
+  * 8-bit activations, ``act_quant="tensor"``: ONNX Runtime's fused ``com.microsoft``
+    ``DynamicQuantizeMatMul`` (one asymmetric uint8 scale for the whole activation tensor,
+    int8 codes, per-tensor or per-channel weight scale, bias): faster, approximate, and its
+    scale depends on the whole batch, so an image's logits depend slightly on its batch mates.
+  * 1-bit activations: sign(x) (sign(0) = +1) as uint8 128 +- 1 through ``MatMulInteger``,
+    rescaled by the token's mean|x| times the weight scale (both modes).
+  * weights-only layers (``act_bits=None``): codes cast to fp32 times the scale (ONNX Runtime
+    folds this into a constant at load), then ``MatMul``.
+  * ``sub_norm``: a LayerNormalization without affine parameters (eps 1e-5) first.
+- LayerNormalization, softmax attention (``MatMul``), exact (erf) GELU, residuals, the cls
+  token and position embedding, cls or mean pooling: as `bitvit.model`.
+
+Input ``images``: float32 (N, C, S, S), normalized (`bitvit.export.Preprocessing`); output
+``logits`` (N, classes); N is dynamic. The graph's ``metadata_props`` hold ``format``
+("bitvit-onnx"), ``format_version``, ``act_quant``, ``method`` and, for files written by
+`export_onnx` (``bitvit export --format onnx``), the config, class names and preprocessing that
+the safetensors export records (`bitvit.export.model_metadata`).
+
+onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitvit import __version__
+from bitvit.export import ExportedModel, ExportError, model_metadata, parse_model_metadata
+from bitvit.methods import FULL_PRECISION
+from bitvit.model import Attention, Block, Mlp, VisionTransformer
+from bitvit.quant import EPS, BitLinear
+
+ONNX_FORMAT = "bitvit-onnx"
+ONNX_FORMAT_VERSION = "1"
+ACT_QUANTS = ("token", "tensor")
+ENGINE_ORT = "ort"
+OPSET = 17  # LayerNormalization; ReduceMax/ReduceMean still take axes as an attribute
+INSTALL_HINT = "pip install -e \".[onnx]\" (or pip install 'bitvit[onnx]')"
+
+
+class OnnxUnavailableError(ExportError):
+    """onnx or onnxruntime is not installed; the message says what to install."""
+
+
+def _import(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        raise OnnxUnavailableError(f"ONNX export and the ort engine need the onnx and "
+                                   f"onnxruntime packages ({name} is not installed): "
+                                   f"{INSTALL_HINT}") from None
+
+
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether ``path`` names an ONNX model (by its .onnx suffix)."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def resolve_engine(path: str | Path, engine: str | None) -> str:
+    """The engine to load ``path`` with: ``ort`` for .onnx files, else ``engine`` (default int).
+
+    ``engine=None`` chooses from the file; an explicit engine that cannot run the file is a
+    one-line `ExportError` (int/fp run safetensors exports, ort runs .onnx files).
+    """
+    if is_onnx_file(path):
+        if engine not in (None, ENGINE_ORT):
+            raise ExportError(f"{path}: an ONNX file runs on the ort engine (ONNX Runtime), "
+                              f"not {engine!r}: drop --engine or pass --engine ort")
+        return ENGINE_ORT
+    if engine == ENGINE_ORT:
+        raise ExportError(f"{path}: --engine ort runs .onnx files (bitvit export RUN --format "
+                          "onnx --out model.onnx); this file is not one")
+    return engine or "int"
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Linear:
+    """What the graph needs of one linear layer; codes None means a float weight."""
+
+    weight: np.ndarray | None  # fp32 (out, in), float layers only
+    codes: np.ndarray | None  # int8 (out, in)
+    scale: np.ndarray | None  # fp32 (1,) or (out,)
+    bias: np.ndarray | None
+    act_bits: int | None = None
+    sub_norm: bool = False
+    method: str = FULL_PRECISION
+
+
+def _numpy(t: torch.Tensor | None, dtype: type) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().to(torch.float32 if dtype is np.float32
+                                                        else torch.int8).numpy().astype(dtype)
+
+
+def _describe(layer: nn.Module, name: str) -> _Linear:
+    from bitvit.engine import InferenceLinear
+
+    bias = _numpy(layer.bias, np.float32)
+    if isinstance(layer, BitLinear):
+        codes, scale = layer.quantized_weight()
+    elif isinstance(layer, InferenceLinear):
+        codes, scale = layer.codes, layer.scale
+    elif isinstance(layer, nn.Linear):
+        return _Linear(_numpy(layer.weight, np.float32), None, None, bias)
+    else:
+        raise ValueError(f"{name}: a {type(layer).__name__} is not a linear layer the ONNX "
+                         "export knows (nn.Linear, BitLinear, InferenceLinear)")
+    return _Linear(None, _numpy(codes, np.int8), _numpy(scale.reshape(-1), np.float32), bias,
+                   layer.act_bits, layer.sub_norm, layer.method)
+
+
+class _Graph:
+    """Nodes and initializers, with unique names and shared scalar constants."""
+
+    def __init__(self, onnx: Any) -> None:
+        self.helper, self.numpy_helper = onnx.helper, onnx.numpy_helper
+        self.nodes: list = []
+        self.initializers: list = []
+        self._used: set[str] = set()
+        self._scalars: dict[tuple, str] = {}
+
+    def _unique(self, name: str) -> str:
+        base, i = name, 1
+        while name in self._used:
+            name, i = f"{base}_{i}", i + 1
+        self._used.add(name)
+        return name
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        name = self._unique(name)
+        self.initializers.append(self.numpy_helper.from_array(np.array(value, order="C"), name))
+        return name
+
+    def scalar(self, value: float | int, dtype: type = np.float32, shape: tuple = ()) -> str:
+        key = (value, np.dtype(dtype).name, shape)
+        if key not in self._scalars:
+            self._scalars[key] = self.const(f"const_{np.dtype(dtype).name}_{value}".replace(
+                "-", "m").replace(".", "p"), np.full(shape, value, dtype=dtype))
+        return self._scalars[key]
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, domain: str = "",
+           **attrs: Any) -> str:
+        out = self._unique(name)
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=out,
+                                                domain=domain or None, **attrs))
+        return out
+
+
+def _layer_norm(g: _Graph, x: str, name: str, norm: nn.LayerNorm | None, dim: int) -> str:
+    """LayerNormalization over the last axis; ``norm`` None: no affine parameters, eps 1e-5."""
+    if norm is None:
+        weight, bias, eps = np.ones(dim, np.float32), np.zeros(dim, np.float32), EPS
+    else:
+        weight, bias, eps = _numpy(norm.weight, np.float32), _numpy(norm.bias, np.float32), \
+            norm.eps
+    return g.op("LayerNormalization", [x, g.const(f"{name}.weight", weight),
+                                       g.const(f"{name}.bias", bias)], name, axis=-1,
+                epsilon=float(eps))
+
+
+def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str) -> str:
+    lin = _describe(layer, name)
+    if lin.sub_norm:
+        x = _layer_norm(g, x, f"{name}.sub_norm", None, lin.codes.shape[1])
+    bias = None if lin.bias is None else g.const(f"{name}.bias", lin.bias)
+    if lin.codes is None:
+        y = g.op("MatMul", [x, g.const(f"{name}.weight_t", lin.weight.T)], f"{name}.matmul")
+    else:
+        codes_t = g.const(f"{name}.codes_t", lin.codes.T)  # int8 (in, out)
+        scale = g.const(f"{name}.scale", lin.scale)
+        if lin.act_bits is None:
+            # codes * scale, as InferenceLinear.dequantized_weight: a constant ORT folds at load.
+            w = g.op("Mul", [g.op("Cast", [codes_t], f"{name}.codes_f", to=1), scale],
+                     f"{name}.weight_t")
+            y = g.op("MatMul", [x, w], f"{name}.matmul")
+        elif lin.act_bits == 8 and act_quant == "tensor":
+            # Symmetric codes: no weight zero point (an empty name skips the optional input).
+            inputs = [x, codes_t, scale, ""] + ([bias] if bias else [])
+            return g.op("DynamicQuantizeMatMul", inputs, f"{name}.dq_matmul",
+                        domain="com.microsoft")
+        else:
+            absx = g.op("Abs", [x], f"{name}.abs")
+            if lin.act_bits == 8:
+                # quant.absmax_int8: s = 127 / max(max|x|, EPS); q = round(x * s) in [-127, 127].
+                absmax = g.op("ReduceMax", [absx], f"{name}.absmax", axes=[-1], keepdims=1)
+                row = g.op("Div", [g.scalar(127.0), g.op("Max", [absmax, g.scalar(EPS)],
+                                                          f"{name}.absmax_clamped")],
+                           f"{name}.act_scale")
+                q = g.op("Round", [g.op("Mul", [x, row], f"{name}.scaled")], f"{name}.q")
+                u = g.op("Cast", [g.op("Add", [q, g.scalar(128.0)], f"{name}.q_shifted")],
+                         f"{name}.q_u8", to=2)
+            else:
+                # 1 bit: sign(x) (sign(0) = +1) as 128 +- 1; scale 1 / mean|x| (InferenceLinear).
+                u = g.op("Where", [g.op("GreaterOrEqual", [x, g.scalar(0.0)], f"{name}.nonneg"),
+                                   g.scalar(129, np.uint8), g.scalar(127, np.uint8)],
+                         f"{name}.q_u8")
+                mean = g.op("ReduceMean", [absx], f"{name}.absmean", axes=[-1], keepdims=1)
+                row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
+            acc = g.op("MatMulInteger", [u, codes_t, g.scalar(128, np.uint8)], f"{name}.acc")
+            ratio = g.op("Div", [scale, row], f"{name}.ratio")  # quant.rescale's order
+            y = g.op("Mul", [g.op("Cast", [acc], f"{name}.acc_f", to=1), ratio],
+                     f"{name}.rescaled")
+    return g.op("Add", [y, bias], f"{name}.out") if bias else y
+
+
+def _gelu(g: _Graph, x: str, name: str) -> str:
+    """Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)) (nn.GELU's default); ORT fuses it to Gelu."""
+    erf = g.op("Erf", [g.op("Div", [x, g.scalar(math.sqrt(2.0))], f"{name}.div")], f"{name}.erf")
+    inner = g.op("Add", [erf, g.scalar(1.0)], f"{name}.add")
+    return g.op("Mul", [g.op("Mul", [x, inner], f"{name}.mul"), g.scalar(0.5)], name)
+
+
+def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quant: str) -> str:
+    heads = attn.heads
+    head_dim = dim // heads
+    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", act_quant)
+    qkv = g.op("Reshape", [qkv, g.const(f"{name}.qkv_shape",
+                                        np.array([0, 0, 3, heads, head_dim], np.int64))],
+               f"{name}.qkv_heads")
+    qkv = g.op("Transpose", [qkv], f"{name}.qkv_t", perm=[2, 0, 3, 1, 4])  # (3, B, h, n, hd)
+    q, k, v = (g.op("Gather", [qkv, g.scalar(i, np.int64)], f"{name}.{part}", axis=0)
+               for i, part in enumerate("qkv"))
+    k_t = g.op("Transpose", [k], f"{name}.k_t", perm=[0, 1, 3, 2])
+    scores = g.op("Mul", [g.op("MatMul", [q, k_t], f"{name}.qk"),
+                          g.scalar(1.0 / math.sqrt(head_dim))], f"{name}.scores")
+    weights = g.op("Softmax", [scores], f"{name}.softmax", axis=-1)
+    out = g.op("MatMul", [weights, v], f"{name}.av")  # (B, h, n, hd)
+    out = g.op("Transpose", [out], f"{name}.av_t", perm=[0, 2, 1, 3])
+    out = g.op("Reshape", [out, g.const(f"{name}.merge_shape", np.array([0, 0, dim], np.int64))],
+               f"{name}.merged")
+    return _linear(g, out, attn.proj, f"{name}.proj", act_quant)
+
+
+def _mlp(g: _Graph, x: str, mlp: Mlp, name: str, act_quant: str) -> str:
+    if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none":
+        raise ValueError(f"{name}.act: the ONNX export writes the exact GELU, got {mlp.act}")
+    h = _gelu(g, _linear(g, x, mlp.fc1, f"{name}.fc1", act_quant), f"{name}.gelu")
+    return _linear(g, h, mlp.fc2, f"{name}.fc2", act_quant)
+
+
+def _block(g: _Graph, x: str, block: Block, name: str, dim: int, act_quant: str) -> str:
+    a = _attention(g, _layer_norm(g, x, f"{name}.norm1", block.norm1, dim), block.attn,
+                   f"{name}.attn", dim, act_quant)
+    x = g.op("Add", [x, a], f"{name}.res1")
+    m = _mlp(g, _layer_norm(g, x, f"{name}.norm2", block.norm2, dim), block.mlp, f"{name}.mlp",
+             act_quant)
+    return g.op("Add", [x, m], f"{name}.res2")
+
+
+def _vit_graph(g: _Graph, vit: VisionTransformer, act_quant: str) -> str:
+    c = vit.config
+    p, grid, dim = c.patch_size, c.image_size // c.patch_size, c.dim
+    # PatchEmbed: (B, C, H, W) -> (B, H/p * W/p, C * p * p), patches in row-major order.
+    x = g.op("Reshape", ["images", g.const("patch_shape", np.array(
+        [0, c.in_channels, grid, p, grid, p], np.int64))], "patches")
+    x = g.op("Transpose", [x], "patches_t", perm=[0, 2, 4, 1, 3, 5])
+    x = g.op("Reshape", [x, g.const("tokens_shape", np.array(
+        [0, grid * grid, c.in_channels * p * p], np.int64))], "tokens")
+    x = _linear(g, x, vit.patch_embed.proj, "patch_embed.proj", act_quant)
+    if vit.cls_token is not None:
+        batch = g.op("Slice", [g.op("Shape", ["images"], "images_shape"),
+                               g.scalar(0, np.int64, (1,)), g.scalar(1, np.int64, (1,))], "batch")
+        shape = g.op("Concat", [batch, g.const("cls_tail", np.array([1, dim], np.int64))],
+                     "cls_shape", axis=0)
+        cls = g.op("Expand", [g.const("cls_token", _numpy(vit.cls_token, np.float32)), shape],
+                   "cls_tokens")
+        x = g.op("Concat", [cls, x], "with_cls", axis=1)
+    x = g.op("Add", [x, g.const("pos_embed", _numpy(vit.pos_embed, np.float32))], "embedded")
+    for i, block in enumerate(vit.blocks):
+        x = _block(g, x, block, f"blocks.{i}", dim, act_quant)
+    x = _layer_norm(g, x, "norm", vit.norm, dim)
+    if vit.cls_token is not None:
+        x = g.op("Gather", [x, g.scalar(0, np.int64)], "pooled", axis=1)
+    else:
+        x = g.op("ReduceMean", [x], "pooled", axes=[1], keepdims=0)
+    return _linear(g, x, vit.head, "head", act_quant)
+
+
+def _the_vit(model: nn.Module) -> VisionTransformer:
+    vit = model.vit if isinstance(model, ExportedModel) else model
+    vit = getattr(vit, "_orig_mod", vit)  # a torch.compile wrapper
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"to_onnx exports a VisionTransformer or an ExportedModel, got "
+                         f"{type(model).__name__}")
+    return vit
+
+
+def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
+            metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
+    """Write ``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as ONNX.
+
+    ``act_quant``: ``token`` (per-token absmax int8, BitNet's exact arithmetic) or ``tensor``
+    (ONNX Runtime's per-tensor ``DynamicQuantizeMatMul``: faster, approximate); ignored for
+    layers without 8-bit activations. ``metadata``: extra string entries for the graph's
+    ``metadata_props`` (`export_onnx` adds the config, classes and preprocessing). The file is
+    written atomically and checked with ``onnx.checker``. Returns the path.
+    """
+    from bitvit.rundir import atomic_file
+
+    onnx = _import("onnx")
+    if act_quant not in ACT_QUANTS:
+        raise ValueError(f"unknown act_quant {act_quant!r}: expected one of "
+                         f"{', '.join(ACT_QUANTS)}")
+    vit = _the_vit(model)
+    c = vit.config
+    g = _Graph(onnx)
+    logits = _vit_graph(g, vit, act_quant)
+    methods = sorted({m.method for m in vit.modules() if hasattr(m, "act_bits")
+                      and hasattr(m, "method")})
+    h = onnx.helper
+    graph = h.make_graph(
+        g.nodes, "bitvit", [h.make_tensor_value_info(
+            "images", onnx.TensorProto.FLOAT, ["N", c.in_channels, c.image_size, c.image_size])],
+        [h.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", c.num_classes])],
+        g.initializers)
+    opsets = [h.make_opsetid("", opset)]
+    if any(n.domain == "com.microsoft" for n in g.nodes):
+        opsets.append(h.make_opsetid("com.microsoft", 1))
+    proto = h.make_model(graph, opset_imports=opsets, producer_name="bitvit",
+                         producer_version=__version__)
+    proto.ir_version = min(proto.ir_version, 9)  # what ONNX Runtime 1.18 reads
+    # Renaming the output in place would leave its producer's name dangling: an Identity.
+    proto.graph.node.append(h.make_node("Identity", [logits], ["logits"], name="logits"))
+    proto.graph.output[0].name = "logits"
+    meta = {**(metadata or {}), "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION,
+            "act_quant": act_quant, "method": ",".join(methods) or FULL_PRECISION}
+    h.set_model_props(proto, meta)
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_file(path, lambda tmp: onnx.save_model(proto, str(tmp)))
+
+
+def export_onnx(src: str | Path, out: str | Path, best: bool = False,
+                act_quant: str = "token") -> Path:
+    """Export a run folder, checkpoint folder or model.safetensors checkpoint as ONNX, with the
+    config, class names and preprocessing in its metadata (what `load_onnx` reads back)."""
+    from bitvit.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(src, best)
+    if len(ckpt.classes) != ckpt.config.model.num_classes:
+        raise ValueError(f"{len(ckpt.classes)} class names for a model with "
+                         f"{ckpt.config.model.num_classes} classes")
+    return to_onnx(ckpt.model.eval(), out, act_quant,
+                   metadata=model_metadata(ckpt.config, ckpt.classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Session(nn.Module):
+    """An ONNX Runtime session as a module: normalized float (N, C, S, S) -> logits."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run(["logits"], {"images": images})
+        return torch.from_numpy(logits).to(x.device)
+
+
+class OrtModel(ExportedModel):
+    """A bitvit ONNX file run by ONNX Runtime (CPU), used like an `ExportedModel`.
+
+    ``model(x)``: logits (a torch tensor) for normalized float images (N, C, S, S);
+    ``model.logits(images_uint8)``, ``model.predict(images_uint8, top_k)``; ``.classes``,
+    ``.preprocessing``, ``.config`` (None for a file written by `to_onnx` without them),
+    ``.metadata`` (all metadata_props), ``.act_quant``, ``.session`` (the
+    ``onnxruntime.InferenceSession``). ``threads``: ONNX Runtime's intra-op threads (None: its
+    default, one per core). Raises `ExportError` (one line naming the file) for a missing,
+    unreadable or non-bitvit file.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        ort = _import("onnxruntime")
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"{path}: no such file" + (" (a folder)" if path.is_dir() else ""))
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads={threads}: expected 1 or more")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: the session's warnings are not the user's
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"{path}: not a readable ONNX model ({first[:200]})") from None
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        if meta.get("format") != ONNX_FORMAT:
+            raise ExportError(f"{path}: not a bitvit ONNX export (metadata format "
+                              f"{meta.get('format')!r}, expected {ONNX_FORMAT!r})")
+        if meta.get("format_version") != ONNX_FORMAT_VERSION:
+            raise ExportError(f"{path}: unknown bitvit ONNX format version "
+                              f"{meta.get('format_version')!r} (this bitvit reads "
+                              f"{ONNX_FORMAT_VERSION})")
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if inputs != ["images"] or "logits" not in outputs:
+            raise ExportError(f"{path}: expected input 'images' and output 'logits', got "
+                              f"inputs {inputs} and outputs {outputs}")
+        config = classes = preprocessing = None
+        if "config" in meta:
+            config, classes, preprocessing = parse_model_metadata(path, meta)
+        super().__init__(_Session(session), config, classes, preprocessing, path)
+        self.session = session
+        self.metadata = meta
+        self.act_quant = meta.get("act_quant")
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def needs_model_info(self) -> None:
+        """Raise unless the file holds a config, class names and preprocessing."""
+        if self.config is None:
+            raise ExportError(f"{self.path}: has no config, class names or preprocessing in its "
+                              "metadata (written by to_onnx without them): export it with "
+                              "`bitvit export RUN --format onnx`")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        self.needs_model_info()
+        return super().preprocess(images)
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> OrtModel:
+    """Load a bitvit ONNX export for ONNX Runtime (see `OrtModel`)."""
+    return OrtModel(path, threads)
+
+
+def metadata_of(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read with onnx (no session)."""
+    onnx = _import("onnx")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and OSError alike
+        raise ExportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})"
+                          ) from None
+    return {p.key: p.value for p in proto.metadata_props}
+

@@ -1,0 +1,345 @@
+"""The integer product's kernels (bitvit.kernels): exactness, the per-machine choice and its
+cache, the ISA summary, and identical models under either kernel."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitvit import VisionTransformer, ViTConfig, kernels, quant, quantize_
+from bitvit.engine import InferenceLinear, convert_for_inference
+from bitvit.kernels import (
+    KERNELS,
+    MAX_EXACT_K,
+    choose_kernel,
+    int_matmul,
+    isa_summary,
+    reset_choice,
+)
+from bitvit.profile import _bytes_held
+from bitvit.quant import absmax_codes, absmax_int8, rescale
+
+TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """No decision yet, no kernel in the env, a private cache folder."""
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("BITVIT_INT_KERNEL", raising=False)
+    reset_choice()
+    yield tmp_path
+    reset_choice()
+
+
+def use_kernel(monkeypatch, name: str) -> None:
+    monkeypatch.setenv("BITVIT_INT_KERNEL", name)
+    reset_choice()
+
+
+@pytest.fixture(autouse=True)
+def _forget_choice():
+    yield
+    reset_choice()  # the next test decides again, under its own env
+
+
+def _codes(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    return q, torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m,k,n", [(1, 13, 7), (33, 256, 24), (4, 20_000, 5)])
+def test_kernels_are_exact_on_random_codes(kernel, m, k, n):
+    q, codes_t = _codes(m, k, n, seed=m + k + n)
+    reference = q.double() @ codes_t.double()  # float64 holds these sums exactly
+    acc = int_matmul(q, codes_t, kernel)
+    assert acc.dtype == (torch.int32 if kernel == "int8" else torch.float32)
+    assert torch.equal(acc.double(), reference)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernels_are_exact_at_the_bound(kernel):
+    # The largest sums fp32 must hold: 127 * K just below 2**24, and partial sums that climb
+    # to it from both signs (fp32 would round an odd integer above 2**24).
+    k = MAX_EXACT_K
+    assert k * 127 < 2**24 <= (k + 1) * 127
+    q = torch.full((3, k), 127, dtype=torch.int8)
+    q[1] = -127
+    q[2, ::2] = -127
+    codes_t = torch.ones(k, 2, dtype=torch.int8)
+    codes_t[::3, 1] = -1
+    reference = q.double() @ codes_t.double()
+    assert reference.abs().max() == 127 * k
+    assert torch.equal(int_matmul(q, codes_t, kernel).double(), reference)
+
+
+def test_fp32_kernel_refuses_k_beyond_the_bound():
+    q, codes_t = _codes(1, MAX_EXACT_K + 1, 1, seed=0)
+    with pytest.raises(ValueError, match=f"K={MAX_EXACT_K + 1}"):
+        int_matmul(q, codes_t, "fp32")
+    with pytest.raises(ValueError, match="kernel='int4'"):
+        int_matmul(q, codes_t, "int4")
+
+
+def test_fp32_kernel_takes_cached_float_codes():
+    q, codes_t = _codes(9, 64, 16, seed=3)
+    assert torch.equal(int_matmul(q, codes_t.float(), "fp32"), int_matmul(q, codes_t, "fp32"))
+
+
+def test_float_activation_codes_are_the_int8_codes():
+    x = torch.randn(7, 50) * torch.rand(7, 1) * 10
+    x[0] = 0.0  # an all-zero token: scale 127 / EPS, codes 0
+    q, s = absmax_codes(x)
+    q8, s8 = absmax_int8(x)
+    assert q.dtype == torch.float32 and torch.equal(q, q8.float()) and torch.equal(s, s8)
+    assert q.abs().max() <= 127 and torch.equal(q, q.round())
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rescale_gives_identical_values_for_either_kernel(with_bias):
+    q, codes_t = _codes(17, 300, 24, seed=5)
+    row_scale = torch.rand(17, 1) * 50 + 0.5
+    col_scale = torch.rand(24) + 0.1
+    bias = torch.randn(24) if with_bias else None
+    as_int = rescale(int_matmul(q, codes_t, "int8"), row_scale, col_scale, bias)
+    as_float = rescale(int_matmul(q, codes_t, "fp32"), row_scale, col_scale, bias)
+    assert as_int.dtype == as_float.dtype == torch.float32
+    assert torch.equal(as_int, as_float)
+    expected = (q.double() @ codes_t.double()) * (col_scale.double() / row_scale.double())
+    if bias is not None:
+        expected += bias.double()
+    torch.testing.assert_close(as_int.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice
+# ---------------------------------------------------------------------------------------------
+
+
+def test_env_override(fresh, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or 2.0)
+    for name in KERNELS:
+        use_kernel(monkeypatch, name)
+        choice = choose_kernel()
+        assert choice.name == name and "BITVIT_INT_KERNEL" in choice.reason
+        assert choice.isa == isa_summary()
+    assert not calls and not (fresh / "kernels.json").exists()  # nothing measured
+
+
+def test_bad_env_value_is_one_line(fresh, monkeypatch):
+    use_kernel(monkeypatch, "int4")
+    with pytest.raises(ValueError, match=r"^\$BITVIT_INT_KERNEL='int4': expected one of "
+                                         r"int8, fp32$"):
+        choose_kernel()
+
+
+def test_decided_once_per_process(fresh, monkeypatch):
+    use_kernel(monkeypatch, "fp32")
+    first = choose_kernel()
+    monkeypatch.setenv("BITVIT_INT_KERNEL", "int8")  # too late: the process has decided
+    assert choose_kernel() is first and choose_kernel(torch.device("cpu")) is first
+
+
+@pytest.mark.parametrize("speedup, expected", [(1.8, "int8"), (0.6, "fp32"), (1.0, "fp32")])
+def test_benchmark_decides_and_is_cached(fresh, monkeypatch, speedup, expected):
+    calls = []
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or speedup)
+    choice = choose_kernel()
+    assert choice.name == expected and len(calls) == 1
+    assert f"int8 {speedup:.2f}x fp32's speed" in choice.reason and "saved to" in choice.reason
+    entries = json.loads((fresh / "kernels.json").read_text())["entries"]
+    (key, entry), = entries.items()
+    threads = torch.get_num_threads()
+    assert isa_summary() in key and torch.__version__ in key and f"| {threads} threads" in key
+    assert entry["kernel"] == expected and entry["int8_speedup"] == speedup
+    # A new process (here: a reset) reads the verdict instead of measuring again.
+    reset_choice()
+    again = choose_kernel()
+    assert again.name == expected and len(calls) == 1 and "cached" in again.reason
+    assert again.reason.endswith(f"(cached {fresh / 'kernels.json'})")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"version": 1, "entries": 3}',
+                                     '{"version": 1, "entries": {"KEY": {"kernel": "int4"}}}'])
+def test_corrupt_cache_is_measured_again_and_rewritten(fresh, monkeypatch, content):
+    cache = fresh / "kernels.json"
+    content = content.replace("KEY", kernels._cache_key(isa_summary()))
+    cache.write_text(content)
+    calls = []
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or 0.5)
+    assert choose_kernel().name == "fp32" and len(calls) == 1
+    entries = json.loads(cache.read_text())["entries"]
+    assert list(entries.values())[0]["kernel"] == "fp32"
+
+
+def test_other_machines_entries_are_kept(fresh, monkeypatch):
+    cache = fresh / "kernels.json"
+    other = {"kernel": "int8", "int8_speedup": 3.0, "measured": "then"}
+    cache.write_text(json.dumps({"version": 1, "entries": {"another CPU": other}}))
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: 0.5)
+    choose_kernel()
+    entries = json.loads(cache.read_text())["entries"]
+    assert entries["another CPU"] == other and len(entries) == 2
+
+
+def test_unwritable_cache_still_chooses(fresh, monkeypatch):
+    monkeypatch.setenv("BITVIT_CACHE", str(fresh / "file"))
+    (fresh / "file").write_text("a file where the folder should be")
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: 2.0)
+    choice = choose_kernel()
+    assert choice.name == "int8" and "not cached" in choice.reason
+
+
+def test_cuda_takes_int8_unmeasured(fresh, monkeypatch):
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: pytest.fail("measured"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    assert choose_kernel("cuda") == kernels.KernelChoice("int8", "CUDA: torch._int_mm",
+                                                         "Fake GPU")
+
+
+def test_micro_benchmark_measures_a_ratio():
+    speedup = kernels.benchmark_kernels(shapes=((32, 64, 48), (17, 128, 8)), budget_s=0.01)
+    assert 0.001 < speedup < 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# The ISA summary
+# ---------------------------------------------------------------------------------------------
+
+SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                             "amx_int8", "amx_bf16", "amx_tile"})
+ZEN3 = frozenset({"avx2", "fma", "sse4_2"})
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    (SAPPHIRE_RAPIDS, {}, "AVX-512 VNNI + AMX"),
+    (SAPPHIRE_RAPIDS, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+     "AVX2 (emulated: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)"),
+    (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+     "AVX-512 VNNI (emulated: ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI)"),
+    (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "ALL", "ATEN_CPU_CAPABILITY": "avx512"},
+     "AVX-512 VNNI + AMX"),
+    (SAPPHIRE_RAPIDS - {"amx_int8"}, {}, "AVX-512 VNNI"),
+    (ZEN3 | {"avx512f"}, {}, "AVX-512"),
+    (ZEN3 | {"avx_vnni"}, {}, "AVX2 + AVX-VNNI"),
+    (ZEN3, {}, "AVX2"),
+    (ZEN3, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "AVX2"),  # a cap above nothing emulates nothing
+    (frozenset({"sse4_2"}), {}, "no AVX2"),
+])
+def test_isa_summary(monkeypatch, flags, env, expected):
+    monkeypatch.setattr(kernels, "_cpuinfo", lambda: ("Fake CPU", flags))
+    for var in kernels.ISA_ENV:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    isa = kernels.cpu_isa()
+    assert isa["model_name"] == "Fake CPU" and isa["avx2"] == ("avx2" in flags)
+    assert all(isa[var] == env.get(var) for var in kernels.ISA_ENV)
+    assert isa_summary() == expected
+
+
+def test_isa_summary_without_x86_flags(monkeypatch):
+    monkeypatch.setattr(kernels, "_cpuinfo", lambda: ("Fake ARM", None))
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    isa = kernels.cpu_isa()
+    assert isa["avx2"] is None and isa["amx_int8"] is None
+    assert isa_summary() == f"aarch64 ({isa['cpu_capability']})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models under either kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_b158(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    model = VisionTransformer(TINY)
+    quantize_(model, "b158")
+    return model
+
+
+def test_train_step_is_identical_under_either_kernel(monkeypatch):
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 10
+    steps = {}
+    fp32_calls = []
+    fp32_mm = quant.fp32_mm
+    monkeypatch.setattr(quant, "fp32_mm", lambda *a: fp32_calls.append(1) or fp32_mm(*a))
+    for name in KERNELS:
+        use_kernel(monkeypatch, name)
+        model = _tiny_b158()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(2):  # the second step runs on updated weights
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+            opt.step()
+            losses.append(loss.detach())
+        steps[name] = (losses, grads, model.state_dict())
+        assert bool(fp32_calls) == (name == "fp32")  # really that kernel
+    (loss_a, grad_a, state_a), (loss_b, grad_b, state_b) = steps.values()
+    assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b, strict=True))
+    assert grad_a.keys() == grad_b.keys()
+    assert all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_converted_model_logits_are_identical_under_either_kernel(monkeypatch):
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    logits, held = {}, {}
+    for name in KERNELS:
+        use_kernel(monkeypatch, name)
+        model = convert_for_inference(_tiny_b158().eval())
+        layers = [m for m in model.modules() if isinstance(m, InferenceLinear)]
+        assert all(m.kernel == name for m in layers)
+        assert all((m.codes_f32 is not None) == (name == "fp32") for m in layers)
+        with torch.no_grad():
+            logits[name] = model(x)
+        held[name] = _bytes_held(model)
+    assert torch.equal(logits["int8"], logits["fp32"])
+    # The fp32 kernel's cache: 4 bytes per weight of every integer-path layer.
+    weights = sum(m.codes.numel() for m in layers)
+    assert held["fp32"] - held["int8"] == 4 * weights
+
+
+def test_to_device_chooses_the_kernel_again(monkeypatch):
+    use_kernel(monkeypatch, "fp32")
+    model = convert_for_inference(_tiny_b158().eval())
+    layer = model.blocks[0].mlp.fc1
+    assert layer.kernel == "fp32" and layer.codes_f32.dtype == torch.float32
+    assert "codes_f32" not in model.state_dict()
+    use_kernel(monkeypatch, "int8")
+    model.to("cpu")
+    assert layer.kernel == "int8" and layer.codes_f32 is None and "kernel=int8" in repr(layer)
+    assert layer.codes_t.is_contiguous()
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_either_kernel_traces_in_one_graph(monkeypatch, name):
+    # torch.compile sees the kernel as a constant: no graph break in training or inference
+    # (backend="eager" checks the tracing without the seconds inductor takes).
+    use_kernel(monkeypatch, name)
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    model = _tiny_b158()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    F.cross_entropy(compiled(x), torch.arange(4)).backward()
+    assert model.blocks[0].mlp.fc1.weight.grad is not None
+    inference = convert_for_inference(model.eval())
+    with torch.no_grad():
+        expected = inference(x)
+        got = torch.compile(inference, backend="eager", fullgraph=True)(x)
+    assert torch.equal(got, expected)

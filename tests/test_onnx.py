@@ -1,0 +1,350 @@
+"""The ONNX export (`bitvit.onnx_export`): every method's graph against bitvit's int engine, the
+per-token quantizer bit for bit, the per-tensor mode within a measured bound, the fp graph
+against torch, metadata, bad files, a missing onnxruntime, and the command line."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bitvit.checkpoint import build_model, save_model
+from bitvit.cli import main
+from bitvit.config import Config, load_config
+from bitvit.engine import InferenceLinear, agreement, convert_for_inference
+from bitvit.export import ExportError, export_model, load, model_metadata
+from bitvit.methods import METHOD_TABLE
+from bitvit.quant import METHODS, BitLinear, absmax_int8
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from bitvit.onnx_export import (  # noqa: E402 - after the skip: needs onnx
+    OrtModel,
+    _Graph,
+    _linear,
+    export_onnx,
+    load_onnx,
+    metadata_of,
+    to_onnx,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["a", "b", "c", "d"]
+N_IMAGES = 64
+# The per-token graph is the int engine's arithmetic: only fp32 summation order differs.
+ATOL_TOKEN = 1e-4
+# Weights-only layers (sign: scale 1, so hidden states grow large) multiply in fp32, where the
+# summation order shows more: tests/test_export.py's bar for fp32 exports.
+ATOL_FLOAT_PRODUCTS = 1e-3
+# Per tensor, one activation scale for the whole batch (asymmetric uint8): measured on these
+# tiny models at <= 0.02 of logits up to ~6 (see test_tensor_mode_is_close); bound with margin.
+TENSOR_REL = 0.02 * 3
+
+
+def _config(method: str, **quant: object) -> Config:
+    return Config.from_dict({
+        "model": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 2, "heads": 2,
+                  "mlp_ratio": 2, "num_classes": len(CLASSES)},
+        "quant": {"method": method, **quant},
+        "data": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    })
+
+
+def _model(config: Config) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():  # spread the logits and the tokens, as training does
+        model.head.weight.mul_(20)
+        model.pos_embed.mul_(20)
+    return model.eval()
+
+
+def _images(n: int = N_IMAGES) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _export(model: nn.Module, config: Config, path: Path, act_quant: str = "token") -> OrtModel:
+    to_onnx(model, path, act_quant, metadata=model_metadata(config, CLASSES))
+    return load_onnx(path, threads=1)
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_agrees_with_the_int_engine(tmp_path: Path, method: str):
+    config = _config(method)
+    model = _model(config)
+    exported = load(export_model(model, config, CLASSES, tmp_path / "m.safetensors",
+                                 float_dtype="fp32"), engine="int")
+    ort_model = _export(model, config, tmp_path / "m.onnx")
+    x = _images()
+    with torch.no_grad():
+        ref, got = exported(x), ort_model(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    int_products = METHOD_TABLE[method].default_act_bits == 8
+    assert (got - ref).abs().max().item() <= (ATOL_TOKEN if int_products
+                                              else ATOL_FLOAT_PRODUCTS), method
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    ops = _ops(tmp_path / "m.onnx")
+    if int_products:
+        assert "MatMulInteger" in ops  # the integer product, not a float stand-in
+    else:  # weights-only: dequantized codes through a float MatMul
+        assert "MatMulInteger" not in ops and "Cast" in ops
+
+
+def test_one_bit_activations_sub_norm_and_mean_pooling(tmp_path: Path):
+    config = _config("b158", act_bits=1, sub_norm=True)
+    config.model.pooling = "mean"
+    model = _model(config)
+    # The patch embedding keeps 8 bits (its input is pixels): both kinds of layer are here.
+    assert {m.act_bits for m in model.modules() if hasattr(m, "act_bits")} == {1, 8}
+    int_model = convert_for_inference(_model(config), engine="int")
+    ort_model = _export(model, config, tmp_path / "token.onnx")
+    x = _images()
+    with torch.no_grad():
+        ref, got = int_model(x), ort_model(x)
+    assert (got - ref).abs().max().item() <= ATOL_TOKEN
+    # Per tensor: only the 8-bit patch embedding changes; the 1-bit layers (4 per block) keep
+    # their sign products. (Signs flip under the per-tensor rounding, so no tight bound here.)
+    to_onnx(model, tmp_path / "tensor.onnx", "tensor")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "tensor.onnx")).graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 1
+    assert ops.count("MatMulInteger") == 4 * config.model.depth
+
+
+def _layer_graph(layer: nn.Module, act_quant: str, in_features: int, path: Path) -> Path:
+    """A one-layer graph with the quantized activations as a second output."""
+    g = _Graph(onnx)
+    y = _linear(g, "x", layer, "layer", act_quant)
+    h = onnx.helper
+    outputs = [h.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None),
+               h.make_tensor_value_info("layer.q", onnx.TensorProto.FLOAT, None)]
+    graph = h.make_graph(g.nodes, "layer", [h.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, ["M", in_features])], outputs, g.initializers)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_token_codes_are_absmax_int8_bit_for_bit(tmp_path: Path):
+    torch.manual_seed(0)
+    qlayer = InferenceLinear.from_bitlinear(BitLinear(16, 8, method="b158"), engine="int")
+    x = torch.randn(200, 16) * torch.logspace(-3, 3, 200)[:, None]
+    # Ties: rows whose max is 127 / 2 ** k, so x * s lands exactly on halves (k.5 values).
+    x[:4] = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 127.0] * 2])
+    x[4:8] = 0.0  # an all-zero token: scale 127 / EPS, codes 0
+    path = _layer_graph(qlayer, "token", 16, tmp_path / "layer.onnx")
+    y, q = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})
+    q_ref, _ = absmax_int8(x)
+    assert np.array_equal(q, q_ref.float().numpy())  # round half to even, as torch.round
+    assert set(q[0, :7].tolist()) == {0.0, 2.0, -2.0, 4.0}  # 0.5->0, 1.5->2, 2.5->2, 3.5->4
+    with torch.no_grad():
+        ref = qlayer(x)
+    assert np.allclose(y, ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["b158", "b158c", "twn", "bitnet"])
+def test_tensor_mode_is_close(tmp_path: Path, method: str):
+    config = _config(method)
+    model = _model(config)
+    ort_token = _export(model, config, tmp_path / "token.onnx")
+    ort_tensor = _export(model, config, tmp_path / "tensor.onnx", "tensor")
+    assert "DynamicQuantizeMatMul" in _ops(tmp_path / "tensor.onnx")
+    assert "MatMulInteger" not in _ops(tmp_path / "tensor.onnx")
+    x = _images()
+    report = agreement(ort_token, ort_tensor, x)
+    scale = ort_token(x).abs().max().item()
+    assert 0 < report["max_abs_logit_diff"] <= TENSOR_REL * scale, report
+    assert report["argmax_agreement"] >= 0.9, report
+
+
+def test_unquantized_model_is_a_plain_fp32_graph(tmp_path: Path):
+    config = _config("fp")
+    model = _model(config)
+    ort_model = _export(model, config, tmp_path / "fp.onnx", act_quant="tensor")  # ignored
+    assert not _ops(tmp_path / "fp.onnx") & {"MatMulInteger", "DynamicQuantizeMatMul", "Round"}
+    x = _images()
+    with torch.no_grad():
+        ref, got = model(x), ort_model(x)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert ort_model.metadata["method"] == "fp"
+
+
+def test_metadata_round_trip_and_batch_independence(tmp_path: Path):
+    config = _config("b158c")
+    model = _model(config)
+    ort_model = _export(model, config, tmp_path / "m.onnx")
+    exported = load(export_model(model, config, CLASSES, tmp_path / "m.safetensors"))
+    assert ort_model.classes == CLASSES
+    assert ort_model.preprocessing == exported.preprocessing
+    assert ort_model.config.to_dict() == config.to_dict()
+    meta = metadata_of(tmp_path / "m.onnx")
+    assert meta["format"] == "bitvit-onnx" and meta["format_version"] == "1"
+    assert meta["act_quant"] == "token" and meta["method"] == "b158c"
+    x = _images(5)
+    # Per-token quantization: an image's logits do not depend on its batch mates.
+    whole = ort_model(x)
+    assert torch.allclose(torch.cat([ort_model(x[i:i + 1]) for i in range(5)]), whole,
+                          atol=1e-6)
+    images = (torch.rand(3, 3, 20, 20) * 255).to(torch.uint8)  # resized by the preprocessing
+    assert [[c for c, _ in row] for row in ort_model.predict(images, 2)] == \
+        [[c for c, _ in row] for row in exported.predict(images, 2)]
+
+
+def test_bad_files_are_one_line_errors(tmp_path: Path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    foreign = tmp_path / "foreign.onnx"
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Identity", ["images"], ["logits"])], "g",
+                         [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1])],
+                         [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1])])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 9
+    onnx.save_model(proto, str(foreign))
+    future = tmp_path / "future.onnx"
+    h.set_model_props(proto, {"format": "bitvit-onnx", "format_version": "99"})
+    onnx.save_model(proto, str(future))
+    for path, words in ((garbage, "not a readable ONNX model"),
+                        (foreign, "not a bitvit ONNX export"),
+                        (future, "unknown bitvit ONNX format version '99'"),
+                        (tmp_path / "missing.onnx", "no such file")):
+        with pytest.raises(ExportError) as err:
+            load_onnx(path)
+        assert str(path) in str(err.value) and words in str(err.value)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown act_quant 'row'"):
+        to_onnx(_model(_config("b158")), tmp_path / "x.onnx", "row")
+
+
+def test_without_config_metadata_runs_but_cannot_read_images(tmp_path: Path):
+    model = _model(_config("b158"))
+    ort_model = OrtModel(to_onnx(model, tmp_path / "bare.onnx"))
+    assert ort_model.config is None and ort_model(_images(2)).shape == (2, len(CLASSES))
+    with pytest.raises(ExportError, match="bare.onnx: has no config"):
+        ort_model.logits(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A small b158 checkpoint (no training) whose classes are CIFAR-10's."""
+    config = _config("b158")
+    config.model.num_classes = 10
+    model = _model(config)
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, config, [str(i) for i in range(10)])
+    return path
+
+
+def _hide(monkeypatch, name: str) -> None:
+    """Make ``import name`` fail, as it does where the package is not installed."""
+    real = builtins.__import__
+
+    def fake(module, *args, **kwargs):  # noqa: ANN001, ANN202
+        if module == name or module.startswith(name + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real(module, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_missing_packages_say_what_to_install(checkpoint, tmp_path, capsys, monkeypatch,
+                                              missing):
+    onnx_file = to_onnx(_model(_config("b158")), tmp_path / "m.onnx")
+    _hide(monkeypatch, missing)
+    argv = (["export", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "o.onnx")]
+            if missing == "onnx" else ["predict", str(onnx_file), str(tmp_path)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install -e ".[onnx]"' in err
+    assert f"{missing} is not installed" in err
+
+
+def test_export_options_are_checked(checkpoint, tmp_path, capsys):
+    for argv, words in (
+            (["--act-quant", "tensor"], "--act-quant applies to --format onnx"),
+            (["--format", "onnx", "--packing", "2bit"], "--packing applies to --format"),
+            (["--format", "onnx", "--float-dtype", "fp32"], "--float-dtype applies")):
+        assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err
+    assert main(["export", str(checkpoint), "--format", "onnx", "--out",
+                 str(tmp_path / "m.onnx")]) == 0
+    assert "token activation quantization" in capsys.readouterr().out
+    twin = load_onnx(export_onnx(checkpoint, tmp_path / "twin.onnx"))  # the Python API
+    assert torch.equal(twin(_images(4)), load_onnx(tmp_path / "m.onnx")(_images(4)))
+    assert twin.classes == [str(i) for i in range(10)]
+    for command, extra in (("eval", []), ("predict", [str(tmp_path)])):
+        for argv, words in (([str(tmp_path / "m.onnx"), "--engine", "int"], "runs on the ort"),
+                            ([str(checkpoint), "--engine", "ort"], "--engine ort runs .onnx"),
+                            ([str(tmp_path / "m.onnx"), "--compile"], "--compile"),
+                            ([str(tmp_path / "m.onnx"), "--device", "cuda"], "cuda")):
+            assert main([command, *argv[:1], *extra, *argv[1:]]) == 2, (command, argv)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and words in err, err
+
+
+TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
+        "quant.method=b158", "train.epochs=1", "train.batch_size=50", "data.limit_train=200",
+        "data.limit_test=200"]
+
+
+def test_cli_export_eval_predict_on_a_trained_run(real_env, tmp_path, capsys):
+    from bitvit.train import train
+
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs/paper.yaml", TINY), out=run, quiet=True)
+    files = {}
+    for fmt, act_quant in (("safetensors", None), ("onnx", "token"), ("onnx", "tensor")):
+        out = tmp_path / f"m_{act_quant}.{fmt}"
+        argv = ["export", str(run), "--format", fmt, "--out", str(out)]
+        if fmt == "safetensors":
+            argv += ["--float-dtype", "fp32"]
+        assert main(argv + (["--act-quant", act_quant] if act_quant else [])) == 0
+        files[act_quant] = out
+    capsys.readouterr()
+    reports = {}
+    for key, path in files.items():
+        engine = [] if key is None else ["--engine", "ort"]
+        assert main(["eval", str(path), *engine]) == 0
+        reports[key] = json.loads(capsys.readouterr().out)
+    assert reports["token"]["n"] == 200
+    assert reports["token"]["accuracy"] == reports[None]["accuracy"]
+    assert reports["token"]["loss"] == pytest.approx(reports[None]["loss"], abs=1e-4)
+    assert abs(reports["tensor"]["accuracy"] - reports[None]["accuracy"]) <= 0.05
+    # predict on files: the ort engine by default, the same classes as the int engine.
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            images / f"{i}.png")
+    outs = {}
+    for key in (None, "token"):
+        assert main(["predict", str(files[key]), str(images), "--json", "--top-k", "3"]) == 0
+        outs[key] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(outs["token"]) == 3
+    for a, b in zip(outs[None], outs["token"], strict=True):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        assert [p["probability"] for p in a["predictions"]] == pytest.approx(
+            [p["probability"] for p in b["predictions"]], abs=1e-5)
