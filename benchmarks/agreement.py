@@ -7,6 +7,9 @@ Loads a trained quantized checkpoint and compares, on its test set, fake-quant m
   parameters) and the same export with fp32 parameters, each loaded with `bitvit.load` both
   ways: integer engine vs the same file's fake quant (same weights: the integer path alone), and
   integer engine vs the checkpoint's fp32 fake quant (the integer path plus export rounding).
+With onnxruntime installed, also bitvit's ONNX export (`bitvit export --format onnx`), run by
+ONNX Runtime, against `bitvit eval` of the safetensors export (fp32 parameters, integer engine),
+per token (exact BitNet activations) and per tensor (`--act-quant tensor`, approximate).
 Reports accuracy of each, the difference, argmax agreement and logit differences. The issue's
 bar: |accuracy difference| <= 0.0005 and argmax agreement >= 99.9% on the CIFAR-10 test set.
 
@@ -60,6 +63,16 @@ def main() -> None:
                 load(path, engine="fp"), exported_int)
             pairs[f"exported ({float_dtype} params): int engine vs checkpoint fake quant"] = (
                 fp_model, exported_int)
+        try:
+            from bitvit.onnx_export import export_onnx, load_onnx
+        except ImportError:
+            export_onnx = None
+        if export_onnx is not None:
+            for act_quant in ("token", "tensor"):
+                onnx_path = Path(tmp) / f"model-{act_quant}.onnx"
+                export_onnx(ckpt.path, onnx_path, act_quant=act_quant)
+                pairs[f"onnx ({act_quant} activations) by ONNX Runtime vs exported int engine "
+                      f"(fp32 params)"] = (exported_int, load_onnx(onnx_path))
     print(f"{ckpt.path}: {len(test.labels)} test images")
     results = {}
     with torch.inference_mode():

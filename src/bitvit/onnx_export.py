@@ -412,6 +412,9 @@ class OrtModel(ExportedModel):
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: the session's warnings are not the user's
+        # ORT's workers busy-wait between calls by default: they would take the cores from
+        # whatever the process runs next (torch, another session), which costs more than it saves.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
