@@ -233,13 +233,18 @@ def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IG
     return {k: v for k, v in sorted(flat.items()) if k not in ignore}
 
 
+# Settings a planned config may give as ``auto`` while its run records the numbers auto resolved
+# to (the same for the same data): they never make another experiment.
+AUTO_KEYS = frozenset({"data.mean", "data.std"})
+
+
 def same_setting(key: str, saved: Any, wanted: Any) -> bool:
     """Whether a run folder's experiment_key value matches the one a sweep asks for.
 
     A run records the numbers ``data.mean``/``data.std: auto`` resolved to, and auto resolves
     the same way for the same data, so auto on either side matches any numbers.
     """
-    auto = key in ("data.mean", "data.std") and "auto" in (saved, wanted)
+    auto = key in AUTO_KEYS and "auto" in (saved, wanted)
     return auto or saved == wanted
 
 

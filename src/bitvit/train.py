@@ -17,6 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ from bitvit.checkpoint import (  # noqa: F401 - STATE_KEYS: importable from here
     build_model,
     load_checkpoint,
     load_state,
+    load_training_state,
+    save_training_checkpoint,
+    training_state,
 )
-from bitvit.checkpoint import load_training_state as _load_state
-from bitvit.checkpoint import save_training_checkpoint as _save
-from bitvit.checkpoint import training_state as _state
 from bitvit.config import Config, ConfigError, load_config, resolve_device, save_config
 from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
 from bitvit.evaluate import predict_logits
@@ -248,7 +249,7 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
     start_epoch, best_acc = 1, -1.0
     rows = read_metrics(metrics_path) if resume is not None else []
     if resume is not None:
-        start_epoch, best_acc = _load_state(run_dir / "last", model, optimizer, scheduler)
+        start_epoch, best_acc = load_training_state(run_dir / "last", model, optimizer, scheduler)
         rows = [r for r in rows if r["epoch"] < start_epoch]
     columns = METRIC_COLUMNS + (VAL_COLUMNS if splits.val is not None else [])
     # A run resumed from a folder written before the train-eval columns keeps its columns.
@@ -363,17 +364,17 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
             if writer:
                 is_best = splits.val is not None and row["val_acc"] > best_acc
                 best_acc = max(best_acc, row.get("val_acc", -1.0))
-                state = _state(optimizer, scheduler, epoch, best_acc)
+                state = training_state(optimizer, scheduler, epoch, best_acc)
                 # Order for a kill at any point: the metrics row and best/ first, last/ last.
                 # Until last/ moves on, resume redoes this epoch: it drops the row and rewrites
                 # best/ identically; the other way round a kill would lose the row for good.
                 write_metrics(metrics_path, rows, columns)
                 plot_curves(rows, run_dir / rundir.CURVES, _title(config))
+                write = partial(save_training_checkpoint, model=model, config=config,
+                                classes=classes, state=state)
                 if is_best:
-                    swap_folder(run_dir / rundir.BEST,
-                                lambda d: _save(d, model, config, classes, state))  # noqa: B023
-                swap_folder(run_dir / rundir.LAST,
-                            lambda d: _save(d, model, config, classes, state))  # noqa: B023
+                    swap_folder(run_dir / rundir.BEST, write)
+                swap_folder(run_dir / rundir.LAST, write)
                 if quiet:
                     print(_summary_line(row, tc.epochs), flush=True)
             if distributed:

@@ -29,7 +29,7 @@ from bitvit.report import (
     provenance_lines,
 )
 from bitvit.stats import Difference, Summary, adjust_holm, last_k_mean, summarize, welch_difference
-from bitvit.sweep import IGNORED_KEYS, Sweep, experiment_key, sweep_config
+from bitvit.sweep import AUTO_KEYS, IGNORED_KEYS, Sweep, experiment_key, sweep_config
 
 REFERENCE_LR = 1e-3  # the rate of every other study
 FIGURE = "lr.png"
@@ -106,8 +106,7 @@ def _method_key(config: dict[str, Any]) -> dict[str, Any]:
     # Like the sweep's own check of a run folder, the epochs do not make another method (a
     # planned config and a run extended since may differ in them); nor does the normalization,
     # which a planned config gives as auto and its run records as the numbers auto resolved to.
-    return experiment_key(config, IGNORED_KEYS | {"train.lr", "train.epochs", "data.mean",
-                                                  "data.std"})
+    return experiment_key(config, IGNORED_KEYS | AUTO_KEYS | {"train.lr", "train.epochs"})
 
 
 def _val_last_k(run: Run, k: int) -> float:
