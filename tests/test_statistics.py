@@ -103,10 +103,11 @@ def test_turning_point_of_a_u_shaped_loss():
 
 
 def test_a_falling_or_flat_noisy_loss_does_not_rise():
-    # Falling to the end: the lowest is the last epoch, inside the window, though the window's
-    # mean exceeds it by more than the (tiny) noise.
+    # Falling to the end: the lowest is the last epoch, inside the window; the rise, from the
+    # lowest before the window (1.5), is negative.
     falling = turning_point([2.0, 1.8, 1.6, 1.5, 1.45, 1.42, 1.40], 3)
-    assert falling.epoch == 7 and falling.rise > falling.noise and falling.rises is False
+    assert falling.epoch == 7 and falling.rises is False
+    assert falling.rise == pytest.approx((1.45 + 1.42 + 1.40) / 3 - 1.5)
     # A flat jittery tail after the lowest epoch: a rise above 0, within the noise.
     flat = turning_point([2.0, 1.5, 1.0, 0.99, 1.03, 0.99, 1.04, 1.00, 1.03], 5)
     assert flat.epoch == 4 and flat.epoch <= 9 - 5  # before the last 5 epochs
@@ -169,7 +170,7 @@ def test_turning_point_table(tmp_path):
     rows = {method[cells[0][2:]]: cells[1:] for cells in table[1:]}
     rise = (1.4 + 1.55 + 1.6) / 3 - 1.0
     fp_rises = [rise + s / 75 for s in range(3)]  # seed / 100 everywhere, seed / 20 at the end
-    falling_rise = (1.40 + 1.39 + 1.38) / 3 - 1.38
+    falling_rise = (1.40 + 1.39 + 1.38) / 3 - 1.42  # from the lowest before the window
     one_sided = {"popmean": 0.0, "alternative": "greater"}
     fp_p = stats.ttest_1samp(fp_rises, **one_sided).pvalue
     b158_p = stats.ttest_1samp([falling_rise, falling_rise, rise], **one_sided).pvalue

@@ -393,13 +393,13 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
              f"epochs exceeds that lowest loss by more than the run's epoch-to-epoch noise, the "
              f"standard deviation (ddof 1) of the successive differences of its test loss "
              f"within those {k} epochs; runs of fewer than {k + 2} epochs are too short to "
-             f"tell (n/a). p: one-sided one-sample t-test across seeds that the rise is > 0, "
-             + (f"raw and Holm-adjusted over the {tests} tests of this table; the rise is never "
-                f"negative (the lowest is over all epochs), so any jitter leans this test "
-                f"towards a rise: read it with the count of rising runs." if tests else
+             f"tell (n/a). Rise: the mean of the last {k} epochs minus the lowest test loss "
+             f"before them (negative while the loss still falls). p: one-sided one-sample "
+             f"t-test across seeds that the rise is > 0, "
+             + (f"raw and Holm-adjusted over the {tests} tests of this table." if tests else
                 "possible with 2 or more finished runs per group (none yet)."), "",
-             f"| group | runs | epoch of lowest test loss | lowest test loss | rise after it "
-             f"(last {k} − lowest) | runs rising | p (rise > 0) | Holm p |", "|---" * 8 + "|"]
+             f"| group | runs | epoch of lowest test loss | lowest test loss | rise (last {k} − "
+             f"lowest before) | runs rising | p (rise > 0) | Holm p |", "|---" * 8 + "|"]
     for g, ts, r, raw, adj in zip(groups, points, rises, p, holm(p), strict=True):
         e = summarize([t.epoch for t in ts])
         epoch = ("n/a" if e.n == 0 else f"{e.mean:.0f} (1 seed)" if e.n == 1

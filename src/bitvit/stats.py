@@ -155,7 +155,7 @@ class TurningPoint:
 
     epoch: int  # 1-based epoch of the lowest loss (the first, on ties)
     lowest: float
-    rise: float  # mean of the last k losses - lowest; nan when the run is too short
+    rise: float  # mean of the last k losses - lowest before them (< 0: still falling); nan: short
     noise: float  # std (ddof 1) of the successive differences within the last k epochs
     rises: bool | None  # None: cannot tell (too short, k < 3, or a non-finite loss)
 
@@ -164,6 +164,10 @@ def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
     """A run rises when its lowest loss comes before its last ``k`` epochs and the mean of those
     k epochs exceeds it by more than the epoch-to-epoch noise of that window (the std of its
     k - 1 successive differences), so that a flat, jittery tail does not count as a rise.
+
+    The rise is measured from the lowest loss *before* the window, so a loss still falling gives
+    a negative rise: a t-test of the rises across seeds is then not pushed towards "rises" by
+    jitter, as it would be from the lowest over all epochs (never above the window's mean).
 
     Runs of fewer than k + 2 epochs are too short to tell: the minimum needs an epoch before it
     (a fall) and must lie before the window.
@@ -180,7 +184,7 @@ def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
     if a.size < k + 2:
         return TurningPoint(i + 1, lowest, math.nan, math.nan, None)
     window = a[-k:]
-    rise = float(window.mean()) - lowest
+    rise = float(window.mean()) - float(np.nanmin(a[:-k]))
     steps = np.diff(window)
     noise = float(steps.std(ddof=1)) if steps.size > 1 else math.nan
     if not (math.isfinite(rise) and math.isfinite(noise)):
