@@ -1,5 +1,6 @@
-"""The studies' statistics: Holm's correction, the last-k headline, the resolvable margin, and
-tables of run folders with and without the eval-mode train accuracy and a validation split."""
+"""The studies' statistics: Holm's correction, the last-k headline, the resolvable margin, the
+test-loss turning point, and tables of run folders with and without the eval-mode train accuracy
+and a validation split."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from test_studies import fake_run
 
 from bitvit.cli import main
 from bitvit.report import compare, compare_groups, group_runs, load_run, verdict_text
-from bitvit.stats import Difference, adjust_holm, holm, last_k_mean, welch_difference
+from bitvit.stats import (
+    Difference,
+    adjust_holm,
+    holm,
+    last_k_mean,
+    rise_p_value,
+    turning_point,
+    welch_difference,
+)
 from bitvit.train import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
@@ -80,6 +89,103 @@ def test_last_k_mean_on_fixed_numbers():
     assert math.isnan(last_k_mean([], 5))
     with pytest.raises(ValueError):
         last_k_mean(values, 0)
+
+
+U_SHAPE = [2.0, 1.5, 1.2, 1.0, 1.1, 1.25, 1.4, 1.55, 1.6]  # lowest at epoch 4, then up
+
+
+def test_turning_point_of_a_u_shaped_loss():
+    t = turning_point(U_SHAPE, 3)
+    assert (t.epoch, t.lowest) == (4, 1.0)
+    assert t.rise == pytest.approx((1.4 + 1.55 + 1.6) / 3 - 1.0)
+    assert t.noise == pytest.approx(stats.tstd([0.15, 0.05]))  # successive differences, ddof 1
+    assert t.rises is True
+
+
+def test_a_falling_or_flat_noisy_loss_does_not_rise():
+    # Falling to the end: the lowest is the last epoch, inside the window; the rise, from the
+    # lowest before the window (1.5), is negative.
+    falling = turning_point([2.0, 1.8, 1.6, 1.5, 1.45, 1.42, 1.40], 3)
+    assert falling.epoch == 7 and falling.rises is False
+    assert falling.rise == pytest.approx((1.45 + 1.42 + 1.40) / 3 - 1.5)
+    # A flat jittery tail after the lowest epoch: a rise above 0, within the noise.
+    flat = turning_point([2.0, 1.5, 1.0, 0.99, 1.03, 0.99, 1.04, 1.00, 1.03], 5)
+    assert flat.epoch == 4 and flat.epoch <= 9 - 5  # before the last 5 epochs
+    assert flat.rise == pytest.approx(0.028)
+    assert flat.noise == pytest.approx(stats.tstd([-0.04, 0.05, -0.04, 0.03]))
+    assert 0 < flat.rise < flat.noise and flat.rises is False
+    # The same tail, shifted up by more than its noise, rises.
+    tail = [x + 0.1 for x in [1.03, 0.99, 1.04, 1.00, 1.03]]
+    assert turning_point([2.0, 1.5, 1.0, 0.99, *tail], 5).rises is True
+
+
+def test_turning_point_of_short_runs_and_bad_input():
+    short = turning_point([1.0, 0.9, 1.0, 1.1], 3)  # fewer than k + 2 = 5 epochs
+    assert (short.epoch, short.lowest, short.rises) == (2, 0.9, None)
+    assert math.isnan(short.rise)
+    assert turning_point([2.0, 1.0, 1.3, 1.35, 1.45], 3).rises is True  # k + 2 are enough
+    no_noise = turning_point(U_SHAPE, 2)  # one difference in the window: no std
+    assert no_noise.rise == pytest.approx(0.575) and no_noise.rises is None
+    diverged = turning_point([2.0, 1.0, 1.5, 2.0, math.nan], 2)
+    assert diverged.epoch == 2 and diverged.rises is None
+    with pytest.raises(ValueError, match="k=0"):
+        turning_point(U_SHAPE, 0)
+    with pytest.raises(ValueError, match="finite loss"):
+        turning_point([], 3)
+
+
+def test_rise_t_test_is_scipy_one_sided_one_sample():
+    rises = [0.10, 0.20, 0.05, 0.12]
+    expected = stats.ttest_1samp(rises, 0.0, alternative="greater").pvalue
+    assert rise_p_value(rises) == pytest.approx(expected)
+    t = stats.tmean(rises) / (stats.tstd(rises) / math.sqrt(4))
+    assert rise_p_value(rises) == pytest.approx(stats.t.sf(t, 3))  # by definition
+    assert rise_p_value([-0.1, 0.02, -0.05]) > 0.5  # falls on average
+    assert math.isnan(rise_p_value([0.3]))  # one run: no test
+    assert rise_p_value([0.2, 0.2]) == 0.0 and rise_p_value([0.0, 0.0]) == 1.0  # no spread
+
+
+def test_turning_point_table(tmp_path):
+    """fp: 3 seeds, U-shaped (one unfinished run left out); b158: 1 of 3 rises; sign: too short."""
+    out = tmp_path / "study"
+    falling = [2.0, 1.8, 1.6, 1.5, 1.45, 1.42, 1.40, 1.39, 1.38]
+    for seed in range(3):
+        fake_run(out / f"method=fp_seed={seed}", [f"train.seed={seed}"], [0.5] * 9,
+                 test_loss=[x + seed / 100 for x in U_SHAPE[:-1]] + [1.6 + seed / 20])
+        fake_run(out / f"method=b158_seed={seed}", ["quant.method=b158", f"train.seed={seed}"],
+                 [0.5] * 9, test_loss=U_SHAPE if seed == 2 else falling)
+        fake_run(out / f"method=sign_seed={seed}", ["quant.method=sign", f"train.seed={seed}",
+                 "train.epochs=4"], [0.5] * 4, test_loss=[1.0, 0.9, 1.0, 1.1])
+    fake_run(out / "method=fp_seed=3", ["train.seed=3"], [0.5] * 2, test_loss=[2.0, 1.9],
+             status="interrupted", epochs=9)
+    groups, text = compare([out], last_k=3)
+    assert [g.key["quant.method"] for g in groups] == ["fp", "b158", "sign"]
+    head = text.index("Test-loss turning point")
+    assert text.index("| group | metric | difference") < head < text.index("Unfinished runs")
+    assert ("a run counts as rising when its lowest test loss comes before its last 3 epochs "
+            "and the mean of those 3 epochs exceeds that lowest loss by more than the run's "
+            "epoch-to-epoch noise") in text
+    table = [line.split(" | ") for line in text[head:].splitlines() if line.startswith("| ")]
+    method = {g.label: g.key["quant.method"] for g in groups}
+    rows = {method[cells[0][2:]]: cells[1:] for cells in table[1:]}
+    rise = (1.4 + 1.55 + 1.6) / 3 - 1.0
+    fp_rises = [rise + s / 75 for s in range(3)]  # seed / 100 everywhere, seed / 20 at the end
+    falling_rise = (1.40 + 1.39 + 1.38) / 3 - 1.42  # from the lowest before the window
+    one_sided = {"popmean": 0.0, "alternative": "greater"}
+    fp_p = stats.ttest_1samp(fp_rises, **one_sided).pvalue
+    b158_p = stats.ttest_1samp([falling_rise, falling_rise, rise], **one_sided).pvalue
+    holm_p = holm([fp_p, b158_p, math.nan])
+    assert rows["fp"][:5] == ["3", "4.0 ± 0.0", "1.0100 ± 0.0100",
+                              f"{rise + 1 / 75:.4f} ± {stats.tstd(fp_rises):.4f}", "3 of 3"]
+    b158 = rows["b158"]
+    assert b158[0] == "3" and b158[1] == f"{(9 + 9 + 4) / 3:.1f} ± {stats.tstd([9, 9, 4]):.1f}"
+    assert b158[4] == "1 of 3"
+    assert b158[5] == f"{b158_p:.3g}" and b158[6] == f"{holm_p[1]:.3g} |"
+    assert rows["fp"][5:] == [f"{fp_p:.3g}", f"{holm_p[0]:.3g} |"]
+    assert rows["sign"][4:] == ["n/a (too short)", "n/a", "n/a |"]
+    assert "raw and Holm-adjusted over the 2 tests of this table" in text
+    _, only_short = compare([out / "method=sign_seed=0"], last_k=3)
+    assert "possible with 2 or more finished runs per group (none yet)" in only_short
 
 
 def test_resolvable_margin_is_the_welch_90_percent_half_width():

@@ -10,7 +10,8 @@ and, for each quantized group, the difference to its full-precision group: a 95%
 interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence test at a stated
 margin, each Holm-adjusted over the table (two families), beside the margin the seeds can
 resolve (`bitvit.stats`).
-`compare_markdown` and `plot_groups` (`bitvit.figures`) turn that into a table and the first
+`compare_markdown` and `plot_groups` (`bitvit.figures`) turn that into tables (with
+`turning_markdown`: where each test loss is lowest and whether it rises after) and the first
 study's figure; `write_report` regenerates ``results/README.md``, with `bitvit.tuning`'s section
 (each method at its own learning rate) for sweeps over ``train.lr`` with a validation split.
 """
@@ -32,8 +33,11 @@ from bitvit.stats import (
     Difference,
     Summary,
     adjust_holm,
+    holm,
     last_k_mean,
+    rise_p_value,
     summarize,
+    turning_point,
     welch_difference,
 )
 from bitvit.sweep import (
@@ -264,8 +268,6 @@ def compare_groups(groups: list[Group], margin: float = 0.01, loss_margin: float
     adjust_holm([d for g in groups for d in g.vs_fp.values()])
     return groups
 
-
-
 # ---------------------------------------------------------------------------------------------
 # The tables
 # ---------------------------------------------------------------------------------------------
@@ -377,11 +379,50 @@ def provenance_lines(runs: list[Run], full_epochs: int | None = None) -> list[st
     return lines
 
 
+def turning_markdown(groups: list[Group], k: int) -> list[str]:
+    """The test-loss turning point per group (does the loss rise partway, and when), from the
+    finished runs: epoch and value of the lowest test loss, the rise after it, how many runs
+    rise beyond their noise, and a one-sided t-test of the rise across seeds, Holm over groups."""
+    points = [[turning_point([row["test_loss"] for row in r.rows], k)
+               for r in g.runs if r.finished and r.rows] for g in groups]
+    rises = [[t.rise for t in ts if not math.isnan(t.rise)] for ts in points]
+    p = [rise_p_value(r) for r in rises]
+    tests = sum(not math.isnan(x) for x in p)
+    lines = ["", f"Test-loss turning point (finished runs): a run counts as rising when its "
+             f"lowest test loss comes before its last {k} epochs and the mean of those {k} "
+             f"epochs exceeds that lowest loss by more than the run's epoch-to-epoch noise, the "
+             f"standard deviation (ddof 1) of the successive differences of its test loss "
+             f"within those {k} epochs; runs of fewer than {k + 2} epochs are too short to "
+             f"tell (n/a). Rise: the mean of the last {k} epochs minus the lowest test loss "
+             f"before them (negative while the loss still falls). p: one-sided one-sample "
+             f"t-test across seeds that the rise is > 0, "
+             + (f"raw and Holm-adjusted over the {tests} tests of this table." if tests else
+                "possible with 2 or more finished runs per group (none yet)."), "",
+             f"| group | runs | epoch of lowest test loss | lowest test loss | rise (last {k} − "
+             f"lowest before) | runs rising | p (rise > 0) | Holm p |", "|---" * 8 + "|"]
+    for g, ts, r, raw, adj in zip(groups, points, rises, p, holm(p), strict=True):
+        e = summarize([t.epoch for t in ts])
+        epoch = ("n/a" if e.n == 0 else f"{e.mean:.0f} (1 seed)" if e.n == 1
+                 else f"{e.mean:.1f} ± {e.std:.1f}")
+        told = [t.rises for t in ts if t.rises is not None]
+        # Undecided: too short, or (k < 3, a non-finite loss) no noise to compare with.
+        why = "too short" if all(math.isnan(t.rise) for t in ts if t.rises is None) else "undecided"
+        count = f"{sum(told)} of {len(told)}" if told else "n/a"
+        if len(told) < len(ts):
+            count += f" ({len(ts) - len(told)} {why})" if told else f" ({why})"
+        tested = "n/a | n/a" if math.isnan(raw) else f"{raw:.3g} | {adj:.3g}"
+        lines.append(f"| {g.label} | {len(ts)} | {epoch} | "
+                     f"{_mean_std(summarize([t.lowest for t in ts]), 'test_loss')} | "
+                     f"{_mean_std(summarize(r), 'test_loss')} | {count} | {tested} |")
+    return lines
+
+
 def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
                      figure: str | None = None, last_k: int = DEFAULT_LAST_K,
                      dots: str | None = None) -> str:
-    """The comparison as Markdown: provenance, per-group table, differences to fp, unfinished,
-    and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
+    """The comparison as Markdown: provenance, per-group table, differences to fp, the test-loss
+    turning point, unfinished runs, and the links to the curves (``figure``) and the per-seed
+    dot plot (``dots``)."""
     lines = provenance_lines(runs, full_epochs)
     lines.append("")
     lines.append("Mean ± std (ddof 1) over seeds; accuracies in %. "
@@ -432,6 +473,7 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                 else:
                     lines.append(f"| {g.label} | {labels[m]} | {_signed(d.diff, m)} | n/a | n/a "
                                  f"| n/a | n/a | n/a | {verdict_text(d, m)} |")
+    lines += turning_markdown(groups, last_k)
     unfinished = [r for g in groups for r in g.unfinished]
     if unfinished:
         counted = any(r in g.runs for g in groups for r in g.unfinished)

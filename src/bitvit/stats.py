@@ -1,5 +1,6 @@
 """The statistics of the studies, as pure functions: summaries over seeds, a headline that is not
-one noisy epoch, Welch differences with TOST equivalence, and Holm's correction over a table."""
+one noisy epoch, Welch differences with TOST equivalence, Holm's correction over a table, and
+where a test loss turns upward."""
 
 from __future__ import annotations
 
@@ -146,3 +147,60 @@ def adjust_holm(differences: Sequence[Difference]) -> None:
     tost = holm([d.tost_p for d in tested])
     for d, p, q in zip(tested, welch, tost, strict=True):
         d.p_adjusted, d.tost_adjusted = p, q
+
+
+@dataclass(frozen=True)
+class TurningPoint:
+    """Where one run's test loss is lowest, and whether it rises clearly after that."""
+
+    epoch: int  # 1-based epoch of the lowest loss (the first, on ties)
+    lowest: float
+    rise: float  # mean of the last k losses - lowest before them (< 0: still falling); nan: short
+    noise: float  # std (ddof 1) of the successive differences within the last k epochs
+    rises: bool | None  # None: cannot tell (too short, k < 3, or a non-finite loss)
+
+
+def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
+    """A run rises when its lowest loss comes before its last ``k`` epochs and the mean of those
+    k epochs exceeds it by more than the epoch-to-epoch noise of that window (the std of its
+    k - 1 successive differences), so that a flat, jittery tail does not count as a rise.
+
+    The rise is measured from the lowest loss *before* the window, so a loss still falling gives
+    a negative rise: a t-test of the rises across seeds is then not pushed towards "rises" by
+    jitter, as it would be from the lowest over all epochs (never above the window's mean).
+
+    Runs of fewer than k + 2 epochs are too short to tell: the minimum needs an epoch before it
+    (a fall) and must lie before the window.
+    """
+    import numpy as np
+
+    if k < 1:
+        raise ValueError(f"k={k}: expected 1 or more")
+    a = np.asarray(losses, dtype=float)
+    if a.size == 0 or not np.isfinite(a).any():
+        raise ValueError("turning_point: expected at least one finite loss")
+    i = int(np.nanargmin(np.where(np.isfinite(a), a, np.nan)))
+    lowest = float(a[i])
+    if a.size < k + 2:
+        return TurningPoint(i + 1, lowest, math.nan, math.nan, None)
+    window = a[-k:]
+    rise = float(window.mean()) - float(np.nanmin(a[:-k]))
+    steps = np.diff(window)
+    noise = float(steps.std(ddof=1)) if steps.size > 1 else math.nan
+    if not (math.isfinite(rise) and math.isfinite(noise)):
+        return TurningPoint(i + 1, lowest, rise, noise, None)
+    return TurningPoint(i + 1, lowest, rise, noise, i < a.size - k and rise > noise)
+
+
+def rise_p_value(rises: Sequence[float]) -> float:
+    """One-sided one-sample t-test across seeds, H0: mean rise <= 0 (small p: the loss rises);
+    nan with fewer than 2 rises."""
+    import numpy as np
+    from scipy import stats
+
+    a = np.asarray([r for r in rises if not math.isnan(r)], dtype=float)
+    if a.size < 2:
+        return math.nan
+    if a.std(ddof=1) <= 1e-12 * max(1.0, abs(float(a.mean()))):  # no spread: t is +-inf or 0/0
+        return 0.0 if a.mean() > 0 else 1.0
+    return float(stats.ttest_1samp(a, 0.0, alternative="greater").pvalue)
