@@ -1,6 +1,7 @@
 """The ONNX export (`bitvit.onnx_export`): every method's graph against bitvit's int engine, the
-per-token quantizer bit for bit, the per-tensor mode within a measured bound, the fp graph
-against torch, metadata, bad files, a missing onnxruntime, and the command line."""
+per-token quantizer's codes against absmax_int8 (equal but at near ties), the per-tensor mode
+within a measured bound, the fp graph against torch, metadata, bad files, a missing
+onnxruntime, and the command line."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from bitvit.config import Config, load_config
 from bitvit.engine import InferenceLinear, agreement, convert_for_inference
 from bitvit.export import ExportError, export_model, load, model_metadata
 from bitvit.methods import METHOD_TABLE
-from bitvit.quant import METHODS, BitLinear, absmax_int8
+from bitvit.quant import METHODS, BitLinear, absmax_codes, absmax_int8
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -38,7 +39,8 @@ from bitvit.onnx_export import (  # noqa: E402 - after the skip: needs onnx
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c", "d"]
 N_IMAGES = 64
-# The per-token graph is the int engine's arithmetic: only fp32 summation order differs.
+# The per-token graph is the int engine's arithmetic: only fp32 rounding order differs (and a
+# code at a near tie, rarely).
 ATOL_TOKEN = 1e-4
 # Weights-only layers (sign: scale 1, so hidden states grow large) multiply in fp32, where the
 # summation order shows more: tests/test_export.py's bar for fp32 exports.
@@ -95,8 +97,8 @@ def test_every_method_agrees_with_the_int_engine(tmp_path: Path, method: str):
                                               else ATOL_FLOAT_PRODUCTS), method
     assert torch.equal(got.argmax(1), ref.argmax(1))
     ops = _ops(tmp_path / "m.onnx")
-    if int_products:
-        assert "MatMulInteger" in ops  # the integer product, not a float stand-in
+    if int_products:  # the integer product, not a float stand-in
+        assert "MatMulIntegerToFloat" in ops and "QuantizeLinear" in ops
     else:  # weights-only: dequantized codes through a float MatMul
         assert "MatMulInteger" not in ops and "Cast" in ops
 
@@ -122,36 +124,67 @@ def test_one_bit_activations_sub_norm_and_mean_pooling(tmp_path: Path):
 
 
 def _layer_graph(layer: nn.Module, act_quant: str, in_features: int, path: Path) -> Path:
-    """A one-layer graph with the quantized activations as a second output."""
+    """A one-layer graph with the quantized activations (uint8, code + 128) as a second output."""
     g = _Graph(onnx)
     y = _linear(g, "x", layer, "layer", act_quant)
     h = onnx.helper
     outputs = [h.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None),
-               h.make_tensor_value_info("layer.q", onnx.TensorProto.FLOAT, None)]
+               h.make_tensor_value_info("layer.q_u8", onnx.TensorProto.UINT8, None)]
     graph = h.make_graph(g.nodes, "layer", [h.make_tensor_value_info(
         "x", onnx.TensorProto.FLOAT, ["M", in_features])], outputs, g.initializers)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17),
+                                               h.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
     onnx.save_model(model, str(path))
     return path
 
 
-def test_token_codes_are_absmax_int8_bit_for_bit(tmp_path: Path):
+def _token_layer(tmp_path: Path, x: torch.Tensor) -> tuple[InferenceLinear, np.ndarray,
+                                                             np.ndarray]:
+    """A b158 layer, and its one-layer graph's output and int8 codes (uint8 - 128) on x."""
     torch.manual_seed(0)
-    qlayer = InferenceLinear.from_bitlinear(BitLinear(16, 8, method="b158"), engine="int")
-    x = torch.randn(200, 16) * torch.logspace(-3, 3, 200)[:, None]
-    # Ties: rows whose max is 127 / 2 ** k, so x * s lands exactly on halves (k.5 values).
-    x[:4] = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 127.0] * 2])
-    x[4:8] = 0.0  # an all-zero token: scale 127 / EPS, codes 0
-    path = _layer_graph(qlayer, "token", 16, tmp_path / "layer.onnx")
+    qlayer = InferenceLinear.from_bitlinear(BitLinear(x.shape[1], 8, method="b158"),
+                                            engine="int")
+    path = _layer_graph(qlayer, "token", x.shape[1], tmp_path / "layer.onnx")
     y, q = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"x": x.numpy()})
+    assert q.dtype == np.uint8
+    return qlayer, y, q.astype(np.int32) - 128
+
+
+def test_token_codes_are_absmax_int8(tmp_path: Path):
+    torch.manual_seed(1)
+    x = torch.randn(200, 16) * torch.logspace(-3, 3, 200)[:, None]
+    # Ties: rows whose max is 127, so x * s lands exactly on halves (k.5 values).
+    x[:4] = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 127.0] * 2])
+    x[4:8] = 0.0  # an all-zero token: scale 127 / EPS, codes 0
+    qlayer, y, q = _token_layer(tmp_path, x)
     q_ref, _ = absmax_int8(x)
-    assert np.array_equal(q, q_ref.float().numpy())  # round half to even, as torch.round
-    assert set(q[0, :7].tolist()) == {0.0, 2.0, -2.0, 4.0}  # 0.5->0, 1.5->2, 2.5->2, 3.5->4
+    assert np.array_equal(q, q_ref.numpy())  # round half to even, as torch.round
+    assert set(q[0, :7].tolist()) == {0, 2, -2, 4}  # 0.5->0, 1.5->2, 2.5->2, 3.5->4
     with torch.no_grad():
         ref = qlayer(x)
+    # acc * w_scale * step in ONNX Runtime, acc * (w_scale / s) in bitvit: an ulp or two apart.
     assert np.allclose(y, ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_token_codes_differ_only_at_near_ties(tmp_path: Path):
+    """QuantizeLinear divides by the step m / 127 where absmax_int8 multiplies by 127 / m: the
+    two round differently only where x * 127 / m is within an ulp of a half, by one code."""
+    gen = torch.Generator().manual_seed(2)
+    m = torch.logspace(-4, 4, 4000)[:, None] * (1 + torch.rand(4000, 1, generator=gen))
+    k = torch.randint(-127, 127, (4000, 63), generator=gen).float()
+    x = torch.cat([m, (k + 0.5) * m / 127], dim=1)  # max m; the rest at (near) ties
+    x[:2000, 1:] += torch.randn(2000, 63, generator=gen) * m[:2000] / 1000  # half: not ties
+    _, _, q = _token_layer(tmp_path, x)
+    q_ref, s = absmax_codes(x)
+    t = (x * s).numpy()
+    near_tie = np.abs(np.abs(t - np.trunc(t)) - 0.5) <= 4 * np.spacing(np.abs(t))
+    differ = q != q_ref.numpy()
+    assert near_tie[2000:].mean() > 0.9 and near_tie[:2000].mean() < 0.01
+    assert not (differ & ~near_tie).any()  # away from ties, the same codes
+    assert np.abs(q - q_ref.numpy()).max() <= 1
+    assert (q[:, 0] == 127).all()  # the max itself lands on 127
 
 
 @pytest.mark.parametrize("method", ["b158", "b158c", "twn", "bitnet"])

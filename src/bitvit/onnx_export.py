@@ -9,10 +9,13 @@ each quantized layer computes is spelled out here:
   (in, out) initializer with their fp32 scale ((1,) or (out,)) and bias:
 
   * 8-bit activations, ``act_quant="token"`` (BitNet's, and `bitvit.quant.absmax_int8`'s):
-    s = 127 / max(max|x|, 1e-5) per token, q = Round(x * s) (half to even, as torch.round),
-    fed as uint8 q + 128 to ``MatMulInteger`` with a zero point 128 (u8 x s8, MLAS's fast
-    kernel); the int32 products, cast to fp32, times (weight scale / s), plus the bias. This is
-    the int engine's arithmetic (`InferenceLinear`), in the same order.
+    per token, step = max(max|x|, 1e-5) / 127; one per-axis ``QuantizeLinear`` gives uint8
+    round(x / step) + 128 (half to even, as torch.round), and ``com.microsoft``
+    ``MatMulIntegerToFloat`` (u8 x s8 with zero point 128, MLAS's fast kernel) scales the
+    int32 products by the weight scale and the step; then the bias. The int engine
+    (`InferenceLinear`) multiplies x by 127 / max|x| instead of dividing: the codes differ only
+    where x * 127 / max|x| is within an ulp of a half (about 1 code in 10^6 on CIFAR-10
+    activations, by one), and the products are rescaled in another order (an ulp or two).
   * 8-bit activations, ``act_quant="tensor"``: ONNX Runtime's fused ``com.microsoft``
     ``DynamicQuantizeMatMul`` (one asymmetric uint8 scale for the whole activation tensor,
     int8 codes, per-tensor or per-channel weight scale, bias): faster, approximate, and its
@@ -37,7 +40,7 @@ onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on us
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +147,7 @@ class _Graph:
         self.initializers: list = []
         self._used: set[str] = set()
         self._scalars: dict[tuple, str] = {}
+        self._shared: dict[tuple, str] = {}
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -163,6 +167,12 @@ class _Graph:
             self._scalars[key] = self.const(f"const_{np.dtype(dtype).name}_{value}".replace(
                 "-", "m").replace(".", "p"), np.full(shape, value, dtype=dtype))
         return self._scalars[key]
+
+    def shared(self, key: tuple, build: Callable[[], str]) -> str:
+        """The tensor stored under ``key``, built by ``build()`` the first time."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
 
     def op(self, op_type: str, inputs: Sequence[str], name: str, domain: str = "",
            **attrs: Any) -> str:
@@ -184,7 +194,55 @@ def _layer_norm(g: _Graph, x: str, name: str, norm: nn.LayerNorm | None, dim: in
                 epsilon=float(eps))
 
 
-def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str) -> str:
+def _token_int8(g: _Graph, x: str, codes_t: str, scale: str, bias: str | None,
+                shape: tuple[int, int], name: str, tokens: int | None) -> str:
+    """8-bit per-token activations (`quant.absmax_int8`) through two fused ONNX Runtime kernels.
+
+    The tokens are flattened to rows (M, K): per-axis ``QuantizeLinear`` (axis 0) divides each
+    row by its step m / 127, m = max(max|x|, EPS), rounds half to even and adds the zero point
+    128 (uint8) in one pass; ``com.microsoft.MatMulIntegerToFloat`` multiplies (u8 x s8) and
+    scales the int32 products by the weight scale and, given an (M, 1) ``a_scale``, by the
+    step, in place of Cast + Mul over the output. That kernel scales a fused bias too, so the
+    bias is a separate Add. x / (m / 127) and torch's x * (127 / m) can round differently only
+    where x * 127 / m lies within an ulp of a half: rare, and a code then moves by one.
+    """
+    n_out, n_in = shape
+    rows = g.op("Reshape", [x, g.const(f"{name}.rows_shape", np.array([-1, n_in], np.int64))],
+                f"{name}.rows")
+    absmax = g.op("ReduceMax", [g.op("Abs", [rows], f"{name}.abs")], f"{name}.absmax",
+                  axes=[-1], keepdims=1)
+    step = g.op("Div", [g.op("Max", [absmax, g.scalar(EPS)], f"{name}.absmax_clamped"),
+                        g.scalar(127.0)], f"{name}.act_step")  # (M, 1): x ~ q * step
+    # Per-axis QuantizeLinear takes a 1-D scale and a zero point of the same length, M; every
+    # input with the same static token count has the same M (B * tokens): one zero point.
+    step_1d = g.op("Reshape", [step, g.scalar(-1, np.int64, (1,))], f"{name}.act_step_1d")
+
+    def zero_point() -> str:
+        m = g.op("Shape", [step_1d], f"{name}.m")
+        return g.op("Expand", [g.scalar(128, np.uint8), m], f"{name}.zero_point")
+
+    zero = zero_point() if tokens is None else g.shared(("zero_point", tokens), zero_point)
+    u = g.op("QuantizeLinear", [rows, step_1d, zero], f"{name}.q_u8", axis=0)
+    y = g.op("MatMulIntegerToFloat", [u, codes_t, step, scale, g.scalar(128, np.uint8)],
+             f"{name}.matmul", domain="com.microsoft")
+    # Back to x's leading axes, before the bias. A constant (B, tokens, n_out) lets ORT know the
+    # shape and fuse the bias Add with the GELU that follows fc1 (BiasGelu), as in the old graph.
+    if tokens is not None:
+        out_shape = g.const(f"{name}.out_shape", np.array([-1, tokens, n_out], np.int64))
+    else:
+        lead = g.op("Slice", [g.op("Shape", [x], f"{name}.in_shape"),
+                              g.scalar(0, np.int64, (1,)), g.scalar(-1, np.int64, (1,))],
+                    f"{name}.lead")
+        out_shape = g.op("Concat", [lead, g.scalar(n_out, np.int64, (1,))],
+                         f"{name}.out_shape", axis=0)
+    y = g.op("Reshape", [y, out_shape], f"{name}.unflattened")
+    return g.op("Add", [y, bias], f"{name}.out") if bias else y
+
+
+def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
+            tokens: int | None = None) -> str:
+    """``layer`` on x (..., in). ``tokens``: x's static token count, x (B, tokens, in), which
+    lets ONNX Runtime fuse the per-token path with what follows; None: any leading axes."""
     lin = _describe(layer, name)
     if lin.sub_norm:
         x = _layer_norm(g, x, f"{name}.sub_norm", None, lin.codes.shape[1])
@@ -204,24 +262,16 @@ def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str) -> s
             inputs = [x, codes_t, scale, ""] + ([bias] if bias else [])
             return g.op("DynamicQuantizeMatMul", inputs, f"{name}.dq_matmul",
                         domain="com.microsoft")
+        elif lin.act_bits == 8:
+            return _token_int8(g, x, codes_t, scale, bias, lin.codes.shape, name, tokens)
         else:
-            absx = g.op("Abs", [x], f"{name}.abs")
-            if lin.act_bits == 8:
-                # quant.absmax_int8: s = 127 / max(max|x|, EPS); q = round(x * s) in [-127, 127].
-                absmax = g.op("ReduceMax", [absx], f"{name}.absmax", axes=[-1], keepdims=1)
-                row = g.op("Div", [g.scalar(127.0), g.op("Max", [absmax, g.scalar(EPS)],
-                                                          f"{name}.absmax_clamped")],
-                           f"{name}.act_scale")
-                q = g.op("Round", [g.op("Mul", [x, row], f"{name}.scaled")], f"{name}.q")
-                u = g.op("Cast", [g.op("Add", [q, g.scalar(128.0)], f"{name}.q_shifted")],
-                         f"{name}.q_u8", to=2)
-            else:
-                # 1 bit: sign(x) (sign(0) = +1) as 128 +- 1; scale 1 / mean|x| (InferenceLinear).
-                u = g.op("Where", [g.op("GreaterOrEqual", [x, g.scalar(0.0)], f"{name}.nonneg"),
-                                   g.scalar(129, np.uint8), g.scalar(127, np.uint8)],
-                         f"{name}.q_u8")
-                mean = g.op("ReduceMean", [absx], f"{name}.absmean", axes=[-1], keepdims=1)
-                row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
+            # 1 bit: sign(x) (sign(0) = +1) as 128 +- 1; scale 1 / mean|x| (InferenceLinear).
+            u = g.op("Where", [g.op("GreaterOrEqual", [x, g.scalar(0.0)], f"{name}.nonneg"),
+                               g.scalar(129, np.uint8), g.scalar(127, np.uint8)],
+                     f"{name}.q_u8")
+            mean = g.op("ReduceMean", [g.op("Abs", [x], f"{name}.abs")], f"{name}.absmean",
+                        axes=[-1], keepdims=1)
+            row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
             acc = g.op("MatMulInteger", [u, codes_t, g.scalar(128, np.uint8)], f"{name}.acc")
             ratio = g.op("Div", [scale, row], f"{name}.ratio")  # quant.rescale's order
             y = g.op("Mul", [g.op("Cast", [acc], f"{name}.acc_f", to=1), ratio],
@@ -236,10 +286,11 @@ def _gelu(g: _Graph, x: str, name: str) -> str:
     return g.op("Mul", [g.op("Mul", [x, inner], f"{name}.mul"), g.scalar(0.5)], name)
 
 
-def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quant: str) -> str:
+def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quant: str,
+               tokens: int) -> str:
     heads = attn.heads
     head_dim = dim // heads
-    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", act_quant)
+    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", act_quant, tokens)
     qkv = g.op("Reshape", [qkv, g.const(f"{name}.qkv_shape",
                                         np.array([0, 0, 3, heads, head_dim], np.int64))],
                f"{name}.qkv_heads")
@@ -254,22 +305,23 @@ def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quan
     out = g.op("Transpose", [out], f"{name}.av_t", perm=[0, 2, 1, 3])
     out = g.op("Reshape", [out, g.const(f"{name}.merge_shape", np.array([0, 0, dim], np.int64))],
                f"{name}.merged")
-    return _linear(g, out, attn.proj, f"{name}.proj", act_quant)
+    return _linear(g, out, attn.proj, f"{name}.proj", act_quant, tokens)
 
 
-def _mlp(g: _Graph, x: str, mlp: Mlp, name: str, act_quant: str) -> str:
+def _mlp(g: _Graph, x: str, mlp: Mlp, name: str, act_quant: str, tokens: int) -> str:
     if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none":
         raise ValueError(f"{name}.act: the ONNX export writes the exact GELU, got {mlp.act}")
-    h = _gelu(g, _linear(g, x, mlp.fc1, f"{name}.fc1", act_quant), f"{name}.gelu")
-    return _linear(g, h, mlp.fc2, f"{name}.fc2", act_quant)
+    h = _gelu(g, _linear(g, x, mlp.fc1, f"{name}.fc1", act_quant, tokens), f"{name}.gelu")
+    return _linear(g, h, mlp.fc2, f"{name}.fc2", act_quant, tokens)
 
 
-def _block(g: _Graph, x: str, block: Block, name: str, dim: int, act_quant: str) -> str:
+def _block(g: _Graph, x: str, block: Block, name: str, dim: int, act_quant: str,
+           tokens: int) -> str:
     a = _attention(g, _layer_norm(g, x, f"{name}.norm1", block.norm1, dim), block.attn,
-                   f"{name}.attn", dim, act_quant)
+                   f"{name}.attn", dim, act_quant, tokens)
     x = g.op("Add", [x, a], f"{name}.res1")
     m = _mlp(g, _layer_norm(g, x, f"{name}.norm2", block.norm2, dim), block.mlp, f"{name}.mlp",
-             act_quant)
+             act_quant, tokens)
     return g.op("Add", [x, m], f"{name}.res2")
 
 
@@ -282,7 +334,8 @@ def _vit_graph(g: _Graph, vit: VisionTransformer, act_quant: str) -> str:
     x = g.op("Transpose", [x], "patches_t", perm=[0, 2, 4, 1, 3, 5])
     x = g.op("Reshape", [x, g.const("tokens_shape", np.array(
         [0, grid * grid, c.in_channels * p * p], np.int64))], "tokens")
-    x = _linear(g, x, vit.patch_embed.proj, "patch_embed.proj", act_quant)
+    tokens = grid * grid
+    x = _linear(g, x, vit.patch_embed.proj, "patch_embed.proj", act_quant, tokens)
     if vit.cls_token is not None:
         batch = g.op("Slice", [g.op("Shape", ["images"], "images_shape"),
                                g.scalar(0, np.int64, (1,)), g.scalar(1, np.int64, (1,))], "batch")
@@ -291,9 +344,10 @@ def _vit_graph(g: _Graph, vit: VisionTransformer, act_quant: str) -> str:
         cls = g.op("Expand", [g.const("cls_token", _numpy(vit.cls_token, np.float32)), shape],
                    "cls_tokens")
         x = g.op("Concat", [cls, x], "with_cls", axis=1)
+        tokens += 1
     x = g.op("Add", [x, g.const("pos_embed", _numpy(vit.pos_embed, np.float32))], "embedded")
     for i, block in enumerate(vit.blocks):
-        x = _block(g, x, block, f"blocks.{i}", dim, act_quant)
+        x = _block(g, x, block, f"blocks.{i}", dim, act_quant, tokens)
     x = _layer_norm(g, x, "norm", vit.norm, dim)
     if vit.cls_token is not None:
         x = g.op("Gather", [x, g.scalar(0, np.int64)], "pooled", axis=1)
@@ -315,7 +369,7 @@ def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
             metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
     """Write ``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as ONNX.
 
-    ``act_quant``: ``token`` (per-token absmax int8, BitNet's exact arithmetic) or ``tensor``
+    ``act_quant``: ``token`` (per-token absmax int8, BitNet's arithmetic) or ``tensor``
     (ONNX Runtime's per-tensor ``DynamicQuantizeMatMul``: faster, approximate); ignored for
     layers without 8-bit activations. ``metadata``: extra string entries for the graph's
     ``metadata_props`` (`export_onnx` adds the config, classes and preprocessing). The file is
