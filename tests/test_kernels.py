@@ -1,9 +1,11 @@
 """The integer product's kernels (bitvit.kernels): exactness, the per-machine choice and its
-cache, the ISA summary, and identical models under either kernel."""
+cache, the ISA summary, and identical models under every kernel."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -14,12 +16,14 @@ from bitvit.engine import InferenceLinear, convert_for_inference
 from bitvit.kernels import (
     KERNELS,
     MAX_EXACT_K,
+    PackedCodes,
     choose_kernel,
     int_matmul,
     isa_summary,
+    pack_codes,
     reset_choice,
 )
-from bitvit.profile import _bytes_held
+from bitvit.profile import _bytes_held, profile_model
 from bitvit.quant import absmax_codes, absmax_int8, rescale
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
@@ -83,10 +87,38 @@ def test_kernels_are_exact_at_the_bound(kernel):
     assert torch.equal(int_matmul(q, codes_t, kernel).double(), reference)
 
 
-def test_fp32_kernel_refuses_k_beyond_the_bound():
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 768), (5, 1024, 1024), (1280, 256, 10),
+                                   (7, 129, 67), (33, 1000, 3)])
+def test_u8s8_is_bit_identical_to_the_other_kernels(m, k, n, binary):
+    q, codes_t = _codes(m, k, n, seed=m * k + n)
+    if binary:
+        codes_t = torch.where(codes_t >= 0, 1, -1).to(torch.int8)
+    q[0, : k // 2] = 127  # a run of the largest codes: u = q + 128 = 255
+    reference = q.double() @ codes_t.double()
+    acc = int_matmul(q, codes_t, "u8s8")
+    assert acc.dtype == torch.float32 and torch.equal(acc.double(), reference)
+    assert torch.equal(acc, int_matmul(q, codes_t, "fp32"))
+    assert torch.equal(acc, int_matmul(q, codes_t, "int8").float())
+    # Prepacked once (as a layer does) or per call (training): the same integers.
+    assert torch.equal(int_matmul(q, pack_codes(codes_t), "u8s8"), acc)
+
+
+def test_packed_codes_copy_and_pickle_by_packing_again():
+    q, codes_t = _codes(9, 64, 16, seed=4)
+    packed = pack_codes(codes_t)
+    assert packed.nbytes == 64 * 16 and packed.codes_t is codes_t  # a view, not a copy
+    for again in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert isinstance(again, PackedCodes) and again.weight is not packed.weight
+        assert torch.equal(again.codes_t, codes_t)
+        assert torch.equal(int_matmul(q, again, "u8s8"), int_matmul(q, packed, "u8s8"))
+
+
+@pytest.mark.parametrize("kernel", ["fp32", "u8s8"])
+def test_fp32_output_kernels_refuse_k_beyond_the_bound(kernel):
     q, codes_t = _codes(1, MAX_EXACT_K + 1, 1, seed=0)
-    with pytest.raises(ValueError, match=f"K={MAX_EXACT_K + 1}"):
-        int_matmul(q, codes_t, "fp32")
+    with pytest.raises(ValueError, match=f"^{kernel} integer kernel: K={MAX_EXACT_K + 1}"):
+        int_matmul(q, codes_t, kernel)
     with pytest.raises(ValueError, match="kernel='int4'"):
         int_matmul(q, codes_t, "int4")
 
@@ -128,7 +160,7 @@ def test_rescale_gives_identical_values_for_either_kernel(with_bias):
 
 def test_env_override(fresh, monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or 2.0)
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or {"int8": 2.0})
     for name in KERNELS:
         use_kernel(monkeypatch, name)
         choice = choose_kernel()
@@ -140,7 +172,15 @@ def test_env_override(fresh, monkeypatch):
 def test_bad_env_value_is_one_line(fresh, monkeypatch):
     use_kernel(monkeypatch, "int4")
     with pytest.raises(ValueError, match=r"^\$BITVIT_INT_KERNEL='int4': expected one of "
-                                         r"int8, fp32$"):
+                                         r"int8, fp32, u8s8$"):
+        choose_kernel()
+
+
+def test_env_u8s8_without_onednn_is_one_line(fresh, monkeypatch):
+    monkeypatch.setattr(kernels, "u8s8_available", lambda: False)
+    use_kernel(monkeypatch, "u8s8")
+    with pytest.raises(ValueError, match=r"^\$BITVIT_INT_KERNEL=u8s8: this PyTorch build lacks "
+                                         r"oneDNN's quantized linear \("):
         choose_kernel()
 
 
@@ -151,43 +191,58 @@ def test_decided_once_per_process(fresh, monkeypatch):
     assert choose_kernel() is first and choose_kernel(torch.device("cpu")) is first
 
 
-@pytest.mark.parametrize("speedup, expected", [(1.8, "int8"), (0.6, "fp32"), (1.0, "fp32")])
-def test_benchmark_decides_and_is_cached(fresh, monkeypatch, speedup, expected):
+@pytest.mark.parametrize("speed, expected", [
+    ({"int8": 1.8, "u8s8": 1.2}, "int8"),
+    ({"int8": 0.04, "u8s8": 1.9}, "u8s8"),
+    ({"int8": 0.6, "u8s8": 0.9}, "fp32"),
+    ({"int8": 1.0, "u8s8": 1.0}, "fp32"),  # a tie keeps fp32
+    ({"int8": 1.3}, "int8"),  # a build without oneDNN measures no u8s8
+])
+def test_benchmark_decides_and_is_cached(fresh, monkeypatch, speed, expected):
     calls = []
-    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or speedup)
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or speed)
     choice = choose_kernel()
     assert choice.name == expected and len(calls) == 1
-    assert f"int8 {speedup:.2f}x fp32's speed" in choice.reason and "saved to" in choice.reason
+    fastest_first = sorted(speed.items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{name} {v:.2f}x" for name, v in fastest_first)
+    assert f": {listed} fp32's speed (measured now, saved to" in choice.reason
     entries = json.loads((fresh / "kernels.json").read_text())["entries"]
     (key, entry), = entries.items()
     threads = torch.get_num_threads()
     assert isa_summary() in key and torch.__version__ in key and f"| {threads} threads" in key
-    assert entry["kernel"] == expected and entry["int8_speedup"] == speedup
+    assert entry["kernel"] == expected and entry["speed"] == speed
     # A new process (here: a reset) reads the verdict instead of measuring again.
     reset_choice()
     again = choose_kernel()
     assert again.name == expected and len(calls) == 1 and "cached" in again.reason
-    assert again.reason.endswith(f"(cached {fresh / 'kernels.json'})")
+    assert again.reason.endswith(f"fp32's speed (cached {fresh / 'kernels.json'})")
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"version": 1, "entries": 3}',
-                                     '{"version": 1, "entries": {"KEY": {"kernel": "int4"}}}'])
-def test_corrupt_cache_is_measured_again_and_rewritten(fresh, monkeypatch, content):
+@pytest.mark.parametrize("content", [
+    "{not json", "[1, 2]", '{"version": 2, "entries": 3}',
+    '{"version": 2, "entries": {"KEY": {"kernel": "int4", "speed": {}}}}',
+    '{"version": 2, "entries": {"KEY": {"kernel": "u8s8", "speed": {"int8": 2.0}}}}',
+    # The previous layout (one int8 speedup), from before u8s8: measured again.
+    '{"version": 1, "entries": {"KEY": {"kernel": "int8", "int8_speedup": 2.0}}}',
+])
+def test_corrupt_or_old_cache_is_measured_again_and_rewritten(fresh, monkeypatch, content):
     cache = fresh / "kernels.json"
     content = content.replace("KEY", kernels._cache_key(isa_summary()))
     cache.write_text(content)
     calls = []
-    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or 0.5)
+    monkeypatch.setattr(kernels, "benchmark_kernels",
+                        lambda: calls.append(1) or {"int8": 0.5, "u8s8": 0.7})
     assert choose_kernel().name == "fp32" and len(calls) == 1
-    entries = json.loads(cache.read_text())["entries"]
-    assert list(entries.values())[0]["kernel"] == "fp32"
+    data = json.loads(cache.read_text())
+    assert data["version"] == kernels.CACHE_VERSION == 2
+    assert list(data["entries"].values())[0]["kernel"] == "fp32"
 
 
 def test_other_machines_entries_are_kept(fresh, monkeypatch):
     cache = fresh / "kernels.json"
-    other = {"kernel": "int8", "int8_speedup": 3.0, "measured": "then"}
-    cache.write_text(json.dumps({"version": 1, "entries": {"another CPU": other}}))
-    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: 0.5)
+    other = {"kernel": "u8s8", "speed": {"int8": 0.05, "u8s8": 1.8}, "measured": "then"}
+    cache.write_text(json.dumps({"version": 2, "entries": {"another CPU": other}}))
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: {"int8": 0.5})
     choose_kernel()
     entries = json.loads(cache.read_text())["entries"]
     assert entries["another CPU"] == other and len(entries) == 2
@@ -196,7 +251,7 @@ def test_other_machines_entries_are_kept(fresh, monkeypatch):
 def test_unwritable_cache_still_chooses(fresh, monkeypatch):
     monkeypatch.setenv("BITVIT_CACHE", str(fresh / "file"))
     (fresh / "file").write_text("a file where the folder should be")
-    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: 2.0)
+    monkeypatch.setattr(kernels, "benchmark_kernels", lambda: {"int8": 2.0, "u8s8": 1.5})
     choice = choose_kernel()
     assert choice.name == "int8" and "not cached" in choice.reason
 
@@ -208,9 +263,16 @@ def test_cuda_takes_int8_unmeasured(fresh, monkeypatch):
                                                          "Fake GPU")
 
 
-def test_micro_benchmark_measures_a_ratio():
-    speedup = kernels.benchmark_kernels(shapes=((32, 64, 48), (17, 128, 8)), budget_s=0.01)
-    assert 0.001 < speedup < 1000
+def test_micro_benchmark_measures_a_ratio_per_kernel():
+    speed = kernels.benchmark_kernels(shapes=((32, 64, 48), (17, 128, 8)), budget_s=0.01)
+    assert speed.keys() == {"int8", "u8s8"}
+    assert all(0.001 < v < 1000 for v in speed.values())
+
+
+def test_micro_benchmark_without_onednn_measures_int8_only(monkeypatch):
+    monkeypatch.setattr(kernels, "u8s8_available", lambda: False)
+    speed = kernels.benchmark_kernels(shapes=((17, 64, 8),), budget_s=0.01)
+    assert speed.keys() == {"int8"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,19 +331,21 @@ def _tiny_b158(seed: int = 0) -> VisionTransformer:
     return model
 
 
-def test_train_step_is_identical_under_either_kernel(monkeypatch):
+def test_train_step_is_identical_under_every_kernel(monkeypatch):
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.arange(6) % 10
     steps = {}
-    fp32_calls = []
-    fp32_mm = quant.fp32_mm
-    monkeypatch.setattr(quant, "fp32_mm", lambda *a: fp32_calls.append(1) or fp32_mm(*a))
+    calls = {"fp32": [], "u8s8": []}
+    for name in calls:  # count the calls, so each kernel is known to have run
+        mm = getattr(quant, f"{name}_mm")
+        monkeypatch.setattr(quant, f"{name}_mm",
+                            lambda *a, mm=mm, name=name: calls[name].append(1) or mm(*a))
     for name in KERNELS:
         use_kernel(monkeypatch, name)
         model = _tiny_b158()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         losses = []
-        for _ in range(2):  # the second step runs on updated weights
+        for _ in range(2):  # the second step runs on updated weights (u8s8: packed again)
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -289,30 +353,54 @@ def test_train_step_is_identical_under_either_kernel(monkeypatch):
             opt.step()
             losses.append(loss.detach())
         steps[name] = (losses, grads, model.state_dict())
-        assert bool(fp32_calls) == (name == "fp32")  # really that kernel
-    (loss_a, grad_a, state_a), (loss_b, grad_b, state_b) = steps.values()
-    assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b, strict=True))
-    assert grad_a.keys() == grad_b.keys()
-    assert all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+        assert all(bool(c) == (k == name) for k, c in calls.items())  # really that kernel
+        for c in calls.values():
+            c.clear()
+    loss_a, grad_a, state_a = steps["int8"]
+    for name in ("fp32", "u8s8"):
+        loss_b, grad_b, state_b = steps[name]
+        assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b, strict=True))
+        assert grad_a.keys() == grad_b.keys()
+        assert all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
-def test_converted_model_logits_are_identical_under_either_kernel(monkeypatch):
+def test_converted_model_logits_are_identical_under_every_kernel(monkeypatch):
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    logits, held = {}, {}
+    logits, held, resident = {}, {}, {}
     for name in KERNELS:
         use_kernel(monkeypatch, name)
         model = convert_for_inference(_tiny_b158().eval())
         layers = [m for m in model.modules() if isinstance(m, InferenceLinear)]
         assert all(m.kernel == name for m in layers)
         assert all((m.codes_f32 is not None) == (name == "fp32") for m in layers)
+        assert all((m.packed is not None) == (name == "u8s8") for m in layers)
         with torch.no_grad():
             logits[name] = model(x)
         held[name] = _bytes_held(model)
+        resident[name] = profile_model(model, TINY).totals["bytes_resident"]
     assert torch.equal(logits["int8"], logits["fp32"])
-    # The fp32 kernel's cache: 4 bytes per weight of every integer-path layer.
+    assert torch.equal(logits["int8"], logits["u8s8"])
+    # The kernels' own copies: fp32 codes, 4 bytes per weight of every integer-path layer;
+    # u8s8's prepacked codes, 1 byte. The profile counts what the module holds.
     weights = sum(m.codes.numel() for m in layers)
-    assert held["fp32"] - held["int8"] == 4 * weights
+    assert held["fp32"] - held["int8"] == 4 * weights == resident["fp32"] - resident["int8"]
+    assert held["u8s8"] - held["int8"] == weights == resident["u8s8"] - resident["int8"]
+
+
+@pytest.mark.parametrize("act_bits", [8, 1])
+def test_inference_linear_under_u8s8_equals_int8(monkeypatch, act_bits):
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(-1, 2, (67, 129), dtype=torch.int8, generator=g)  # (out, in), odd
+    scale, bias = torch.rand(67, generator=g) + 0.1, torch.randn(67, generator=g)
+    x = torch.randn(3, 5, 129, generator=g)
+    out = {}
+    for name in ("int8", "u8s8"):
+        use_kernel(monkeypatch, name)
+        layer = InferenceLinear(codes, scale, bias, "b158", act_bits)
+        assert layer.kernel == name
+        out[name] = layer(x)
+    assert out["u8s8"].shape == (3, 5, 67) and torch.equal(out["u8s8"], out["int8"])
 
 
 def test_to_device_chooses_the_kernel_again(monkeypatch):
@@ -321,14 +409,34 @@ def test_to_device_chooses_the_kernel_again(monkeypatch):
     layer = model.blocks[0].mlp.fc1
     assert layer.kernel == "fp32" and layer.codes_f32.dtype == torch.float32
     assert "codes_f32" not in model.state_dict()
+    use_kernel(monkeypatch, "u8s8")
+    model.to("cpu")
+    packed = layer.packed
+    assert layer.kernel == "u8s8" and layer.codes_f32 is None and isinstance(packed, PackedCodes)
+    assert "packed" not in str(list(model.state_dict()))
+    model.to("cpu")  # packed again from the (moved) codes
+    assert layer.packed is not packed and layer.packed.codes_t.data_ptr() == layer.codes.data_ptr()
     use_kernel(monkeypatch, "int8")
     model.to("cpu")
-    assert layer.kernel == "int8" and layer.codes_f32 is None and "kernel=int8" in repr(layer)
+    assert layer.kernel == "int8" and layer.packed is None and "kernel=int8" in repr(layer)
     assert layer.codes_t.is_contiguous()
 
 
+def test_u8s8_model_copies_and_loads_state(monkeypatch):
+    use_kernel(monkeypatch, "u8s8")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    model = convert_for_inference(_tiny_b158().eval())
+    other = convert_for_inference(_tiny_b158(seed=1).eval())
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(copy.deepcopy(model)(x), expected)  # the copy packs its own codes
+        assert not torch.equal(other(x), expected)
+        other.load_state_dict(model.state_dict())  # new codes: packed again
+        assert torch.equal(other(x), expected)
+
+
 @pytest.mark.parametrize("name", KERNELS)
-def test_either_kernel_traces_in_one_graph(monkeypatch, name):
+def test_every_kernel_traces_in_one_graph(monkeypatch, name):
     # torch.compile sees the kernel as a constant: no graph break in training or inference
     # (backend="eager" checks the tracing without the seconds inductor takes).
     use_kernel(monkeypatch, name)

@@ -8,11 +8,12 @@
   added. The integer products are exact, so this computes the fake-quantized layer's function
   up to fp32 rounding order.
 - The integer product's kernel is chosen per machine (`bitvit.kernels.choose_kernel`, once per
-  process): ``int8`` (`torch._int_mm`, int32 accumulation) where it beats fp32 in a cached
-  micro-benchmark (VNNI/AMX CPUs, CUDA), else ``fp32``: the same integers through the fp32
-  matmul, exact (every partial sum is an integer below 2**24) and so giving bit-identical
-  outputs. ``$BITVIT_INT_KERNEL=int8|fp32`` overrides the benchmark. The ``fp32`` kernel caches
-  the codes as fp32 (4 more bytes per weight; `bitvit profile` counts them as resident).
+  process), the fastest in a cached micro-benchmark: ``int8`` (`torch._int_mm`, int32
+  accumulation; VNNI/AMX CPUs, CUDA), ``u8s8`` (oneDNN's u8 x s8 product; AVX2 CPUs without
+  VNNI) or ``fp32`` (the same integers through the fp32 matmul, exact: every partial sum is an
+  integer below 2**24). All three give bit-identical outputs. ``$BITVIT_INT_KERNEL=int8|fp32|
+  u8s8`` overrides the benchmark. The ``fp32`` kernel caches the codes as fp32 (4 more bytes per
+  weight), ``u8s8`` prepacked (1 more byte per weight); `bitvit profile` counts them as resident.
 - ``"fp"``: the fake-quant computation `BitLinear` uses for training, on a cached dequantized
   weight (``codes * scale``): the comparison baseline (and what runs under bf16 autocast).
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitvit.kernels import choose_kernel, int_matmul
+from bitvit.kernels import PackedCodes, choose_kernel, int_matmul, pack_codes
 from bitvit.quant import (
     EPS,
     METHODS,
@@ -66,7 +67,9 @@ class InferenceLinear(nn.Module):
     dequantizes per call where it needs a float weight (weights-only layers, autocast). Under
     the ``fp32`` integer kernel (``kernel``, `bitvit.kernels.choose_kernel` for the codes'
     device, chosen again by ``.to(device)``) the int engine also caches ``codes_f32``, the
-    (in, out) codes as fp32: 4 more bytes per weight.
+    (in, out) codes as fp32: 4 more bytes per weight; under ``u8s8`` ``packed``, the codes in
+    oneDNN's layout (`bitvit.kernels.pack_codes`; not a buffer: its opaque tensor has no
+    storage), 1 more byte per weight.
     """
 
     def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, method: str,
@@ -91,6 +94,7 @@ class InferenceLinear(nn.Module):
         # Derived and not saved: the fp engine's dequantized weight.
         self.register_buffer("weight_fp", None, persistent=False)
         self.register_buffer("codes_f32", None, persistent=False)  # for the fp32 kernel
+        self.packed: PackedCodes | None = None  # for the u8s8 kernel
         self.engine = ""
         self.kernel: str | None = None  # the integer kernel (bitvit.kernels), when uses_int
         self.set_engine(engine)
@@ -124,6 +128,7 @@ class InferenceLinear(nn.Module):
         self.weight_fp = self.dequantized_weight() if engine == "fp" else None
         self.kernel = choose_kernel(self.codes.device).name if self.uses_int else None
         self.codes_f32 = self.codes.t().float() if self.kernel == "fp32" else None
+        self.packed = pack_codes(self.codes.t()) if self.kernel == "u8s8" else None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
         # After .to(device) (or any conversion) the kernel is chosen for the new device and
@@ -151,15 +156,15 @@ class InferenceLinear(nn.Module):
     def _forward_int(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
-        as_int8 = self.kernel == "int8"  # the fp32 kernel takes the same codes as floats
+        as_int8 = self.kernel != "fp32"  # the fp32 kernel takes the same codes as floats
         if self.act_bits == 8:
             q, row_scale = absmax_int8(x2) if as_int8 else absmax_codes(x2)
         else:  # 1-bit: sign(x) in {-1, 1} times codes is exact; the token's mean|x| rescales
             q = torch.where(x2 >= 0, 1, -1).to(torch.int8 if as_int8 else torch.float32)
             row_scale = 1.0 / x2.abs().mean(dim=-1, keepdim=True)
-        # The codes as the kernel reads them: int8 contiguous (in, out) (see set_engine), or
-        # the fp32 kernel's cached float copy.
-        codes = self.codes_f32 if self.kernel == "fp32" else self.codes.t()
+        # The codes as the kernel reads them: int8 contiguous (in, out) (see set_engine), the
+        # fp32 kernel's cached float copy, or u8s8's prepacked one.
+        codes = {"fp32": self.codes_f32, "u8s8": self.packed}.get(self.kernel, self.codes.t())
         acc = int_matmul(q, codes, self.kernel)
         y = rescale(acc, row_scale, self.scale, self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)

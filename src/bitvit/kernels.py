@@ -1,22 +1,31 @@
 """Choosing and running the integer product of a quantized layer: int8 activation codes (M, K)
 times ternary/binary weight codes (K, N).
 
-Two kernels compute the same, exact, integers:
+Three kernels compute the same, exact, integers:
 
-- ``"int8"``: `torch._int_mm`, int8 x int8 -> int32. Fast where the CPU has VNNI or AMX (and on
-  CUDA); on a CPU with AVX2 only (e.g. AMD Zen 3) it can be many times slower than fp32.
+- ``"int8"``: `torch._int_mm`, int8 x int8 -> int32. Fast where the CPU has AVX512-VNNI or AMX
+  (and on CUDA). Elsewhere (e.g. AMD Zen 3, AVX2 only) PyTorch runs it as a scalar loop, 25-30x
+  slower than fp32: it calls oneDNN only where cpuinfo reports AVX512-VNNI, a hardware check
+  that the ISA-capping env vars (`ISA_ENV`) do not reach, so they cannot emulate that slowness.
 - ``"fp32"``: the codes as floats through the fp32 matmul (BLAS). Exact too: an activation code
   has ``|q| <= 127`` (`bitvit.quant.absmax_int8`; 1 for sign activations), a weight code
   ``|w| <= 1``, so every product and every partial sum, in any order, is an integer of magnitude
   at most ``K * 127 < 2**24`` for ``K <= MAX_EXACT_K`` (132,104), and fp32 holds those exactly.
   Even a reduced-precision fp32 matmul (TF32, or bf16 on AMX) holds |q| <= 127 exactly.
+- ``"u8s8"``: oneDNN's quantized linear (`torch.ops.onednn.qlinear_pointwise`), unsigned x
+  signed int8 with int32 accumulation, for AVX2 CPUs without VNNI: the activations go in as
+  ``q + 128`` (uint8, zero point 128, which oneDNN takes off in int32 as 128 x the weight's
+  column sums), the codes prepacked once per layer (`pack_codes`), the output fp32 at unit
+  scales: the same integers, exact for ``K <= MAX_EXACT_K``. AVX2's u8 x s8 instruction
+  (vpmaddubsw) saturates a pair of products at int16, which ternary codes never reach
+  (2 * 255 * 1). Inside `torch.compile` it runs as ``fp32`` (the prepack has no fake tensors).
 
 `choose_kernel` decides once per process: CUDA takes ``int8``; on a CPU, ``$BITVIT_INT_KERNEL``
-(``int8`` or ``fp32``) decides, else a micro-benchmark of the two (well under a second), whose
+(a `KERNELS` name) decides, else a micro-benchmark of the three (under a second), whose
 verdict is cached per machine in ``kernels.json`` in the bitvit cache folder (``$BITVIT_CACHE``,
 else ``~/.cache/bitvit``), keyed by CPU model, ISA (`isa_summary`), torch version and thread
-count. `int_matmul` runs a kernel; both results are accepted by `bitvit.quant.rescale` and give
-identical values there.
+count. `int_matmul` runs a kernel; its int32 or fp32 result gives identical values in
+`bitvit.quant.rescale`.
 """
 
 from __future__ import annotations
@@ -40,10 +49,10 @@ from torch import Tensor
 
 log = logging.getLogger("bitvit.kernels")
 
-KERNELS = ("int8", "fp32")
+KERNELS = ("int8", "fp32", "u8s8")
 KERNEL_ENV = "BITVIT_INT_KERNEL"
 CACHE_FILE = "kernels.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a speed per kernel (u8s8 joined)
 # The largest K for which the fp32 product of codes |q| <= 127, |w| <= 1 is exact.
 MAX_EXACT_K = 2**24 // 127
 # Paper-like (M, K, N): qkv, fc1 and fc2 of the dim-256 ViT on a 512-token slab, and a
@@ -97,6 +106,12 @@ def int_mm(a: Tensor, b: Tensor, pad: bool | None = None) -> Tensor:
     return torch._int_mm(a, b)
 
 
+def _check_exact_k(k: int, kernel: str) -> None:
+    if k > MAX_EXACT_K:
+        raise ValueError(f"{kernel} integer kernel: K={k} > {MAX_EXACT_K}, where its fp32 sums "
+                         "of codes may round; use the int8 kernel")
+
+
 def fp32_mm(q: Tensor, codes_t: Tensor) -> Tensor:
     """The same integers as `int_mm`, through the fp32 matmul: (M, K) @ (K, N) -> fp32.
 
@@ -104,23 +119,80 @@ def fp32_mm(q: Tensor, codes_t: Tensor) -> Tensor:
     layer's cached float codes): no casts then. Exact for weight codes in
     {-1, 0, 1}, ``|q| <= 127`` and ``K <= MAX_EXACT_K`` (see the module docstring).
     """
-    k = q.shape[-1]
-    if k > MAX_EXACT_K:
-        raise ValueError(f"fp32 integer kernel: K={k} > {MAX_EXACT_K}, where fp32 sums of "
-                         "codes may round; use the int8 kernel")
+    _check_exact_k(q.shape[-1], "fp32")
     return q.float() @ (codes_t if codes_t.dtype == torch.float32 else codes_t.float())
 
 
-def int_matmul(q: Tensor, codes_t: Tensor, kernel: str | None = None) -> Tensor:
+@cache
+def u8s8_available() -> bool:
+    """Whether this PyTorch build has oneDNN's quantized linear, which ``u8s8`` runs on."""
+    try:
+        torch.ops.onednn.qlinear_prepack  # noqa: B018 - raises where the op is not registered
+        torch.ops.onednn.qlinear_pointwise  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+@dataclass(frozen=True, eq=False)
+class PackedCodes:
+    """Weight codes prepacked for the ``u8s8`` kernel (`pack_codes`)."""
+
+    codes_t: Tensor  # the int8 (K, N) codes it packs, as given (a view: no copy)
+    weight: Tensor  # oneDNN's layout: an opaque MKLDNN tensor (no storage, no deepcopy)
+    ones: Tensor  # (N,) fp32 weight scales of 1: the output holds the integers themselves
+    zeros: Tensor  # (N,) int64 weight zero points
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Copies and pickles pack again from the codes (the packed tensor has no storage).
+        return pack_codes, (self.codes_t,)
+
+
+def pack_codes(codes_t: Tensor) -> PackedCodes:
+    """Prepack int8 weight codes (K, N) for `u8s8_mm`: once per layer (about 0.5 ms for
+    256 x 1024 on one AVX2 core), or per call where the weights change (training)."""
+    if not u8s8_available():
+        raise RuntimeError("u8s8 integer kernel: this PyTorch build lacks oneDNN's quantized "
+                           "linear (torch.ops.onednn.qlinear_pointwise)")
+    n = codes_t.shape[1]
+    weight = torch.ops.onednn.qlinear_prepack(codes_t.t().to(torch.int8).contiguous(), None)
+    return PackedCodes(codes_t, weight, torch.ones(n), torch.zeros(n, dtype=torch.long))
+
+
+def u8s8_mm(q: Tensor, codes: PackedCodes | Tensor) -> Tensor:
+    """The same integers as `int_mm` by oneDNN's u8 x s8 product: int8 ``q`` (M, K) times
+    ``codes`` (prepacked, or int8 (K, N) packed now) -> fp32. See the module docstring."""
+    if torch.compiler.is_compiling():
+        # oneDNN's prepack has no fake-tensor kernel and inductor rejects the packed weight:
+        # a compiled graph takes the fp32 product of the same codes (the same integers).
+        return fp32_mm(q, codes.codes_t if isinstance(codes, PackedCodes) else codes)
+    _check_exact_k(q.shape[-1], "u8s8")
+    packed = codes if isinstance(codes, PackedCodes) else pack_codes(codes)
+    # q + 128 as uint8 is q's two's-complement bits with the sign bit flipped: one cheap pass
+    # (ATen's float -> uint8 cast is several times slower than to int8).
+    u = q.to(torch.int8).view(torch.uint8) ^ 128
+    return torch.ops.onednn.qlinear_pointwise(
+        u, 1.0, 128, packed.weight, packed.ones, packed.zeros, None, 1.0, 0, torch.float32,
+        "none", [], "")
+
+
+def int_matmul(q: Tensor, codes_t: Tensor | PackedCodes, kernel: str | None = None) -> Tensor:
     """``q`` int8 (M, K) times ``codes_t`` int8 (K, N), exactly, by ``kernel`` (None: the one
-    `choose_kernel` picks for ``q``'s device). int32 from ``int8``, fp32 from ``fp32`` (which
-    also takes both as integer-valued fp32, see `fp32_mm`)."""
+    `choose_kernel` picks for ``q``'s device). int32 from ``int8``, fp32 from the others:
+    ``fp32`` also takes both as integer-valued fp32 (see `fp32_mm`), ``u8s8`` the codes
+    prepacked (`pack_codes`)."""
     if kernel is None:
         kernel = choose_kernel(q.device).name
     if kernel == "int8":
         return int_mm(q, codes_t)
     if kernel == "fp32":
         return fp32_mm(q, codes_t)
+    if kernel == "u8s8":
+        return u8s8_mm(q, codes_t)
     raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
 
 
@@ -252,6 +324,9 @@ def _decide(device_type: str) -> KernelChoice:
         return KernelChoice("int8", f"{device_type}: torch._int_mm (not benchmarked)",
                             device_type)
     isa = isa_summary()
+    if override == "u8s8" and not u8s8_available():
+        raise ValueError(f"${KERNEL_ENV}=u8s8: this PyTorch build lacks oneDNN's quantized "
+                         "linear (torch.ops.onednn.qlinear_pointwise)")
     if override:
         return KernelChoice(override, f"set by ${KERNEL_ENV}={override}", isa)
     return _benchmarked_choice(isa)
@@ -283,8 +358,12 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _valid_entry(entry: Any) -> bool:
-    return (isinstance(entry, dict) and entry.get("kernel") in KERNELS
-            and isinstance(entry.get("int8_speedup"), (int, float)))
+    if not (isinstance(entry, dict) and entry.get("kernel") in KERNELS
+            and isinstance(entry.get("speed"), dict)):
+        return False
+    speed = entry["speed"]
+    return (all(isinstance(v, (int, float)) for v in speed.values())
+            and (entry["kernel"] == "fp32" or entry["kernel"] in speed))
 
 
 def _benchmarked_choice(isa: str) -> KernelChoice:
@@ -296,9 +375,9 @@ def _benchmarked_choice(isa: str) -> KernelChoice:
     entry = entries.get(key)
     where = f"cached {_tilde(path)}"
     if not _valid_entry(entry):
-        speedup = benchmark_kernels()
-        entry = {"kernel": "int8" if speedup > 1.0 else "fp32",
-                 "int8_speedup": round(speedup, 3),
+        speed = {name: round(v, 3) for name, v in benchmark_kernels().items()}
+        fastest = max({"fp32": 1.0, **speed}.items(), key=lambda kv: kv[1])[0]  # ties: fp32
+        entry = {"kernel": fastest, "speed": speed,
                  "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         entries[key] = entry
         try:
@@ -309,10 +388,11 @@ def _benchmarked_choice(isa: str) -> KernelChoice:
         except OSError as e:  # an unwritable cache only costs a measurement next time
             log.warning("could not write kernel cache %s: %s", path, e)
             where = "measured now, not cached"
-    speedup = entry["int8_speedup"]
     threads = torch.get_num_threads()
-    reason = (f"int8 {speedup:.2f}x fp32's speed in a micro-benchmark on {isa}, {threads} "
-              f"thread{'s' if threads != 1 else ''} ({where})")
+    speeds = ", ".join(f"{name} {v:.2f}x" for name, v in
+                       sorted(entry["speed"].items(), key=lambda kv: -kv[1]))
+    reason = (f"the fastest in a micro-benchmark on {isa}, {threads} "
+              f"thread{'s' if threads != 1 else ''}: {speeds} fp32's speed ({where})")
     return KernelChoice(entry["kernel"], reason, isa)
 
 
@@ -330,39 +410,50 @@ def _seconds(fn: Callable[..., Tensor], *args: Tensor) -> float:
 
 @torch.no_grad()
 def benchmark_kernels(shapes: tuple[tuple[int, int, int], ...] = BENCH_SHAPES,
-                      budget_s: float = BENCH_BUDGET_S) -> float:
-    """int8's speed relative to fp32 on ``shapes`` (> 1: int8 is faster), at the current
-    thread count: the geometric mean over shapes of (best fp32 time / best int8 time).
+                      budget_s: float = BENCH_BUDGET_S) -> dict[str, float]:
+    """The speed of ``int8`` and ``u8s8`` (where available) relative to ``fp32`` on ``shapes``
+    (> 1: faster), at the current thread count: per kernel, the geometric mean over shapes of
+    (best fp32 time / best time of the kernel).
 
-    One warm-up round, then timed rounds, interleaved, until ``budget_s`` is spent (at least
-    one, at most MAX_ROUNDS; each kernel's best time counts). A CPU where int8 is several times
-    slower stops after the warm-up.
+    Each kernel gets its inputs as a layer holds them (fp32: float codes; u8s8: the codes
+    prepacked, untimed). One warm-up round, then timed rounds, interleaved, until ``budget_s``
+    is spent (at least one, at most MAX_ROUNDS; each kernel's best time counts). A kernel
+    several times slower than fp32 in the warm-up sits the timed rounds out.
     """
     gen = torch.Generator().manual_seed(0)
-    cases = []
+    runs: dict[str, list[tuple[Callable[..., Tensor], tuple[Any, ...]]]] = {
+        "fp32": [], "int8": [], "u8s8": []}
     for m, k, n in shapes:
         q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
         codes_t = torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=gen)
-        cases.append((q, codes_t, codes_t.float()))  # fp32: as a layer caches its codes
-    best = {("int8", i): math.inf for i in range(len(cases))}
-    best.update({("fp32", i): math.inf for i in range(len(cases))})
+        runs["fp32"].append((fp32_mm, (q.float(), codes_t.float())))
+        runs["int8"].append((int_mm, (q, codes_t)))
+        if u8s8_available():
+            runs["u8s8"].append((u8s8_mm, (q, pack_codes(codes_t))))
+    runs = {name: cases for name, cases in runs.items() if cases}
+    best = {name: [math.inf] * len(shapes) for name in runs}
 
-    def one_round() -> None:
-        for i, (q, codes_t, codes_f) in enumerate(cases):
-            best["int8", i] = min(best["int8", i], _seconds(int_mm, q, codes_t))
-            best["fp32", i] = min(best["fp32", i], _seconds(fp32_mm, q, codes_f))
+    def one_round(names: list[str]) -> None:
+        for i in range(len(shapes)):
+            for name in names:
+                fn, args = runs[name][i]
+                best[name][i] = min(best[name][i], _seconds(fn, *args))
 
-    def speedup() -> float:
-        logs = [math.log(best["fp32", i] / best["int8", i]) for i in range(len(cases))]
-        return math.exp(sum(logs) / len(logs))
+    def speeds() -> dict[str, float]:
+        fp32 = best["fp32"]
+        return {name: math.exp(sum(math.log(f / t) for f, t in zip(fp32, times, strict=True))
+                               / len(shapes))
+                for name, times in best.items() if name != "fp32"}
 
-    one_round()  # warm-up: first calls pay for allocation and kernel selection
-    if speedup() < 0.25:  # clearly slower: no need to measure it well
-        return speedup()
-    best.update(dict.fromkeys(best, math.inf))
+    one_round(list(runs))  # warm-up: first calls pay for allocation and kernel selection
+    timed = ["fp32"] + [name for name, v in speeds().items() if v >= 0.25]
+    if len(timed) == 1:  # every other kernel clearly slower: no need to measure it well
+        return speeds()
+    for name in timed:
+        best[name] = [math.inf] * len(shapes)
     start = time.perf_counter()
     for _ in range(MAX_ROUNDS):
-        one_round()
+        one_round(timed)
         if time.perf_counter() - start > budget_s:
             break
-    return speedup()
+    return speeds()

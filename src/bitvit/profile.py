@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bitvit.config import Config
-from bitvit.kernels import check_kernel, choose_kernel
+from bitvit.kernels import PackedCodes, check_kernel, choose_kernel
 from bitvit.methods import CODES_PER_BYTE, FULL_PRECISION, METHOD_TABLE
 from bitvit.model import ViTConfig
 from bitvit.quant import quantize_weights
@@ -59,9 +59,9 @@ DEFAULT_PACKED_FLOAT_DTYPE = "fp16"
 PACKED_SCALE_BYTES = 4  # fp32 weight scales
 # Packed codes are unpacked to int8 at load and held once, in the integer kernel's layout
 # (bitvit.engine.InferenceLinear); under the fp32 integer kernel (bitvit.kernels) a layer with
-# quantized activations also caches them as fp32.
+# quantized activations also caches them as fp32, under u8s8 prepacked (int8, oneDNN's layout).
 RESIDENT_CODE_BYTES = 1
-FP32_KERNEL_CODE_BYTES = 4
+KERNEL_CODE_BYTES = {"fp32": 4, "u8s8": 1}
 
 
 @dataclass
@@ -225,7 +225,8 @@ def profile_model(
     ``float_dtype``); None: fp16, the export default. Zero weights are counted from the
     layer's actual codes, so they are only as meaningful as ``weights_source``.
     ``int_kernel``: the integer product's kernel the resident bytes assume (`bitvit.kernels`;
-    ``fp32`` caches fp32 codes, 4 more bytes per weight of a layer with quantized activations);
+    ``fp32`` caches fp32 codes, 4 more bytes per weight of a layer with quantized activations,
+    ``u8s8`` prepacked int8 codes, 1 more);
     None: the one this process chooses for the model's device. A converted model's layers
     count the kernel they use.
     """
@@ -292,11 +293,13 @@ def profile_model(
 
 def _bytes_held(model: nn.Module) -> int:
     """What this PyTorch module holds as loaded (a training model's latent fp32 weights, an
-    inference model's codes, plus the fp engine's cached fp32 weights), shared tensors once."""
+    inference model's codes, plus the fp engine's cached fp32 weights and the u8s8 kernel's
+    prepacked codes), shared tensors once."""
     seen: dict[tuple[int, int], int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen[(t.data_ptr(), t.nbytes)] = t.nbytes
-    return sum(seen.values())
+    packed = [getattr(m, "packed", None) for m in model.modules()]
+    return sum(seen.values()) + sum(p.nbytes for p in packed if isinstance(p, PackedCodes))
 
 
 def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
@@ -337,8 +340,8 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.bytes_packed = (math.ceil(n / CODES_PER_BYTE[spec.packing(ternary_packing)])
                         + PACKED_SCALE_BYTES * n_scales + packed_float_bytes * n_bias)
     code_bytes = RESIDENT_CODE_BYTES
-    if kernel == "fp32" and act_bits in (8, 1):  # an integer product: the float codes too
-        code_bytes += FP32_KERNEL_CODE_BYTES
+    if act_bits in (8, 1):  # an integer product: the kernel's own copy of the codes too
+        code_bytes += KERNEL_CODE_BYTES.get(kernel, 0)
     row.bytes_resident = code_bytes * n + 4 * n_scales + float_bytes * n_bias
     row.zero_macs = tokens * row.zero_weights
     row.add_macs = row.macs - row.zero_macs
@@ -432,8 +435,10 @@ def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None, 
         "Resident weights: quantized layers as int8 codes (1 byte per weight: packed codes "
         "are unpacked at load and held once by the int engine, which dequantizes per call "
         "where it needs a float weight)"
-        + (", plus an fp32 copy of the codes for the fp32 integer kernel (4 bytes per weight "
-           "of a layer with quantized activations)" if kernel == "fp32" else "")
+        + {"fp32": ", plus an fp32 copy of the codes for the fp32 integer kernel (4 bytes per "
+                   "weight of a layer with quantized activations)",
+           "u8s8": ", plus a prepacked int8 copy of the codes for the u8s8 integer kernel (1 "
+                   "byte per weight of a layer with quantized activations)"}.get(kernel, "")
         + f", fp32 scales, {fp} biases; all other parameters in "
         f"{fp}. Peak activations: the largest layer's {fp} input and output (for attention "
         "q, k, v and the T x T scores of every head), batch 1.",
