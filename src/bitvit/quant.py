@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitvit.kernels import (
+from bitvit.kernels import (  # noqa: F401 - int_mm, pad_for_int_mm: re-exported, their old home
     fp32_mm,
+    int_matmul,
     int_mm,
     kernel_name,
-    pad_for_int_mm,  # noqa: F401 - re-exported, its old home
-    u8s8_mm,
+    pad_for_int_mm,
 )
 from bitvit.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
 
@@ -269,7 +269,7 @@ class _Int8Linear(torch.autograd.Function):
             # one AVX2-capped core: prepack + product still beat fp32's product, 1.1x on a
             # 512-token slab and 2x on a 128-image batch (8320 tokens); the kernel itself is
             # chosen on the product alone (bitvit.kernels.benchmark_kernels).
-            acc = int_mm(q2, codes.t()) if kernel == "int8" else u8s8_mm(q2, codes.t())
+            acc = int_matmul(q2, codes.t(), kernel)
         else:  # the codes stay float: no casts to int8 and back (the same values)
             q, s = absmax_codes(x)
             codes = codes.float()
