@@ -31,6 +31,14 @@ int-c, ort-token, ort-tensor) over torch fp32 eager, median over median, paper p
 ``speedup_ort_int8_b*``: the same best over ``ort-int8``; the same keys with a ``_strong``
 suffix for the strong preset.
 
+``--profile`` (at the largest batch; helpers in ``benchmarks/op_profile.py``): the int model's
+self-CPU share by op group (``profile_int_b*``), the share of matrix products in it and in torch
+fp32 (``matmul_share_int_b*``, ``matmul_share_fp32_b*``) and, for each ONNX Runtime engine
+timed, the share of its traced node time by op type (``profile_ort-*_b*``: the largest, the rest
+as ``other``), its matrix products' share (``matmul_share_ort-*_b*``) and the speedup over
+torch fp32 it could reach at most if they cost nothing (``bound_free_matmul_ort-*_b*``: fp32's
+median time over the engine's median time x (1 - that share); null under ISA caps).
+
     PYTHONPATH=src python benchmarks/inference.py [--repeats 20] [--threads 2] [--profile]
         [--compile] [--presets paper,strong] [--batches 1,256] [--engines fp32,int,...]
         [--out FILE]
@@ -66,6 +74,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from op_profile import (
+    ORT_MATMUL_OPS,
+    TORCH_MATMUL_GROUPS,
+    free_matmul_bound,
+    profile_ort,
+    profile_shares,
+    top_shares,
+)
 from safetensors.torch import save_file
 
 from bitvit import VisionTransformer, ViTConfig, load, quantize_
@@ -367,34 +383,52 @@ def summarize(batch: int, times: dict[str, list[float]], suffix: str, with_ort: 
     return out
 
 
-def profile_shares(fn: Callable[[], object], rounds: int = 3) -> list[tuple[str, float]]:
-    """Self-CPU share of each op group in ``fn`` (relative shares only: the machine is shared)."""
-    from torch.profiler import profile
-
-    groups = {
-        "int8 matmul": ("aten::_int_mm",),
-        # On the fp32 kernel (bitvit.kernels) the integer product itself is an fp32 matmul.
-        "fp32 matmul (head; integer product on the fp32 kernel)": (
-            "aten::addmm", "aten::mm", "aten::linear", "aten::bmm"),
-        "act quant (absmax, scale, round, cast)": (
-            "aten::amax", "aten::amin", "aten::neg_", "aten::maximum", "aten::clamp_",
-            "aten::reciprocal", "aten::div", "aten::round_", "aten::round"),
-        "attention (SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
-        "layernorm": ("aten::native_layer_norm",),
-        "gelu": ("aten::gelu",),
-        "copies, casts, cat": ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone"),
-        "elementwise mul/add (rescale, bias, residual)": (
-            "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::addcmul"),
-    }
-    with profile() as prof:
-        for _ in range(rounds):
-            fn()
-    totals: dict[str, float] = {}
-    for evt in prof.key_averages():
-        group = next((g for g, names in groups.items() if evt.key in names), "other")
-        totals[group] = totals.get(group, 0.0) + evt.self_cpu_time_total
-    whole = sum(totals.values()) or 1.0
-    return sorted(((g, t / whole) for g, t in totals.items()), key=lambda r: -r[1])
+def report_profiles(models: PresetModels, times: dict[str, list[float]], batch: int,
+                    preset: str, tmp: Path, with_ort: bool, record: Record,
+                    ) -> dict[str, object]:
+    """``--profile`` at one (preset, batch): where the time of torch int, torch fp32 and each
+    timed ONNX Runtime engine goes, and the speedup bound free matrix products would give."""
+    suffix = "" if preset == "paper" else f"_{preset}"
+    out: dict[str, object] = {}
+    x = torch.randn(batch, 3, models.cfg.image_size, models.cfg.image_size)
+    with torch.inference_mode():
+        shares = profile_shares(lambda: models.int_model(x))
+        fp32_shares = dict(profile_shares(lambda: models.fp32(x)))
+    record.print(f"{preset}: int model, batch {batch}, self-CPU share by op group:")
+    for group, share in shares:
+        record.print(f"  {share:6.1%}  {group}")
+    out[f"profile_int_b{batch}{suffix}"] = {g: round(s, 3) for g, s in shares}
+    for name, groups in (("int", dict(shares)), ("fp32", fp32_shares)):
+        out[f"matmul_share_{name}_b{batch}{suffix}"] = round(
+            sum(groups.get(g, 0.0) for g in TORCH_MATMUL_GROUPS), 3)
+    record.print(f"{preset}: torch fp32, batch {batch}: matrix products (aten addmm, mm, bmm) "
+                 f"{out[f'matmul_share_fp32_b{batch}{suffix}']:.1%} of self-CPU time, attention "
+                 f"(SDPA) {fp32_shares.get('attention (SDPA)', 0.0):.1%}")
+    fp32_s = statistics.median(times["fp32"]) if "fp32" in times else None
+    for engine in [e for e in models.ort if e in times]:
+        key = f"{engine}_b{batch}{suffix}"
+        try:
+            ops = profile_ort(models.ort[engine].path, x, models.threads, tmp / f"prof-{engine}")
+        except Exception as err:  # noqa: BLE001 - a failed profile is reported, the rest go on
+            record.print(f"{preset}: {engine}, batch {batch}: profile failed: {one_line(err)}")
+            out.update({f"profile_{key}": None, f"matmul_share_{key}": None,
+                        f"bound_free_matmul_{key}": None})
+            continue
+        matmul = sum(s for op, s in ops.items() if op in ORT_MATMUL_OPS)
+        engine_s = statistics.median(times[engine])
+        bound = free_matmul_bound(fp32_s, engine_s, matmul) if fp32_s and with_ort else None
+        out.update({f"profile_{key}": top_shares(ops), f"matmul_share_{key}": round(matmul, 3),
+                    f"bound_free_matmul_{key}": bound})
+        record.print(f"{preset}: {engine}, batch {batch}, share of ONNX Runtime node time by op "
+                     f"type:")
+        for op, share in top_shares(ops).items():
+            record.print(f"  {share:6.1%}  {op}")
+        named = ", ".join(op for op in ops if op in ORT_MATMUL_OPS)
+        timed = f"{fp32_s / engine_s:.2f}x" if fp32_s else "-"
+        record.print(f"  matrix products ({named}) {matmul:.1%}: if they cost nothing, at most "
+                     f"{bound}x torch fp32 (timed: {timed})" if bound else
+                     f"  matrix products ({named}) {matmul:.1%}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,8 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true",
                     help="also time fp32-c, the fp32 model compiled (int-c is in the default set)")
     ap.add_argument("--out", type=Path, help="also write the whole printed record here")
-    ap.add_argument("--profile", action="store_true", help="profile the int model at the "
-                    "largest batch: where the remaining time goes")
+    ap.add_argument("--profile", action="store_true", help="at the largest batch, profile "
+                    "torch int and fp32 and each ONNX Runtime engine: where the time goes")
     ap.add_argument("--no-malloc-tune", action="store_true",
                     help="leave glibc malloc at its defaults (see tune_malloc)")
     args = ap.parse_args(argv)
@@ -485,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for preset in args.presets:
         cfg = PRESETS[preset]
         suffix = "" if preset == "paper" else f"_{preset}"
+        last_times = None
         with tempfile.TemporaryDirectory() as tmp:
             models = PresetModels(cfg, args.engines, args.threads, Path(tmp), record)
             for batch in args.batches:
@@ -504,6 +539,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     record.print(f"{preset:7} {batch:5d} {engine:10} {batch / min(ts):11.1f} "
                                  f"{batch / statistics.median(ts):13.1f} {ratio}")
                 result.update(summarize(batch, times, suffix, with_ort=ort_comparable))
+                if batch == max(args.batches):
+                    last_times = times
             sizes = models.sizes
             ratio = sizes["exported_bytes"] / sizes["fp32_bytes"]
             result[f"size_ratio_fp32{suffix}"] = round(ratio, 4)
@@ -513,16 +550,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             record.print(f"{preset}: exported b158 {sizes['exported_bytes'] / 1e6:.3f} MB, fp32 "
                          f"checkpoint {sizes['fp32_bytes'] / 1e6:.3f} MB, ratio {ratio:.4f}"
                          + (f"; {onnx}" if onnx else ""))
-            if args.profile:
-                x = torch.randn(max(args.batches), 3, cfg.image_size, cfg.image_size)
-                with torch.inference_mode():
-                    shares = profile_shares(lambda x=x, m=models.int_model: m(x))
-                record.print(f"{preset}: int model, batch {max(args.batches)}, self-CPU share "
-                             f"by op group:")
-                for group, share in shares:
-                    record.print(f"  {share:6.1%}  {group}")
-                result[f"profile_int_b{max(args.batches)}{suffix}"] = {
-                    g: round(s, 3) for g, s in shares}
+            if args.profile and last_times is not None:
+                result.update(report_profiles(models, last_times, max(args.batches), preset,
+                                              Path(tmp), ort_comparable, record))
     record.print(json.dumps(result))
     if args.out:
         record.write(args.out)

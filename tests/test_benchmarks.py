@@ -24,10 +24,18 @@ PRESET_KEYS = ("speedup_fp32_b1", "speedup_fp32_b256", "best_engine_b1", "best_e
 
 
 def bench_module():
+    # inference.py imports op_profile from beside it (on sys.path when run as a script).
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_inference", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def profile_module():
+    bench_module()  # puts benchmarks/ on sys.path
+    return importlib.import_module("op_profile")
 
 
 def run_script(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
@@ -40,7 +48,7 @@ def test_tiny_run_record_and_json_contract(tmp_path):
     engines = "fp32,int,fp,ort-fp32,ort-int8,ort-token,ort-tensor"
     out = tmp_path / "record.txt"
     proc = run_script("--repeats", "1", "--warmup", "0", "--batches", "1", "--presets", "paper",
-                      "--threads", "1", "--engines", engines, "--out", str(out))
+                      "--threads", "1", "--engines", engines, "--out", str(out), "--profile")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     header = lines[0]
@@ -90,6 +98,66 @@ def test_tiny_run_record_and_json_contract(tmp_path):
             assert result[f"onnx_{name}_bytes"] > 0
     if "ort-fp32_b1" not in result["failed"] and "ort-int8_b1" not in result["failed"]:
         assert result["onnx_int8_bytes"] < result["onnx_fp32_bytes"] / 2  # int8 weights
+    check_profile_keys(result, proc.stdout, engines.split(","))
+
+
+def check_profile_keys(result: dict, stdout: str, engines: list[str]) -> None:
+    """--profile at batch 1: shares that sum to 1, matmul shares and the bound that follow."""
+    assert sum(result["profile_int_b1"].values()) == pytest.approx(1, abs=0.01)
+    assert 0.3 < result["matmul_share_fp32_b1"] <= 1  # fp32 is mostly matrix products
+    assert "paper: torch fp32, batch 1: matrix products" in stdout
+    bench = bench_module()
+    for engine in (e for e in engines if e.startswith("ort-") and result[f"{e}_img_s_b1"]):
+        shares = result[f"profile_{engine}_b1"]
+        assert sum(shares.values()) == pytest.approx(1, abs=0.01)
+        listed = sum(v for op, v in shares.items() if op in bench.ORT_MATMUL_OPS)
+        matmul = result[f"matmul_share_{engine}_b1"]
+        assert listed - 0.005 <= matmul <= listed + shares.get("other", 0) + 0.005
+        assert 0 < matmul < 1 and f"paper: {engine}, batch 1, share of ONNX Runtime" in stdout
+        bound = result[f"bound_free_matmul_{engine}_b1"]
+        if not result["ort_in_speedups"]:
+            assert bound is None
+            continue
+        # fp32 time / (engine time x (1 - share)), from the rounded img/s keys.
+        expected = result[f"{engine}_img_s_b1"] / result["fp32_img_s_b1"] / (1 - matmul)
+        assert bound == pytest.approx(expected, rel=0.03)
+
+
+def test_ort_trace_shares_skip_warmup(tmp_path):
+    bench = profile_module()
+
+    def node(op: str | None, ts: int, dur: int) -> dict:
+        return {"cat": "Node", "ph": "X", "name": "n_kernel_time", "ts": ts, "dur": dur,
+                "args": {"op_name": op} if op else {}}
+
+    trace = [
+        {"cat": "Session", "ph": "X", "name": "session_initialization", "ts": 0, "dur": 50},
+        {"cat": "Session", "ph": "X", "name": "model_run", "ts": 100, "dur": 90},
+        node("MatMul", 110, 1000),  # warm-up run: left out
+        {"cat": "Session", "ph": "X", "name": "model_run", "ts": 200, "dur": 90},
+        node("DynamicQuantizeMatMul", 210, 50), node("Softmax", 220, 20),
+        node(None, 230, 500),  # no op type: not a kernel
+        {"cat": "Session", "ph": "X", "name": "model_run", "ts": 300, "dur": 90},
+        node("DynamicQuantizeMatMul", 310, 10), node("Gelu", 320, 15), node("Add", 330, 5),
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    shares = bench.ort_op_shares(path, skip_runs=1)
+    assert shares == {"DynamicQuantizeMatMul": 0.6, "Softmax": 0.2, "Gelu": 0.15, "Add": 0.05}
+    assert list(shares) == ["DynamicQuantizeMatMul", "Softmax", "Gelu", "Add"]  # largest first
+    assert bench.ort_op_shares(path)["MatMul"] == pytest.approx(1000 / 1100)  # warm-up counted
+    assert bench.top_shares(shares, n=2) == {"DynamicQuantizeMatMul": 0.6, "Softmax": 0.2,
+                                             "other": 0.2}
+    assert bench.top_shares(shares, n=4) == shares  # nothing left: no "other"
+    # fp32 1 s, engine 0.5 s of which 60% matrix products: at most 1 / (0.5 x 0.4) = 5x.
+    assert bench.free_matmul_bound(1.0, 0.5, 0.6) == 5.0
+    assert bench.free_matmul_bound(1.0, 0.5, 1.0) is None
+    with pytest.raises(ValueError, match=r"trace\.json: not an ONNX Runtime profile trace with "
+                       r"more than 3 runs"):
+        bench.ort_op_shares(path, skip_runs=3)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"trace\.json: not an ONNX Runtime profile trace"):
+        bench.ort_op_shares(path)
 
 
 def test_failing_engine_is_reported_not_fatal():

@@ -451,11 +451,14 @@ class OrtModel(ExportedModel):
     ``.preprocessing``, ``.config`` (None for a file written by `to_onnx` without them),
     ``.metadata`` (all metadata_props), ``.act_quant``, ``.session`` (the
     ``onnxruntime.InferenceSession``). ``threads``: ONNX Runtime's intra-op threads (None: its
-    default, one per core). Raises `ExportError` (one line naming the file) for a missing,
-    unreadable or non-bitvit file.
+    default, one per core). ``profile``: a file prefix; ONNX Runtime then traces every run and
+    ``model.session.end_profiling()`` writes the trace (``{profile}_{date}.json``) and returns
+    its path. Raises `ExportError` (one line naming the file) for a missing, unreadable or
+    non-bitvit file.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 profile: str | Path | None = None) -> None:
         ort = _import("onnxruntime")
         path = Path(path)
         if not path.is_file():
@@ -469,6 +472,9 @@ class OrtModel(ExportedModel):
         # ORT's workers busy-wait between calls by default: they would take the cores from
         # whatever the process runs next (torch, another session), which costs more than it saves.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile)
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
