@@ -2,8 +2,9 @@
 # Everything a lent GPU should do first, in order of importance, within a time budget:
 #   bash studies/gpu.sh BUDGET_SECONDS [OUT_DIR]
 # 1. the CUDA tests (pytest -k cuda); 2. the train-step and inference benchmarks on this machine;
-# 3. the GPU sweeps (study 1, then 2, then 3), each stopped with SIGINT when the budget runs out,
-#    which leaves its current runs resumable (rerun this script to go on: finished runs are
+# 3. the GPU sweeps (study 1, then 2, then 3), each stopped with SIGTERM when the budget runs out
+#    (a SIGINT would be ignored when this script runs in the background), which leaves its
+#    current runs resumable (rerun this script to go on: finished runs are
 #    skipped, the others resume exactly); 4. `bitvit report`, and the small run files (metrics,
 #    config, run.json, curves; never weights) copied into OUT_DIR (default: $OUT if set) as one
 #    tarball, and committed to git when this is a git checkout with BITVIT_GPU_COMMIT=1.
@@ -38,7 +39,7 @@ for sweep in studies/study1-gpu.yaml studies/study2-gpu.yaml studies/study3-gpu.
   t=$(( $(left) - 120 ))  # keep two minutes for the report and the copy
   [ "$t" -gt 60 ] || break
   say "3. $sweep for at most $t s"
-  timeout --signal=INT --kill-after=60 "$t" $py -m bitvit sweep "$sweep" --parallel 4 \
+  timeout --signal=TERM --kill-after=60 "$t" $py -m bitvit sweep "$sweep" --parallel 4 \
     train.device=cuda 2>&1 | tee -a "$log"
 done
 
