@@ -181,3 +181,16 @@ def test_resume_takes_epochs_data_and_quiet(tiny_run, real_env, tmp_path, capsys
     assert out["status"] == "finished" and out["epoch"] == 1  # nothing left to train
     saved = load_config(run / "config.yaml")
     assert saved.data.path == real_env["BITVIT_DATA"] and saved.train.epochs == 1
+
+
+def test_sigint_interrupts_even_when_started_ignored(tmp_path):
+    """`nohup bitvit sweep ... &` inherits SIGINT ignored; `kill -INT` must still stop it."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

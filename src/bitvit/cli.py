@@ -469,6 +469,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill marks the run interrupted
+    # A background job of a non-interactive shell (`nohup bitvit sweep ... &`) starts with
+    # SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing at all.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except _one_line_errors() as e:
