@@ -2,10 +2,12 @@
 images. matplotlib is imported only when a figure is drawn.
 
 - `plot_groups` (compare.png): accuracy (%) and loss per epoch. Up to `FEW_GROUPS` groups share
-  one pair of panels; more get small multiples, one column per quantization method.
+  one pair of panels; more get small multiples, one column per quantization method. Unfinished
+  runs are drawn too, thin with a dot per epoch, labelled with their epochs done, so that a
+  long study shows its progress without passing it off as a result.
 - `plot_dots` (compare-dots.png): every seed's headline test accuracy per group, groups sorted
-  by their mean, fp's mean as a reference line; drawn for every comparison, so that each table
-  has its ranking beside it.
+  by their mean, fp's mean as a reference line; drawn for every comparison with a run in its
+  statistics, so that each table has its ranking beside it.
 """
 
 from __future__ import annotations
@@ -34,12 +36,45 @@ def devices(runs: list[Run]) -> list[str]:
     return sorted({str(r.info.get("device", "unknown device")) for r in runs})
 
 
-def provenance(runs: list[Run], full_epochs: int | None = None) -> str:
-    """Where and how long the runs trained, e.g. ``device: cpu (...); 15 of 100 epochs``; the
-    figure carries it so that it never travels without its device and budget."""
-    configured = ", ".join(map(str, sorted({r.epochs_configured for r in runs}))) or "0"
-    budget = f"{configured} of {full_epochs} epochs" if full_epochs else f"{configured} epochs"
-    return f"device: {'; '.join(devices(runs)) or 'none'}; {budget}"
+def provenance(runs: list[Run], full_epochs: int | None = None,
+               unfinished: list[Run] | None = None) -> str:
+    """Where and how long the finished ``runs`` trained, e.g. ``device: cpu (...); 15 of 100
+    epochs``; the figure carries it so that it never travels without its device and budget.
+    The device is also taken from ``unfinished`` runs (drawn too); without finished runs the
+    budget reads ``no finished run yet`` (`unfinished_line` says how far the others are)."""
+    configured = ", ".join(map(str, sorted({r.epochs_configured for r in runs})))
+    budget = (("no finished run yet" if unfinished else "no runs") if not configured
+              else f"{configured} of {full_epochs} epochs" if full_epochs
+              else f"{configured} epochs")
+    return f"device: {'; '.join(devices([*runs, *(unfinished or [])])) or 'none'}; {budget}"
+
+
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 2 else items)
+
+
+def epochs_done(runs: list[Run]) -> str:
+    """How far unfinished runs are, e.g. ``4 and 5 of 100 epochs`` (``4 of 50 and 7 of 100
+    epochs`` for different budgets)."""
+    by_budget: dict[int, list[int]] = {}
+    for r in sorted(runs, key=lambda r: len(r.rows)):
+        by_budget.setdefault(r.epochs_configured, []).append(len(r.rows))
+    return _and([f"{_and([str(d) for d in done])} of {budget}"
+                 for budget, done in sorted(by_budget.items())]) + " epochs"
+
+
+def unfinished_line(unfinished: list[Run], full_epochs: int | None = None) -> str:
+    """The title line of unfinished runs, e.g. ``2 runs unfinished: 4 and 5 of 100 epochs;
+    drawn thin, a dot per epoch``; empty without any."""
+    if not unfinished:
+        return ""
+    budgets = {r.epochs_configured for r in unfinished}
+    short = (f" (a shortened budget of {full_epochs})"
+             if full_epochs and any(b < full_epochs for b in budgets) else "")
+    runs = "1 run" if len(unfinished) == 1 else f"{len(unfinished)} runs"
+    drawn = "; drawn thin, a dot per epoch" if any(r.rows for r in unfinished) else ""
+    return f"{runs} unfinished: {epochs_done(unfinished)}{short}{drawn}"
 
 
 def _images(limit: Any, held_out: int = 0, split: str = "training") -> str:
@@ -57,6 +92,8 @@ def data_size(runs: list[Run]) -> str:
     """How many images the runs trained and were tested on (config.yaml ``data.limit_train``,
     ``data.val_size``, ``data.limit_test``), e.g. ``training images: 10,000 (class-balanced
     subset); test images: full test set``."""
+    if not runs:
+        return ""
     data = [r.config.get("data", {}) for r in runs]
     train = sorted({_images(d.get("limit_train"), int(d.get("val_size") or 0)) for d in data})
     test = sorted({_images(d.get("limit_test"), split="test") for d in data})
@@ -64,8 +101,12 @@ def data_size(runs: list[Run]) -> str:
 
 
 def _suptitle(fig: Figure, runs: list[Run], title: str, full_epochs: int | None,
-              *notes: str) -> None:
-    lines = [title, provenance(runs, full_epochs), data_size(runs), *notes]
+              *notes: str, unfinished: list[Run] | None = None) -> None:
+    """Title, provenance, data size (of finished and unfinished runs), the unfinished runs'
+    progress, then ``notes``; empty lines left out."""
+    unfinished = unfinished or []
+    lines = [title, provenance(runs, full_epochs, unfinished), data_size([*runs, *unfinished]),
+             unfinished_line(unfinished, full_epochs), *notes]
     fig.suptitle("\n".join(line for line in lines if line), fontsize=10)
 
 
@@ -106,22 +147,59 @@ def _finish_axes(ax: Any, ylabel: str | None, xlabel: bool = True) -> None:
         ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
+    if not ax.get_lines():
+        # Nothing to draw: the axis in its units (an accuracy in %, 0-100), not matplotlib's 0-1.
+        if ylabel and "(%)" in ylabel:
+            ax.set_ylim(0, 100)
+        ax.text(0.5, 0.5, "no epoch done yet", transform=ax.transAxes, ha="center",
+                va="center", color="gray")
 
 
 def _used(g: Group) -> list[Run]:
+    """The runs of the group's statistics that have epochs (the dot plot's)."""
     return [r for r in g.runs if r.rows]
+
+
+def _finished(g: Group) -> list[Run]:
+    """The runs drawn as results: those of the statistics that are not unfinished."""
+    return [r for r in _used(g) if not any(r is u for u in g.unfinished)]
+
+
+def _unfinished(g: Group) -> list[Run]:
+    """The unfinished runs with at least one epoch: drawn thin, a dot per epoch."""
+    return [r for r in g.unfinished if r.rows]
+
+
+# Unfinished runs: thin, pale, a dot per epoch, so that they never pass for finished results.
+UNFINISHED_STYLE = {"linewidth": 0.9, "alpha": 0.6, "marker": ".", "markersize": 4}
+
+
+def unfinished_label(g: Group) -> str:
+    """e.g. ``b158, unfinished (5 and 7 of 100 epochs)``; the curve is their mean over the
+    epochs all of them have."""
+    return f"{g.label}, unfinished ({epochs_done(_unfinished(g))})"
+
+
+def _drawn(groups: list[Group]) -> list[Group]:
+    """The groups with a curve: finished or unfinished runs with epochs."""
+    return [g for g in groups if _finished(g) or _unfinished(g)]
+
+
+def _all_unfinished(groups: list[Group]) -> list[Run]:
+    return [r for g in groups for r in g.unfinished]
 
 
 def plot_groups(groups: list[Group], path: str | Path, title: str = "",
                 full_epochs: int | None = None) -> Figure:
     """Test accuracy (%) and loss per epoch per group: the mean over seeds with a min-max band,
-    over the epochs every run of the group has. Up to `FEW_GROUPS` groups in one pair of panels
+    over the epochs every run of the group has; a group's unfinished runs likewise, apart, thin,
+    with a dot per epoch (`UNFINISHED_STYLE`). Up to `FEW_GROUPS` groups in one pair of panels
     (train solid, test dashed); more in small multiples (`plot_panels`). The title says on what
-    device the runs trained, their budget (of ``full_epochs`` when given) and how many images.
-    Returns the (closed) matplotlib Figure."""
-    shown = [g for g in groups if _used(g)]
+    device the runs trained, their budget (of ``full_epochs`` when given), how far unfinished
+    runs are and how many images. Returns the (closed) matplotlib Figure."""
+    shown = _drawn(groups)
     if len(shown) > FEW_GROUPS:
-        return plot_panels(shown, path, title, full_epochs)
+        return plot_panels(groups, path, title, full_epochs)
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -129,10 +207,15 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = []
     for color, g in zip(colors, shown, strict=False):  # at most FEW_GROUPS
-        for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
-            for split, style in (("train", "-"), ("test", "--")):
-                _draw(ax, _used(g), f"{split}_{metric}", color=color, linestyle=style)
-        handles.append(Line2D([], [], color=color, label=f"{g.label} (n={len(_used(g))})"))
+        for runs, style, label in ((_finished(g), {}, f"{g.label} (n={len(_finished(g))})"),
+                                   (_unfinished(g), UNFINISHED_STYLE, unfinished_label(g))):
+            if not runs:
+                continue
+            for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
+                for split, dash in (("train", "-"), ("test", "--")):
+                    _draw(ax, runs, f"{split}_{metric}", color=color, linestyle=dash,
+                          label=f"{label}, {split}", **style)
+            handles.append(Line2D([], [], color=color, label=label, **style))
     _finish_axes(ax_acc, "accuracy (%)")
     _finish_axes(ax_loss, "loss")
     handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
@@ -140,8 +223,9 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
     # Below the panels, so that the entries never cover the curves.
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=9,
                frameon=False)
-    _suptitle(fig, [r for g in shown for r in _used(g)], title, full_epochs,
-              f"mean over seeds, {BAND}; train solid, test dashed")
+    _suptitle(fig, [r for g in shown for r in _finished(g)], title, full_epochs,
+              f"mean over seeds, {BAND}; train solid, test dashed",
+              unfinished=_all_unfinished(groups))
     rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     _save(fig, path, 120)
@@ -206,23 +290,30 @@ def plot_panels(groups: list[Group], path: str | Path, title: str = "",
     """Small multiples: a column per method (`_panels`), test accuracy (%) above, test loss
     below, y axes shared along each row so that columns compare; each group the mean over seeds
     with a min-max band, full precision's mean drawn faintly (thick, pale, in the color of its
-    placement) in every column it is not in."""
+    placement) in every column it is not in; unfinished runs in their group's style, thin, with
+    a dot per epoch (`UNFINISHED_STYLE`)."""
     plt = _pyplot()
-    panels = _panels(groups)
-    styles = _styles(groups)
-    fps = [g for g in groups if g.is_fp]
+    shown = _drawn(groups)
+    panels = _panels(shown)
+    styles = _styles(shown)
+    fps = [g for g in shown if g.is_fp]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels) + 0.6, 9.2),
                              sharex=True, sharey="row", squeeze=False, layout="constrained")
     for col, (name, members) in enumerate(panels):
         ax_acc, ax_loss = axes[0, col], axes[1, col]
         shared = len({_method(g) for g in members}) > 1
         for g in members:
-            label = f"{g.label if shared else _rest(g)} (n={len(_used(g))})"
+            name_in_panel = g.label if shared else _rest(g)
+            drawn = [(_finished(g), {"linewidth": 1.8}, f"{name_in_panel} (n={len(_finished(g))})"),
+                     (_unfinished(g), UNFINISHED_STYLE,
+                      f"{name_in_panel}, unfinished ({epochs_done(_unfinished(g))})")]
+            for runs, style, label in drawn:
+                for ax, column in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
+                    if runs:
+                        _draw(ax, runs, column, label=label, **style, **styles[g.label])
+        for ref in (f for f in fps if f not in members and _finished(f)):
             for ax, column in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
-                _draw(ax, _used(g), column, linewidth=1.8, label=label, **styles[g.label])
-        for ref in (f for f in fps if f not in members):
-            for ax, column in ((ax_acc, "test_acc"), (ax_loss, "test_loss")):
-                _draw(ax, _used(ref), column, band=False, color=styles[ref.label]["color"],
+                _draw(ax, _finished(ref), column, band=False, color=styles[ref.label]["color"],
                       alpha=0.3, linewidth=3, label=f"{ref.label} mean (reference)")
         ax_acc.set_title(name, fontsize=12, fontweight="bold")
         _finish_axes(ax_acc, "test accuracy (%)" if col == 0 else None, xlabel=False)
@@ -230,22 +321,26 @@ def plot_panels(groups: list[Group], path: str | Path, title: str = "",
         # Each column's legend below it: the curves stay uncovered.
         ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9,
                        frameon=False)
-    _suptitle(fig, [r for g in groups for r in _used(g)], title, full_epochs,
-              f"test set, mean over seeds, {BAND}")
+    _suptitle(fig, [r for g in groups for r in _finished(g)], title, full_epochs,
+              f"test set, mean over seeds, {BAND}", unfinished=_all_unfinished(groups))
     _save(fig, path, 110)
     plt.close(fig)
     return fig
 
 
 def plot_dots(groups: list[Group], path: str | Path, title: str = "",
-              full_epochs: int | None = None, last_k: int = 5) -> Figure:
+              full_epochs: int | None = None, last_k: int = 5) -> Figure | None:
     """Every seed's headline test accuracy (%), the mean of its last ``last_k`` epochs, as a
     dot per seed in a row per group, groups sorted by their mean (best on top), the mean a
     vertical bar (its value on the right), full precision's mean a dashed vertical line. The
-    dots of one group are one scatter collection. Returns the (closed) matplotlib Figure."""
-    plt = _pyplot()
+    dots of one group are one scatter collection. Returns the (closed) matplotlib Figure, or
+    None, writing nothing, while no group has a run in its statistics (an empty ranking would
+    only look broken; compare.md says why it is missing)."""
     shown = sorted((g for g in groups if _used(g)),
                    key=lambda g: sum(g.values("last_test_acc", last_k)) / len(_used(g)))
+    if not shown:
+        return None
+    plt = _pyplot()
     # A color per method (fp black): the ranking of methods shows at a glance.
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(_method(g) for g in shown if not g.is_fp))

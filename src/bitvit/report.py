@@ -486,6 +486,9 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
         lines += ["", f"![loss and accuracy per epoch]({figure})"]
     if dots:
         lines += ["", f"![every seed's test accuracy, last {last_k} epochs, per group]({dots})"]
+    elif figure:  # compare draws the dots whenever a run is in the statistics
+        lines += ["", "No dot plot of every seed's test accuracy yet: it ranks finished runs, "
+                  "and none has finished."]
     return "\n".join(lines) + "\n"
 
 
@@ -494,7 +497,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
             full_epochs: int | None = None, title: str = "",
             last_k: int = DEFAULT_LAST_K) -> tuple[list[Group], str]:
     """Load, group and compare run folders; with ``out``, write compare.md, compare.png and
-    compare-dots.png.
+    (once a run is in the statistics) compare-dots.png.
     ``last_k``: the window of the last-k means (test accuracy and loss, train accuracy, gap)."""
     runs = [load_run(p) for p in find_run_dirs(paths)]
     groups = compare_groups(group_runs(runs, include_unfinished), margin, loss_margin,
@@ -504,8 +507,11 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         plot_groups(groups, out / "compare.png", title, full_epochs)
-        plot_dots(groups, out / "compare-dots.png", title, full_epochs, last_k)
-        figure, dots = "compare.png", "compare-dots.png"
+        figure = "compare.png"
+        if plot_dots(groups, out / "compare-dots.png", title, full_epochs, last_k):
+            dots = "compare-dots.png"
+        else:  # no run in the statistics yet: no ranking, and none left over from before
+            (out / "compare-dots.png").unlink(missing_ok=True)
     text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots)
     if out is not None:
         rundir.write_text(out / "compare.md", text)
