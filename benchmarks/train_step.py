@@ -4,11 +4,16 @@ All methods run in the same process on the same inputs, interleaved round by rou
 drift in the machine's speed hits every method alike. Prints a table and, last, one JSON line.
 
     python benchmarks/train_step.py [--batch 128] [--repeats 10] [--methods fp,b158,...]
+        [--compile]
+
+``--compile`` adds each method under ``torch.compile`` as ``<method>-c`` (what ``bitvit train``
+does with ``train.compile=true``), timed in the same rounds; its compile time is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -28,6 +33,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--methods", default="fp,b158,bitnet,sign,xnor")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time every method under torch.compile, as <method>-c")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -39,6 +46,10 @@ def main() -> None:
         model = VisionTransformer(cfg).to(args.device)
         quantize_(model, method)
         setups[method] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        if args.compile:
+            twin = copy.deepcopy(model)  # same weights; draws nothing from the RNG
+            setups[f"{method}-c"] = (torch.compile(twin),
+                                     torch.optim.Adam(twin.parameters(), lr=1e-3))
 
     def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         opt.zero_grad(set_to_none=True)
@@ -62,14 +73,14 @@ def main() -> None:
     print(f"train step, paper ViT (patch 16, dim 256, depth 6), batch {args.batch}, "
           f"{args.device}, {torch.get_num_threads()} threads, {args.repeats} repeats")
     print(f"integer kernel: {kernel.name} ({kernel.reason})")
-    print(f"{'method':8} {'min ms':>9} {'median ms':>10} {'median/fp':>10}")
+    print(f"{'method':10} {'min ms':>9} {'median ms':>10} {'median/fp':>10}")
     result = {"batch": args.batch, "device": args.device, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "isa": kernel.isa, "int_kernel": kernel.name}
     for method, ts in times.items():
         med = statistics.median(ts)
         ratio = med / base if base else float("nan")
-        print(f"{method:8} {min(ts) * 1e3:9.1f} {med * 1e3:10.1f} {ratio:10.3f}")
+        print(f"{method:10} {min(ts) * 1e3:9.1f} {med * 1e3:10.1f} {ratio:10.3f}")
         result[f"{method}_median_ms"] = round(med * 1e3, 2)
         result[f"ratio_{method}_fp"] = round(ratio, 3)
     print(json.dumps(result))
