@@ -125,6 +125,11 @@ class Record:
         path.write_text("\n".join(self.lines) + "\n")
 
 
+def key_suffix(preset: str) -> str:
+    """The JSON keys' suffix of a preset: none for the paper preset, ``_strong`` for strong."""
+    return "" if preset == "paper" else f"_{preset}"
+
+
 def tune_malloc() -> bool:
     """Keep freed memory in the process (what jemalloc/tcmalloc do), for every model alike.
 
@@ -388,7 +393,7 @@ def report_profiles(models: PresetModels, times: dict[str, list[float]], batch: 
                     ) -> dict[str, object]:
     """``--profile`` at one (preset, batch): where the time of torch int, torch fp32 and each
     timed ONNX Runtime engine goes, and the speedup bound free matrix products would give."""
-    suffix = "" if preset == "paper" else f"_{preset}"
+    suffix = key_suffix(preset)
     out: dict[str, object] = {}
     x = torch.randn(batch, 3, models.cfg.image_size, models.cfg.image_size)
     with torch.inference_mode():
@@ -506,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         record.print(f"note: ONNX Runtime ignores the ISA caps: the ort-* rows run "
                      f"{machine['hardware_isa']}; the speedup keys compare torch engines only")
     for preset in ("paper", "strong"):  # the contract keys exist (null) even when not measured
-        suffix = "" if preset == "paper" else f"_{preset}"
+        suffix = key_suffix(preset)
         for key in ("size_ratio_fp32", "best_engine_b1", "best_engine_b256", "speedup_fp32_b1",
                     "speedup_fp32_b256", "speedup_ort_int8_b256"):
             result[f"{key}{suffix}"] = None
@@ -518,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     failed: dict[str, str] = result["failed"]  # type: ignore[assignment]
     for preset in args.presets:
         cfg = PRESETS[preset]
-        suffix = "" if preset == "paper" else f"_{preset}"
+        suffix = key_suffix(preset)
         last_times = None
         with tempfile.TemporaryDirectory() as tmp:
             models = PresetModels(cfg, args.engines, args.threads, Path(tmp), record)
