@@ -1,6 +1,7 @@
 """The ONNX export (`bitvit.onnx_export`): every method's graph against bitvit's int engine, the
 per-token quantizer's codes against absmax_int8 (equal but at near ties), the per-tensor mode
-within a measured bound, the fp graph against torch, metadata, bad files, a missing
+within a measured bound, the fp graph against torch, the token-major graph's few data moves
+and its q, k, v products against the whole qkv layer's, metadata, bad files, a missing
 onnxruntime, and the command line."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bitvit.onnx_export import (  # noqa: E402 - after the skip: needs onnx
     OrtModel,
     _Graph,
     _linear,
+    _linears,
     export_onnx,
     load_onnx,
     metadata_of,
@@ -115,12 +117,14 @@ def test_one_bit_activations_sub_norm_and_mean_pooling(tmp_path: Path):
     with torch.no_grad():
         ref, got = int_model(x), ort_model(x)
     assert (got - ref).abs().max().item() <= ATOL_TOKEN
-    # Per tensor: only the 8-bit patch embedding changes; the 1-bit layers (4 per block) keep
-    # their sign products. (Signs flip under the per-tensor rounding, so no tight bound here.)
+    # Per tensor: only the 8-bit patch embedding changes; the 1-bit layers keep their sign
+    # products, 6 per block (q, k and v are three). (Signs flip under the per-tensor rounding,
+    # so no tight bound here.)
     to_onnx(model, tmp_path / "tensor.onnx", "tensor")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "tensor.onnx")).graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 1
-    assert ops.count("MatMulInteger") == 4 * config.model.depth
+    assert ops.count("MatMulInteger") == 6 * config.model.depth
+    assert ops.count("Where") == 4 * config.model.depth  # one sign per layer, shared by q, k, v
 
 
 def _layer_graph(layer: nn.Module, act_quant: str, in_features: int, path: Path) -> Path:
@@ -200,6 +204,77 @@ def test_tensor_mode_is_close(tmp_path: Path, method: str):
     scale = ort_token(x).abs().max().item()
     assert 0 < report["max_abs_logit_diff"] <= TENSOR_REL * scale, report
     assert report["argmax_agreement"] >= 0.9, report
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("method,act_bits", [("fp", None), ("b158", 8), ("b158", 1)])
+def test_token_major_graph_moves_little_data(tmp_path: Path, method: str, act_bits: int | None,
+                                             pooling: str):
+    """The residual stream is (tokens, N, dim): one Transpose per attention block (its output)
+    plus the patches', no Gather/Split of q, k, v, and the same logits as the reference."""
+    config = _config(method, **({} if method == "fp" else {"act_bits": act_bits}))
+    config.model.pooling = pooling
+    model = _model(config)
+    ref_model = model if method == "fp" else convert_for_inference(_model(config), engine="int")
+    x = _images()
+    with torch.no_grad():
+        ref = ref_model(x)
+    depth = config.model.depth
+    for act_quant in ("token", "tensor"):
+        path = tmp_path / f"{act_quant}.onnx"
+        with torch.no_grad():
+            got = _export(model, config, path, act_quant)(x)
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("Transpose") == depth + 1
+        assert ops.count("FusedMatMul") == 2 * depth  # q k^T and weights v, per block
+        # Float products: fp's 6 per block, the patch embedding and the head; else the head's.
+        assert ops.count("MatMul") == (6 * depth + 2 if method == "fp" else 1)
+        assert ops.count("Gather") == (pooling == "cls") and "Split" not in ops
+        if method == "fp" or act_quant == "token":
+            assert (got - ref).abs().max().item() <= ATOL_TOKEN, act_quant
+        elif act_bits == 8:  # one activation scale per tensor: close, as test_tensor_mode_is_close
+            assert (got - ref).abs().max().item() <= TENSOR_REL * ref.abs().max().item()
+            assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.9
+        # (1 bit per tensor: only the patch embedding changes, and signs flip after it.)
+
+
+@pytest.mark.parametrize("method,act_bits,act_quant", [
+    ("b158", 8, "tensor"), ("b158c", 8, "tensor"), ("b158c", 8, "token"), ("b158c", 1, "token"),
+    ("b158c", None, "token"), ("fp", None, "token")])
+def test_qkv_parts_are_the_whole_layer(tmp_path: Path, method: str, act_bits: int | None,
+                                       act_quant: str):
+    """q, k, v as three products sharing one activation quantization (`_linears`) give the
+    columns of the whole qkv product (per tensor: DynamicQuantizeMatMul's), per-channel scales
+    and bias sliced alike."""
+    torch.manual_seed(0)
+    layer = (nn.Linear(16, 3 * 8) if method == "fp" else
+             BitLinear(16, 3 * 8, method=method, act_bits=act_bits))
+    with torch.no_grad():
+        layer.bias.normal_()
+    g = _Graph(onnx)
+    parts = _linears(g, "x", layer, "qkv", act_quant, tokens=5, parts="qkv")
+    whole = _linear(g, "x", layer, "whole", act_quant, tokens=5)
+    h = onnx.helper
+    graph = h.make_graph(g.nodes, "qkv", [h.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, [5, "B", 16])], [h.make_tensor_value_info(
+            o, onnx.TensorProto.FLOAT, None) for o in [*parts, whole]], g.initializers)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17),
+                                               h.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 9
+    x = torch.randn(5, 7, 16, generator=torch.Generator().manual_seed(3)).numpy() * 3 + 0.5
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    *qkv, ref = ort.InferenceSession(proto.SerializeToString(), options,
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert [q.shape for q in qkv] == [(5, 7, 8)] * 3
+    ops = [n.op_type for n in proto.graph.node]
+    if method != "fp" and act_bits is not None:  # x quantized once for q, k, v, once for whole
+        assert sum(ops.count(op) for op in ("QuantizeLinear", "DynamicQuantizeLinear", "Where",
+                                            "DynamicQuantizeMatMul")) == 2
+    got = np.concatenate(qkv, axis=-1)
+    assert np.allclose(got, ref, rtol=1e-6, atol=1e-6)
+    if act_bits is not None:  # integer products, rescaled alike: the same numbers
+        assert np.array_equal(got, ref)
 
 
 def test_unquantized_model_is_a_plain_fp32_graph(tmp_path: Path):

@@ -20,13 +20,19 @@ each quantized layer computes is spelled out here:
     ``DynamicQuantizeMatMul`` (one asymmetric uint8 scale for the whole activation tensor,
     int8 codes, per-tensor or per-channel weight scale, bias): faster, approximate, and its
     scale depends on the whole batch, so an image's logits depend slightly on its batch mates.
+    For q, k and v: its two halves, ``DynamicQuantizeLinear`` and ``MatMulIntegerToFloat``
+    (the same numbers, bit for bit).
   * 1-bit activations: sign(x) (sign(0) = +1) as uint8 128 +- 1 through ``MatMulInteger``,
     rescaled by the token's mean|x| times the weight scale (both modes).
   * weights-only layers (``act_bits=None``): codes cast to fp32 times the scale (ONNX Runtime
     folds this into a constant at load), then ``MatMul``.
   * ``sub_norm``: a LayerNormalization without affine parameters (eps 1e-5) first.
-- LayerNormalization, softmax attention (``MatMul``), exact (erf) GELU, residuals, the cls
-  token and position embedding, cls or mean pooling: as `bitvit.model`.
+- LayerNormalization, softmax attention, exact (erf) GELU, residuals, the cls token and
+  position embedding, cls or mean pooling: as `bitvit.model`, but token-major, (tokens, N,
+  dim), from the patches' Transpose on. q, k and v are three products (rows of the qkv weight)
+  sharing one quantization of their input, (tokens, N, heads, head_dim) each, which
+  ``com.microsoft`` ``FusedMatMul`` reads as (N, heads, tokens, head_dim) in place
+  (``transBatchA/B``): a block's one Transpose is its attention output's, to token-major.
 
 Input ``images``: float32 (N, C, S, S), normalized (`bitvit.export.Preprocessing`); output
 ``logits`` (N, classes); N is dynamic. The graph's ``metadata_props`` hold ``format``
@@ -41,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +66,7 @@ ONNX_FORMAT_VERSION = "1"
 ACT_QUANTS = ("token", "tensor")
 ENGINE_ORT = "ort"
 OPSET = 17  # LayerNormalization; ReduceMax/ReduceMean still take axes as an attribute
+BATCH = "N"  # the graph's symbolic batch axis
 INSTALL_HINT = "pip install -e \".[onnx]\" (or pip install 'bitvit[onnx]')"
 
 
@@ -115,6 +122,10 @@ class _Linear:
     sub_norm: bool = False
     method: str = FULL_PRECISION
 
+    @property
+    def shape(self) -> tuple[int, int]:  # (out, in)
+        return (self.weight if self.codes is None else self.codes).shape
+
 
 def _numpy(t: torch.Tensor | None, dtype: type) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().to(torch.float32 if dtype is np.float32
@@ -145,6 +156,7 @@ class _Graph:
         self.helper, self.numpy_helper = onnx.helper, onnx.numpy_helper
         self.nodes: list = []
         self.initializers: list = []
+        self.value_info: list = []
         self._used: set[str] = set()
         self._scalars: dict[tuple, str] = {}
         self._shared: dict[tuple, str] = {}
@@ -181,6 +193,19 @@ class _Graph:
                                                 domain=domain or None, **attrs))
         return out
 
+    def declare(self, name: str, shape: Sequence[int | str]) -> str:
+        """Record float ``name``'s shape: a Reshape's -1 leaves the batch axis anonymous, and ORT
+        fuses an Add into a LayerNormalization only where both operands' axes match."""
+        self.value_info.append(self.helper.make_tensor_value_info(name, 1, list(shape)))
+        return name
+
+    def op_n(self, op_type: str, inputs: Sequence[str], name: str,
+             outputs: Sequence[str]) -> list[str]:  # outputs named {name}.{output}
+        outs = [self._unique(f"{name}.{o}") for o in outputs]
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs,
+                                                name=self._unique(name)))
+        return outs
+
 
 def _layer_norm(g: _Graph, x: str, name: str, norm: nn.LayerNorm | None, dim: int) -> str:
     """LayerNormalization over the last axis; ``norm`` None: no affine parameters, eps 1e-5."""
@@ -194,8 +219,8 @@ def _layer_norm(g: _Graph, x: str, name: str, norm: nn.LayerNorm | None, dim: in
                 epsilon=float(eps))
 
 
-def _token_int8(g: _Graph, x: str, codes_t: str, scale: str, bias: str | None,
-                shape: tuple[int, int], name: str, tokens: int | None) -> str:
+def _token_int8(g: _Graph, x: str, name: str, parts: list[_Linear], names: list[str],
+                tokens: int | None) -> list[str]:
     """8-bit per-token activations (`quant.absmax_int8`) through two fused ONNX Runtime kernels.
 
     The tokens are flattened to rows (M, K): per-axis ``QuantizeLinear`` (axis 0) divides each
@@ -203,10 +228,9 @@ def _token_int8(g: _Graph, x: str, codes_t: str, scale: str, bias: str | None,
     128 (uint8) in one pass; ``com.microsoft.MatMulIntegerToFloat`` multiplies (u8 x s8) and
     scales the int32 products by the weight scale and, given an (M, 1) ``a_scale``, by the
     step, in place of Cast + Mul over the output. That kernel scales a fused bias too, so the
-    bias is a separate Add. x / (m / 127) and torch's x * (127 / m) can round differently only
-    where x * 127 / m lies within an ulp of a half: rare, and a code then moves by one.
+    bias is a separate Add. One quantization feeds every part's product.
     """
-    n_out, n_in = shape
+    n_in = parts[0].shape[1]
     rows = g.op("Reshape", [x, g.const(f"{name}.rows_shape", np.array([-1, n_in], np.int64))],
                 f"{name}.rows")
     absmax = g.op("ReduceMax", [g.op("Abs", [rows], f"{name}.abs")], f"{name}.absmax",
@@ -214,7 +238,7 @@ def _token_int8(g: _Graph, x: str, codes_t: str, scale: str, bias: str | None,
     step = g.op("Div", [g.op("Max", [absmax, g.scalar(EPS)], f"{name}.absmax_clamped"),
                         g.scalar(127.0)], f"{name}.act_step")  # (M, 1): x ~ q * step
     # Per-axis QuantizeLinear takes a 1-D scale and a zero point of the same length, M; every
-    # input with the same static token count has the same M (B * tokens): one zero point.
+    # input with the same static token count has the same M (tokens * B): one zero point.
     step_1d = g.op("Reshape", [step, g.scalar(-1, np.int64, (1,))], f"{name}.act_step_1d")
 
     def zero_point() -> str:
@@ -223,60 +247,108 @@ def _token_int8(g: _Graph, x: str, codes_t: str, scale: str, bias: str | None,
 
     zero = zero_point() if tokens is None else g.shared(("zero_point", tokens), zero_point)
     u = g.op("QuantizeLinear", [rows, step_1d, zero], f"{name}.q_u8", axis=0)
-    y = g.op("MatMulIntegerToFloat", [u, codes_t, step, scale, g.scalar(128, np.uint8)],
-             f"{name}.matmul", domain="com.microsoft")
-    # Back to x's leading axes, before the bias. A constant (B, tokens, n_out) lets ORT know the
-    # shape and fuse the bias Add with the GELU that follows fc1 (BiasGelu), as in the old graph.
-    if tokens is not None:
-        out_shape = g.const(f"{name}.out_shape", np.array([-1, tokens, n_out], np.int64))
-    else:
-        lead = g.op("Slice", [g.op("Shape", [x], f"{name}.in_shape"),
-                              g.scalar(0, np.int64, (1,)), g.scalar(-1, np.int64, (1,))],
-                    f"{name}.lead")
-        out_shape = g.op("Concat", [lead, g.scalar(n_out, np.int64, (1,))],
-                         f"{name}.out_shape", axis=0)
-    y = g.op("Reshape", [y, out_shape], f"{name}.unflattened")
-    return g.op("Add", [y, bias], f"{name}.out") if bias else y
+    lead = None if tokens else g.op("Slice", [  # x's leading axes, whatever they are
+        g.op("Shape", [x], f"{name}.in_shape"), g.scalar(0, np.int64, (1,)),
+        g.scalar(-1, np.int64, (1,))], f"{name}.lead")
+    outs = []
+    for lin, part in zip(parts, names, strict=True):
+        codes_t, scale, bias = _weights(g, lin, part)
+        y = g.op("MatMulIntegerToFloat", [u, codes_t, step, scale, g.scalar(128, np.uint8)],
+                 f"{part}.matmul", domain="com.microsoft")
+        # Back to x's leading axes, before the bias. A constant (tokens, B, n_out) lets ORT
+        # know the shape and fuse the bias Add with the GELU that follows fc1 (BiasGelu).
+        if tokens is not None:
+            out_shape = g.const(f"{part}.out_shape", np.array([tokens, -1, lin.shape[0]],
+                                                              np.int64))
+        else:
+            out_shape = g.op("Concat", [lead, g.scalar(lin.shape[0], np.int64, (1,))],
+                             f"{part}.out_shape", axis=0)
+        y = g.op("Reshape", [y, out_shape], f"{part}.unflattened")
+        if tokens is not None:
+            g.declare(y, [tokens, BATCH, lin.shape[0]])
+        outs.append(g.op("Add", [y, bias], f"{part}.out") if bias else y)
+    return outs
+
+
+def _weights(g: _Graph, lin: _Linear, name: str) -> tuple[str, str, str | None]:
+    """A quantized layer's int8 (in, out) codes, fp32 scale and bias (or None) as initializers."""
+    bias = None if lin.bias is None else g.const(f"{name}.bias", lin.bias)
+    return g.const(f"{name}.codes_t", lin.codes.T), g.const(f"{name}.scale", lin.scale), bias
 
 
 def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
             tokens: int | None = None) -> str:
-    """``layer`` on x (..., in). ``tokens``: x's static token count, x (B, tokens, in), which
+    """``layer`` on x (..., in). ``tokens``: x's static token count, x (tokens, B, in), which
     lets ONNX Runtime fuse the per-token path with what follows; None: any leading axes."""
+    return _linears(g, x, layer, name, act_quant, tokens)[0]
+
+
+def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
+             tokens: int | None = None, parts: Sequence[str] = ()) -> list[str]:
+    """``layer`` on x; with ``parts`` (names: q, k, v), its output in that many equal slices
+    (rows of the weight), each its own product, all from one quantization of x: no slicing
+    of a (..., parts * out) product along its last axis (a strided copy)."""
     lin = _describe(layer, name)
     if lin.sub_norm:
-        x = _layer_norm(g, x, f"{name}.sub_norm", None, lin.codes.shape[1])
-    bias = None if lin.bias is None else g.const(f"{name}.bias", lin.bias)
-    if lin.codes is None:
-        y = g.op("MatMul", [x, g.const(f"{name}.weight_t", lin.weight.T)], f"{name}.matmul")
-    else:
-        codes_t = g.const(f"{name}.codes_t", lin.codes.T)  # int8 (in, out)
-        scale = g.const(f"{name}.scale", lin.scale)
-        if lin.act_bits is None:
-            # codes * scale, as InferenceLinear.dequantized_weight: a constant ORT folds at load.
-            w = g.op("Mul", [g.op("Cast", [codes_t], f"{name}.codes_f", to=1), scale],
-                     f"{name}.weight_t")
-            y = g.op("MatMul", [x, w], f"{name}.matmul")
-        elif lin.act_bits == 8 and act_quant == "tensor":
+        x = _layer_norm(g, x, f"{name}.sub_norm", None, lin.shape[1])
+    lins = [_rows(lin, i, len(parts)) for i in range(len(parts))] if parts else [lin]
+    names = [f"{name}.{p}" for p in parts] or [name]
+    if lin.codes is None or lin.act_bits is None:
+        def product(part: _Linear, n: str) -> str:
+            if part.codes is None:
+                w = g.const(f"{n}.weight_t", part.weight.T)
+            else:  # codes * scale (InferenceLinear.dequantized_weight): ORT folds it at load
+                codes_t, scale, _ = _weights(g, part, n)
+                w = g.op("Mul", [g.op("Cast", [codes_t], f"{n}.codes_f", to=1), scale],
+                         f"{n}.weight_t")
+            return _bias(g, g.op("MatMul", [x, w], f"{n}.matmul"), part, n)
+    elif lin.act_bits == 8 and act_quant == "token":
+        return _token_int8(g, x, name, lins, names, tokens)
+    elif lin.act_bits == 8 and not parts:
+        def product(part: _Linear, n: str) -> str:
             # Symmetric codes: no weight zero point (an empty name skips the optional input).
-            inputs = [x, codes_t, scale, ""] + ([bias] if bias else [])
-            return g.op("DynamicQuantizeMatMul", inputs, f"{name}.dq_matmul",
-                        domain="com.microsoft")
-        elif lin.act_bits == 8:
-            return _token_int8(g, x, codes_t, scale, bias, lin.codes.shape, name, tokens)
-        else:
-            # 1 bit: sign(x) (sign(0) = +1) as 128 +- 1; scale 1 / mean|x| (InferenceLinear).
-            u = g.op("Where", [g.op("GreaterOrEqual", [x, g.scalar(0.0)], f"{name}.nonneg"),
-                               g.scalar(129, np.uint8), g.scalar(127, np.uint8)],
-                     f"{name}.q_u8")
-            mean = g.op("ReduceMean", [g.op("Abs", [x], f"{name}.abs")], f"{name}.absmean",
-                        axes=[-1], keepdims=1)
-            row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
-            acc = g.op("MatMulInteger", [u, codes_t, g.scalar(128, np.uint8)], f"{name}.acc")
-            ratio = g.op("Div", [scale, row], f"{name}.ratio")  # quant.rescale's order
-            y = g.op("Mul", [g.op("Cast", [acc], f"{name}.acc_f", to=1), ratio],
-                     f"{name}.rescaled")
-    return g.op("Add", [y, bias], f"{name}.out") if bias else y
+            codes_t, scale, bias = _weights(g, part, n)
+            return g.op("DynamicQuantizeMatMul", [x, codes_t, scale, ""]
+                        + ([bias] if bias else []), f"{n}.dq_matmul", domain="com.microsoft")
+    elif lin.act_bits == 8:
+        # DynamicQuantizeMatMul's two halves (its arithmetic, bit for bit), x quantized once.
+        u, step, zero = g.op_n("DynamicQuantizeLinear", [x], f"{name}.dq",
+                               ["q_u8", "step", "zero_point"])
+
+        def product(part: _Linear, n: str) -> str:
+            codes_t, scale, bias = _weights(g, part, n)
+            return g.op("MatMulIntegerToFloat", [u, codes_t, step, scale, zero, ""]
+                        + ([bias] if bias else []), f"{n}.matmul", domain="com.microsoft")
+    else:
+        # 1 bit: sign(x) (sign(0) = +1) as 128 +- 1; scale 1 / mean|x| (InferenceLinear).
+        u = g.op("Where", [g.op("GreaterOrEqual", [x, g.scalar(0.0)], f"{name}.nonneg"),
+                           g.scalar(129, np.uint8), g.scalar(127, np.uint8)], f"{name}.q_u8")
+        mean = g.op("ReduceMean", [g.op("Abs", [x], f"{name}.abs")], f"{name}.absmean",
+                    axes=[-1], keepdims=1)
+        row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
+
+        def product(part: _Linear, n: str) -> str:
+            codes_t, scale, _ = _weights(g, part, n)
+            acc = g.op("MatMulInteger", [u, codes_t, g.scalar(128, np.uint8)], f"{n}.acc")
+            ratio = g.op("Div", [scale, row], f"{n}.ratio")  # quant.rescale's order
+            return _bias(g, g.op("Mul", [g.op("Cast", [acc], f"{n}.acc_f", to=1), ratio],
+                                 f"{n}.rescaled"), part, n)
+    return [product(part, n) for part, n in zip(lins, names, strict=True)]
+
+
+def _bias(g: _Graph, y: str, lin: _Linear, name: str) -> str:
+    return y if lin.bias is None else g.op("Add", [y, g.const(f"{name}.bias", lin.bias)],
+                                           f"{name}.out")
+
+
+def _rows(lin: _Linear, i: int, parts: int) -> _Linear:
+    """Output rows [i * out / parts, (i + 1) * out / parts) of ``lin`` (q, k, v of a qkv layer,
+    in that order: `bitvit.model.Attention`), with their per-channel scales."""
+    n = lin.shape[0] // parts
+    weight, codes, bias = (None if a is None else a[i * n:(i + 1) * n]
+                           for a in (lin.weight, lin.codes, lin.bias))
+    scale = lin.scale if lin.scale is None or lin.scale.size == 1 else lin.scale[i * n:(i + 1) * n]
+    return replace(lin, weight=weight, codes=codes, bias=bias, scale=scale)
 
 
 def _gelu(g: _Graph, x: str, name: str) -> str:
@@ -288,21 +360,19 @@ def _gelu(g: _Graph, x: str, name: str) -> str:
 
 def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quant: str,
                tokens: int) -> str:
-    heads = attn.heads
-    head_dim = dim // heads
-    qkv = _linear(g, x, attn.qkv, f"{name}.qkv", act_quant, tokens)
-    qkv = g.op("Reshape", [qkv, g.const(f"{name}.qkv_shape",
-                                        np.array([0, 0, 3, heads, head_dim], np.int64))],
-               f"{name}.qkv_heads")
-    qkv = g.op("Transpose", [qkv], f"{name}.qkv_t", perm=[2, 0, 3, 1, 4])  # (3, B, h, n, hd)
-    q, k, v = (g.op("Gather", [qkv, g.scalar(i, np.int64)], f"{name}.{part}", axis=0)
-               for i, part in enumerate("qkv"))
-    k_t = g.op("Transpose", [k], f"{name}.k_t", perm=[0, 1, 3, 2])
-    scores = g.op("Mul", [g.op("MatMul", [q, k_t], f"{name}.qk"),
-                          g.scalar(1.0 / math.sqrt(head_dim))], f"{name}.scores")
-    weights = g.op("Softmax", [scores], f"{name}.softmax", axis=-1)
-    out = g.op("MatMul", [weights, v], f"{name}.av")  # (B, h, n, hd)
-    out = g.op("Transpose", [out], f"{name}.av_t", perm=[0, 2, 1, 3])
+    """Attention on token-major x (n, B, C). ``FusedMatMul``'s ``transBatchA/B`` read (d0, b...,
+    r, c) as (b..., d0, c) by strides (lda = c * prod(b): ORT's MatMulComputeHelper), so q, k,
+    v (n, B, h, hd) as (B, h, n, hd): the output's Transpose is the one data move."""
+    head_dim = dim // attn.heads
+    heads = g.const(f"{name}.heads_shape", np.array([0, 0, attn.heads, head_dim], np.int64))
+    q, k, v = (g.op("Reshape", [t, heads], f"{name}.{p}_heads") for p, t in zip(
+        "qkv", _linears(g, x, attn.qkv, f"{name}.qkv", act_quant, tokens, "qkv"), strict=True))
+    scores = g.op("FusedMatMul", [q, k], f"{name}.scores", domain="com.microsoft",
+                  transBatchA=1, transBatchB=1, transB=1, alpha=1.0 / math.sqrt(head_dim))
+    weights = g.op("Softmax", [scores], f"{name}.softmax", axis=-1)  # (B, h, n, n)
+    out = g.op("FusedMatMul", [weights, v], f"{name}.av", domain="com.microsoft",
+               transBatchB=1)  # (B, h, n, hd)
+    out = g.op("Transpose", [out], f"{name}.av_t", perm=[2, 0, 1, 3])  # (n, B, h, hd)
     out = g.op("Reshape", [out, g.const(f"{name}.merge_shape", np.array([0, 0, dim], np.int64))],
                f"{name}.merged")
     return _linear(g, out, attn.proj, f"{name}.proj", act_quant, tokens)
@@ -326,33 +396,36 @@ def _block(g: _Graph, x: str, block: Block, name: str, dim: int, act_quant: str,
 
 
 def _vit_graph(g: _Graph, vit: VisionTransformer, act_quant: str) -> str:
+    """The model on (N, C, S, S) images, its residual stream token-major: (tokens, N, dim)."""
     c = vit.config
     p, grid, dim = c.patch_size, c.image_size // c.patch_size, c.dim
-    # PatchEmbed: (B, C, H, W) -> (B, H/p * W/p, C * p * p), patches in row-major order.
+    # PatchEmbed: (N, C, H, W) -> (H/p * W/p, N, C * p * p), patches in row-major order.
     x = g.op("Reshape", ["images", g.const("patch_shape", np.array(
         [0, c.in_channels, grid, p, grid, p], np.int64))], "patches")
-    x = g.op("Transpose", [x], "patches_t", perm=[0, 2, 4, 1, 3, 5])
-    x = g.op("Reshape", [x, g.const("tokens_shape", np.array(
-        [0, grid * grid, c.in_channels * p * p], np.int64))], "tokens")
+    x = g.op("Transpose", [x], "patches_t", perm=[2, 4, 0, 1, 3, 5])
+    x = g.declare(g.op("Reshape", [x, g.const("tokens_shape", np.array(
+        [grid * grid, -1, c.in_channels * p * p], np.int64))], "tokens"),
+        [grid * grid, BATCH, c.in_channels * p * p])
     tokens = grid * grid
     x = _linear(g, x, vit.patch_embed.proj, "patch_embed.proj", act_quant, tokens)
     if vit.cls_token is not None:
         batch = g.op("Slice", [g.op("Shape", ["images"], "images_shape"),
                                g.scalar(0, np.int64, (1,)), g.scalar(1, np.int64, (1,))], "batch")
-        shape = g.op("Concat", [batch, g.const("cls_tail", np.array([1, dim], np.int64))],
+        shape = g.op("Concat", [g.scalar(1, np.int64, (1,)), batch, g.scalar(dim, np.int64, (1,))],
                      "cls_shape", axis=0)
         cls = g.op("Expand", [g.const("cls_token", _numpy(vit.cls_token, np.float32)), shape],
-                   "cls_tokens")
-        x = g.op("Concat", [cls, x], "with_cls", axis=1)
+                   "cls_tokens")  # (1, N, dim)
+        x = g.op("Concat", [cls, x], "with_cls", axis=0)
         tokens += 1
-    x = g.op("Add", [x, g.const("pos_embed", _numpy(vit.pos_embed, np.float32))], "embedded")
+    pos = _numpy(vit.pos_embed, np.float32).reshape(tokens, 1, dim)
+    x = g.op("Add", [x, g.const("pos_embed", pos)], "embedded")
     for i, block in enumerate(vit.blocks):
         x = _block(g, x, block, f"blocks.{i}", dim, act_quant, tokens)
     x = _layer_norm(g, x, "norm", vit.norm, dim)
     if vit.cls_token is not None:
-        x = g.op("Gather", [x, g.scalar(0, np.int64)], "pooled", axis=1)
+        x = g.op("Gather", [x, g.scalar(0, np.int64)], "pooled", axis=0)
     else:
-        x = g.op("ReduceMean", [x], "pooled", axes=[1], keepdims=0)
+        x = g.op("ReduceMean", [x], "pooled", axes=[0], keepdims=0)
     return _linear(g, x, vit.head, "head", act_quant)
 
 
@@ -390,9 +463,9 @@ def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
     h = onnx.helper
     graph = h.make_graph(
         g.nodes, "bitvit", [h.make_tensor_value_info(
-            "images", onnx.TensorProto.FLOAT, ["N", c.in_channels, c.image_size, c.image_size])],
-        [h.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", c.num_classes])],
-        g.initializers)
+            "images", onnx.TensorProto.FLOAT, [BATCH, c.in_channels, c.image_size, c.image_size])],
+        [h.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, [BATCH, c.num_classes])],
+        g.initializers, value_info=g.value_info)
     opsets = [h.make_opsetid("", opset)]
     if any(n.domain == "com.microsoft" for n in g.nodes):
         opsets.append(h.make_opsetid("com.microsoft", 1))
