@@ -210,3 +210,28 @@ def test_emulated_avx2_is_recorded(tmp_path):
         assert result["best_engine_b1"] == "int"
         assert result["speedup_ort_int8_b1"] is None
         assert result["ort-token_img_s_b1"] > 0
+
+
+def run_onnx_ab(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_ab.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_onnx_ab_agrees_times_and_refuses_different_models(tmp_path):
+    pytest.importorskip("onnxruntime")
+    # The same weights twice (same seed), and another seed's.
+    token, again, other = (tmp_path / f"{n}.onnx" for n in ("token", "again", "other"))
+    for path, extra in ((token, ()), (again, ()), (other, ("--seed", "1"))):
+        proc = run_onnx_ab("export", str(path), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_onnx_ab("time", str(token), str(again), "--repeats", "2", "--warmup", "0",
+                       "--batches", "1,4", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["1"],
+                                                                                       ["4"])]
+    assert [r[0] for r in rows] == ["1", "4"] and all(float(r[3]) > 0 for r in rows)
+    # Another seed's weights: the logits differ, so nothing is timed.
+    proc = run_onnx_ab("time", str(token), str(other), "--repeats", "1", "--threads", "1")
+    assert proc.returncode == 1 and "DISAGREE" in proc.stdout and "B/A" not in proc.stdout
+    assert run_onnx_ab("time", str(token), str(other), "--repeats", "0").returncode == 2
