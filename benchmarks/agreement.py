@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bitvit.checkpoint import load_checkpoint
+from bitvit.checkpoint import CheckpointError, load_checkpoint
 from bitvit.data import load_data, normalize
 from bitvit.engine import agreement, convert_for_inference, set_engine
 from bitvit.export import export_model, load
@@ -41,7 +42,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=500)
     args = ap.parse_args()
 
-    ckpt = load_checkpoint(args.checkpoint, best=args.best)
+    try:
+        ckpt = load_checkpoint(args.checkpoint, best=args.best)
+    except CheckpointError as e:
+        print(f"agreement.py: {e}", file=sys.stderr)
+        sys.exit(2)
     data_cfg = copy.deepcopy(ckpt.config.data)
     if args.data is not None:
         data_cfg.path = args.data
