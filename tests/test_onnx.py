@@ -289,6 +289,27 @@ def test_unquantized_model_is_a_plain_fp32_graph(tmp_path: Path):
     assert ort_model.metadata["method"] == "fp"
 
 
+def test_fp32_graph_takes_ort_quantize_dynamic(tmp_path: Path):
+    # ONNX Runtime's own int8 recipe (the benchmark's baseline) needs every tensor's type;
+    # shape inference stops at contrib ops unless the graph declares their outputs.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    config = _config("fp")
+    model = _model(config)
+    fp32, int8 = tmp_path / "fp.onnx", tmp_path / "int8.onnx"
+    _export(model, config, fp32)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(fp32))
+    typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    untyped = [o for n in inferred.graph.node for o in n.output if o not in typed]
+    assert not untyped, f"outputs without a type: {untyped[:5]}"
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    assert "MatMulInteger" in _ops(int8) or "DynamicQuantizeMatMul" in _ops(int8)
+    x = _images()
+    with torch.no_grad():
+        ref, got = model(x), load_onnx(int8, threads=1)(x)
+    assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.9
+
+
 def test_metadata_round_trip_and_batch_independence(tmp_path: Path):
     config = _config("b158c")
     model = _model(config)

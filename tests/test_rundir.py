@@ -215,7 +215,8 @@ def test_sweep_resumes_a_folder_left_with_only_last_old(images, reference, tmp_p
     assert main(["sweep", str(sweep)]) == 0
     assert f"resume    {run}" in capsys.readouterr().out
     assert rows(run) == rows(reference) and epoch_of(run / "last") == 2
-    assert json.loads((run / "run.json").read_text())["resumed_from"]
+    history = json.loads((run / "run.json").read_text())["resumed_from"]
+    assert len(history) == 1 and "resumed_from" not in history[0]
     assert temporaries(run) == [] and list(tmp_path.glob("out/*.restart-*")) == []
 
 
@@ -302,3 +303,18 @@ def test_export_onto_a_full_disk(reference, tmp_path, monkeypatch, capsys):
     err = one_line_error(capsys, ["export", str(reference), "--out", str(out)])
     assert err == f"bitvit export: error: {out}: No space left on device"
     assert list(out.parent.iterdir()) == []
+
+
+def test_resume_history_is_flat_and_complete():
+    # A run.json as the nesting code wrote it after three invocations: each earlier record
+    # held the history before it.
+    r0 = {"start": "t0", "wall_seconds": 1.0}
+    r1 = {"start": "t1", "wall_seconds": 2.0, "resumed_from": [r0]}
+    current = {"start": "t2", "wall_seconds": 3.0, "resumed_from": [r0, r1]}
+    history = rundir.resume_history(current)
+    assert [r["start"] for r in history] == ["t0", "t1", "t2"]
+    assert all("resumed_from" not in r for r in history)
+    assert "resumed_from" in current and "resumed_from" in r1  # the inputs are not changed
+    again = rundir.resume_history({"start": "t3", "resumed_from": history})
+    assert [r["start"] for r in again] == ["t0", "t1", "t2", "t3"]
+    assert rundir.resume_history({"start": "t0"}) == [{"start": "t0"}]

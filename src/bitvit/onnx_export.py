@@ -367,11 +367,14 @@ def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quan
     heads = g.const(f"{name}.heads_shape", np.array([0, 0, attn.heads, head_dim], np.int64))
     q, k, v = (g.op("Reshape", [t, heads], f"{name}.{p}_heads") for p, t in zip(
         "qkv", _linears(g, x, attn.qkv, f"{name}.qkv", act_quant, tokens, "qkv"), strict=True))
-    scores = g.op("FusedMatMul", [q, k], f"{name}.scores", domain="com.microsoft",
-                  transBatchA=1, transBatchB=1, transB=1, alpha=1.0 / math.sqrt(head_dim))
+    # FusedMatMul's outputs are declared: ONNX shape inference does not know the contrib op,
+    # and tools that need every tensor's type (quantize_dynamic) stop there otherwise.
+    scores = g.declare(g.op("FusedMatMul", [q, k], f"{name}.scores", domain="com.microsoft",
+                            transBatchA=1, transBatchB=1, transB=1,
+                            alpha=1.0 / math.sqrt(head_dim)), [BATCH, attn.heads, tokens, tokens])
     weights = g.op("Softmax", [scores], f"{name}.softmax", axis=-1)  # (B, h, n, n)
-    out = g.op("FusedMatMul", [weights, v], f"{name}.av", domain="com.microsoft",
-               transBatchB=1)  # (B, h, n, hd)
+    out = g.declare(g.op("FusedMatMul", [weights, v], f"{name}.av", domain="com.microsoft",
+                         transBatchB=1), [BATCH, attn.heads, tokens, head_dim])
     out = g.op("Transpose", [out], f"{name}.av_t", perm=[2, 0, 1, 3])  # (n, B, h, hd)
     out = g.op("Reshape", [out, g.const(f"{name}.merge_shape", np.array([0, 0, dim], np.int64))],
                f"{name}.merged")

@@ -220,6 +220,15 @@ def read_info(run_dir: Path) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def resume_history(previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run.json "resumed_from" list for a run resumed from ``previous`` (its run.json):
+    every earlier invocation once, oldest first, none holding a history of its own. (Files
+    written before this nested each record's history inside it, which grew with every resume;
+    their top-level list is already complete, so dropping the nested copies flattens them.)"""
+    earlier = [r for r in previous.get("resumed_from", []) if isinstance(r, dict)]
+    return [{k: v for k, v in r.items() if k != "resumed_from"} for r in [*earlier, previous]]
+
+
 def write_info(run_dir: Path, info: dict[str, Any]) -> None:
     write_text(Path(run_dir) / RUN_JSON, json.dumps(info, indent=2) + "\n")
 

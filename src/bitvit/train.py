@@ -290,7 +290,7 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
         run_dir.mkdir(parents=True, exist_ok=True)
         previous = rundir.read_info(run_dir) if resume is not None else {}
         if previous:
-            run_info["resumed_from"] = previous.get("resumed_from", []) + [previous]
+            run_info["resumed_from"] = rundir.resume_history(previous)
         save_config(config, run_dir / rundir.CONFIG)
         rundir.write_info(run_dir, run_info)
 
