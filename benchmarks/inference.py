@@ -263,11 +263,13 @@ class PresetModels:
         if not fp32_path.exists():  # ort-int8 asked for without ort-fp32
             to_onnx(self.fp32, fp32_path)
         source = fp32_path.with_name("fp32-pre.onnx")
-        try:
-            quant_pre_process(fp32_path, source)
-        except Exception:  # noqa: BLE001 - pre-processing only helps; quantize the plain graph
-            source = fp32_path
-        quantize_dynamic(source, out, weight_type=QuantType.QInt8)
+        # Both write temporaries into the working directory (and leave them when they fail).
+        with contextlib.chdir(fp32_path.parent):
+            try:
+                quant_pre_process(fp32_path, source)
+            except Exception:  # noqa: BLE001 - it only helps; quantize the plain graph then
+                source = fp32_path
+            quantize_dynamic(source, out, weight_type=QuantType.QInt8)
 
     def calls(self, x: torch.Tensor) -> tuple[dict[str, Call], dict[str, str]]:
         """Engine -> a no-argument call that runs it on ``x``, and the engines that failed to
