@@ -4,6 +4,7 @@ cache, the ISA summary, and identical models under every kernel."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import pickle
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bitvit import VisionTransformer, ViTConfig, kernels, quant, quantize_
-from bitvit.engine import InferenceLinear, convert_for_inference
+from bitvit.engine import InferenceLinear, compile_model, convert_for_inference
 from bitvit.kernels import (
     KERNELS,
     MAX_EXACT_K,
@@ -21,12 +22,15 @@ from bitvit.kernels import (
     int_matmul,
     isa_summary,
     pack_codes,
+    packed_for,
     reset_choice,
+    u8s8_available,
 )
 from bitvit.profile import _bytes_held, profile_model
 from bitvit.quant import absmax_codes, absmax_int8, rescale
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
+needs_u8s8 = pytest.mark.skipif(not u8s8_available(), reason="no oneDNN quantized linear here")
 
 
 @pytest.fixture
@@ -48,6 +52,17 @@ def use_kernel(monkeypatch, name: str) -> None:
 def _forget_choice():
     yield
     reset_choice()  # the next test decides again, under its own env
+
+
+@pytest.fixture
+def onednn(monkeypatch) -> dict[str, int]:
+    """Counts of the u8s8 kernel's prepacks and oneDNN products (the u8s8 op's real work)."""
+    counts = {"prepack": 0, "product": 0}
+    for name, fn in (("prepack", kernels._prepack), ("product", kernels._qlinear)):
+        monkeypatch.setattr(kernels, f"_{'prepack' if name == 'prepack' else 'qlinear'}",
+                            lambda *a, fn=fn, name=name: counts.__setitem__(name, counts[name] + 1)
+                            or fn(*a))
+    return counts
 
 
 def _codes(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +127,39 @@ def test_packed_codes_copy_and_pickle_by_packing_again():
         assert isinstance(again, PackedCodes) and again.weight is not packed.weight
         assert torch.equal(again.codes_t, codes_t)
         assert torch.equal(int_matmul(q, again, "u8s8"), int_matmul(q, packed, "u8s8"))
+
+
+@needs_u8s8
+def test_packing_follows_in_place_changes_of_its_codes(onednn):
+    q, codes_t = _codes(9, 64, 16, seed=5)
+    packed = pack_codes(codes_t)
+    assert packed_for(codes_t) is packed and packed_for(codes_t.t().t()) is packed  # any view
+    codes_t.copy_(-codes_t)  # in place, as load_state_dict writes
+    for _ in range(2):
+        assert torch.equal(int_matmul(q, packed, "u8s8"), int_matmul(q, codes_t, "int8").float())
+    assert onednn == {"prepack": 2, "product": 2}  # packed again once, for the change
+    # The same values elsewhere have no live packing: packed for the call (as training does).
+    other = codes_t.clone()
+    assert packed_for(other) is not packed and onednn["prepack"] == 3
+    key = kernels._codes_key(codes_t)
+    assert kernels._PACKED.get(key) is packed
+    del packed
+    gc.collect()
+    assert kernels._PACKED.get(key) is None  # the registry holds no packing alive
+
+
+@needs_u8s8
+def test_u8s8_op_runs_on_the_live_packing(onednn):
+    # bitvit::u8s8_mm, what a compiled graph calls: uint8 q + 128 and the codes as a tensor.
+    q, codes_t = _codes(7, 129, 67, seed=6)
+    u = q.view(torch.uint8) ^ 128
+    want = int_matmul(q, codes_t, "int8").float()
+    packed = pack_codes(codes_t)
+    assert torch.equal(torch.ops.bitvit.u8s8_mm(u, codes_t), want)
+    assert onednn == {"prepack": 1, "product": 1} and packed.codes_t is codes_t
+    assert torch.equal(torch.ops.bitvit.u8s8_mm(u, codes_t.clone()), want)  # packed per call
+    assert onednn == {"prepack": 2, "product": 2}
+    torch.library.opcheck(torch.ops.bitvit.u8s8_mm.default, (u, codes_t))  # schema, fake kernel
 
 
 @pytest.mark.parametrize("kernel", ["fp32", "u8s8"])
@@ -453,3 +501,83 @@ def test_every_kernel_traces_in_one_graph(monkeypatch, name):
         expected = inference(x)
         got = torch.compile(inference, backend="eager", fullgraph=True)(x)
     assert torch.equal(got, expected)
+
+
+def _int_layers(model: torch.nn.Module) -> int:
+    return sum(getattr(m, "uses_int", False) or (isinstance(m, quant.BitLinear)
+                                                 and m.act_bits is not None)
+               for m in model.modules())
+
+
+@needs_u8s8
+def test_compiled_int_engine_runs_the_prepacked_u8s8_product(monkeypatch, onednn):
+    """Inductor calls the u8s8 op on the layers' packings (no packing, no fp32 codes per call),
+    with the int8 kernel's logits; codes loaded after compiling are packed once and used."""
+    torch._dynamo.reset()
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    models, compiled, eager = {}, {}, {}
+    for name in ("int8", "u8s8"):
+        use_kernel(monkeypatch, name)
+        models[name] = convert_for_inference(_tiny_b158().eval())
+        with torch.inference_mode():
+            eager[name] = models[name](x)
+            compiled[name] = compile_model(models[name], x, dynamic=False)
+        if compiled[name] is models[name]:
+            pytest.skip("torch.compile unavailable here (compile_model fell back to eager)")
+    new_state = convert_for_inference(_tiny_b158(seed=1).eval()).state_dict()
+    layers = _int_layers(models["u8s8"])
+
+    def run() -> dict[str, torch.Tensor]:
+        onednn.update(prepack=0, product=0)
+        with torch.inference_mode():
+            out = {name: c(x) for name, c in compiled.items()}
+        assert onednn == {"prepack": 0, "product": layers}  # the int8 graph calls none
+        assert torch.equal(out["u8s8"], out["int8"])
+        return out
+
+    got = run()
+    # Not bit-identical to eager: inductor reorders the fp32 arithmetic around the product.
+    torch.testing.assert_close(got["u8s8"], eager["u8s8"], atol=1e-5, rtol=0)
+    onednn.update(prepack=0)
+    for name, model in models.items():
+        use_kernel(monkeypatch, name)  # the hook chooses the kernel again
+        model.load_state_dict(new_state)  # written in place; the hook packs the codes again
+    assert onednn["prepack"] == layers
+    new = run()
+    assert not torch.equal(new["u8s8"], got["u8s8"])
+    with torch.no_grad():  # a write that bypasses the hook: packed again on the next call
+        for model in models.values():
+            model.blocks[0].mlp.fc1.codes.mul_(-1)
+    with torch.inference_mode():
+        flipped = compiled["u8s8"](x)
+    assert onednn["prepack"] == 1 and not torch.equal(flipped, new["u8s8"])
+    with torch.inference_mode():
+        assert torch.equal(flipped, compiled["int8"](x))
+
+
+@needs_u8s8
+def test_compiled_train_step_under_u8s8_equals_int8(monkeypatch, onednn):
+    # aot_eager traces the op's fake kernel through autograd; the weights change every step,
+    # so u8s8 packs per call.
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 10
+    steps = {}
+    for name in ("int8", "u8s8"):
+        use_kernel(monkeypatch, name)
+        torch._dynamo.reset()
+        model = _tiny_b158()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(compiled(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        steps[name] = losses, model.state_dict()
+    calls = 2 * _int_layers(model)
+    assert onednn == {"prepack": calls, "product": calls}
+    (loss_a, state_a), (loss_b, state_b) = steps["int8"], steps["u8s8"]
+    assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b, strict=True))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

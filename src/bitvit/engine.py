@@ -69,7 +69,8 @@ class InferenceLinear(nn.Module):
     device, chosen again by ``.to(device)``) the int engine also caches ``codes_f32``, the
     (in, out) codes as fp32: 4 more bytes per weight; under ``u8s8`` ``packed``, the codes in
     oneDNN's layout (`bitvit.kernels.pack_codes`; not a buffer: its opaque tensor has no
-    storage), 1 more byte per weight.
+    storage), 1 more byte per weight, which a compiled graph's u8s8 op finds from the codes
+    (`bitvit.kernels.packed_for`): under `torch.compile` too no codes are converted per call.
     """
 
     def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, method: str,

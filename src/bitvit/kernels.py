@@ -18,7 +18,9 @@ Three kernels compute the same, exact, integers:
   column sums), the codes prepacked once per layer (`pack_codes`), the output fp32 at unit
   scales: the same integers, exact for ``K <= MAX_EXACT_K``. AVX2's u8 x s8 instruction
   (vpmaddubsw) saturates a pair of products at int16, which ternary codes never reach
-  (2 * 255 * 1). Inside `torch.compile` it runs as ``fp32`` (the prepack has no fake tensors).
+  (2 * 255 * 1). Inside `torch.compile` the product is the op ``bitvit::u8s8_mm`` (uint8
+  activations, int8 codes), which inductor calls as an extern kernel: it finds the layer's
+  packed codes from the codes tensor (`packed_for`), packing again only where they changed.
 
 `choose_kernel` decides once per process: CUDA takes ``int8``; on a CPU, ``$BITVIT_INT_KERNEL``
 (a `KERNELS` name) decides, else a micro-benchmark of the three (under a second), whose
@@ -36,6 +38,7 @@ import math
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -134,50 +137,116 @@ def u8s8_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-@dataclass(frozen=True, eq=False)
-class PackedCodes:
-    """Weight codes prepacked for the ``u8s8`` kernel (`pack_codes`)."""
+def _require_u8s8() -> None:
+    if not u8s8_available():
+        raise RuntimeError("u8s8 integer kernel: this PyTorch build lacks oneDNN's quantized "
+                           "linear (torch.ops.onednn.qlinear_pointwise)")
 
-    codes_t: Tensor  # the int8 (K, N) codes it packs, as given (a view: no copy)
-    weight: Tensor  # oneDNN's layout: an opaque MKLDNN tensor (no storage, no deepcopy)
-    ones: Tensor  # (N,) fp32 weight scales of 1: the output holds the integers themselves
-    zeros: Tensor  # (N,) int64 weight zero points
+
+def _version(t: Tensor) -> int | None:
+    # Inference tensors (made under torch.inference_mode) keep no version counter.
+    return None if t.is_inference() else t._version
+
+
+def _prepack(codes_t: Tensor) -> Tensor:
+    return torch.ops.onednn.qlinear_prepack(codes_t.t().to(torch.int8).contiguous(), None)
+
+
+class PackedCodes:
+    """Weight codes prepacked for the ``u8s8`` kernel (`pack_codes`).
+
+    ``current()`` packs again, in place, where the codes changed since (their version counter
+    moved: an in-place write, such as ``load_state_dict``'s copy); codes made under
+    ``torch.inference_mode`` keep no version counter, and count as unchanged.
+    """
+
+    def __init__(self, codes_t: Tensor) -> None:
+        _require_u8s8()
+        n = codes_t.shape[1]
+        self.codes_t = codes_t  # the int8 (K, N) codes it packs, as given (a view: no copy)
+        self.ones = torch.ones(n)  # (N,) fp32 weight scales of 1: the output holds the integers
+        self.zeros = torch.zeros(n, dtype=torch.long)  # (N,) weight zero points
+        self.version = _version(codes_t)
+        self.weight = _prepack(codes_t)  # oneDNN's layout: an opaque MKLDNN tensor (no storage)
 
     @property
     def nbytes(self) -> int:
         return self.weight.nbytes
+
+    def current(self) -> PackedCodes:
+        """This packing, packed again first if the codes changed since."""
+        version = _version(self.codes_t)
+        if version != self.version:
+            self.version, self.weight = version, _prepack(self.codes_t)
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Copies and pickles pack again from the codes (the packed tensor has no storage).
         return pack_codes, (self.codes_t,)
 
 
+# The live packings of `pack_codes`, by their codes' address, shape, strides and dtype: how the
+# compiled graph's u8s8 op (`_u8s8_op`) finds a layer's packed weight from its codes alone.
+# Weak: an entry lives as long as its holder (an InferenceLinear's ``packed``). A packing holds
+# its codes, so while its entry lives no other tensor can take their address.
+_PACKED: weakref.WeakValueDictionary[tuple[Any, ...], PackedCodes] = (
+    weakref.WeakValueDictionary())
+
+
+def _codes_key(codes_t: Tensor) -> tuple[Any, ...]:
+    return codes_t.data_ptr(), codes_t.shape, codes_t.stride(), codes_t.dtype
+
+
 def pack_codes(codes_t: Tensor) -> PackedCodes:
     """Prepack int8 weight codes (K, N) for `u8s8_mm`: once per layer (about 0.5 ms for
-    256 x 1024 on one AVX2 core), or per call where the weights change (training)."""
-    if not u8s8_available():
-        raise RuntimeError("u8s8 integer kernel: this PyTorch build lacks oneDNN's quantized "
-                           "linear (torch.ops.onednn.qlinear_pointwise)")
-    n = codes_t.shape[1]
-    weight = torch.ops.onednn.qlinear_prepack(codes_t.t().to(torch.int8).contiguous(), None)
-    return PackedCodes(codes_t, weight, torch.ones(n), torch.zeros(n, dtype=torch.long))
+    256 x 1024 on one AVX2 core), or per call where the weights change (training). The packing
+    is registered under its codes, for `packed_for` (while it lives)."""
+    packed = PackedCodes(codes_t)
+    _PACKED[_codes_key(codes_t)] = packed
+    return packed
+
+
+def packed_for(codes_t: Tensor) -> PackedCodes:
+    """The live packing of ``codes_t`` by `pack_codes` (current: see `PackedCodes.current`),
+    or, where there is none (training's new codes every step), a packing made now."""
+    packed = _PACKED.get(_codes_key(codes_t))
+    return packed.current() if packed is not None else PackedCodes(codes_t)
+
+
+def _qlinear(u: Tensor, packed: PackedCodes) -> Tensor:
+    """oneDNN's u8 x s8 product of uint8 ``u`` = q + 128 (zero point 128) and the packed codes,
+    at unit scales: fp32 (M, N) holding the integers q @ codes."""
+    return torch.ops.onednn.qlinear_pointwise(
+        u, 1.0, 128, packed.weight, packed.ones, packed.zeros, None, 1.0, 0, torch.float32,
+        "none", [], "")
+
+
+@torch.library.custom_op("bitvit::u8s8_mm", mutates_args=(), device_types="cpu")
+def _u8s8_op(u: Tensor, codes_t: Tensor) -> Tensor:
+    """`_qlinear` as an op that `torch.compile` can trace: it takes the codes, a plain tensor
+    (inductor rejects oneDNN's opaque packed one), and finds their packing (`packed_for`).
+    Inductor calls it as an extern kernel and fuses the passes around it."""
+    return _qlinear(u.contiguous(), packed_for(codes_t))
+
+
+@_u8s8_op.register_fake
+def _(u: Tensor, codes_t: Tensor) -> Tensor:
+    return u.new_empty((u.shape[0], codes_t.shape[1]), dtype=torch.float32)
 
 
 def u8s8_mm(q: Tensor, codes: PackedCodes | Tensor) -> Tensor:
     """The same integers as `int_mm` by oneDNN's u8 x s8 product: int8 ``q`` (M, K) times
-    ``codes`` (prepacked, or int8 (K, N) packed now) -> fp32. See the module docstring."""
-    if torch.compiler.is_compiling():
-        # oneDNN's prepack has no fake-tensor kernel and inductor rejects the packed weight:
-        # a compiled graph takes the fp32 product of the same codes (the same integers).
-        return fp32_mm(q, codes.codes_t if isinstance(codes, PackedCodes) else codes)
+    ``codes`` (prepacked, or int8 (K, N): their live packing, else packed now) -> fp32. See
+    the module docstring."""
     _check_exact_k(q.shape[-1], "u8s8")
-    packed = codes if isinstance(codes, PackedCodes) else pack_codes(codes)
     # q + 128 as uint8 is q's two's-complement bits with the sign bit flipped: one cheap pass
     # (ATen's float -> uint8 cast is several times slower than to int8).
     u = q.to(torch.int8).view(torch.uint8) ^ 128
-    return torch.ops.onednn.qlinear_pointwise(
-        u, 1.0, 128, packed.weight, packed.ones, packed.zeros, None, 1.0, 0, torch.float32,
-        "none", [], "")
+    if torch.compiler.is_compiling():
+        # The graph holds the codes; the op finds their packing when it runs.
+        return _u8s8_op(u, codes.codes_t if isinstance(codes, PackedCodes) else codes)
+    # Eager: straight to oneDNN (a custom op's dispatch costs a few microseconds a call).
+    return _qlinear(u, codes.current() if isinstance(codes, PackedCodes) else packed_for(codes))
 
 
 def int_matmul(q: Tensor, codes_t: Tensor | PackedCodes, kernel: str | None = None) -> Tensor:
