@@ -1,7 +1,8 @@
 """The ONNX export (`bitvit.onnx_export`): every method's graph against bitvit's int engine, the
 per-token quantizer's codes against absmax_int8 (equal but at near ties), the per-tensor mode
-within a measured bound, the fp graph against torch, the token-major graph's few data moves
-and its q, k, v products against the whole qkv layer's, metadata, bad files, a missing
+within a measured bound, the fp graph against torch, the token-major graph's few data moves,
+its q, k, v products against the whole qkv layer's, the cls-pooled last block's cls-only
+products, metadata, bad files, a missing
 onnxruntime, and the command line."""
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ ATOL_TOKEN = 1e-4
 ATOL_FLOAT_PRODUCTS = 1e-3
 # Per tensor, one activation scale for the whole batch (asymmetric uint8): measured on these
 # tiny models at <= 0.02 of logits up to ~6 (see test_tensor_mode_is_close); bound with margin.
+# (With cls pooling the last block's proj, fc1 and fc2 scale the cls tokens alone: on
+# test_tensor_mode_is_close's models max |tensor - token| moved within 0.0003 of the largest
+# logit, 0.0007-0.0015 before, 0.0007-0.0013 after.)
 TENSOR_REL = 0.02 * 3
 
 
@@ -105,9 +109,10 @@ def test_every_method_agrees_with_the_int_engine(tmp_path: Path, method: str):
         assert "MatMulInteger" not in ops and "Cast" in ops
 
 
-def test_one_bit_activations_sub_norm_and_mean_pooling(tmp_path: Path):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_one_bit_activations_sub_norm_and_pooling(tmp_path: Path, pooling: str):
     config = _config("b158", act_bits=1, sub_norm=True)
-    config.model.pooling = "mean"
+    config.model.pooling = pooling
     model = _model(config)
     # The patch embedding keeps 8 bits (its input is pixels): both kinds of layer are here.
     assert {m.act_bits for m in model.modules() if hasattr(m, "act_bits")} == {1, 8}
@@ -118,8 +123,8 @@ def test_one_bit_activations_sub_norm_and_mean_pooling(tmp_path: Path):
         ref, got = int_model(x), ort_model(x)
     assert (got - ref).abs().max().item() <= ATOL_TOKEN
     # Per tensor: only the 8-bit patch embedding changes; the 1-bit layers keep their sign
-    # products, 6 per block (q, k and v are three). (Signs flip under the per-tensor rounding,
-    # so no tight bound here.)
+    # products, 6 per block (q, k and v are three; with cls pooling the last block's take fewer
+    # rows, not fewer products). (Signs flip under the per-tensor rounding, so no tight bound.)
     to_onnx(model, tmp_path / "tensor.onnx", "tensor")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "tensor.onnx")).graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 1
@@ -229,13 +234,67 @@ def test_token_major_graph_moves_little_data(tmp_path: Path, method: str, act_bi
         assert ops.count("FusedMatMul") == 2 * depth  # q k^T and weights v, per block
         # Float products: fp's 6 per block, the patch embedding and the head; else the head's.
         assert ops.count("MatMul") == (6 * depth + 2 if method == "fp" else 1)
-        assert ops.count("Gather") == (pooling == "cls") and "Split" not in ops
+        assert "Gather" not in ops and "Split" not in ops
+        # cls pooling: the last block's cls rows of its residual stream and of q's input (per
+        # token: the codes and their steps; 1 bit: the signs and their scales) are Slices; the
+        # pooled token a Squeeze.
+        q_inputs = 1 if method == "fp" or act_quant == "tensor" and act_bits == 8 else 2
+        assert ops.count("Slice") == (1 + q_inputs if pooling == "cls" else 0)
+        assert ops.count("Squeeze") == (pooling == "cls")
         if method == "fp" or act_quant == "token":
             assert (got - ref).abs().max().item() <= ATOL_TOKEN, act_quant
         elif act_bits == 8:  # one activation scale per tensor: close, as test_tensor_mode_is_close
             assert (got - ref).abs().max().item() <= TENSOR_REL * ref.abs().max().item()
             assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.9
         # (1 bit per tensor: only the patch embedding changes, and signs flip after it.)
+
+
+PRODUCTS = ("MatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")
+
+
+def _product_rows(path: Path, block: str, batch: int) -> dict[str, int]:
+    """Rows (the product of all but the last axis) of each product's input in ``block``, by
+    layer (q, k, v, proj, fc1, fc2), run on ``batch`` images."""
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if n.op_type in PRODUCTS
+             and n.name.startswith(f"{block}.")]
+    for n in nodes:
+        integer = n.op_type in ("MatMulIntegerToFloat", "MatMulInteger")
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(
+            n.input[0], onnx.TensorProto.UINT8 if integer else onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run([n.input[0] for n in nodes], {"images": _images(batch).numpy()})
+    return {n.name.split(".")[-2]: int(np.prod(o.shape[:-1])) for n, o in zip(nodes, outs,
+                                                                              strict=True)}
+
+
+@pytest.mark.parametrize("method,act_bits", [("b158", 8), ("fp", None), ("b158", 1)])
+def test_cls_pooling_last_block_computes_the_cls_token_only(tmp_path: Path, method: str,
+                                                           act_bits: int | None):
+    """With cls pooling the last block's q, proj, fc1 and fc2 take the cls token's rows only
+    (k and v every token's): per token, the same logits as the int engine; mean pooling keeps
+    every token's rows."""
+    batch, depth, tokens = 3, 2, 17  # (16 / 4)^2 patches and the cls token
+    for pooling in ("cls", "mean"):
+        config = _config(method, **({} if method == "fp" else {"act_bits": act_bits}))
+        config.model.pooling = pooling
+        model = _model(config)
+        ref_model = model if method == "fp" else convert_for_inference(_model(config), engine="int")
+        x = _images()
+        for act_quant in ("token", "tensor"):
+            path = tmp_path / f"{pooling}-{act_quant}.onnx"
+            got = _export(model, config, path, act_quant)(x)
+            if act_quant == "token":
+                with torch.no_grad():
+                    ref = ref_model(x)
+                assert (got - ref).abs().max().item() <= ATOL_TOKEN, pooling
+            n = tokens - (pooling == "mean")
+            assert _product_rows(path, "blocks.0", batch) == dict.fromkeys(
+                ("q", "k", "v", "proj", "fc1", "fc2"), n * batch)
+            cls_rows = batch if pooling == "cls" else n * batch
+            assert _product_rows(path, f"blocks.{depth - 1}", batch) == {
+                "q": cls_rows, "k": n * batch, "v": n * batch, "proj": cls_rows,
+                "fc1": cls_rows, "fc2": cls_rows}, (pooling, act_quant)
 
 
 @pytest.mark.parametrize("method,act_bits,act_quant", [

@@ -21,7 +21,8 @@ each quantized layer computes is spelled out here:
     int8 codes, per-tensor or per-channel weight scale, bias): faster, approximate, and its
     scale depends on the whole batch, so an image's logits depend slightly on its batch mates.
     For q, k and v: its two halves, ``DynamicQuantizeLinear`` and ``MatMulIntegerToFloat``
-    (the same numbers, bit for bit).
+    (the same numbers, bit for bit). With cls pooling the last block's proj, fc1 and fc2 see
+    the cls tokens alone (below): their scale spans those, another approximation.
   * 1-bit activations: sign(x) (sign(0) = +1) as uint8 128 +- 1 through ``MatMulInteger``,
     rescaled by the token's mean|x| times the weight scale (both modes).
   * weights-only layers (``act_bits=None``): codes cast to fp32 times the scale (ONNX Runtime
@@ -33,6 +34,8 @@ each quantized layer computes is spelled out here:
   sharing one quantization of their input, (tokens, N, heads, head_dim) each, which
   ``com.microsoft`` ``FusedMatMul`` reads as (N, heads, tokens, head_dim) in place
   (``transBatchA/B``): a block's one Transpose is its attention output's, to token-major.
+  With cls pooling the last block computes the cls token's output only: its q from the cls
+  rows of the quantized input that k and v (every token) share, then (1, N, dim) on.
 
 Input ``images``: float32 (N, C, S, S), normalized (`bitvit.export.Preprocessing`); output
 ``logits`` (N, classes); N is dynamic. The graph's ``metadata_props`` hold ``format``
@@ -212,15 +215,25 @@ def _layer_norm(g: _Graph, x: str, name: str, norm: nn.LayerNorm | None, dim: in
     if norm is None:
         weight, bias, eps = np.ones(dim, np.float32), np.zeros(dim, np.float32), EPS
     else:
-        weight, bias, eps = _numpy(norm.weight, np.float32), _numpy(norm.bias, np.float32), \
-            norm.eps
+        weight, bias, eps = (*(_numpy(t, np.float32) for t in (norm.weight, norm.bias)), norm.eps)
     return g.op("LayerNormalization", [x, g.const(f"{name}.weight", weight),
                                        g.const(f"{name}.bias", bias)], name, axis=-1,
                 epsilon=float(eps))
 
 
+def _first(g: _Graph, t: str, end: str | None = None) -> str:
+    """t[:1] along axis 0 (the first token, its axis kept), or t[:end]; one Slice per t."""
+    return g.shared(("first", t), lambda: g.op("Slice", [
+        t, g.scalar(0, np.int64, (1,)), end or g.scalar(1, np.int64, (1,))], f"{t}.first"))
+
+
+def _batch(g: _Graph, x: str, axis: int = 1) -> str:
+    """The batch size, (1,) int64, from x's batch ``axis`` (token-major: 1); one per graph."""
+    return g.shared(("batch",), lambda: g.op("Shape", [x], "batch", start=axis, end=axis + 1))
+
+
 def _token_int8(g: _Graph, x: str, name: str, parts: list[_Linear], names: list[str],
-                tokens: int | None) -> list[str]:
+                tokens: int | None, firsts: list[bool]) -> list[str]:
     """8-bit per-token activations (`quant.absmax_int8`) through two fused ONNX Runtime kernels.
 
     The tokens are flattened to rows (M, K): per-axis ``QuantizeLinear`` (axis 0) divides each
@@ -228,11 +241,12 @@ def _token_int8(g: _Graph, x: str, name: str, parts: list[_Linear], names: list[
     128 (uint8) in one pass; ``com.microsoft.MatMulIntegerToFloat`` multiplies (u8 x s8) and
     scales the int32 products by the weight scale and, given an (M, 1) ``a_scale``, by the
     step, in place of Cast + Mul over the output. That kernel scales a fused bias too, so the
-    bias is a separate Add. One quantization feeds every part's product.
+    bias is a separate Add. One quantization feeds every part's product; a part in ``firsts``
+    takes the first token's rows of it, the first B of the token-major rows (x (tokens, B, K)).
     """
     n_in = parts[0].shape[1]
     rows = g.op("Reshape", [x, g.const(f"{name}.rows_shape", np.array([-1, n_in], np.int64))],
-                f"{name}.rows")
+                f"{name}.rows")  # tokens None: x is (M, K) already
     absmax = g.op("ReduceMax", [g.op("Abs", [rows], f"{name}.abs")], f"{name}.absmax",
                   axes=[-1], keepdims=1)
     step = g.op("Div", [g.op("Max", [absmax, g.scalar(EPS)], f"{name}.absmax_clamped"),
@@ -240,32 +254,20 @@ def _token_int8(g: _Graph, x: str, name: str, parts: list[_Linear], names: list[
     # Per-axis QuantizeLinear takes a 1-D scale and a zero point of the same length, M; every
     # input with the same static token count has the same M (tokens * B): one zero point.
     step_1d = g.op("Reshape", [step, g.scalar(-1, np.int64, (1,))], f"{name}.act_step_1d")
-
-    def zero_point() -> str:
-        m = g.op("Shape", [step_1d], f"{name}.m")
-        return g.op("Expand", [g.scalar(128, np.uint8), m], f"{name}.zero_point")
-
-    zero = zero_point() if tokens is None else g.shared(("zero_point", tokens), zero_point)
+    zero = g.shared(("zero_point", tokens or name), lambda: g.op("Expand", [
+        g.scalar(128, np.uint8), g.op("Shape", [step_1d], f"{name}.m")], f"{name}.zero_point"))
     u = g.op("QuantizeLinear", [rows, step_1d, zero], f"{name}.q_u8", axis=0)
-    lead = None if tokens else g.op("Slice", [  # x's leading axes, whatever they are
-        g.op("Shape", [x], f"{name}.in_shape"), g.scalar(0, np.int64, (1,)),
-        g.scalar(-1, np.int64, (1,))], f"{name}.lead")
     outs = []
-    for lin, part in zip(parts, names, strict=True):
+    for lin, part, first in zip(parts, names, firsts, strict=True):
         codes_t, scale, bias = _weights(g, lin, part)
-        y = g.op("MatMulIntegerToFloat", [u, codes_t, step, scale, g.scalar(128, np.uint8)],
+        a, a_step = (_first(g, t, _batch(g, x)) for t in (u, step)) if first else (u, step)
+        y = g.op("MatMulIntegerToFloat", [a, codes_t, a_step, scale, g.scalar(128, np.uint8)],
                  f"{part}.matmul", domain="com.microsoft")
-        # Back to x's leading axes, before the bias. A constant (tokens, B, n_out) lets ORT
-        # know the shape and fuse the bias Add with the GELU that follows fc1 (BiasGelu).
-        if tokens is not None:
-            out_shape = g.const(f"{part}.out_shape", np.array([tokens, -1, lin.shape[0]],
-                                                              np.int64))
-        else:
-            out_shape = g.op("Concat", [lead, g.scalar(lin.shape[0], np.int64, (1,))],
-                             f"{part}.out_shape", axis=0)
-        y = g.op("Reshape", [y, out_shape], f"{part}.unflattened")
-        if tokens is not None:
-            g.declare(y, [tokens, BATCH, lin.shape[0]])
+        if tokens is not None:  # back to (tokens, B, n_out) (first: 1 token) before the bias:
+            # a constant shape lets ORT fuse the bias Add with fc1's GELU (BiasGelu).
+            out = [1 if first else tokens, -1, lin.shape[0]]
+            y = g.declare(g.op("Reshape", [y, g.const(f"{part}.out_shape", np.array(
+                out, np.int64))], f"{part}.unflattened"), [out[0], BATCH, out[2]])
         outs.append(g.op("Add", [y, bias], f"{part}.out") if bias else y)
     return outs
 
@@ -278,34 +280,39 @@ def _weights(g: _Graph, lin: _Linear, name: str) -> tuple[str, str, str | None]:
 
 def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
             tokens: int | None = None) -> str:
-    """``layer`` on x (..., in). ``tokens``: x's static token count, x (tokens, B, in), which
-    lets ONNX Runtime fuse the per-token path with what follows; None: any leading axes."""
+    """``layer`` on x. ``tokens``: x's static token count, x (tokens, B, in), which lets ONNX
+    Runtime fuse the per-token path with what follows; None: x (M, in) (the head)."""
     return _linears(g, x, layer, name, act_quant, tokens)[0]
 
 
 def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
-             tokens: int | None = None, parts: Sequence[str] = ()) -> list[str]:
+             tokens: int | None = None, parts: Sequence[str] = (),
+             first: Sequence[str] = ()) -> list[str]:
     """``layer`` on x; with ``parts`` (names: q, k, v), its output in that many equal slices
     (rows of the weight), each its own product, all from one quantization of x: no slicing
-    of a (..., parts * out) product along its last axis (a strided copy)."""
+    of a (..., parts * out) product along its last axis (a strided copy). The parts named in
+    ``first`` take x's first token only, x (tokens, B, in): (1, B, out), from the same
+    quantized x (the same numbers as that token's row of the whole product, in every mode)."""
     lin = _describe(layer, name)
     if lin.sub_norm:
         x = _layer_norm(g, x, f"{name}.sub_norm", None, lin.shape[1])
     lins = [_rows(lin, i, len(parts)) for i in range(len(parts))] if parts else [lin]
     names = [f"{name}.{p}" for p in parts] or [name]
+    firsts = [p in first for p in parts] or [False]
     if lin.codes is None or lin.act_bits is None:
-        def product(part: _Linear, n: str) -> str:
+        def product(part: _Linear, n: str, first: bool) -> str:
             if part.codes is None:
                 w = g.const(f"{n}.weight_t", part.weight.T)
             else:  # codes * scale (InferenceLinear.dequantized_weight): ORT folds it at load
                 codes_t, scale, _ = _weights(g, part, n)
                 w = g.op("Mul", [g.op("Cast", [codes_t], f"{n}.codes_f", to=1), scale],
                          f"{n}.weight_t")
-            return _bias(g, g.op("MatMul", [x, w], f"{n}.matmul"), part, n)
+            return _bias(g, g.op("MatMul", [_first(g, x) if first else x, w], f"{n}.matmul"),
+                         part, n)
     elif lin.act_bits == 8 and act_quant == "token":
-        return _token_int8(g, x, name, lins, names, tokens)
+        return _token_int8(g, x, name, lins, names, tokens, firsts)
     elif lin.act_bits == 8 and not parts:
-        def product(part: _Linear, n: str) -> str:
+        def product(part: _Linear, n: str, first: bool) -> str:
             # Symmetric codes: no weight zero point (an empty name skips the optional input).
             codes_t, scale, bias = _weights(g, part, n)
             return g.op("DynamicQuantizeMatMul", [x, codes_t, scale, ""]
@@ -315,9 +322,10 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
         u, step, zero = g.op_n("DynamicQuantizeLinear", [x], f"{name}.dq",
                                ["q_u8", "step", "zero_point"])
 
-        def product(part: _Linear, n: str) -> str:
+        def product(part: _Linear, n: str, first: bool) -> str:
             codes_t, scale, bias = _weights(g, part, n)
-            return g.op("MatMulIntegerToFloat", [u, codes_t, step, scale, zero, ""]
+            return g.op("MatMulIntegerToFloat", [_first(g, u) if first else u, codes_t, step,
+                                                 scale, zero, ""]
                         + ([bias] if bias else []), f"{n}.matmul", domain="com.microsoft")
     else:
         # 1 bit: sign(x) (sign(0) = +1) as 128 +- 1; scale 1 / mean|x| (InferenceLinear).
@@ -327,13 +335,14 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
                     axes=[-1], keepdims=1)
         row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
 
-        def product(part: _Linear, n: str) -> str:
+        def product(part: _Linear, n: str, first: bool) -> str:
             codes_t, scale, _ = _weights(g, part, n)
-            acc = g.op("MatMulInteger", [u, codes_t, g.scalar(128, np.uint8)], f"{n}.acc")
-            ratio = g.op("Div", [scale, row], f"{n}.ratio")  # quant.rescale's order
+            a, a_row = (_first(g, u), _first(g, row)) if first else (u, row)
+            acc = g.op("MatMulInteger", [a, codes_t, g.scalar(128, np.uint8)], f"{n}.acc")
+            ratio = g.op("Div", [scale, a_row], f"{n}.ratio")  # quant.rescale's order
             return _bias(g, g.op("Mul", [g.op("Cast", [acc], f"{n}.acc_f", to=1), ratio],
                                  f"{n}.rescaled"), part, n)
-    return [product(part, n) for part, n in zip(lins, names, strict=True)]
+    return [product(*args) for args in zip(lins, names, firsts, strict=True)]
 
 
 def _bias(g: _Graph, y: str, lin: _Linear, name: str) -> str:
@@ -359,26 +368,28 @@ def _gelu(g: _Graph, x: str, name: str) -> str:
 
 
 def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quant: str,
-               tokens: int) -> str:
+               tokens: int, cls_only: bool = False) -> str:
     """Attention on token-major x (n, B, C). ``FusedMatMul``'s ``transBatchA/B`` read (d0, b...,
     r, c) as (b..., d0, c) by strides (lda = c * prod(b): ORT's MatMulComputeHelper), so q, k,
-    v (n, B, h, hd) as (B, h, n, hd): the output's Transpose is the one data move."""
-    head_dim = dim // attn.heads
+    v (n, B, h, hd) as (B, h, n, hd): the output's Transpose is the one data move.
+    ``cls_only``: the first token's output only, (1, B, C): its query against every key."""
+    head_dim, rows = dim // attn.heads, 1 if cls_only else tokens
     heads = g.const(f"{name}.heads_shape", np.array([0, 0, attn.heads, head_dim], np.int64))
     q, k, v = (g.op("Reshape", [t, heads], f"{name}.{p}_heads") for p, t in zip(
-        "qkv", _linears(g, x, attn.qkv, f"{name}.qkv", act_quant, tokens, "qkv"), strict=True))
+        "qkv", _linears(g, x, attn.qkv, f"{name}.qkv", act_quant, tokens, "qkv",
+                        "q" if cls_only else ()), strict=True))
     # FusedMatMul's outputs are declared: ONNX shape inference does not know the contrib op,
     # and tools that need every tensor's type (quantize_dynamic) stop there otherwise.
     scores = g.declare(g.op("FusedMatMul", [q, k], f"{name}.scores", domain="com.microsoft",
                             transBatchA=1, transBatchB=1, transB=1,
-                            alpha=1.0 / math.sqrt(head_dim)), [BATCH, attn.heads, tokens, tokens])
-    weights = g.op("Softmax", [scores], f"{name}.softmax", axis=-1)  # (B, h, n, n)
+                            alpha=1.0 / math.sqrt(head_dim)), [BATCH, attn.heads, rows, tokens])
+    weights = g.op("Softmax", [scores], f"{name}.softmax", axis=-1)  # (B, h, rows, n)
     out = g.declare(g.op("FusedMatMul", [weights, v], f"{name}.av", domain="com.microsoft",
-                         transBatchB=1), [BATCH, attn.heads, tokens, head_dim])
-    out = g.op("Transpose", [out], f"{name}.av_t", perm=[2, 0, 1, 3])  # (n, B, h, hd)
+                         transBatchB=1), [BATCH, attn.heads, rows, head_dim])
+    out = g.op("Transpose", [out], f"{name}.av_t", perm=[2, 0, 1, 3])  # (rows, B, h, hd)
     out = g.op("Reshape", [out, g.const(f"{name}.merge_shape", np.array([0, 0, dim], np.int64))],
                f"{name}.merged")
-    return _linear(g, out, attn.proj, f"{name}.proj", act_quant, tokens)
+    return _linear(g, out, attn.proj, f"{name}.proj", act_quant, rows)
 
 
 def _mlp(g: _Graph, x: str, mlp: Mlp, name: str, act_quant: str, tokens: int) -> str:
@@ -389,9 +400,12 @@ def _mlp(g: _Graph, x: str, mlp: Mlp, name: str, act_quant: str, tokens: int) ->
 
 
 def _block(g: _Graph, x: str, block: Block, name: str, dim: int, act_quant: str,
-           tokens: int) -> str:
+           tokens: int, cls_only: bool = False) -> str:
+    """A block on x (n, B, C); ``cls_only``: its first token's output only, (1, B, C) (keys
+    and values still from every token), as the last block with cls pooling needs."""
     a = _attention(g, _layer_norm(g, x, f"{name}.norm1", block.norm1, dim), block.attn,
-                   f"{name}.attn", dim, act_quant, tokens)
+                   f"{name}.attn", dim, act_quant, tokens, cls_only)
+    x, tokens = (_first(g, x), 1) if cls_only else (x, tokens)
     x = g.op("Add", [x, a], f"{name}.res1")
     m = _mlp(g, _layer_norm(g, x, f"{name}.norm2", block.norm2, dim), block.mlp, f"{name}.mlp",
              act_quant, tokens)
@@ -411,24 +425,21 @@ def _vit_graph(g: _Graph, vit: VisionTransformer, act_quant: str) -> str:
         [grid * grid, BATCH, c.in_channels * p * p])
     tokens = grid * grid
     x = _linear(g, x, vit.patch_embed.proj, "patch_embed.proj", act_quant, tokens)
-    if vit.cls_token is not None:
-        batch = g.op("Slice", [g.op("Shape", ["images"], "images_shape"),
-                               g.scalar(0, np.int64, (1,)), g.scalar(1, np.int64, (1,))], "batch")
-        shape = g.op("Concat", [g.scalar(1, np.int64, (1,)), batch, g.scalar(dim, np.int64, (1,))],
-                     "cls_shape", axis=0)
-        cls = g.op("Expand", [g.const("cls_token", _numpy(vit.cls_token, np.float32)), shape],
-                   "cls_tokens")  # (1, N, dim)
-        x = g.op("Concat", [cls, x], "with_cls", axis=0)
+    cls = vit.cls_token is not None
+    if cls:
+        shape = g.op("Concat", [g.scalar(1, np.int64, (1,)), _batch(g, "images", 0),
+                                g.scalar(dim, np.int64, (1,))], "cls_shape", axis=0)
+        x = g.op("Concat", [g.op("Expand", [g.const("cls_token", _numpy(
+            vit.cls_token, np.float32)), shape], "cls_tokens"), x], "with_cls", axis=0)
         tokens += 1
     pos = _numpy(vit.pos_embed, np.float32).reshape(tokens, 1, dim)
     x = g.op("Add", [x, g.const("pos_embed", pos)], "embedded")
     for i, block in enumerate(vit.blocks):
-        x = _block(g, x, block, f"blocks.{i}", dim, act_quant, tokens)
-    x = _layer_norm(g, x, "norm", vit.norm, dim)
-    if vit.cls_token is not None:
-        x = g.op("Gather", [x, g.scalar(0, np.int64)], "pooled", axis=0)
-    else:
-        x = g.op("ReduceMean", [x], "pooled", axes=[0], keepdims=0)
+        x = _block(g, x, block, f"blocks.{i}", dim, act_quant, tokens,
+                   cls and i == len(vit.blocks) - 1)
+    x = _layer_norm(g, _first(g, x) if cls and not vit.blocks else x, "norm", vit.norm, dim)
+    x = (g.op("Squeeze", [x, g.scalar(0, np.int64, (1,))], "pooled") if cls else
+         g.op("ReduceMean", [x], "pooled", axes=[0], keepdims=0))
     return _linear(g, x, vit.head, "head", act_quant)
 
 
