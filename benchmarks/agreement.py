@@ -69,7 +69,8 @@ def main() -> None:
             pairs[f"exported ({float_dtype} params): int engine vs checkpoint fake quant"] = (
                 fp_model, exported_int)
         try:
-            from bitvit.onnx_export import export_onnx, load_onnx
+            from bitvit.onnx_export import export_onnx
+            from bitvit.onnx_runtime import load_onnx
         except ImportError:
             export_onnx = None
         if export_onnx is not None:

@@ -232,9 +232,10 @@ class PresetModels:
     def _build_onnx(self, tmp: Path, record: Record) -> None:
         wanted = [e for e in self.engines if e.startswith("ort-")]
         try:
-            from bitvit.onnx_export import OrtModel, to_onnx
+            from bitvit.onnx_export import to_onnx
+            from bitvit.onnx_runtime import OrtModel
         except ImportError as err:
-            why = f"bitvit.onnx_export unavailable ({one_line(err)})"
+            why = f"bitvit.onnx_export/onnx_runtime unavailable ({one_line(err)})"
             record.print(f"note: skipping {', '.join(wanted)}: {why}")
             self.failed.update(dict.fromkeys(wanted, why))
             return

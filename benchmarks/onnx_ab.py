@@ -2,7 +2,7 @@
 
 For changes to the ONNX export's graph: export the same random-weight model with the old and the
 new code (``export``, run from each checkout; the same ``--seed`` gives the same weights), then
-time both (``time``). It opens them with `bitvit.onnx_export.OrtModel`'s session options
+time both (``time``). It opens them with `bitvit.onnx_runtime.OrtModel`'s session options
 (``--threads`` intra-op threads), checks that their logits agree on random inputs (exit 1 if
 not), and times session.run A, B, A, B, ... at each batch, printing median images/s and B/A
 (above 1: B is faster).
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from bitvit import VisionTransformer, ViTConfig, quantize_
-from bitvit.onnx_export import OrtModel, to_onnx
+from bitvit.onnx_export import to_onnx
+from bitvit.onnx_runtime import OrtModel
 
 # benchmarks/inference.py's paper preset, built the same way (random weights).
 PAPER = ViTConfig(patch_size=16, dim=256, depth=6, heads=8, mlp_ratio=4.0)

@@ -101,7 +101,7 @@ def free_matmul_bound(fp32_s: float, engine_s: float, matmul_share: float) -> fl
 def profile_ort(path: Path, x: torch.Tensor, threads: int, prefix: Path, rounds: int = 3,
                 warmup: int = 2) -> dict[str, float]:
     """`ort_op_shares` of the ONNX file at ``path``, in a session built as the timed one's."""
-    from bitvit.onnx_export import OrtModel
+    from bitvit.onnx_runtime import OrtModel
 
     traced = OrtModel(path, threads=threads, profile=prefix)
     with torch.inference_mode():

@@ -1,9 +1,9 @@
-"""The ONNX export (`bitvit.onnx_export`): every method's graph against bitvit's int engine, the
-per-token quantizer's codes against absmax_int8 (equal but at near ties), the per-tensor mode
-within a measured bound, the fp graph against torch, the token-major graph's few data moves,
-its q, k, v products against the whole qkv layer's, the cls-pooled last block's cls-only
-products, metadata, bad files, a missing
-onnxruntime, and the command line."""
+"""The ONNX export (`bitvit.onnx_export`, run by `bitvit.onnx_runtime`): every method's graph
+against bitvit's int engine, the per-token quantizer's codes against absmax_int8 (equal but at
+near ties), the per-tensor mode within a measured bound, the fp graph against torch, the
+token-major graph's few data moves, its q, k, v products against the whole qkv layer's, the
+cls-pooled last block's cls-only products, metadata, bad files, a missing onnxruntime, and the
+command line."""
 
 from __future__ import annotations
 
@@ -29,15 +29,13 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from bitvit.onnx_export import (  # noqa: E402 - after the skip: needs onnx
-    OrtModel,
     _Graph,
     _linear,
     _linears,
     export_onnx,
-    load_onnx,
-    metadata_of,
     to_onnx,
 )
+from bitvit.onnx_runtime import OrtModel, load_onnx, metadata_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c", "d"]

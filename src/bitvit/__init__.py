@@ -22,7 +22,7 @@ _HOMES = {
     "ExportedModel": "export", "ExportError": "export", "export_checkpoint": "export",
     "export_model": "export", "load": "export",
     "VisionTransformer": "model", "ViTConfig": "model",
-    "OrtModel": "onnx_export", "load_onnx": "onnx_export", "to_onnx": "onnx_export",
+    "OrtModel": "onnx_runtime", "load_onnx": "onnx_runtime", "to_onnx": "onnx_export",
     "profile_model": "profile",
     "METHODS": "quant", "BitLinear": "quant", "QuantConfig": "quant", "QuantizedLayer": "quant",
     "quantize_": "quant", "quantize_activations": "quant", "quantize_weights": "quant",

@@ -265,7 +265,7 @@ def _load_for_inference(args: argparse.Namespace) -> ExportedModel:
     file on ONNX Runtime (--engine ort, chosen by default for .onnx)."""
     from bitvit.config import resolve_device
     from bitvit.export import load
-    from bitvit.onnx_export import ENGINE_ORT, load_onnx, resolve_engine
+    from bitvit.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
 
     engine = resolve_engine(args.model, args.engine)
     if engine != ENGINE_ORT:

@@ -43,7 +43,7 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     `bitvit.load` and ``engine``, ``compile``); these load on ``device`` (auto: cuda if
     available). An ``.onnx`` export runs on ONNX Runtime (``engine`` None or ``"ort"``; CPU);
     ``engine`` None means int for safetensors exports, ort for .onnx files. It may also be a
-    model in memory: an `ExportedModel` (or `bitvit.onnx_export.OrtModel`), or any module given
+    model in memory: an `ExportedModel` (or `bitvit.onnx_runtime.OrtModel`), or any module given
     with ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
 
     ``data`` is None (the model's own ``data.path``), a data file or folder (its test split;
@@ -61,7 +61,7 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     config, classes, path = None, None, None
     if isinstance(source, (str, Path)):
         dev = resolve_device(device, "device") if isinstance(device, str) else device
-        from bitvit.onnx_export import ENGINE_ORT, load_onnx, resolve_engine
+        from bitvit.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
 
         if resolve_engine(source, engine) == ENGINE_ORT:
             given = [name for name, on in (("best (--best)", best),
