@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from inference import PRESETS  # beside this script: the benchmark's model presets
 
-from bitvit import VisionTransformer, ViTConfig, quantize_
+from bitvit import VisionTransformer, quantize_
 from bitvit.onnx_export import to_onnx
 from bitvit.onnx_runtime import OrtModel
 
-# benchmarks/inference.py's paper preset, built the same way (random weights).
-PAPER = ViTConfig(patch_size=16, dim=256, depth=6, heads=8, mlp_ratio=4.0)
+PAPER = PRESETS["paper"]  # built as benchmarks/inference.py builds it (random weights)
 
 
 def export(args: argparse.Namespace) -> int:

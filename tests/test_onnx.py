@@ -534,3 +534,14 @@ def test_cli_export_eval_predict_on_a_trained_run(real_env, tmp_path, capsys):
         assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
         assert [p["probability"] for p in a["predictions"]] == pytest.approx(
             [p["probability"] for p in b["predictions"]], abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["b158", "bitnet", "sign"])
+@pytest.mark.parametrize("act_quant", ["token", "tensor"])
+def test_every_initializer_is_used(tmp_path: Path, method: str, act_quant: str):
+    # A bias written twice (once unused) would ship dead bytes in the file.
+    config = _config(method)
+    to_onnx(_model(config), tmp_path / "m.onnx", act_quant)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    used = {name for node in graph.node for name in node.input}
+    assert [i.name for i in graph.initializer if i.name not in used] == []

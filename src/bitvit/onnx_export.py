@@ -216,7 +216,7 @@ def _token_int8(g: _Graph, x: str, name: str, parts: list[_Linear], names: list[
     u = g.op("QuantizeLinear", [rows, step_1d, zero], f"{name}.q_u8", axis=0)
     outs = []
     for lin, part, first in zip(parts, names, firsts, strict=True):
-        codes_t, scale, bias = _weights(g, lin, part)
+        codes_t, scale = _weights(g, lin, part)
         a, a_step = (_first(g, t, _batch(g, x)) for t in (u, step)) if first else (u, step)
         y = g.op("MatMulIntegerToFloat", [a, codes_t, a_step, scale, g.scalar(128, np.uint8)],
                  f"{part}.matmul", domain="com.microsoft")
@@ -225,14 +225,17 @@ def _token_int8(g: _Graph, x: str, name: str, parts: list[_Linear], names: list[
             out = [1 if first else tokens, -1, lin.shape[0]]
             y = g.declare(g.op("Reshape", [y, g.const(f"{part}.out_shape", np.array(
                 out, np.int64))], f"{part}.unflattened"), [out[0], BATCH, out[2]])
-        outs.append(g.op("Add", [y, bias], f"{part}.out") if bias else y)
+        outs.append(_bias(g, y, lin, part))
     return outs
 
 
-def _weights(g: _Graph, lin: _Linear, name: str) -> tuple[str, str, str | None]:
-    """A quantized layer's int8 (in, out) codes, fp32 scale and bias (or None) as initializers."""
-    bias = None if lin.bias is None else g.const(f"{name}.bias", lin.bias)
-    return g.const(f"{name}.codes_t", lin.codes.T), g.const(f"{name}.scale", lin.scale), bias
+def _weights(g: _Graph, lin: _Linear, name: str) -> tuple[str, str]:
+    """A quantized layer's int8 (in, out) codes and fp32 scale as initializers."""
+    return g.const(f"{name}.codes_t", lin.codes.T), g.const(f"{name}.scale", lin.scale)
+
+
+def _bias_const(g: _Graph, lin: _Linear, name: str) -> str | None:
+    return None if lin.bias is None else g.const(f"{name}.bias", lin.bias)
 
 
 def _linear(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
@@ -261,7 +264,7 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
             if part.codes is None:
                 w = g.const(f"{n}.weight_t", part.weight.T)
             else:  # codes * scale (InferenceLinear.dequantized_weight): ORT folds it at load
-                codes_t, scale, _ = _weights(g, part, n)
+                codes_t, scale = _weights(g, part, n)
                 w = g.op("Mul", [g.op("Cast", [codes_t], f"{n}.codes_f", to=1), scale],
                          f"{n}.weight_t")
             return _bias(g, g.op("MatMul", [_first(g, x) if first else x, w], f"{n}.matmul"),
@@ -271,7 +274,8 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
     elif lin.act_bits == 8 and not parts:
         def product(part: _Linear, n: str, first: bool) -> str:
             # Symmetric codes: no weight zero point (an empty name skips the optional input).
-            codes_t, scale, bias = _weights(g, part, n)
+            codes_t, scale = _weights(g, part, n)
+            bias = _bias_const(g, part, n)
             return g.op("DynamicQuantizeMatMul", [x, codes_t, scale, ""]
                         + ([bias] if bias else []), f"{n}.dq_matmul", domain="com.microsoft")
     elif lin.act_bits == 8:
@@ -280,7 +284,8 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
                                ["q_u8", "step", "zero_point"])
 
         def product(part: _Linear, n: str, first: bool) -> str:
-            codes_t, scale, bias = _weights(g, part, n)
+            codes_t, scale = _weights(g, part, n)
+            bias = _bias_const(g, part, n)
             return g.op("MatMulIntegerToFloat", [_first(g, u) if first else u, codes_t, step,
                                                  scale, zero, ""]
                         + ([bias] if bias else []), f"{n}.matmul", domain="com.microsoft")
@@ -293,7 +298,7 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
         row = g.op("Div", [g.scalar(1.0), mean], f"{name}.act_scale")
 
         def product(part: _Linear, n: str, first: bool) -> str:
-            codes_t, scale, _ = _weights(g, part, n)
+            codes_t, scale = _weights(g, part, n)
             a, a_row = (_first(g, u), _first(g, row)) if first else (u, row)
             acc = g.op("MatMulInteger", [a, codes_t, g.scalar(128, np.uint8)], f"{n}.acc")
             ratio = g.op("Div", [scale, a_row], f"{n}.ratio")  # quant.rescale's order
@@ -303,8 +308,8 @@ def _linears(g: _Graph, x: str, layer: nn.Module, name: str, act_quant: str,
 
 
 def _bias(g: _Graph, y: str, lin: _Linear, name: str) -> str:
-    return y if lin.bias is None else g.op("Add", [y, g.const(f"{name}.bias", lin.bias)],
-                                           f"{name}.out")
+    bias = _bias_const(g, lin, name)
+    return y if bias is None else g.op("Add", [y, bias], f"{name}.out")
 
 
 def _rows(lin: _Linear, i: int, parts: int) -> _Linear:
