@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from bitvit.checkpoint import CheckpointError, load_checkpoint
 from bitvit.data import load_data, normalize
-from bitvit.engine import agreement, convert_for_inference, set_engine
-from bitvit.export import export_model, load
+from bitvit.deploy.engine import agreement, convert_for_inference, set_engine
+from bitvit.deploy.export import export_model, load
+from bitvit.training.checkpoint import CheckpointError, load_checkpoint
 
 
 def main() -> None:
@@ -69,8 +69,8 @@ def main() -> None:
             pairs[f"exported ({float_dtype} params): int engine vs checkpoint fake quant"] = (
                 fp_model, exported_int)
         try:
-            from bitvit.onnx_export import export_onnx
-            from bitvit.onnx_runtime import load_onnx
+            from bitvit.deploy.onnx_export import export_onnx
+            from bitvit.deploy.onnx_runtime import load_onnx
         except ImportError:
             export_onnx = None
         if export_onnx is not None:

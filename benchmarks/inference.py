@@ -6,14 +6,15 @@ For each preset (paper, strong) and batch size (1, 256): images/s of
   fp32; autocast recasts them and runs the matmuls in bf16 on every call);
 - ``bf16w``: a bf16 copy of the model (weights stored in bf16, bf16 input: no recasting);
 - ``int``: the b158 model exported and loaded back with `bitvit.load` (int8 x int8 -> int32
-  linears), eager; ``int-c``: the same under `bitvit.engine.compile_model` (inductor fuses
+  linears), eager; ``int-c``: the same under `bitvit.deploy.engine.compile_model` (inductor fuses
   LayerNorm with activation quantization, the rescale with bias and GELU), compiled per batch;
 - ``fp``: the exported b158 model loaded with ``engine="fp"`` (fake-quant on fp32 weights);
 - ``ort-fp32``: ONNX Runtime on the unquantized model as an fp32 ONNX graph;
 - ``ort-int8``: ONNX Runtime on that graph after ``onnxruntime.quantization.quantize_dynamic``
   (QInt8 weights, activations quantized per call): the standard int8 deployment to beat;
 - ``ort-token`` / ``ort-tensor``: bitvit's ONNX export of the b158 model
-  (`bitvit.onnx_export.to_onnx`, per-token or per-tensor activation scales) under ONNX Runtime;
+  (`bitvit.deploy.onnx_export.to_onnx`, per-token or per-tensor activation scales) under ONNX
+  Runtime;
 - ``fp32-c`` (only with ``--compile`` or named in ``--engines``): the fp32 model compiled.
 Every engine gets the same thread count (``--threads``: torch's intra-op threads and ONNX
 Runtime's ``intra_op_num_threads`` alike). All run on the same inputs, interleaved round by
@@ -85,11 +86,11 @@ from op_profile import (
 from safetensors.torch import save_file
 
 from bitvit import VisionTransformer, ViTConfig, load, quantize_
-from bitvit.config import Config
 from bitvit.data import DataConfig
-from bitvit.engine import compile_model
-from bitvit.export import export_model
-from bitvit.quant import QuantConfig
+from bitvit.deploy.engine import compile_model
+from bitvit.deploy.export import export_model
+from bitvit.nn.quant import QuantConfig
+from bitvit.training.config import Config
 
 PRESETS = {
     "paper": ViTConfig(patch_size=16, dim=256, depth=6, heads=8, mlp_ratio=4.0),
@@ -165,10 +166,10 @@ def cpu_model() -> str:
 
 
 def kernel_info() -> dict[str, object]:
-    """ISA summary and the integer kernel `bitvit.kernels` chooses, or a note why not known."""
+    """ISA summary and the integer kernel `bitvit.nn.kernels` chooses, or a note why not known."""
     try:
-        from bitvit.kernels import ISA_ENV as CAPS
-        from bitvit.kernels import choose_kernel, cpu_isa, isa_summary
+        from bitvit.nn.kernels import ISA_ENV as CAPS
+        from bitvit.nn.kernels import choose_kernel, cpu_isa, isa_summary
 
         choice = choose_kernel("cpu")
         isa = cpu_isa()
@@ -178,7 +179,7 @@ def kernel_info() -> dict[str, object]:
                 "kernel_reason": choice.reason, "cpu_isa": isa}
     except Exception as err:  # noqa: BLE001 - the benchmark runs without it, and says so
         return {"isa": f"torch capability {torch.backends.cpu.get_cpu_capability()}",
-                "kernel": None, "kernel_reason": f"bitvit.kernels unavailable ({one_line(err)})"}
+                "kernel": None, "kernel_reason": f"bitvit.nn.kernels unavailable ({one_line(err)})"}
 
 
 def git_commit() -> str:
@@ -232,10 +233,10 @@ class PresetModels:
     def _build_onnx(self, tmp: Path, record: Record) -> None:
         wanted = [e for e in self.engines if e.startswith("ort-")]
         try:
-            from bitvit.onnx_export import to_onnx
-            from bitvit.onnx_runtime import OrtModel
+            from bitvit.deploy.onnx_export import to_onnx
+            from bitvit.deploy.onnx_runtime import OrtModel
         except ImportError as err:
-            why = f"bitvit.onnx_export/onnx_runtime unavailable ({one_line(err)})"
+            why = f"bitvit.deploy.onnx_export/onnx_runtime unavailable ({one_line(err)})"
             record.print(f"note: skipping {', '.join(wanted)}: {why}")
             self.failed.update(dict.fromkeys(wanted, why))
             return

@@ -2,7 +2,7 @@
 
 For changes to the ONNX export's graph: export the same random-weight model with the old and the
 new code (``export``, run from each checkout; the same ``--seed`` gives the same weights), then
-time both (``time``). It opens them with `bitvit.onnx_runtime.OrtModel`'s session options
+time both (``time``). It opens them with `bitvit.deploy.onnx_runtime.OrtModel`'s session options
 (``--threads`` intra-op threads), checks that their logits agree on random inputs (exit 1 if
 not), and times session.run A, B, A, B, ... at each batch, printing median images/s and B/A
 (above 1: B is faster).
@@ -28,8 +28,8 @@ import torch
 from inference import PRESETS  # beside this script: the benchmark's model presets
 
 from bitvit import VisionTransformer, quantize_
-from bitvit.onnx_export import to_onnx
-from bitvit.onnx_runtime import OrtModel
+from bitvit.deploy.onnx_export import to_onnx
+from bitvit.deploy.onnx_runtime import OrtModel
 
 PAPER = PRESETS["paper"]  # built as benchmarks/inference.py builds it (random weights)
 

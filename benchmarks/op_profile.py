@@ -16,7 +16,7 @@ import torch
 # Op groups of the torch profile; the first two are the matrix products.
 TORCH_GROUPS = {
     "int8 matmul": ("aten::_int_mm",),
-    # On the fp32 kernel (bitvit.kernels) the integer product itself is an fp32 matmul.
+    # On the fp32 kernel (bitvit.nn.kernels) the integer product itself is an fp32 matmul.
     "fp32 matmul (head; integer product on the fp32 kernel)": (
         "aten::addmm", "aten::mm", "aten::linear", "aten::bmm"),
     "act quant (absmax, scale, round, cast)": (
@@ -101,7 +101,7 @@ def free_matmul_bound(fp32_s: float, engine_s: float, matmul_share: float) -> fl
 def profile_ort(path: Path, x: torch.Tensor, threads: int, prefix: Path, rounds: int = 3,
                 warmup: int = 2) -> dict[str, float]:
     """`ort_op_shares` of the ONNX file at ``path``, in a session built as the timed one's."""
-    from bitvit.onnx_runtime import OrtModel
+    from bitvit.deploy.onnx_runtime import OrtModel
 
     traced = OrtModel(path, threads=threads, profile=prefix)
     with torch.inference_mode():

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bitvit import VisionTransformer, ViTConfig, quantize_
-from bitvit.kernels import choose_kernel
+from bitvit.nn.kernels import choose_kernel
 
 
 def main() -> None:

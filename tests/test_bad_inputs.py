@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bitvit.cli import main
-from bitvit.export import _digest
+from bitvit.deploy.export import _digest
 
 CLASSES = ["cat", "dog"]
 # A tiny model for 16x16 images: a 1-epoch run on 8 images takes a fraction of a second.

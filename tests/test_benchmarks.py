@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitvit.kernels import choose_kernel, cpu_isa, isa_summary
+from bitvit.nn.kernels import choose_kernel, cpu_isa, isa_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "inference.py"

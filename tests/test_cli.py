@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import bitvit
-import bitvit.engine
-import bitvit.export
-from bitvit.checkpoint import CheckpointError, build_model
+import bitvit.deploy.engine
+import bitvit.deploy.export
 from bitvit.cli import main
-from bitvit.config import Config, load_config
-from bitvit.export import ExportError, export_model
-from bitvit.train import train
+from bitvit.deploy.export import ExportError, export_model
+from bitvit.training.checkpoint import CheckpointError, build_model
+from bitvit.training.config import Config, load_config
+from bitvit.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
@@ -107,7 +107,7 @@ def test_eval_compile_reaches_a_checkpoint(tiny_run, real_env, capsys, monkeypat
         compiled.append(example.shape)
         return model
 
-    monkeypatch.setattr(bitvit.engine, "compile_model", spy)
+    monkeypatch.setattr(bitvit.deploy.engine, "compile_model", spy)
     report = cli_json(capsys, "eval", str(tiny_run["run"]), "--compile")
     assert compiled == [(200, 3, 32, 32)]  # one batch (eval_batch_size 500 > 200 images)
     assert report == bitvit.evaluate(tiny_run["run"])
@@ -136,7 +136,7 @@ def spied_load(tmp_path, monkeypatch) -> tuple[Path, list[dict]]:
         calls.append(kw)
         raise Reached
 
-    monkeypatch.setattr(bitvit.export, "load", spy)
+    monkeypatch.setattr(bitvit.deploy.export, "load", spy)
     return path, calls
 
 

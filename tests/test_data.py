@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bitvit import data as D
-from bitvit.config import Config, ConfigError, load_config
 from bitvit.data import (
     DataConfig,
     DataError,
@@ -36,6 +35,7 @@ from bitvit.data import (
 )
 from bitvit.data import folder as data_folder
 from bitvit.data import sources as data_sources
+from bitvit.training.config import Config, ConfigError, load_config
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitvit import BitLinear, VisionTransformer, ViTConfig, quantize_
-from bitvit.engine import (
+from bitvit.deploy.engine import (
     ENGINES,
     InferenceLinear,
     agreement,
@@ -12,7 +12,7 @@ from bitvit.engine import (
     convert_for_inference,
     set_engine,
 )
-from bitvit.quant import absmax_int8, int_mm, pad_for_int_mm, quantize_activations
+from bitvit.nn.quant import absmax_int8, int_mm, pad_for_int_mm, quantize_activations
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
 
@@ -284,10 +284,10 @@ def test_agreement_of_a_trained_exported_model(tmp_path):
     near-tied classes), |accuracy difference| <= 0.005, mean |logit diff| < 1e-3, max < 0.05.
     The model must have learned (accuracy >= 0.6, chance 0.1), or agreement says little.
     """
-    from bitvit.config import Config
     from bitvit.data import DataConfig
-    from bitvit.export import export_model, load
-    from bitvit.quant import QuantConfig
+    from bitvit.deploy.export import export_model, load
+    from bitvit.nn.quant import QuantConfig
+    from bitvit.training.config import Config
 
     torch.manual_seed(0)
     means = 0.5 * torch.randn(TINY.num_classes, 3, 16, 16)

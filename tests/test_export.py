@@ -13,12 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import bitvit
-from bitvit.checkpoint import CheckpointError, build_model, save_model
 from bitvit.cli import main
-from bitvit.config import Config
 from bitvit.data import ImageSet, normalize
-from bitvit.engine import InferenceLinear, compile_model, convert_for_inference
-from bitvit.export import (
+from bitvit.deploy.engine import InferenceLinear, compile_model, convert_for_inference
+from bitvit.deploy.export import (
     ExportedModel,
     ExportError,
     _digest,
@@ -33,7 +31,9 @@ from bitvit.export import (
     unpack_ternary,
     unpack_ternary_2bit,
 )
-from bitvit.quant import BitLinear
+from bitvit.nn.quant import BitLinear
+from bitvit.training.checkpoint import CheckpointError, build_model, save_model
+from bitvit.training.config import Config
 
 CLASSES = ["airplane", "bird", "cat", "dog"]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from test_studies import fake_run, figure_text, study2
 
-from bitvit.figures import UNFINISHED_STYLE, plot_dots, plot_groups
-from bitvit.report import compare, compare_groups, find_run_dirs, group_runs, load_run
+from bitvit.studies.figures import UNFINISHED_STYLE, plot_dots, plot_groups
+from bitvit.studies.report import compare, compare_groups
+from bitvit.studies.runs import find_run_dirs, group_runs, load_run
 
 
 def groups_of(folder: Path):

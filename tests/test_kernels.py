@@ -1,4 +1,4 @@
-"""The integer product's kernels (bitvit.kernels): exactness, the per-machine choice and its
+"""The integer product's kernels (bitvit.nn.kernels): exactness, the per-machine choice and its
 cache, the ISA summary, and identical models under every kernel."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitvit import VisionTransformer, ViTConfig, kernels, quant, quantize_
-from bitvit.engine import InferenceLinear, compile_model, convert_for_inference
-from bitvit.kernels import (
+from bitvit import VisionTransformer, ViTConfig, quantize_
+from bitvit.deploy.engine import InferenceLinear, compile_model, convert_for_inference
+from bitvit.deploy.profile import _bytes_held, profile_model
+from bitvit.nn import kernels, quant
+from bitvit.nn.kernels import (
     KERNELS,
     MAX_EXACT_K,
     PackedCodes,
@@ -26,8 +28,7 @@ from bitvit.kernels import (
     reset_choice,
     u8s8_available,
 )
-from bitvit.profile import _bytes_held, profile_model
-from bitvit.quant import absmax_codes, absmax_int8, rescale
+from bitvit.nn.quant import absmax_codes, absmax_int8, rescale
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
 needs_u8s8 = pytest.mark.skipif(not u8s8_available(), reason="no oneDNN quantized linear here")
@@ -385,7 +386,7 @@ def test_train_step_is_identical_under_every_kernel(monkeypatch):
     steps = {}
     calls = {"fp32": [], "u8s8": []}
     for name in calls:  # count the calls, so each kernel is known to have run
-        # quant calls fp32_mm itself and u8s8 through bitvit.kernels.int_matmul.
+        # quant calls fp32_mm itself and u8s8 through bitvit.nn.kernels.int_matmul.
         home = quant if name == "fp32" else kernels
         mm = getattr(home, f"{name}_mm")
         monkeypatch.setattr(home, f"{name}_mm",

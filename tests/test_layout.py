@@ -13,28 +13,99 @@ import pytest
 import torch
 import yaml
 
-from bitvit.config import ConfigError, load_config, save_config
-from bitvit.model import VisionTransformer, ViTConfig
+from bitvit.nn.model import VisionTransformer, ViTConfig
+from bitvit.training.config import ConfigError, load_config, save_config
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "bitvit"
 
 
+# Each part of the package and its layer: a part imports only parts of lower layers (peers of one
+# layer never import each other). The root package is the lazy facade and gives __version__.
+LAYERS = {"files": 0, "nn": 1, "data": 1, "training": 2, "deploy": 3, "studies": 3, "cli": 4,
+          "__main__": 5}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(module: Path) -> set[str]:
-    """Every module a file imports, at any level (functions included)."""
+    """Every bitvit module a file imports, at any level (functions included)."""
     names = set()
     for node in ast.walk(ast.parse(module.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-    return names
+            # `from bitvit.training import rundir` imports the submodule bitvit.training.rundir
+            names.update(f"{node.module}.{a.name}" for a in node.names
+                         if (SRC.parent / node.module.replace(".", "/") / f"{a.name}.py").exists())
+    return {n for n in names if n == "bitvit" or n.startswith("bitvit.")}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    return {name: {m for m in _imports(path) if m in modules and m != name}
+            for name, path in modules.items()}
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if "." in module else "bitvit"
+
+
+def test_every_part_of_the_package_is_in_a_layer_and_says_what_it_is_for():
+    parts = {_part(_module_name(p)) for p in SRC.rglob("*.py")} - {"bitvit"}
+    assert parts == set(LAYERS)
+    for package in (p for p in SRC.iterdir() if (p / "__init__.py").exists()):
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
+        assert doc and "Layer" in doc and "May import" in doc, package.name
+
+
+def test_no_part_imports_a_higher_layer_or_a_peer():
+    upward = []
+    for module, imported in _graph().items():
+        part = _part(module)
+        for target in imported - {"bitvit"}:
+            other = _part(target)
+            if part != other and part != "bitvit" and not LAYERS[other] < LAYERS[part]:
+                upward.append(f"{module} -> {target}")
+    assert upward == []
+
+
+def test_the_root_package_is_imported_below_the_top_only_for_its_version():
+    for path in SRC.rglob("*.py"):
+        if _part(_module_name(path)) in ("bitvit", "cli", "__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "bitvit":
+                assert [a.name for a in node.names if a.name != "__version__"] == [] or all(
+                    (SRC / f"{a.name}.py").exists() for a in node.names), path
+
+
+def test_there_is_no_import_cycle_between_modules():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(module: str, stack: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module] - {"bitvit"}):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(target):], target]))
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
 
 
 def test_training_does_not_load_exports_or_engines():
-    """Loading run folders, checkpoints and exported files is bitvit.evaluate's job."""
-    assert not _imports(SRC / "train.py") & {"bitvit.export", "bitvit.engine"}
-    code = ("import sys, bitvit.train; "
-            "print(sorted(m for m in ('bitvit.export', 'bitvit.engine') if m in sys.modules))")
+    """Loading exported files and engines is bitvit.deploy's job, above training."""
+    code = ("import sys, bitvit.training.loop; "
+            "print(sorted(m for m in sys.modules if m.startswith(('bitvit.deploy', "
+            "'bitvit.studies'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -55,11 +126,11 @@ def test_the_command_line_parser_does_not_import_torch():
 
 def test_the_package_names_still_load_lazily():
     import bitvit
-    import bitvit.evaluate
-    import bitvit.train
+    import bitvit.deploy.evaluate
+    import bitvit.training.loop
 
     assert callable(bitvit.train) and bitvit.train.__name__ == "train"
-    assert callable(bitvit.evaluate) and bitvit.evaluate.__module__ == "bitvit.evaluate"
+    assert callable(bitvit.evaluate) and bitvit.evaluate.__module__ == "bitvit.deploy.evaluate"
     assert bitvit.VisionTransformer is VisionTransformer
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         bitvit.nothing  # noqa: B018
@@ -115,7 +186,7 @@ def test_act_bits_flag_reaches_the_config_as_a_number(monkeypatch, tmp_path):
     from bitvit import cli
 
     seen = {}
-    train_module = importlib.import_module("bitvit.train")  # bitvit.train is the function
+    train_module = importlib.import_module("bitvit.training.loop")
     monkeypatch.setattr(train_module, "train", lambda config, **kw: seen.setdefault("c", config))
     with pytest.raises(AttributeError):  # the fake train returns a config, not a RunResult
         cli.main(["train", "--quant", "sign", "--act-bits", "8", "--out", str(tmp_path / "r")])

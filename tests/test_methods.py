@@ -1,7 +1,7 @@
 """Every registered quantization method, end to end; and the method table's own checks.
 
-A method is one row of `bitvit.methods.METHOD_TABLE` (plain data) naming a quantizer of
-`bitvit.quant.QUANTIZERS`. Each row here goes through quantize_, a
+A method is one row of `bitvit.nn.methods.METHOD_TABLE` (plain data) naming a quantizer of
+`bitvit.nn.quant.QUANTIZERS`. Each row here goes through quantize_, a
 training step, export, load under both engines and the profile, so a row the rest of bitvit
 mishandles (wrong packing, scale shape or stored bits) fails here.
 """
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from bitvit.cli import main
-from bitvit.config import Config
-from bitvit.export import export_model, load
-from bitvit.methods import METHOD_TABLE, QuantMethod
-from bitvit.model import VisionTransformer
-from bitvit.profile import profile_model
-from bitvit.quant import METHODS, QUANTIZERS, BitLinear, check_table, quantize_
+from bitvit.deploy.export import export_model, load
+from bitvit.deploy.profile import profile_model
+from bitvit.nn.methods import METHOD_TABLE, QuantMethod
+from bitvit.nn.model import VisionTransformer
+from bitvit.nn.quant import METHODS, QUANTIZERS, BitLinear, check_table, quantize_
+from bitvit.training.config import Config
 
 CLASSES = ["a", "b", "c", "d"]
 # What each kind of code takes in the packed file (base3 for ternary, the export default) and

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from bitvit import VisionTransformer, ViTConfig
-from bitvit.model import PatchEmbed
+from bitvit.nn.model import PatchEmbed
 
 
 def test_patch_embed_flattens_patches_in_row_major_order():

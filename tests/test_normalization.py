@@ -16,11 +16,11 @@ from test_data import make_arrays, make_tar, write_binary, write_folder, write_p
 
 import bitvit.data as D
 from bitvit.cli import main
-from bitvit.config import Config, ConfigError, load_config
 from bitvit.data import CIFAR10_MEAN, CIFAR10_STD, DataConfig, DataError, load_data
 from bitvit.data import sources as data_sources
-from bitvit.export import ExportError, export_model
-from bitvit.sweep import SweepError, run_state
+from bitvit.deploy.export import ExportError, export_model
+from bitvit.studies.sweep import SweepError, run_state
+from bitvit.training.config import Config, ConfigError, load_config
 
 GRAY_CLASSES = ["dark", "light", "mid"]
 
@@ -168,7 +168,7 @@ def test_bad_values_are_one_line(tmp_path, capsys, override, message):
 
 
 def test_export_refuses_unresolved_statistics(tmp_path):
-    from bitvit.checkpoint import build_model
+    from bitvit.training.checkpoint import build_model
 
     config = load_config(None, ["model.dim=32", "model.depth=1", "model.heads=2"])
     with pytest.raises(ExportError, match="data.mean is 'auto'"):
@@ -205,7 +205,7 @@ def test_evaluate_resolves_a_checkpoint_saved_with_auto(tmp_path):
     """A checkpoint whose config says auto (saved from the Python API) evaluates with the
     statistics auto resolves to on its data."""
     import bitvit
-    from bitvit.checkpoint import build_model, save_model
+    from bitvit.training.checkpoint import build_model, save_model
 
     src, _ = gray_folder(tmp_path / "gray", per_class=4)
     config = load_config(None, [*TINY_GRAY, f"data.path={src}"])

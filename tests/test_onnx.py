@@ -1,9 +1,9 @@
-"""The ONNX export (`bitvit.onnx_export`, run by `bitvit.onnx_runtime`): every method's graph
-against bitvit's int engine, the per-token quantizer's codes against absmax_int8 (equal but at
-near ties), the per-tensor mode within a measured bound, the fp graph against torch, the
-token-major graph's few data moves, its q, k, v products against the whole qkv layer's, the
-cls-pooled last block's cls-only products, metadata, bad files, a missing onnxruntime, and the
-command line."""
+"""The ONNX export (`bitvit.deploy.onnx_export`, run by `bitvit.deploy.onnx_runtime`): every
+method's graph against bitvit's int engine, the per-token quantizer's codes against absmax_int8
+(equal but at near ties), the per-tensor mode within a measured bound, the fp graph against
+torch, the token-major graph's few data moves, its q, k, v products against the whole qkv
+layer's, the cls-pooled last block's cls-only products, metadata, bad files, a missing
+onnxruntime, and the command line."""
 
 from __future__ import annotations
 
@@ -17,25 +17,25 @@ import pytest
 import torch
 from torch import nn
 
-from bitvit.checkpoint import build_model, save_model
 from bitvit.cli import main
-from bitvit.config import Config, load_config
-from bitvit.engine import InferenceLinear, agreement, convert_for_inference
-from bitvit.export import ExportError, export_model, load, model_metadata
-from bitvit.methods import METHOD_TABLE
-from bitvit.quant import METHODS, BitLinear, absmax_codes, absmax_int8
+from bitvit.deploy.engine import InferenceLinear, agreement, convert_for_inference
+from bitvit.deploy.export import ExportError, export_model, load, model_metadata
+from bitvit.nn.methods import METHOD_TABLE
+from bitvit.nn.quant import METHODS, BitLinear, absmax_codes, absmax_int8
+from bitvit.training.checkpoint import build_model, save_model
+from bitvit.training.config import Config, load_config
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from bitvit.onnx_export import (  # noqa: E402 - after the skip: needs onnx
+from bitvit.deploy.onnx_export import (  # noqa: E402 - after the skip: needs onnx
     _Graph,
     _linear,
     _linears,
     export_onnx,
     to_onnx,
 )
-from bitvit.onnx_runtime import OrtModel, load_onnx, metadata_of  # noqa: E402
+from bitvit.deploy.onnx_runtime import OrtModel, load_onnx, metadata_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c", "d"]
@@ -494,7 +494,7 @@ TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
 
 
 def test_cli_export_eval_predict_on_a_trained_run(real_env, tmp_path, capsys):
-    from bitvit.train import train
+    from bitvit.training.loop import train
 
     run = tmp_path / "run"
     train(load_config(ROOT / "configs/paper.yaml", TINY), out=run, quiet=True)

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from bitvit.checkpoint import build_model, save_model
 from bitvit.cli import main
-from bitvit.config import Config
 from bitvit.data import DataConfig
-from bitvit.model import VisionTransformer, ViTConfig
-from bitvit.profile import ENERGY_PJ, SUMMED, profile_model
-from bitvit.profile_sources import load_for_profile
-from bitvit.quant import QuantConfig, quantize_
+from bitvit.deploy.profile import ENERGY_PJ, SUMMED, profile_model
+from bitvit.deploy.profile_sources import load_for_profile
+from bitvit.nn.model import VisionTransformer, ViTConfig
+from bitvit.nn.quant import QuantConfig, quantize_
+from bitvit.training.checkpoint import build_model, save_model
+from bitvit.training.config import Config
 
 # depth 1, dim 8, patch 16 on 32x32: 4 patches + cls = 5 tokens.
 TINY = ViTConfig(image_size=32, patch_size=16, dim=8, depth=1, heads=2, mlp_ratio=4.0,
@@ -217,7 +217,7 @@ def test_bytes_held_by_the_module_as_loaded():
 
 @pytest.mark.parametrize("float_dtype", ["fp16", "fp32"])
 def test_profile_of_an_export_matches_the_file(tmp_path, capsys, float_dtype):
-    export = pytest.importorskip("bitvit.export")
+    export = pytest.importorskip("bitvit.deploy.export")
     from safetensors import safe_open
 
     config = Config(model=TINY, quant=QuantConfig(method="b158"), data=NUMBERS)

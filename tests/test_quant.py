@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitvit import BitLinear, VisionTransformer, ViTConfig, quantize_, quantize_weights
-from bitvit.quant import EPS, METHODS, absmax_int8, quantize_activations
+from bitvit.nn.quant import EPS, METHODS, absmax_int8, quantize_activations
 
 
 def _b158_with_exact_ties() -> torch.Tensor:

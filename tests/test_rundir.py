@@ -21,10 +21,11 @@ import yaml
 from PIL import Image
 from safetensors import SafetensorError
 
-import bitvit.checkpoint
-import bitvit.export
-from bitvit import rundir
+import bitvit.deploy.export
+import bitvit.training.checkpoint
+from bitvit import files
 from bitvit.cli import main
+from bitvit.training import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = str(ROOT / "configs/paper.yaml")
@@ -102,7 +103,7 @@ HELD_TRAIN = """
 import sys, time
 from pathlib import Path
 import importlib
-t = importlib.import_module("bitvit.train")  # bitvit.train is also the function
+t = importlib.import_module("bitvit.training.loop")
 real, go = t.plot_curves, Path(sys.argv[1])
 def plot_curves(*a, **k):
     real(*a, **k)
@@ -152,7 +153,7 @@ def test_a_second_training_into_a_locked_folder_is_refused_at_once(images, refer
 
 def test_rerun_after_a_kill_in_the_first_checkpoint_starts_again(images, reference, tmp_path,
                                                                   monkeypatch, capsys):
-    train_module = importlib.import_module("bitvit.train")  # bitvit.train is also the function
+    train_module = importlib.import_module("bitvit.training.loop")
     run = tmp_path / "run"
     real_swap = train_module.swap_folder
 
@@ -192,7 +193,7 @@ def write_sweep(path: Path, images: Path, out: Path, seeds: list[int]) -> Path:
 
 def test_sweep_resumes_a_folder_left_with_only_last_old(images, reference, tmp_path,
                                                         monkeypatch, capsys):
-    train_module = importlib.import_module("bitvit.train")  # bitvit.train is also the function
+    train_module = importlib.import_module("bitvit.training.loop")
     sweep = write_sweep(tmp_path / "s.yaml", images, tmp_path / "out", [0])
     run = tmp_path / "out/seed=0"
     real_swap = train_module.swap_folder
@@ -249,7 +250,7 @@ def test_sweep_moves_a_folder_it_restarts_aside(images, reference, tmp_path, cap
 
 def test_disk_full_at_epoch_2_checkpoint(images, reference, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real_save, calls = bitvit.checkpoint.save_file, []
+    real_save, calls = bitvit.training.checkpoint.save_file, []
 
     def save_file(tensors, path, metadata=None):
         calls.append(path)
@@ -258,7 +259,7 @@ def test_disk_full_at_epoch_2_checkpoint(images, reference, tmp_path, monkeypatc
             raise SafetensorError(ENOSPC)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(bitvit.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(bitvit.training.checkpoint, "save_file", save_file)
     err = one_line_error(capsys, train_args(images, run))
     assert err == f"bitvit train: error: {run}/last/model.safetensors: No space left on device"
     check_failed_run_resumes(run, reference, "No space left on device", monkeypatch, capsys)
@@ -266,7 +267,7 @@ def test_disk_full_at_epoch_2_checkpoint(images, reference, tmp_path, monkeypatc
 
 def test_read_only_folder_at_epoch_2(images, reference, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real_write, calls = rundir.write_file, []
+    real_write, calls = files.write_file, []
 
     def write_file(path, write):
         if path.name.startswith(".metrics.csv."):  # its temporary
@@ -275,7 +276,7 @@ def test_read_only_folder_at_epoch_2(images, reference, tmp_path, monkeypatch, c
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         real_write(path, write)
 
-    monkeypatch.setattr(rundir, "write_file", write_file)
+    monkeypatch.setattr(files, "write_file", write_file)
     err = one_line_error(capsys, train_args(images, run))
     assert err == f"bitvit train: error: {run}/metrics.csv: Read-only file system"
     check_failed_run_resumes(run, reference, "Read-only file system", monkeypatch, capsys)
@@ -298,7 +299,7 @@ def test_export_onto_a_full_disk(reference, tmp_path, monkeypatch, capsys):
         Path(path).write_bytes(b"half a file")
         raise SafetensorError(ENOSPC)
 
-    monkeypatch.setattr(bitvit.export, "save_file", save_file)
+    monkeypatch.setattr(bitvit.deploy.export, "save_file", save_file)
     out = tmp_path / "exported/model.safetensors"
     err = one_line_error(capsys, ["export", str(reference), "--out", str(out)])
     assert err == f"bitvit export: error: {out}: No space left on device"

@@ -12,8 +12,9 @@ from scipy import stats
 from test_studies import fake_run
 
 from bitvit.cli import main
-from bitvit.report import compare, compare_groups, group_runs, load_run, verdict_text
-from bitvit.stats import (
+from bitvit.studies.report import compare, compare_groups, verdict_text
+from bitvit.studies.runs import group_runs, load_run
+from bitvit.studies.stats import (
     Difference,
     adjust_holm,
     holm,
@@ -22,7 +23,7 @@ from bitvit.stats import (
     turning_point,
     welch_difference,
 )
-from bitvit.train import (
+from bitvit.training.loop import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
     VAL_COLUMNS,

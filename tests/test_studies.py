@@ -18,20 +18,17 @@ import yaml
 from scipy import stats
 
 from bitvit.cli import main
-from bitvit.config import load_config, save_config
-from bitvit.figures import plot_dots, plot_groups
-from bitvit.report import (
+from bitvit.studies.figures import plot_dots, plot_groups
+from bitvit.studies.report import (
     compare,
     compare_groups,
     compare_markdown,
-    find_run_dirs,
-    group_runs,
-    load_run,
     write_report,
 )
-from bitvit.schedule import SMALL_FILES, _train_in_process, run_sweep
-from bitvit.stats import summarize, welch_difference
-from bitvit.sweep import (
+from bitvit.studies.runs import find_run_dirs, group_runs, load_run
+from bitvit.studies.schedule import SMALL_FILES, _train_in_process, run_sweep
+from bitvit.studies.stats import summarize, welch_difference
+from bitvit.studies.sweep import (
     RUNS_ROOT_ENV,
     SweepError,
     load_sweep,
@@ -39,7 +36,8 @@ from bitvit.sweep import (
     run_name,
     sweep_config,
 )
-from bitvit.train import METRIC_COLUMNS, write_metrics
+from bitvit.training.config import load_config, save_config
+from bitvit.training.loop import METRIC_COLUMNS, write_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = str(ROOT / "configs/paper.yaml")
@@ -135,7 +133,7 @@ def fake_train(monkeypatch):
                            f"train.seed={config.train.seed}"], [0.5] * config.train.epochs)
 
     # bitvit.train is also the name of the function in the package, so patch the module itself.
-    monkeypatch.setattr(importlib.import_module("bitvit.train"), "train", train)
+    monkeypatch.setattr(importlib.import_module("bitvit.training.loop"), "train", train)
     return calls
 
 
@@ -170,7 +168,7 @@ def test_sweep_skips_finished_resumes_interrupted_restarts_the_rest(tmp_path, fa
     assert (out / "commands.txt").read_text() == "bitvit sweep s.yaml\n"
     # A line that records the same command with environment settings counts as recorded.
     (out / "commands.txt").write_text("# note\nOMP_NUM_THREADS=1 bitvit sweep s.yaml\n")
-    from bitvit.schedule import _record_sweep
+    from bitvit.studies.schedule import _record_sweep
     _record_sweep(sweep, ["bitvit", "sweep", "s.yaml"])
     assert (out / "commands.txt").read_text() == "# note\nOMP_NUM_THREADS=1 bitvit sweep s.yaml\n"
     _record_sweep(sweep, ["bitvit", "sweep", "s.yaml", "--parallel", "2"])
@@ -470,7 +468,8 @@ print("trained", run_dir)
 def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeypatch):
     script = tmp_path / "fake_cli.py"
     script.write_text(FAKE_CLI.format(tests=str(ROOT / "tests")))
-    monkeypatch.setattr("bitvit.schedule._python_bitvit", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr("bitvit.studies.schedule._python_bitvit",
+                        lambda: [sys.executable, str(script)])
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
                                    grid={"train.seed": [0, 1, 2]}))
     with pytest.raises(SweepError, match="1 run\\(s\\) failed: seed=1"):
@@ -559,7 +558,8 @@ def test_parallel_and_one_at_a_time_sweeps_run_the_same_commands(tmp_path, monke
     log = tmp_path / "argv.jsonl"
     script = tmp_path / "recording_cli.py"
     script.write_text(RECORDING_CLI.format(tests=str(ROOT / "tests"), log=str(log)))
-    monkeypatch.setattr("bitvit.schedule._python_bitvit", lambda: [sys.executable, str(script)])
+    monkeypatch.setattr("bitvit.studies.schedule._python_bitvit",
+                        lambda: [sys.executable, str(script)])
     run_sweep(sweep, extra, parallel=2, log=lambda *_: None)
     in_subprocesses = sorted(json.loads(line) for line in log.read_text().splitlines())
 
@@ -602,7 +602,7 @@ def test_the_figure_says_device_and_budget(tmp_path, monkeypatch):
 
     # `bitvit compare --out` (no title) draws it too, with the budget it is given.
     figures = []
-    monkeypatch.setattr("bitvit.report.plot_groups",
+    monkeypatch.setattr("bitvit.studies.report.plot_groups",
                         lambda *a, **k: figures.append(plot_groups(*a, **k)))
     assert main(["compare", str(study), "--out", str(tmp_path / "cmp"), "--full-epochs", "15"]
                 ) == 0

@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
 from bitvit.cli import main as cli_main
-from bitvit.config import ConfigError, load_config
 from bitvit.data import DataError, balanced_subset, load_data
-from bitvit.evaluate import evaluate_model
-from bitvit.train import (
+from bitvit.training.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
+from bitvit.training.config import ConfigError, load_config
+from bitvit.training.evaluation import evaluate_model
+from bitvit.training.loop import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
     TrainingError,
@@ -155,14 +155,14 @@ def test_init_from_full_precision_checkpoint(real_env, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_state(real_env, tmp_path, monkeypatch):
     import importlib
 
-    import bitvit.checkpoint
+    import bitvit.training.checkpoint
 
-    train_module = importlib.import_module("bitvit.train")  # bitvit.train is also the function
+    train_module = importlib.import_module("bitvit.training.loop")
 
     calls = {"n": 0}
 
     def poisoned(config):
-        model = bitvit.checkpoint.build_model(config)
+        model = bitvit.training.checkpoint.build_model(config)
         forward = model.forward
 
         def forward_with_nan(x):  # counts training steps only (10 per epoch)
@@ -281,7 +281,7 @@ def test_train_eval_columns_are_the_model_in_eval_mode_on_a_fixed_train_subset(
 
 def test_a_run_folder_from_before_the_train_eval_columns_resumes_with_its_columns(
         real_env, tmp_path):
-    from bitvit.train import read_metrics, write_metrics
+    from bitvit.training.loop import read_metrics, write_metrics
 
     run = tmp_path / "run"
     train(tiny("train.epochs=1", limit_train=200), out=run, quiet=True)
@@ -303,7 +303,7 @@ class Killed(BaseException):
 def _train_module():
     import importlib
 
-    return importlib.import_module("bitvit.train")  # bitvit.train is also the function
+    return importlib.import_module("bitvit.training.loop")
 
 
 def _rows_without_seconds(run: Path) -> list[dict[str, str]]:

@@ -9,14 +9,14 @@ import sys
 from typing import TYPE_CHECKING
 
 from bitvit import __version__
-from bitvit.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES
+from bitvit.nn.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from bitvit.export import ExportedModel
+    from bitvit.deploy.export import ExportedModel
 
-ENGINE_NAMES = ("int", "fp", "ort")  # bitvit.engine.ENGINES and ONNX Runtime (.onnx files)
+ENGINE_NAMES = ("int", "fp", "ort")  # bitvit.deploy.engine.ENGINES and ONNX Runtime (.onnx files)
 
 # Nothing here imports torch at module level: --help and --version answer at once, and each
 # subcommand imports what it needs when it runs.
@@ -27,14 +27,14 @@ class CliError(Exception):
 
 
 def _one_line_errors() -> tuple[type[BaseException], ...]:
-    from bitvit.checkpoint import CheckpointError
-    from bitvit.config import ConfigError
     from bitvit.data import DataError
-    from bitvit.export import ExportError
-    from bitvit.profile_sources import ProfileError
-    from bitvit.rundir import RunBusyError
-    from bitvit.sweep import SweepError
-    from bitvit.train import TrainingError
+    from bitvit.deploy.export import ExportError
+    from bitvit.deploy.profile_sources import ProfileError
+    from bitvit.studies.sweep import SweepError
+    from bitvit.training.checkpoint import CheckpointError
+    from bitvit.training.config import ConfigError
+    from bitvit.training.loop import TrainingError
+    from bitvit.training.rundir import RunBusyError
 
     return (CliError, CheckpointError, ConfigError, DataError, ExportError, ProfileError,
             RunBusyError, SweepError, TrainingError)
@@ -89,8 +89,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bitvit.config import load_config
-    from bitvit.train import config_for_resume, train
+    from bitvit.training.config import load_config
+    from bitvit.training.loop import config_for_resume, train
 
     if args.resume:
         given = [flag for dest, flag, default in args.resume_refuses
@@ -133,7 +133,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bitvit.evaluate import evaluate
+    from bitvit.deploy.evaluate import evaluate
 
     print(json.dumps(evaluate(args.model, data=args.data, best=args.best,
                               limit_test=args.limit_test, engine=args.engine,
@@ -171,8 +171,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from bitvit.checkpoint import CheckpointError, resolve_checkpoint
-    from bitvit.export import export_checkpoint
+    from bitvit.deploy.export import export_checkpoint
+    from bitvit.training.checkpoint import CheckpointError, resolve_checkpoint
 
     src = resolve_checkpoint(args.src, args.best)
     if args.format == "onnx":
@@ -194,9 +194,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_export_onnx(args: argparse.Namespace, src: Path) -> int:
-    from bitvit.checkpoint import CheckpointError
-    from bitvit.export import ExportError
-    from bitvit.onnx_export import export_onnx
+    from bitvit.deploy.export import ExportError
+    from bitvit.deploy.onnx_export import export_onnx
+    from bitvit.training.checkpoint import CheckpointError
 
     given = [flag for flag, on in (("--packing", args.packing != "base3"),
                                    ("--float-dtype", args.float_dtype != "fp16")) if on]
@@ -242,7 +242,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from bitvit.export import image_files
+    from bitvit.deploy.export import image_files
 
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
@@ -263,9 +263,9 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _load_for_inference(args: argparse.Namespace) -> ExportedModel:
     """An exported model for predict: a safetensors export on --engine int/fp, or an .onnx
     file on ONNX Runtime (--engine ort, chosen by default for .onnx)."""
-    from bitvit.config import resolve_device
-    from bitvit.export import load
-    from bitvit.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
+    from bitvit.deploy.export import load
+    from bitvit.deploy.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
+    from bitvit.training.config import resolve_device
 
     engine = resolve_engine(args.model, args.engine)
     if engine != ENGINE_ORT:
@@ -310,8 +310,8 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from bitvit.profile import profile_model
-    from bitvit.profile_sources import load_for_profile
+    from bitvit.deploy.profile import profile_model
+    from bitvit.deploy.profile_sources import load_for_profile
 
     src = load_for_profile(args.source, args.overrides, args.quant, args.where, args.act_bits,
                            args.best)
@@ -329,7 +329,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep", help="train every run of a sweep file (finished runs skipped, others resumed)",
         description="Train one run folder per point of a sweep file's grid (see "
-        "bitvit.sweep for the schema). Finished runs are skipped, runs with a last/ "
+        "bitvit.studies.sweep for the schema). Finished runs are skipped, runs with a last/ "
         "checkpoint resumed, others restarted: stop and restart a sweep at will. Run it from "
         "the repository root (paths in sweep files are relative to the working directory).")
     p.add_argument("sweep", metavar="SWEEP.yaml")
@@ -347,8 +347,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from bitvit.schedule import run_sweep, sync_results
-    from bitvit.sweep import load_sweep
+    from bitvit.studies.schedule import run_sweep, sync_results
+    from bitvit.studies.sweep import load_sweep
 
     if args.parallel < 1:
         raise CliError(f"--parallel {args.parallel}: expected 1 or more")
@@ -391,7 +391,7 @@ def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from bitvit.report import compare
+    from bitvit.studies.report import compare
 
     _, text = compare(args.runs, out=args.out, margin=args.margin, loss_margin=args.loss_margin,
                       include_unfinished=args.include_unfinished, full_epochs=args.full_epochs,
@@ -416,7 +416,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from bitvit.report import write_report
+    from bitvit.studies.report import write_report
 
     print(write_report(args.results, args.studies, args.margin, args.loss_margin, args.last_k))
     return 0
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitvit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only, no permission: the file and the reason
-        from bitvit.rundir import describe
+        from bitvit.files import describe
 
         print(f"bitvit {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ One job per module: ``base`` (config section, image sets, constants), ``download
 fetching the data), ``tree`` (a folder or archive as files), ``cifar`` and ``folder`` (the
 readers), ``sources`` (form detection, decoding, the cache and ``auto`` statistics), ``cache``,
 ``normalization``, ``augment``, ``subsets`` and ``load`` (`load_data`).
+
+Layer 1, beside `bitvit.nn`. May import `bitvit.files` only.
 """
 
 from bitvit.data.augment import augment
@@ -39,7 +41,7 @@ from bitvit.data.base import (
     Stats,
 )
 from bitvit.data.cifar import safe_unpickle
-from bitvit.data.download import download_cifar10, find_data, resolve_cache_dir
+from bitvit.data.download import download_cifar10, find_data
 from bitvit.data.folder import fit_image
 from bitvit.data.load import load_data
 from bitvit.data.normalization import channel_statistics, check_normalization, normalize
@@ -51,5 +53,5 @@ __all__ = [
     "OFFICIAL_MD5", "OFFICIAL_URL", "DataConfig", "DataError", "DataSplits", "ImageSet", "Stats",
     "_balanced_indices", "augment", "balanced_subset", "channel_statistics", "check_normalization",
     "download_cifar10", "find_data", "fit_image", "is_cifar10", "load_data", "normalize",
-    "read_images", "resolve_cache_dir", "safe_unpickle", "split_validation",
+    "read_images", "safe_unpickle", "split_validation",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from bitvit.data.base import ImageSet, Stats
 from bitvit.data.normalization import check_normalization
-from bitvit.rundir import atomic_file
+from bitvit.files import atomic_file
 
 log = logging.getLogger("bitvit.data")
 

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from bitvit.data.base import DEFAULT_DATA, OFFICIAL_MD5, OFFICIAL_URL, DataError, _file_digest
+from bitvit.files import resolve_cache_dir
 
 log = logging.getLogger("bitvit.data")
 
@@ -34,14 +35,6 @@ def find_data(path: str | None) -> Path:
         return DEFAULT_DATA
     raise DataError("no data found: pass --data PATH (CIFAR-10 tarball or folder, or an image "
                     "folder with train/ and test/), set BITVIT_DATA, or pass --download")
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, then $BITVIT_CACHE, then ~/.cache/bitvit."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("BITVIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "bitvit"
 
 
 def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None = None,

@@ -21,7 +21,7 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
     ``mean``/``std`` of the result are ``cfg``'s with ``auto`` resolved from the full training
     split of the source (before any subset), computed once and cached.
     """
-    # The keys' ranges are checked when the config loads (bitvit.config); what remains here
+    # The keys' ranges are checked when the config loads (bitvit.training.config); what remains here
     # depends on the arguments (channels) or on the data (val_size against its size).
     check_normalization(cfg.mean, cfg.std, channels)
 

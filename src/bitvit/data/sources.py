@@ -23,11 +23,11 @@ from bitvit.data.base import (
 )
 from bitvit.data.cache import _load_cache, _load_stats, _save_cache, _save_stats
 from bitvit.data.cifar import _binary_classes, _python_classes, _read_binary, _read_python
-from bitvit.data.download import resolve_cache_dir
 from bitvit.data.folder import _list_split, _read_folder
 from bitvit.data.normalization import channel_statistics
 from bitvit.data.subsets import balanced_subset
 from bitvit.data.tree import _open_source, _parent, _read_tar, _Tree
+from bitvit.files import resolve_cache_dir
 
 log = logging.getLogger("bitvit.data")
 

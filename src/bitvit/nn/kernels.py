@@ -8,7 +8,7 @@ Three kernels compute the same, exact, integers:
   slower than fp32: it calls oneDNN only where cpuinfo reports AVX512-VNNI, a hardware check
   that the ISA-capping env vars (`ISA_ENV`) do not reach, so they cannot emulate that slowness.
 - ``"fp32"``: the codes as floats through the fp32 matmul (BLAS). Exact too: an activation code
-  has ``|q| <= 127`` (`bitvit.quant.absmax_int8`; 1 for sign activations), a weight code
+  has ``|q| <= 127`` (`bitvit.nn.quant.absmax_int8`; 1 for sign activations), a weight code
   ``|w| <= 1``, so every product and every partial sum, in any order, is an integer of magnitude
   at most ``K * 127 < 2**24`` for ``K <= MAX_EXACT_K`` (132,104), and fp32 holds those exactly.
   Even a reduced-precision fp32 matmul (TF32, or bf16 on AMX) holds |q| <= 127 exactly.
@@ -27,7 +27,7 @@ Three kernels compute the same, exact, integers:
 verdict is cached per machine in ``kernels.json`` in the bitvit cache folder (``$BITVIT_CACHE``,
 else ``~/.cache/bitvit``), keyed by CPU model, ISA (`isa_summary`), torch version and thread
 count. `int_matmul` runs a kernel; its int32 or fp32 result gives identical values in
-`bitvit.quant.rescale`.
+`bitvit.nn.quant.rescale`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-log = logging.getLogger("bitvit.kernels")
+log = logging.getLogger("bitvit.nn.kernels")
 
 KERNELS = ("int8", "fp32", "u8s8")
 KERNEL_ENV = "BITVIT_INT_KERNEL"
@@ -118,7 +118,7 @@ def _check_exact_k(k: int, kernel: str) -> None:
 def fp32_mm(q: Tensor, codes_t: Tensor) -> Tensor:
     """The same integers as `int_mm`, through the fp32 matmul: (M, K) @ (K, N) -> fp32.
 
-    ``q`` and ``codes_t`` may already be integer-valued fp32 (`bitvit.quant.absmax_codes`, a
+    ``q`` and ``codes_t`` may already be integer-valued fp32 (`bitvit.nn.quant.absmax_codes`, a
     layer's cached float codes): no casts then. Exact for weight codes in
     {-1, 0, 1}, ``|q| <= 127`` and ``K <= MAX_EXACT_K`` (see the module docstring).
     """
@@ -402,7 +402,7 @@ def _decide(device_type: str) -> KernelChoice:
 
 
 def cache_path() -> Path:
-    from bitvit.data.download import resolve_cache_dir  # lazy: the data package is heavy
+    from bitvit.files import resolve_cache_dir
 
     return resolve_cache_dir() / CACHE_FILE
 
@@ -436,7 +436,7 @@ def _valid_entry(entry: Any) -> bool:
 
 
 def _benchmarked_choice(isa: str) -> KernelChoice:
-    from bitvit.rundir import write_text  # lazy: only a measurement writes
+    from bitvit.files import write_text
 
     path = cache_path()
     key = _cache_key(isa)

@@ -1,6 +1,6 @@
-"""Evaluate a model on test data: from a run folder, a checkpoint, an exported file, or a module
-in memory. Training imports only `predict_logits`; the loaders (checkpoint, export, engine) are
-this module's business.
+"""`bitvit.evaluate`: a model on its test data, from a run folder, a checkpoint, an exported
+file, or a module in memory. Loading (checkpoint, export, engine) is this module's business; the
+metrics themselves are `bitvit.training.evaluation`'s, which training uses every epoch.
 """
 
 from __future__ import annotations
@@ -10,25 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bitvit.checkpoint import load_checkpoint
-from bitvit.config import resolve_device
 from bitvit.data import DataError, ImageSet, load_data, normalize
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...],
-                   std: tuple[float, ...], batch_size: int = 500,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logits (on CPU) for uint8 images (N, C, H, W), normalized with the given mean and std."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), mean, std)
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+from bitvit.training.checkpoint import load_checkpoint
+from bitvit.training.config import resolve_device
+from bitvit.training.evaluation import evaluate_model
 
 
 def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None = None,
@@ -43,8 +30,8 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     `bitvit.load` and ``engine``, ``compile``); these load on ``device`` (auto: cuda if
     available). An ``.onnx`` export runs on ONNX Runtime (``engine`` None or ``"ort"``; CPU);
     ``engine`` None means int for safetensors exports, ort for .onnx files. It may also be a
-    model in memory: an `ExportedModel` (or `bitvit.onnx_runtime.OrtModel`), or any module given
-    with ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
+    model in memory: an `ExportedModel` (or `bitvit.deploy.onnx_runtime.OrtModel`), or any
+    module given with ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
 
     ``data`` is None (the model's own ``data.path``), a data file or folder (its test split;
     ``limit_test``: a class-balanced subset, by default the run's own), or an `ImageSet` used as
@@ -55,13 +42,13 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     accuracy}, "confusion_matrix": rows = true class, columns = predicted}``. Bad inputs raise
     one-line `CheckpointError`, `ExportError`, `DataError` or `ConfigError`.
     """
-    from bitvit.engine import compile_model
-    from bitvit.export import ExportedModel, ExportError, is_export, load
+    from bitvit.deploy.engine import compile_model
+    from bitvit.deploy.export import ExportedModel, ExportError, is_export, load
 
     config, classes, path = None, None, None
     if isinstance(source, (str, Path)):
         dev = resolve_device(device, "device") if isinstance(device, str) else device
-        from bitvit.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
+        from bitvit.deploy.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
 
         if resolve_engine(source, engine) == ENGINE_ORT:
             given = [name for name, on in (("best (--best)", best),
@@ -128,25 +115,3 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
         model = compile_model(model.eval(), example)
     return {"model": None if path is None else str(path),
             **evaluate_model(model, test, mean, std, batch_size, dev)}
-
-
-def evaluate_model(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
-                   std: tuple[float, ...], batch_size: int = 500,
-                   device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix (rows: true class) of a model
-    already on ``device`` on a data set; `evaluate` takes paths and does the loading."""
-    logits = predict_logits(model, data.images, mean, std, batch_size, device)
-    labels = data.labels.cpu()
-    pred = logits.argmax(dim=1)
-    k = len(data.classes)
-    confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
-    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
-    return {
-        "n": len(labels),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (pred == labels).float().mean().item(),
-        "per_class_accuracy": dict(zip(data.classes, per_class.tolist(), strict=True)),
-        "confusion_matrix": confusion.tolist(),
-    }
-
-

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any
 
-from bitvit import rundir
-from bitvit.sweep import (
+from bitvit import files
+from bitvit.studies.sweep import (
     COMMANDS_FILE,
     SWEEP_COPY,
     PlannedRun,
@@ -24,6 +24,7 @@ from bitvit.sweep import (
     run_state,
     train_command,
 )
+from bitvit.training import rundir
 
 # With ``runs_root``, what a sweep copies from each run folder into ``out`` (never weights).
 SMALL_FILES = (rundir.METRICS, rundir.CONFIG, rundir.RUN_JSON, rundir.CURVES)
@@ -43,13 +44,13 @@ def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
     copy = sweep.out / SWEEP_COPY
     text = f"# copied from {sweep.path} by bitvit sweep\n" + sweep.path.read_text()
     if not copy.exists() or copy.read_text() != text:
-        rundir.write_text(copy, text)
+        files.write_text(copy, text)
     if argv:
         line = shlex.join(argv)
         log = sweep.out / COMMANDS_FILE
         seen = log.read_text().splitlines() if log.exists() else []
         if line not in {_without_env(s) for s in seen}:
-            rundir.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
+            files.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
 
 
 def sync_results(sweep: Sweep) -> list[str]:
@@ -69,7 +70,7 @@ def sync_results(sweep: Sweep) -> list[str]:
         for f in files:
             data = (src / f).read_bytes()
             if not (dst / f).is_file() or (dst / f).read_bytes() != data:
-                rundir.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
+                files.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
         copied.append(name)
     return copied
 
@@ -103,7 +104,7 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
         return plan
     _record_sweep(sweep, argv)
     if parallel <= 1:
-        from bitvit.train import TrainingError
+        from bitvit.training.loop import TrainingError
 
         failed = []
         for r in todo:
@@ -146,7 +147,7 @@ def _claim(r: PlannedRun, sweep: Sweep, extra: list[str] | None, log: Any) -> bo
 
 def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any,
                       extra: list[str] | None = None) -> None:
-    from bitvit.train import train
+    from bitvit.training.loop import train
 
     with contextlib.ExitStack() as stack:
         if _lock(r, stack, log) is None or not _claim(r, sweep, extra, log):

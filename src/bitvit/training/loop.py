@@ -26,8 +26,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bitvit import rundir
-from bitvit.checkpoint import (  # noqa: F401 - STATE_KEYS: importable from here, as it was
+from bitvit import files
+from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
+from bitvit.nn.methods import FULL_PRECISION
+from bitvit.nn.model import VisionTransformer
+from bitvit.training import rundir
+from bitvit.training.checkpoint import (  # noqa: F401 - STATE_KEYS: importable from here, as it was
     STATE_KEYS,
     CheckpointError,
     build_model,
@@ -37,12 +41,9 @@ from bitvit.checkpoint import (  # noqa: F401 - STATE_KEYS: importable from here
     save_training_checkpoint,
     training_state,
 )
-from bitvit.config import Config, ConfigError, load_config, resolve_device, save_config
-from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
-from bitvit.evaluate import predict_logits
-from bitvit.methods import FULL_PRECISION
-from bitvit.model import VisionTransformer
-from bitvit.rundir import (  # noqa: F401 - read_metrics: importable from here, as it was
+from bitvit.training.config import Config, ConfigError, load_config, resolve_device, save_config
+from bitvit.training.evaluation import predict_logits
+from bitvit.training.rundir import (  # noqa: F401 - read_metrics: importable from here, as it was
     read_metrics,
     swap_folder,
     write_metrics,
@@ -152,7 +153,7 @@ def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        rundir.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        files.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
 
@@ -387,7 +388,7 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
         run_info["error"] = str(e)
         raise
     except OSError as e:  # disk full, read-only: the write that failed left last/ as it was
-        run_info["error"] = rundir.describe(e)
+        run_info["error"] = files.describe(e)
         raise
     finally:
         if writer:

@@ -17,11 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bitvit import rundir
-from bitvit.config import Config, ConfigError
-from bitvit.model import VisionTransformer
-from bitvit.quant import quantize_
-from bitvit.rundir import MODEL_FILE, STATE_FILE, checkpoint_folder, displaced  # noqa: F401
+from bitvit import files
+from bitvit.nn.model import VisionTransformer
+from bitvit.nn.quant import quantize_
+from bitvit.training.config import Config, ConfigError
+from bitvit.training.rundir import MODEL_FILE, STATE_FILE, checkpoint_folder, displaced  # noqa: F401
 
 CHECKPOINT_FORMAT = "bitvit-checkpoint"
 STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
@@ -164,8 +164,8 @@ def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
 def save_training_checkpoint(folder: Path, model: nn.Module, config: Config,
                              classes: list[str], state: dict[str, Any]) -> None:
     """Write a checkpoint folder: the model file and the training state."""
-    rundir.write_file(folder / MODEL_FILE, lambda p: save_model(p, model, config, classes))
-    rundir.write_file(folder / STATE_FILE, lambda p: _torch_save(state, p))
+    files.write_file(folder / MODEL_FILE, lambda p: save_model(p, model, config, classes))
+    files.write_file(folder / STATE_FILE, lambda p: _torch_save(state, p))
 
 
 def _torch_save(obj: Any, path: Path) -> None:

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitvit.config import Config
-from bitvit.kernels import PackedCodes, check_kernel, choose_kernel
-from bitvit.methods import CODES_PER_BYTE, FULL_PRECISION, METHOD_TABLE
-from bitvit.model import ViTConfig
-from bitvit.quant import quantize_weights
+from bitvit.nn.kernels import PackedCodes, check_kernel, choose_kernel
+from bitvit.nn.methods import CODES_PER_BYTE, FULL_PRECISION, METHOD_TABLE
+from bitvit.nn.model import ViTConfig
+from bitvit.nn.quant import quantize_weights
+from bitvit.training.config import Config
 
 # Energy per arithmetic operation in pJ. 45 nm: Horowitz, ISSCC 2014; 7 nm: as tabulated in the
 # BitNet papers (Wang et al., 2023, Table 2; Ma et al., 2024). See ENERGY_SOURCE.
@@ -49,7 +49,7 @@ ENERGY_SOURCE = (
 FLOAT_PRECISIONS = ("fp32", "fp16")
 
 # The choices for ternary codes in a packed file: 5 trits per byte (3^5 = 243 <= 256) or 4
-# two-bit codes per byte (binary codes take 8 per byte; see bitvit.methods.CODES_PER_BYTE).
+# two-bit codes per byte (binary codes take 8 per byte; see bitvit.nn.methods.CODES_PER_BYTE).
 TERNARY_PACKINGS = {"base3": 5, "2bit": 4}
 # Float tensors (unquantized layers, biases, norms, embeddings) in the packed export, by
 # `bitvit export --float-dtype`; an exported file records its own, a config is profiled as
@@ -58,8 +58,9 @@ PACKED_FLOAT_BYTES = {"fp16": 2, "fp32": 4}
 DEFAULT_PACKED_FLOAT_DTYPE = "fp16"
 PACKED_SCALE_BYTES = 4  # fp32 weight scales
 # Packed codes are unpacked to int8 at load and held once, in the integer kernel's layout
-# (bitvit.engine.InferenceLinear); under the fp32 integer kernel (bitvit.kernels) a layer with
-# quantized activations also caches them as fp32, under u8s8 prepacked (int8, oneDNN's layout).
+# (bitvit.deploy.engine.InferenceLinear); under the fp32 integer kernel (bitvit.nn.kernels) a
+# layer with quantized activations also caches them as fp32, under u8s8 prepacked (int8,
+# oneDNN's layout).
 RESIDENT_CODE_BYTES = 1
 KERNEL_CODE_BYTES = {"fp32": 4, "u8s8": 1}
 
@@ -109,7 +110,7 @@ class Profile:
     source: str = ""
     assumptions: list[str] = field(default_factory=list)
     packed_float_dtype: str = DEFAULT_PACKED_FLOAT_DTYPE  # float tensors in the packed file
-    int_kernel: str = "int8"  # the integer product's kernel (bitvit.kernels) resident bytes assume
+    int_kernel: str = "int8"  # the integer kernel (bitvit.nn.kernels) resident bytes assume
     int_kernel_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def profile_model(
     file stores its float tensors, ``fp16`` or ``fp32`` (an export's own: `ProfileSource`'s
     ``float_dtype``); None: fp16, the export default. Zero weights are counted from the
     layer's actual codes, so they are only as meaningful as ``weights_source``.
-    ``int_kernel``: the integer product's kernel the resident bytes assume (`bitvit.kernels`;
+    ``int_kernel``: the integer product's kernel the resident bytes assume (`bitvit.nn.kernels`;
     ``fp32`` caches fp32 codes, 4 more bytes per weight of a layer with quantized activations,
     ``u8s8`` prepacked int8 codes, 1 more);
     None: the one this process chooses for the model's device. A converted model's layers

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from bitvit.files import atomic_file, write_text
 
 METRICS = "metrics.csv"
 CONFIG = "config.yaml"
@@ -41,71 +41,6 @@ LOCK_FD_ENV = "BITVIT_RUN_LOCK_FD"
 
 class RunBusyError(ValueError):
     """Another process holds the run folder's lock; the message is one line."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing: errors name the file; temporaries never stay
-# ---------------------------------------------------------------------------------------------
-
-
-def describe(e: OSError) -> str:
-    """``path: reason``, the one-line form of an operating-system error."""
-    reason = e.strerror or str(e)
-    return f"{e.filename}: {reason}" if e.filename else reason
-
-
-def _as_os_error(e: BaseException, path: Path) -> OSError | None:
-    """The OSError behind a library's write error (safetensors says "os error 28"), naming
-    ``path``; None when it is not one."""
-    if isinstance(e, OSError):
-        if e.errno is None:
-            return OSError(errno.EIO, str(e), str(path))
-        if not e.filename:
-            e.filename = str(path)
-        return e
-    found = re.search(r"os error (\d+)", str(e))
-    if found is None:
-        return None
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), str(path))
-
-
-def write_file(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(path)``; an OS failure (also one wrapped by safetensors) raises OSError naming
-    ``path``."""
-    try:
-        write(path)
-    except Exception as e:  # noqa: BLE001 - libraries wrap OS errors in their own types
-        os_error = _as_os_error(e, path)
-        if os_error is None or os_error is e:
-            raise
-        raise os_error from None
-
-
-def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Write ``path`` as a whole or not at all: ``write(tmp)`` fills a temporary file beside it,
-    which is synced and renamed over ``path``. On any failure the temporary is removed and an OS
-    failure raises OSError naming ``path``."""
-    path = Path(path)
-    # Per process, so that two writers of one file never share a temporary; created by
-    # ``write`` itself, so with the usual permissions (mkstemp's are private).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write_file(tmp, write)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename in (None, str(tmp)):
-            e.filename = str(path)  # the user knows the file, not its temporary
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_file(path, lambda tmp: tmp.write_text(text))
 
 
 def displaced(folder: Path) -> Path:

@@ -1,6 +1,6 @@
 """Low-bit weight and activation quantizers, the quantized linear layer, and `quantize_`.
 
-Every weight method is one row of `bitvit.methods.METHOD_TABLE` (plain data, torch-free); a row
+Every weight method is one row of `bitvit.nn.methods.METHOD_TABLE` (plain data, torch-free); a row
 names its quantizer, a key of `QUANTIZERS`, and its STE, a key of `STES`, both checked here at
 import. ``codes * scale`` is the weight the forward pass uses; in every binary method
 sign(0) = +1, so codes are never 0.
@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitvit.kernels import (  # noqa: F401 - int_mm, pad_for_int_mm: re-exported, their old home
+from bitvit.nn.kernels import (  # noqa: F401 - int_mm, pad_for_int_mm: re-exported, their old home
     fp32_mm,
     int_matmul,
     int_mm,
     kernel_name,
     pad_for_int_mm,
 )
-from bitvit.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
+from bitvit.nn.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
 
 WHERE = WHERE_NAMES
 EPS = 1e-5
@@ -141,7 +141,7 @@ def dequantize_weights(weight: torch.Tensor, method: str) -> torch.Tensor:
 def absmax_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`absmax_int8`'s codes before the int8 cast: integer-valued float32, ``|q| <= 127``.
 
-    What the fp32 integer kernel (`bitvit.kernels`) multiplies, without an int8 round trip.
+    What the fp32 integer kernel (`bitvit.nn.kernels`) multiplies, without an int8 round trip.
     """
     x = x.detach().float()
     # max|x| as max(-min x, max x): no |x| temporary (torch.aminmax is far slower on CPU).
@@ -239,7 +239,7 @@ def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
     """Integer products back to fp32: ``acc * (col_scale / row_scale) + bias`` in one pass.
 
-    ``acc`` is either kernel's result (`bitvit.kernels`): int32, or fp32 holding the same
+    ``acc`` is either kernel's result (`bitvit.nn.kernels`): int32, or fp32 holding the same
     integers exactly; both give identical values. ``row_scale`` (M, 1) is the activation scale
     s (x ~ q / s), ``col_scale`` (1,) or (N,) the weight scale. ``addcmul`` reads int32 products
     directly (no separate cast).
@@ -253,7 +253,7 @@ class _Int8Linear(torch.autograd.Function):
 
     The same function and gradients as the fake-quantized F.linear (identity STE for both
     the activations and the weights), only faster: the products of small integers are exact.
-    ``kernel`` (`bitvit.kernels`): ``int8`` (int8 x int8 -> int32), ``u8s8`` (oneDNN's
+    ``kernel`` (`bitvit.nn.kernels`): ``int8`` (int8 x int8 -> int32), ``u8s8`` (oneDNN's
     u8 x s8 product -> fp32) or ``fp32`` (the same integers as floats); all give identical
     outputs and gradients. For backward, ``int8`` and ``u8s8`` save the activation codes as
     int8 (1 byte each), ``fp32`` as the float codes it multiplied (4 bytes each, as much as the
@@ -268,7 +268,7 @@ class _Int8Linear(torch.autograd.Function):
             # u8s8 prepacks the weight on every call, as it changes every step. Measured on
             # one AVX2-capped core: prepack + product still beat fp32's product, 1.1x on a
             # 512-token slab and 2x on a 128-image batch (8320 tokens); the kernel itself is
-            # chosen on the product alone (bitvit.kernels.benchmark_kernels).
+            # chosen on the product alone (bitvit.nn.kernels.benchmark_kernels).
             acc = int_matmul(q2, codes.t(), kernel)
         else:  # the codes stay float: no casts to int8 and back (the same values)
             q, s = absmax_codes(x)

@@ -1,4 +1,4 @@
-"""Open and run bitvit ONNX files (`bitvit.onnx_export`'s graphs) with ONNX Runtime.
+"""Open and run bitvit ONNX files (`bitvit.deploy.onnx_export`'s graphs) with ONNX Runtime.
 
 `OrtModel` (and `load_onnx`) wrap an ``onnxruntime.InferenceSession`` (CPU) as an
 `ExportedModel`: logits for normalized images, predictions, and the class names, config and
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitvit.export import ExportedModel, ExportError, parse_model_metadata
+from bitvit.deploy.export import ExportedModel, ExportError, parse_model_metadata
 
 ONNX_FORMAT = "bitvit-onnx"
 ONNX_FORMAT_VERSION = "1"

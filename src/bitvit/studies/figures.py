@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bitvit.studies.runs import Group, Run, data_size, epochs_done, provenance, unfinished_line
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from bitvit.report import Group, Run
 
 FEW_GROUPS = 4  # up to this many groups share one pair of panels
 BAND = "band: min-max over seeds"
@@ -26,78 +26,9 @@ BAND = "band: min-max over seeds"
 
 def _save(fig: Any, path: str | Path, dpi: int) -> None:
     """Write a figure atomically, so a full disk never leaves half a PNG behind."""
-    from bitvit import rundir
+    from bitvit import files
 
-    rundir.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-
-
-def devices(runs: list[Run]) -> list[str]:
-    """The devices the runs trained on (run.json ``device``), each once."""
-    return sorted({str(r.info.get("device", "unknown device")) for r in runs})
-
-
-def provenance(runs: list[Run], full_epochs: int | None = None,
-               unfinished: list[Run] | None = None) -> str:
-    """Where and how long the finished ``runs`` trained, e.g. ``device: cpu (...); 15 of 100
-    epochs``; the figure carries it so that it never travels without its device and budget.
-    The device is also taken from ``unfinished`` runs (drawn too); without finished runs the
-    budget reads ``no finished run yet`` (`unfinished_line` says how far the others are)."""
-    configured = ", ".join(map(str, sorted({r.epochs_configured for r in runs})))
-    budget = (("no finished run yet" if unfinished else "no runs") if not configured
-              else f"{configured} of {full_epochs} epochs" if full_epochs
-              else f"{configured} epochs")
-    return f"device: {'; '.join(devices([*runs, *(unfinished or [])])) or 'none'}; {budget}"
-
-
-def _and(items: list[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``."""
-    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 2 else items)
-
-
-def epochs_done(runs: list[Run]) -> str:
-    """How far unfinished runs are, e.g. ``4 and 5 of 100 epochs`` (``4 of 50 and 7 of 100
-    epochs`` for different budgets)."""
-    by_budget: dict[int, list[int]] = {}
-    for r in sorted(runs, key=lambda r: len(r.rows)):
-        by_budget.setdefault(r.epochs_configured, []).append(len(r.rows))
-    return _and([f"{_and([str(d) for d in done])} of {budget}"
-                 for budget, done in sorted(by_budget.items())]) + " epochs"
-
-
-def unfinished_line(unfinished: list[Run], full_epochs: int | None = None) -> str:
-    """The title line of unfinished runs, e.g. ``2 runs unfinished: 4 and 5 of 100 epochs;
-    drawn thin, a dot per epoch``; empty without any."""
-    if not unfinished:
-        return ""
-    budgets = {r.epochs_configured for r in unfinished}
-    short = (f" (a shortened budget of {full_epochs})"
-             if full_epochs and any(b < full_epochs for b in budgets) else "")
-    runs = "1 run" if len(unfinished) == 1 else f"{len(unfinished)} runs"
-    drawn = "; drawn thin, a dot per epoch" if any(r.rows for r in unfinished) else ""
-    return f"{runs} unfinished: {epochs_done(unfinished)}{short}{drawn}"
-
-
-def _images(limit: Any, held_out: int = 0, split: str = "training") -> str:
-    if limit is None:
-        # The config does not record the full split's size, so it is not printed.
-        return (f"full {split} set less {held_out:,} for validation" if held_out
-                else f"full {split} set")
-    if held_out:
-        return (f"{int(limit) - held_out:,} (class-balanced subset of {int(limit):,}, "
-                f"{held_out:,} held out for validation)")
-    return f"{int(limit):,} (class-balanced subset)"
-
-
-def data_size(runs: list[Run]) -> str:
-    """How many images the runs trained and were tested on (config.yaml ``data.limit_train``,
-    ``data.val_size``, ``data.limit_test``), e.g. ``training images: 10,000 (class-balanced
-    subset); test images: full test set``."""
-    if not runs:
-        return ""
-    data = [r.config.get("data", {}) for r in runs]
-    train = sorted({_images(d.get("limit_train"), int(d.get("val_size") or 0)) for d in data})
-    test = sorted({_images(d.get("limit_test"), split="test") for d in data})
-    return f"training images: {'; '.join(train)}; test images: {'; '.join(test)}"
+    files.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def _suptitle(fig: Figure, runs: list[Run], title: str, full_epochs: int | None,

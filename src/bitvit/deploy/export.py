@@ -6,7 +6,7 @@ The file holds only what inference needs:
   Ternary codes (``b158``, ``b158c``, ``twn``) go 5 per byte in base 3 (1.6 bits per weight,
   close to the log2(3) = 1.585 limit), or 4 per byte in 2 bits with ``packing="2bit"``. Binary
   codes (``bitnet``, ``sign``, ``xnor``) go 8 per byte. Each method's row of
-  `bitvit.methods.METHOD_TABLE` says which packings its codes take and how many scales it has.
+  `bitvit.nn.methods.METHOD_TABLE` says which packings its codes take and how many scales it has.
 - every other parameter (patch/position embeddings, LayerNorms, the head, full-precision
   linears) in fp16 (``float_dtype="fp16"``, the default) or fp32.
 
@@ -41,13 +41,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitvit.checkpoint import build_model, load_checkpoint
-from bitvit.config import Config, ConfigError
 from bitvit.data import IMAGE_EXTS, fit_image, normalize
-from bitvit.methods import CODES_PER_BYTE, METHOD_TABLE
-from bitvit.model import VisionTransformer
-from bitvit.quant import BitLinear
-from bitvit.rundir import atomic_file
+from bitvit.files import atomic_file
+from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
+from bitvit.nn.model import VisionTransformer
+from bitvit.nn.quant import BitLinear
+from bitvit.training.checkpoint import build_model, load_checkpoint
+from bitvit.training.config import Config, ConfigError
 
 EXPORT_FORMAT = "bitvit-export"
 FORMAT_VERSION = "1"
@@ -250,7 +250,7 @@ class ExportedModel(nn.Module):
       (what evaluation needs); ``model.predict(images_uint8, top_k)``: (class, prob) lists.
     - ``.classes`` (list of names), ``.preprocessing`` (`Preprocessing`), ``.config``
       (`Config`), ``.path`` (the file), ``.vit`` (the `VisionTransformer` whose quantized
-      linears are `bitvit.engine.InferenceLinear`).
+      linears are `bitvit.deploy.engine.InferenceLinear`).
     """
 
     def __init__(self, vit: VisionTransformer, config: Config, classes: list[str],
@@ -488,17 +488,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
          compile: bool = False) -> ExportedModel:
     """Load an exported model for inference: an `ExportedModel` in eval mode on ``device``.
 
-    Quantized layers become `bitvit.engine.InferenceLinear` (``engine``: ``int`` for the
+    Quantized layers become `bitvit.deploy.engine.InferenceLinear` (``engine``: ``int`` for the
     integer kernels, ``fp`` for the exact fake-quant arithmetic of training's eval mode); the
     other parameters are loaded back in fp32. Use ``model(x)`` on normalized images,
     ``model.logits(images_uint8)`` on raw ones, ``model.classes``, ``model.preprocessing``.
-    ``compile``: run the ViT under ``torch.compile`` (`bitvit.engine.compile_model`: compiled
+    ``compile``: run the ViT under ``torch.compile`` (`bitvit.deploy.engine.compile_model`: compiled
     here, on a dummy batch, so it costs load time rather than the first call; on failure a
     warning and the eager model). ``model.vit`` is then the compiled wrapper of the ViT.
     Raises `ExportError` (one line naming the file) for anything that is not a readable
     export of this format version whose tensors match its config.
     """
-    from bitvit.engine import InferenceLinear, compile_model
+    from bitvit.deploy.engine import InferenceLinear, compile_model
 
     path = Path(path)
     meta = read_export_metadata(path)

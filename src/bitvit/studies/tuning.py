@@ -18,18 +18,26 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from bitvit import rundir
-from bitvit.figures import data_size, provenance
-from bitvit.report import (
+from bitvit import files
+from bitvit.studies.runs import (
     DEFAULT_LAST_K,
     Run,
+    data_size,
     group_labels,
     has_val,
     load_run,
+    provenance,
     provenance_lines,
 )
-from bitvit.stats import Difference, Summary, adjust_holm, last_k_mean, summarize, welch_difference
-from bitvit.sweep import AUTO_KEYS, IGNORED_KEYS, Sweep, experiment_key, sweep_config
+from bitvit.studies.stats import (
+    Difference,
+    Summary,
+    adjust_holm,
+    last_k_mean,
+    summarize,
+    welch_difference,
+)
+from bitvit.studies.sweep import AUTO_KEYS, IGNORED_KEYS, Sweep, experiment_key, sweep_config
 
 REFERENCE_LR = 1e-3  # the rate of every other study
 FIGURE = "lr.png"
@@ -302,7 +310,7 @@ def plot_rates(choice: RateChoice, runs: list[Run], path: str | Path, title: str
              "dots: seeds; line: mean over seeds; ring: the chosen rate"]
     fig.suptitle("\n".join(line for line in lines if line), fontsize=9)
     fig.tight_layout()
-    rundir.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    files.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return fig
 

@@ -9,236 +9,57 @@ train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` wher
 and, for each quantized group, the difference to its full-precision group: a 95% confidence
 interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence test at a stated
 margin, each Holm-adjusted over the table (two families), beside the margin the seeds can
-resolve (`bitvit.stats`).
-`compare_markdown` and `plot_groups` (`bitvit.figures`) turn that into tables (with
+resolve (`bitvit.studies.stats`).
+`compare_markdown` and `plot_groups` (`bitvit.studies.figures`) turn that into tables (with
 `turning_markdown`: where each test loss is lowest and whether it rises after) and the first
-study's figure; `write_report` regenerates ``results/README.md``, with `bitvit.tuning`'s section
-(each method at its own learning rate) for sweeps over ``train.lr`` with a validation split.
+study's figure; `write_report` regenerates ``results/README.md``, with
+`bitvit.studies.tuning`'s section (each method at its own learning rate) for sweeps over
+``train.lr`` with a validation split.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bitvit import rundir
-from bitvit.figures import devices, plot_dots, plot_groups
-from bitvit.methods import FULL_PRECISION
-from bitvit.stats import (
+from bitvit import files
+from bitvit.studies.figures import plot_dots, plot_groups
+from bitvit.studies.runs import (
+    DEFAULT_LAST_K,
+    METRICS,
+    TESTED,
+    Group,
+    Run,
+    find_run_dirs,
+    group_runs,
+    has_val,
+    load_run,
+    metric_labels,
+    provenance_lines,
+    train_acc_column,
+)
+from bitvit.studies.stats import (
     Difference,
     Summary,
     adjust_holm,
     holm,
-    last_k_mean,
     rise_p_value,
     summarize,
     turning_point,
     welch_difference,
 )
-from bitvit.sweep import (
+from bitvit.studies.sweep import (
     COMMANDS_FILE,
     SWEEP_COPY,
     Sweep,
     SweepError,
-    experiment_key,
-    format_value,
     load_sweep,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Reading runs
+# The comparison
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    path: Path
-    config: dict[str, dict[str, Any]]
-    info: dict[str, Any]  # run.json
-    rows: list[dict[str, float]]  # metrics.csv
-
-    @property
-    def epochs_configured(self) -> int:
-        return int(self.config.get("train", {}).get("epochs", 0))
-
-    @property
-    def finished(self) -> bool:
-        return self.info.get("status") == "finished" and len(self.rows) == self.epochs_configured
-
-    @property
-    def wall_seconds(self) -> float:
-        """Wall time over every invocation (the first run and each resume)."""
-        parts = [self.info, *self.info.get("resumed_from", [])]
-        return float(sum(p.get("wall_seconds") or 0.0 for p in parts))
-
-    @property
-    def seed(self) -> Any:
-        return self.config.get("train", {}).get("seed")
-
-    def final(self, metric: str) -> float:
-        return self.rows[-1][metric]
-
-
-def load_run(path: str | Path) -> Run:
-    from bitvit.train import read_metrics
-
-    path = Path(path)
-    config_path = path / "config.yaml"
-    if not config_path.is_file():
-        raise SweepError(f"{path}: not a run folder (no config.yaml)")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise SweepError(f"{config_path}: expected a mapping")
-    try:
-        rows = read_metrics(path / "metrics.csv")
-    except (ValueError, KeyError) as e:
-        raise SweepError(f"{path / 'metrics.csv'}: unreadable ({e})") from None
-    return Run(path, config, rundir.read_info(path), rows)
-
-
-def find_run_dirs(paths: list[str | Path]) -> list[Path]:
-    """Run folders among ``paths``; a folder that is not one stands for the run folders in it."""
-    found = []
-    for p in map(Path, paths):
-        if (p / "config.yaml").is_file():
-            found.append(p)
-        elif p.is_dir():
-            found += sorted(d for d in p.iterdir() if (d / "config.yaml").is_file()
-                            and ".restart-" not in d.name)  # moved aside by a restart
-        else:
-            raise SweepError(f"{p}: no such run folder")
-    if not found:
-        raise SweepError(f"no run folders (with config.yaml) in {', '.join(map(str, paths))}")
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Groups and the comparison
-# ---------------------------------------------------------------------------------------------
-
-DEFAULT_LAST_K = 5
-
-
-def train_acc_column(run: Run) -> str:
-    """``train_eval_acc`` (eval mode, a fixed training subset) where the run recorded it, else
-    ``train_acc`` (the running average in train mode, dropout on, of runs from before)."""
-    return "train_eval_acc" if run.rows and "train_eval_acc" in run.rows[0] else "train_acc"
-
-
-def has_val(run: Run) -> bool:
-    return bool(run.rows) and "val_acc" in run.rows[0]
-
-
-def best_test_acc(run: Run) -> float:
-    """Test accuracy at the epoch of highest validation accuracy (the first such epoch: the
-    best/ checkpoint); without a validation split, the highest test accuracy (optimistic)."""
-    if has_val(run):
-        return max(run.rows, key=lambda row: row["val_acc"])["test_acc"]
-    return max(row["test_acc"] for row in run.rows)
-
-
-# What the table reports per run: metric -> function of (run, k of the last-k window).
-METRICS: dict[str, Any] = {
-    "last_test_acc": lambda r, k: last_k_mean([row["test_acc"] for row in r.rows], k),
-    "final_test_acc": lambda r, k: r.final("test_acc"),
-    "best_test_acc": lambda r, k: best_test_acc(r),
-    "last_test_loss": lambda r, k: last_k_mean([row["test_loss"] for row in r.rows], k),
-    "final_test_loss": lambda r, k: r.final("test_loss"),
-    "train_acc": lambda r, k: last_k_mean([row[train_acc_column(r)] for row in r.rows], k),
-    "gap": lambda r, k: last_k_mean(
-        [row[train_acc_column(r)] - row["test_acc"] for row in r.rows], k),
-    "epochs": lambda r, k: float(len(r.rows)),
-    "wall_seconds": lambda r, k: r.wall_seconds,
-}
-# The metrics tested against full precision (one Holm family per table); accuracies use the
-# accuracy margin, losses the loss margin.
-TESTED = ["last_test_acc", "final_test_acc", "last_test_loss", "final_test_loss", "train_acc",
-          "gap"]
-
-
-def metric_labels(runs: list[Run], k: int) -> dict[str, str]:
-    """Column names for a table of these runs; they say which train accuracy and which "best"
-    the runs give (a table of old and new run folders says both)."""
-    kinds = {train_acc_column(r) for r in runs if r.rows}
-    train = ("eval mode" if kinds == {"train_eval_acc"} else "running, train mode"
-             if kinds <= {"train_acc"} else "eval mode or running")
-    vals = {has_val(r) for r in runs if r.rows}
-    best = ("test acc at best val" if vals == {True} else "best test acc (optimistic)"
-            if vals <= {False} else "test acc at best val, or best (optimistic)")
-    return {"last_test_acc": f"test acc, last {k}", "final_test_acc": "test acc, final",
-            "best_test_acc": best, "last_test_loss": f"test loss, last {k}",
-            "final_test_loss": "test loss, final", "train_acc": f"train acc ({train}), last {k}",
-            "gap": f"train-test gap, last {k}", "epochs": "epochs", "wall_seconds": "wall time"}
-
-
-@dataclass
-class Group:
-    label: str
-    key: dict[str, Any]  # experiment_key of its runs
-    runs: list[Run]  # used in the statistics
-    unfinished: list[Run] = field(default_factory=list)  # left out (or included, marked)
-    stats: dict[str, Summary] = field(default_factory=dict)
-    vs_fp: dict[str, Difference] = field(default_factory=dict)
-    reference: str | None = None  # label of the full-precision group it is compared with
-
-    @property
-    def is_fp(self) -> bool:
-        return self.key.get("quant.method") == FULL_PRECISION
-
-    def values(self, metric: str, last_k: int = DEFAULT_LAST_K) -> list[float]:
-        return [METRICS[metric](r, last_k) for r in self.runs if r.rows]
-
-
-def _label_part(key: str, value: Any) -> str:
-    if key == "quant.method":
-        return str(value)
-    if key == "quant.where":
-        return str(value)
-    if key == "quant.act_bits":
-        return "act-fp" if value is None else f"act{value}"
-    return f"{key.split('.')[1]}={format_value(value)}"
-
-
-def group_labels(keys: list[dict[str, Any]]) -> list[str]:
-    """A label per experiment key naming what differs between them (e.g. ``b158 all act8``)."""
-    all_keys = sorted({k for key in keys for k in key})
-    # A key names groups when it takes more than one value among the groups that have it (full
-    # precision has no quant.where, and needs none in its label).
-    differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
-                                              for key in keys if k in key}) > 1]
-    order = ["quant.method", "quant.where", "quant.act_bits"]
-    differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
-    if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
-        differing.insert(0, "quant.method")
-    return [" ".join(_label_part(k, key[k]) for k in differing if k in key)
-            or str(key.get("quant.method", "runs")) for key in keys]
-
-
-def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]:
-    """Group runs that differ only by seed (and settings in `IGNORED_KEYS`).
-
-    Labels name what differs between groups (e.g. ``b158 all act8``); unfinished runs are kept
-    apart in ``unfinished`` and, with ``include_unfinished``, also counted at their last epoch.
-    """
-    keyed: dict[str, tuple[dict[str, Any], list[Run]]] = {}
-    for r in runs:
-        key = experiment_key(r.config)
-        keyed.setdefault(json.dumps(key, sort_keys=True, default=str), (key, []))[1].append(r)
-    labels = group_labels([k for k, _ in keyed.values()])
-    groups = []
-    for label, (key, members) in zip(labels, keyed.values(), strict=True):
-        done = [r for r in members if r.finished]
-        unfinished = [r for r in members if not r.finished]
-        used = done + (unfinished if include_unfinished else [])
-        groups.append(Group(label, key, sorted(used, key=lambda r: str(r.seed)),
-                            sorted(unfinished, key=lambda r: str(r.seed))))
-    groups.sort(key=lambda g: (not g.is_fp, g.label))
-    return groups
 
 
 def _without_quant(key: dict[str, Any]) -> dict[str, Any]:
@@ -356,27 +177,6 @@ def _notes(runs: list[Run], k: int) -> list[str]:
 def _sentence(parts: list[str]) -> str:
     text = "; ".join(parts)
     return text[:1].upper() + text[1:] + "."
-
-
-def provenance_lines(runs: list[Run], full_epochs: int | None = None) -> list[str]:
-    """Where the runs trained, for how many of the full epochs, on how many images."""
-    lines = []
-    configured = sorted({r.epochs_configured for r in runs})
-    lines.append(f"Runs: {len(runs)} (device: {'; '.join(devices(runs))}).")
-    budget = f"Epochs configured: {', '.join(map(str, configured))}"
-    if full_epochs and any(e < full_epochs for e in configured):
-        budget += (f" — shortened budget: {', '.join(map(str, configured))} of {full_epochs} "
-                   "epochs; every number below comes from the shortened runs")
-    lines.append(budget + ".")
-    limits = sorted({str(r.config.get("data", {}).get("limit_train")) for r in runs})
-    if limits != ["None"]:
-        lines.append(f"Training images: class-balanced subset of {', '.join(limits)} "
-                     "(data.limit_train).")
-    held = sorted({int(r.config.get("data", {}).get("val_size") or 0) for r in runs})
-    if held != [0]:
-        lines.append(f"Validation split: {', '.join(map(str, held))} of those images held out "
-                     "(data.val_size); the rest train.")
-    return lines
 
 
 def turning_markdown(groups: list[Group], k: int) -> list[str]:
@@ -514,7 +314,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
             (out / "compare-dots.png").unlink(missing_ok=True)
     text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots)
     if out is not None:
-        rundir.write_text(out / "compare.md", text)
+        files.write_text(out / "compare.md", text)
     return groups, text
 
 
@@ -564,7 +364,7 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
         present = {n for n in planned if (out / n / "config.yaml").is_file()}
         missing = [n for n in planned if n not in present]
         if present:
-            from bitvit.tuning import rates_section  # it builds on this module
+            from bitvit.studies.tuning import rates_section  # it builds on this module
 
             section = rates_section(sweep, [out / n for n in planned if n in present], rel,
                                     margin, last_k)
@@ -582,7 +382,7 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
             lines += [f"Not run ({len(missing)} of {len(planned)}): "
                       + ", ".join(f"`{n}`" for n in missing) + ".", ""]
     path = results / "README.md"
-    rundir.write_text(path, "\n".join(lines).rstrip() + "\n")
+    files.write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 

@@ -7,7 +7,7 @@
   layers), multiplied exactly by the weight codes, then rescaled once in fp32 and the bias
   added. The integer products are exact, so this computes the fake-quantized layer's function
   up to fp32 rounding order.
-- The integer product's kernel is chosen per machine (`bitvit.kernels.choose_kernel`, once per
+- The integer product's kernel is chosen per machine (`bitvit.nn.kernels.choose_kernel`, once per
   process), the fastest in a cached micro-benchmark: ``int8`` (`torch._int_mm`, int32
   accumulation; VNNI/AMX CPUs, CUDA), ``u8s8`` (oneDNN's u8 x s8 product; AVX2 CPUs without
   VNNI) or ``fp32`` (the same integers through the fp32 matmul, exact: every partial sum is an
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitvit.kernels import PackedCodes, choose_kernel, int_matmul, pack_codes
-from bitvit.quant import (
+from bitvit.nn.kernels import PackedCodes, choose_kernel, int_matmul, pack_codes
+from bitvit.nn.quant import (
     EPS,
     METHODS,
     BitLinear,
@@ -65,12 +65,12 @@ class InferenceLinear(nn.Module):
     transpose of a contiguous (in, out) tensor, the layout ``torch._int_mm`` reads (`codes_t`,
     a view). The ``"fp"`` engine also caches the dequantized fp32 weight; the ``"int"`` engine
     dequantizes per call where it needs a float weight (weights-only layers, autocast). Under
-    the ``fp32`` integer kernel (``kernel``, `bitvit.kernels.choose_kernel` for the codes'
+    the ``fp32`` integer kernel (``kernel``, `bitvit.nn.kernels.choose_kernel` for the codes'
     device, chosen again by ``.to(device)``) the int engine also caches ``codes_f32``, the
     (in, out) codes as fp32: 4 more bytes per weight; under ``u8s8`` ``packed``, the codes in
-    oneDNN's layout (`bitvit.kernels.pack_codes`; not a buffer: its opaque tensor has no
+    oneDNN's layout (`bitvit.nn.kernels.pack_codes`; not a buffer: its opaque tensor has no
     storage), 1 more byte per weight, which a compiled graph's u8s8 op finds from the codes
-    (`bitvit.kernels.packed_for`): under `torch.compile` too no codes are converted per call.
+    (`bitvit.nn.kernels.packed_for`): under `torch.compile` too no codes are converted per call.
     """
 
     def __init__(self, codes: Tensor, scale: Tensor, bias: Tensor | None, method: str,
@@ -97,7 +97,7 @@ class InferenceLinear(nn.Module):
         self.register_buffer("codes_f32", None, persistent=False)  # for the fp32 kernel
         self.packed: PackedCodes | None = None  # for the u8s8 kernel
         self.engine = ""
-        self.kernel: str | None = None  # the integer kernel (bitvit.kernels), when uses_int
+        self.kernel: str | None = None  # the integer kernel (bitvit.nn.kernels), when uses_int
         self.set_engine(engine)
         # Loading new codes or scale must refresh the layout and the derived buffer too.
         self.register_load_state_dict_post_hook(lambda module, _: module.set_engine(module.engine))

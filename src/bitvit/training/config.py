@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from bitvit.data import DataConfig, check_normalization
-from bitvit.methods import ACT_BITS_NAMES, METHOD_TABLE, WHERE_NAMES
-from bitvit.model import ViTConfig
-from bitvit.quant import QuantConfig
+from bitvit.nn.methods import ACT_BITS_NAMES, METHOD_TABLE, WHERE_NAMES
+from bitvit.nn.model import ViTConfig
+from bitvit.nn.quant import QuantConfig
 
 if typing.TYPE_CHECKING:
     import torch
@@ -329,6 +329,6 @@ def resolve_device(name: str, key: str = "--device") -> torch.device:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the config as YAML, atomically (a resumed run rewrites its config.yaml)."""
-    from bitvit.rundir import write_text
+    from bitvit.files import write_text
 
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

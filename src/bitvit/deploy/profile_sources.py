@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitvit.config import Config
-from bitvit.methods import DEFAULT_METHOD, FULL_PRECISION
-from bitvit.profile import TERNARY_PACKINGS
-from bitvit.quant import QuantConfig
+from bitvit.deploy.profile import TERNARY_PACKINGS
+from bitvit.nn.methods import DEFAULT_METHOD, FULL_PRECISION
+from bitvit.nn.quant import QuantConfig
+from bitvit.training.config import Config
 
 
 class ProfileError(ValueError):
@@ -45,11 +45,11 @@ def load_for_profile(
     and ``act_bits`` override its quant section. A full-precision checkpoint may be quantized
     after the fact with them, to see what post-training quantization would give.
     """
-    from bitvit.checkpoint import CheckpointError, build_model, load_checkpoint
-    from bitvit.config import load_config
-    from bitvit.export import is_export
-    from bitvit.methods import ACT_BITS_NAMES
-    from bitvit.quant import quantize_
+    from bitvit.deploy.export import is_export
+    from bitvit.nn.methods import ACT_BITS_NAMES
+    from bitvit.nn.quant import quantize_
+    from bitvit.training.checkpoint import CheckpointError, build_model, load_checkpoint
+    from bitvit.training.config import load_config
 
     p = Path(path)
     flags = {"method": quant, "where": where, "act_bits": act_bits}
@@ -92,8 +92,8 @@ def load_for_profile(
 
 
 def _load_exported(path: Path) -> ProfileSource:
-    """An exported model: its packed codes, unpacked by `bitvit.export.load`."""
-    from bitvit.export import load, read_export_metadata
+    """An exported model: its packed codes, unpacked by `bitvit.deploy.export.load`."""
+    from bitvit.deploy.export import load, read_export_metadata
 
     try:
         loaded = load(path)  # the default engine: what `bitvit predict` runs

@@ -1,5 +1,5 @@
 """Sweep files: their schema, the runs they name, what state each run folder is in, and
-the plan (the `bitvit train` command per run); `bitvit.schedule` trains the plan.
+the plan (the `bitvit train` command per run); `bitvit.studies.schedule` trains the plan.
 
 Sweep files
 -----------
@@ -29,7 +29,7 @@ order of the file (``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0
 keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``). Runs are trained
 grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
 
-``bitvit.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
+``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
 in metrics.csv) and runs whose ``bitvit train`` is alive (it holds the run folder's lock),
 resumes runs that have a checkpoint, and restarts the others from scratch, moving what they
 hold aside to ``NAME.restart-TIME/`` (a sweep deletes nothing), so a sweep can be stopped and
@@ -55,10 +55,10 @@ from typing import Any
 
 import yaml
 
-from bitvit import rundir
-from bitvit.config import Config, load_config, read_yaml_mapping
-from bitvit.methods import FULL_PRECISION
-from bitvit.quant import resolve_act_bits
+from bitvit.nn.methods import FULL_PRECISION
+from bitvit.nn.quant import resolve_act_bits
+from bitvit.training import rundir
+from bitvit.training.config import Config, load_config, read_yaml_mapping
 
 SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs_root", "runs",
               "grid"}

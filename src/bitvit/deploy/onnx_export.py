@@ -1,14 +1,14 @@
-"""Export a model as an ONNX graph that ONNX Runtime runs as it is (`bitvit.onnx_runtime`).
+"""Export a model as an ONNX graph that ONNX Runtime runs as it is (`bitvit.deploy.onnx_runtime`).
 
-The graph is built node by node from the model's modules (`bitvit.model`), not traced, so what
+The graph is built node by node from the model's modules (`bitvit.nn.model`), not traced, so what
 each quantized layer computes is spelled out here:
 
 - full-precision linears (``nn.Linear``, the head): fp32 ``MatMul`` + ``Add``. A model without
   quantized layers gives a plain fp32 graph.
-- quantized layers (`BitLinear` or `bitvit.engine.InferenceLinear`) keep their codes as an int8
-  (in, out) initializer with their fp32 scale ((1,) or (out,)) and bias:
+- quantized layers (`BitLinear` or `bitvit.deploy.engine.InferenceLinear`) keep their codes as an
+  int8 (in, out) initializer with their fp32 scale ((1,) or (out,)) and bias:
 
-  * 8-bit activations, ``act_quant="token"`` (BitNet's, and `bitvit.quant.absmax_int8`'s):
+  * 8-bit activations, ``act_quant="token"`` (BitNet's, and `bitvit.nn.quant.absmax_int8`'s):
     per token, step = max(max|x|, 1e-5) / 127; one per-axis ``QuantizeLinear`` gives uint8
     round(x / step) + 128 (half to even, as torch.round), and ``com.microsoft``
     ``MatMulIntegerToFloat`` (u8 x s8 with zero point 128, MLAS's fast kernel) scales the
@@ -29,7 +29,7 @@ each quantized layer computes is spelled out here:
     folds this into a constant at load), then ``MatMul``.
   * ``sub_norm``: a LayerNormalization without affine parameters (eps 1e-5) first.
 - LayerNormalization, softmax attention, exact (erf) GELU, residuals, the cls token and
-  position embedding, cls or mean pooling: as `bitvit.model`, but token-major, (tokens, N,
+  position embedding, cls or mean pooling: as `bitvit.nn.model`, but token-major, (tokens, N,
   dim), from the patches' Transpose on. q, k and v are three products (rows of the qkv weight)
   sharing one quantization of their input, (tokens, N, heads, head_dim) each, which
   ``com.microsoft`` ``FusedMatMul`` reads as (N, heads, tokens, head_dim) in place
@@ -37,11 +37,11 @@ each quantized layer computes is spelled out here:
   With cls pooling the last block computes the cls token's output only: its q from the cls
   rows of the quantized input that k and v (every token) share, then (1, N, dim) on.
 
-Input ``images``: float32 (N, C, S, S), normalized (`bitvit.export.Preprocessing`); output
+Input ``images``: float32 (N, C, S, S), normalized (`bitvit.deploy.export.Preprocessing`); output
 ``logits`` (N, classes); N is dynamic. The graph's ``metadata_props`` hold ``format``
 ("bitvit-onnx"), ``format_version``, ``act_quant``, ``method`` and, for files written by
 `export_onnx` (``bitvit export --format onnx``), the config, class names and preprocessing that
-the safetensors export records (`bitvit.export.model_metadata`).
+the safetensors export records (`bitvit.deploy.export.model_metadata`).
 
 onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on use.
 """
@@ -59,11 +59,11 @@ import torch
 from torch import nn
 
 from bitvit import __version__
-from bitvit.export import ExportedModel, model_metadata
-from bitvit.methods import FULL_PRECISION
-from bitvit.model import Attention, Block, Mlp, VisionTransformer
-from bitvit.onnx_runtime import ONNX_FORMAT, ONNX_FORMAT_VERSION, import_optional
-from bitvit.quant import EPS, BitLinear
+from bitvit.deploy.export import ExportedModel, model_metadata
+from bitvit.deploy.onnx_runtime import ONNX_FORMAT, ONNX_FORMAT_VERSION, import_optional
+from bitvit.nn.methods import FULL_PRECISION
+from bitvit.nn.model import Attention, Block, Mlp, VisionTransformer
+from bitvit.nn.quant import EPS, BitLinear
 
 ACT_QUANTS = ("token", "tensor")
 OPSET = 17  # LayerNormalization; ReduceMax/ReduceMean still take axes as an attribute
@@ -93,7 +93,7 @@ def _numpy(t: torch.Tensor | None, dtype: type) -> np.ndarray | None:
 
 
 def _describe(layer: nn.Module, name: str) -> _Linear:
-    from bitvit.engine import InferenceLinear
+    from bitvit.deploy.engine import InferenceLinear
 
     bias = _numpy(layer.bias, np.float32)
     if isinstance(layer, BitLinear):
@@ -314,7 +314,7 @@ def _bias(g: _Graph, y: str, lin: _Linear, name: str) -> str:
 
 def _rows(lin: _Linear, i: int, parts: int) -> _Linear:
     """Output rows [i * out / parts, (i + 1) * out / parts) of ``lin`` (q, k, v of a qkv layer,
-    in that order: `bitvit.model.Attention`), with their per-channel scales."""
+    in that order: `bitvit.nn.model.Attention`), with their per-channel scales."""
     n = lin.shape[0] // parts
     weight, codes, bias = (None if a is None else a[i * n:(i + 1) * n]
                            for a in (lin.weight, lin.codes, lin.bias))
@@ -424,7 +424,7 @@ def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
     ``metadata_props`` (`export_onnx` adds the config, classes and preprocessing). The file is
     written atomically and checked with ``onnx.checker``. Returns the path.
     """
-    from bitvit.rundir import atomic_file
+    from bitvit.files import atomic_file
 
     onnx = import_optional("onnx")
     if act_quant not in ACT_QUANTS:
@@ -464,8 +464,8 @@ def export_onnx(src: str | Path, out: str | Path, best: bool = False,
                 act_quant: str = "token") -> Path:
     """Export a run folder, checkpoint folder or model.safetensors checkpoint as ONNX, with the
     config, class names and preprocessing in its metadata (what
-    `bitvit.onnx_runtime.load_onnx` reads back)."""
-    from bitvit.checkpoint import load_checkpoint
+    `bitvit.deploy.onnx_runtime.load_onnx` reads back)."""
+    from bitvit.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(src, best)
     if len(ckpt.classes) != ckpt.config.model.num_classes:

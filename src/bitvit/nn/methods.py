@@ -1,8 +1,8 @@
 """The quantization methods as plain data, importable without torch.
 
 Every weight method is one row of `METHOD_TABLE` (a `QuantMethod`): its codes, scale
-granularity, quantizer and STE (by name: keys of `bitvit.quant.QUANTIZERS` and
-`bitvit.quant.STES`, checked when quant.py imports), default activation bits, packing and
+granularity, quantizer and STE (by name: keys of `bitvit.nn.quant.QUANTIZERS` and
+`bitvit.nn.quant.STES`, checked when quant.py imports), default activation bits, packing and
 formula. The command line builds its ``--quant`` choices and the config checks its quant keys
 from this table, so adding a method is adding a row here. The README's method table lists the
 same rows.
@@ -26,10 +26,10 @@ CODE_VALUES = {"ternary": (-1, 0, 1), "binary": (-1, 1), "centred binary": (-1, 
 # none: scale 1; tensor: one scale; channel: one scale per output channel. A quantizer is called
 # with its row's granularity.
 GRANULARITIES = ("none", "tensor", "channel")
-# How packed codes are stored (bitvit.export): codes per byte and the values a packing holds.
+# How packed codes are stored (bitvit.deploy.export): codes per byte and the values a packing holds.
 CODES_PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
 PACKING_VALUES = {"base3": (-1, 0, 1), "2bit": (-1, 0, 1), "1bit": (-1, 1)}
-# The weight's backward rules (keys of bitvit.quant.STES): identity is BitNet's; clipped,
+# The weight's backward rules (keys of bitvit.nn.quant.STES): identity is BitNet's; clipped,
 # 1{|W| <= 1}, BinaryConnect's / XNOR-Net's.
 STE_NAMES = ("identity", "clipped")
 
@@ -44,7 +44,7 @@ class QuantMethod:
     formula: str  # codes and scale, as the README's method table gives them
     codes: str  # a key of CODE_VALUES
     granularity: str  # one of GRANULARITIES
-    quantizer: str  # a key of bitvit.quant.QUANTIZERS: (fp32 W, granularity) -> codes, scale
+    quantizer: str  # a key of bitvit.nn.quant.QUANTIZERS: (fp32 W, granularity) -> codes, scale
     ste: str  # one of STE_NAMES: the weight's backward rule
     default_act_bits: int | None  # what act_bits="default" means
     int_path: bool  # BitLinear trains through the int8 x int8 kernel with 8-bit activations
@@ -64,9 +64,9 @@ class QuantMethod:
             raise bad("codes", f"one of {', '.join(CODE_VALUES)}")
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", f"one of {', '.join(GRANULARITIES)}")
-        # Whether the name is a quantizer is checked where the quantizers are (bitvit.quant).
+        # Whether the name is a quantizer is checked where the quantizers are (bitvit.nn.quant).
         if not isinstance(self.quantizer, str) or not self.quantizer.isidentifier():
-            raise bad("quantizer", "the name of a quantizer in bitvit.quant.QUANTIZERS")
+            raise bad("quantizer", "the name of a quantizer in bitvit.nn.quant.QUANTIZERS")
         if self.ste not in STE_NAMES:
             raise bad("ste", f"one of {', '.join(STE_NAMES)}")
         if self.default_act_bits not in ACT_BITS or isinstance(self.default_act_bits, bool):
