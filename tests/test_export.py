@@ -24,6 +24,8 @@ from bitvit.deploy.export import (
     export_model,
     image_files,
     load,
+)
+from bitvit.deploy.packing import (
     pack_binary,
     pack_ternary,
     pack_ternary_2bit,

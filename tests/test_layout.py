@@ -194,3 +194,18 @@ def test_act_bits_flag_reaches_the_config_as_a_number(monkeypatch, tmp_path):
     args = cli.parse_args(["train", "--act-bits", "none", "quant.where=mlp"])
     assert cli._train_overrides(args) == [("quant.act_bits", None), "quant.where=mlp"]
     assert json.dumps(torch.__version__)  # torch is imported here: the other tests check without
+
+
+def test_functions_and_modules_stay_small_enough_to_read():
+    """No function in src/ over 80 lines, no module over 600: split them when they grow."""
+    long = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 600:
+            long.append(f"{path.relative_to(SRC)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {lines}")
+    assert long == []

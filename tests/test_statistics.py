@@ -23,7 +23,7 @@ from bitvit.studies.stats import (
     turning_point,
     welch_difference,
 )
-from bitvit.training.loop import (
+from bitvit.training.rundir import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
     VAL_COLUMNS,

@@ -37,7 +37,7 @@ from bitvit.studies.sweep import (
     sweep_config,
 )
 from bitvit.training.config import load_config, save_config
-from bitvit.training.loop import METRIC_COLUMNS, write_metrics
+from bitvit.training.rundir import METRIC_COLUMNS, write_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = str(ROOT / "configs/paper.yaml")

@@ -24,13 +24,8 @@ from bitvit.data import DataError, balanced_subset, load_data
 from bitvit.training.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
 from bitvit.training.config import ConfigError, load_config
 from bitvit.training.evaluation import evaluate_model
-from bitvit.training.loop import (
-    METRIC_COLUMNS,
-    TRAIN_EVAL_COLUMNS,
-    TrainingError,
-    config_for_resume,
-    train,
-)
+from bitvit.training.loop import TrainingError, config_for_resume, train
+from bitvit.training.rundir import METRIC_COLUMNS, TRAIN_EVAL_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
@@ -281,7 +276,7 @@ def test_train_eval_columns_are_the_model_in_eval_mode_on_a_fixed_train_subset(
 
 def test_a_run_folder_from_before_the_train_eval_columns_resumes_with_its_columns(
         real_env, tmp_path):
-    from bitvit.training.loop import read_metrics, write_metrics
+    from bitvit.training.rundir import read_metrics, write_metrics
 
     run = tmp_path / "run"
     train(tiny("train.epochs=1", limit_train=200), out=run, quiet=True)

@@ -14,7 +14,7 @@ from bitvit.studies.runs import load_run
 from bitvit.studies.stats import holm
 from bitvit.studies.sweep import load_sweep, point_overrides
 from bitvit.studies.tuning import choose_rates, plot_rates, rates_markdown, verdict
-from bitvit.training.loop import METRIC_COLUMNS, VAL_COLUMNS, read_metrics, write_metrics
+from bitvit.training.rundir import METRIC_COLUMNS, VAL_COLUMNS, read_metrics, write_metrics
 
 LRS = (0.0003, 0.001, 0.003)
 SEEDS = (0, 1, 2)

@@ -43,46 +43,69 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     one-line `CheckpointError`, `ExportError`, `DataError` or `ConfigError`.
     """
     from bitvit.deploy.engine import compile_model
-    from bitvit.deploy.export import ExportedModel, ExportError, is_export, load
+    from bitvit.deploy.export import ExportedModel
 
-    config, classes, path = None, None, None
     if isinstance(source, (str, Path)):
-        dev = resolve_device(device, "device") if isinstance(device, str) else device
-        from bitvit.deploy.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
-
-        if resolve_engine(source, engine) == ENGINE_ORT:
-            given = [name for name, on in (("best (--best)", best),
-                                           ("compile (--compile)", compile),
-                                           (f"device {device}", str(device) not in ("auto", "cpu")))
-                     if on]
-            if given:
-                raise ExportError(f"{source}: an ONNX file runs on ONNX Runtime's CPU engine as "
-                                  f"it is: {given[0]} applies to run folders and safetensors "
-                                  "exports")
-            model = load_onnx(source)
-            model.needs_model_info()
-        elif is_export(source):
-            if best:
-                raise ExportError(f"{source}: an exported file has no best/ checkpoint; best "
-                                  "(--best) applies to run folders")
-            model = load(source, device=dev, engine=engine or "int", compile=compile)
-        else:
-            ckpt = load_checkpoint(source, best=best)
-            model, config, classes, path = ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
+        model, config, classes, path = _load(source, best, engine, compile, device)
     else:
         given = [name for name, on in (("best", best), ("engine", engine not in (None, "int")),
                                        ("compile", compile), ("device", device != "auto")) if on]
         if given:
             raise TypeError(f"evaluate: {given[0]} applies when evaluate loads the model from a "
                             f"file; pass a path, or load the model with the option yourself")
-        model = source
+        model, config, classes, path = source, None, None, None
     if isinstance(model, ExportedModel):
         config, classes, path = model.config, model.classes, model.path
         mean = mean or model.preprocessing.mean
         std = std or model.preprocessing.std
     elif config is not None:
         mean, std = mean or config.data.mean, std or config.data.std
+    test, mean, std = _test_set(data, config, limit_test, mean, std)
+    if classes is not None and test.classes != classes:
+        raise DataError(f"{path or 'model'}: the model's classes ({', '.join(classes[:3])}...) "
+                        f"differ from the data's ({', '.join(test.classes[:3])}...)")
 
+    dev = getattr(model, "device", None) or next(iter(model.state_dict().values())).device
+    if batch_size is None:
+        batch_size = config.train.eval_batch_size if config is not None else 500
+    if compile and not isinstance(model, ExportedModel):
+        example = normalize(test.images[:batch_size].to(dev), mean, std)
+        model = compile_model(model.eval(), example)
+    return {"model": None if path is None else str(path),
+            **evaluate_model(model, test, mean, std, batch_size, dev)}
+
+
+def _load(source: str | Path, best: bool, engine: str | None, compile: bool,
+          device: str | torch.device) -> tuple[nn.Module, Any, Any, Any]:
+    """(model, config, classes, path) of a run folder, checkpoint, export or ONNX file; the
+    config, classes and path are None where the model carries them itself (an export)."""
+    from bitvit.deploy.export import ExportError, is_export, load
+    from bitvit.deploy.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
+
+    dev = resolve_device(device, "device") if isinstance(device, str) else device
+    if resolve_engine(source, engine) == ENGINE_ORT:
+        given = [name for name, on in (("best (--best)", best), ("compile (--compile)", compile),
+                                       (f"device {device}", str(device) not in ("auto", "cpu")))
+                 if on]
+        if given:
+            raise ExportError(f"{source}: an ONNX file runs on ONNX Runtime's CPU engine as it "
+                              f"is: {given[0]} applies to run folders and safetensors exports")
+        model = load_onnx(source)
+        model.needs_model_info()
+        return model, None, None, None
+    if is_export(source):
+        if best:
+            raise ExportError(f"{source}: an exported file has no best/ checkpoint; best "
+                              "(--best) applies to run folders")
+        return load(source, device=dev, engine=engine or "int", compile=compile), None, None, None
+    ckpt = load_checkpoint(source, best=best)
+    return ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
+
+
+def _test_set(data: str | Path | ImageSet | None, config: Any, limit_test: int | None,
+              mean: Any, std: Any) -> tuple[ImageSet, tuple[float, ...], tuple[float, ...]]:
+    """The test images (an `ImageSet` as given, or the test split of ``data`` or of the model's
+    own data) and the mean and std to normalize them with."""
     if isinstance(data, ImageSet):
         if limit_test is not None:
             raise TypeError("evaluate: limit_test applies when evaluate reads the data; "
@@ -103,15 +126,4 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
         std = splits.std if isinstance(std, str) else std
     if mean is None or std is None:
         raise TypeError("evaluate: a module evaluated on an ImageSet needs its mean and std")
-    if classes is not None and test.classes != classes:
-        raise DataError(f"{path or 'model'}: the model's classes ({', '.join(classes[:3])}...) "
-                        f"differ from the data's ({', '.join(test.classes[:3])}...)")
-
-    dev = getattr(model, "device", None) or next(iter(model.state_dict().values())).device
-    if batch_size is None:
-        batch_size = config.train.eval_batch_size if config is not None else 500
-    if compile and not isinstance(model, ExportedModel):
-        example = normalize(test.images[:batch_size].to(dev), mean, std)
-        model = compile_model(model.eval(), example)
-    return {"model": None if path is None else str(path),
-            **evaluate_model(model, test, mean, std, batch_size, dev)}
+    return test, mean, std

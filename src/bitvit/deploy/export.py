@@ -33,6 +33,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitvit.data import IMAGE_EXTS, fit_image, normalize
+from bitvit.deploy.packing import PACK, UNPACK, packed_numel
 from bitvit.files import atomic_file
 from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
 from bitvit.nn.model import VisionTransformer
@@ -57,101 +59,6 @@ FLOAT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 class ExportError(ValueError):
     """A bad or mismatched export file; the message is one line naming the file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing: pure, vectorized functions on torch tensors (any device).
-# ---------------------------------------------------------------------------------------------
-
-
-def _digits(codes: torch.Tensor, allowed: str, per_byte: int) -> torch.Tensor:
-    """Flattened codes as non-negative integers, padded to whole groups of ``per_byte``."""
-    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    flat = codes.reshape(-1).to(torch.int16)
-    if allowed == "ternary":
-        if flat.numel() and ((flat < -1) | (flat > 1)).any():
-            raise ValueError("ternary codes must be in {-1, 0, 1}")
-        digits = flat + 1  # 0, 1, 2
-    else:
-        if flat.numel() and (flat.abs() != 1).any():
-            raise ValueError("binary codes must be in {-1, 1}")
-        digits = (flat > 0).to(torch.int16)  # 0, 1
-    pad = -flat.numel() % per_byte
-    digits = torch.cat([digits, digits.new_zeros(pad)])
-    return digits.reshape(-1, per_byte)
-
-
-def _unpacked(packed: torch.Tensor, shape: Sequence[int], per_byte: int) -> tuple[torch.Tensor,
-                                                                                  int]:
-    """Check ``packed`` holds exactly the bytes for ``shape``; return it as int16 and the count."""
-    n = math.prod(shape)
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
-    expected = packed_numel(n, per_byte)
-    if packed.dim() != 1 or packed.numel() != expected:
-        raise ValueError(f"packed codes for shape {tuple(shape)} must be {expected} bytes "
-                         f"(1-d), got shape {tuple(packed.shape)}")
-    return packed.to(torch.int16), n
-
-
-def packed_numel(count: int, per_byte: int) -> int:
-    """Bytes needed for ``count`` codes at ``per_byte`` codes per byte."""
-    return -(-count // per_byte)
-
-
-def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
-    """Ternary codes {-1, 0, 1} (any shape) -> uint8, 5 per byte in base 3 (1.6 bits each)."""
-    digits = _digits(codes, "ternary", 5)
-    powers = 3 ** torch.arange(5, dtype=torch.int16, device=codes.device)
-    return (digits * powers).sum(dim=1).to(torch.uint8)
-
-
-def unpack_ternary(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of `pack_ternary`: int8 codes of ``shape``."""
-    p, n = _unpacked(packed, shape, 5)
-    if p.numel() and p.max() > 242:  # 3^5 - 1: anything above is not a base-3 byte
-        raise ValueError("base-3 packed codes have a byte above 242")
-    powers = 3 ** torch.arange(5, dtype=torch.int16, device=packed.device)
-    digits = (p[:, None] // powers) % 3
-    return (digits.reshape(-1)[:n] - 1).to(torch.int8).reshape(tuple(shape))
-
-
-def pack_ternary_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """Ternary codes {-1, 0, 1} -> uint8, 4 per byte in 2-bit fields (code + 1)."""
-    digits = _digits(codes, "ternary", 4)
-    shifts = torch.arange(0, 8, 2, dtype=torch.int16, device=codes.device)
-    return (digits << shifts).sum(dim=1).to(torch.uint8)
-
-
-def unpack_ternary_2bit(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of `pack_ternary_2bit`: int8 codes of ``shape``."""
-    p, n = _unpacked(packed, shape, 4)
-    shifts = torch.arange(0, 8, 2, dtype=torch.int16, device=packed.device)
-    fields = (p[:, None] >> shifts) & 3
-    codes = fields.reshape(-1)[:n]
-    if codes.numel() and (codes == 3).any():
-        raise ValueError("2-bit packed codes have a field 3 (only 0, 1, 2 encode -1, 0, 1)")
-    return (codes - 1).to(torch.int8).reshape(tuple(shape))
-
-
-def pack_binary(codes: torch.Tensor) -> torch.Tensor:
-    """Binary codes {-1, 1} -> uint8, 8 per byte (bit k of byte i is code 8i+k == +1)."""
-    bits = _digits(codes, "binary", 8)
-    shifts = torch.arange(8, dtype=torch.int16, device=codes.device)
-    return (bits << shifts).sum(dim=1).to(torch.uint8)
-
-
-def unpack_binary(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of `pack_binary`: int8 codes in {-1, 1} of ``shape``."""
-    p, n = _unpacked(packed, shape, 8)
-    shifts = torch.arange(8, dtype=torch.int16, device=packed.device)
-    bits = ((p[:, None] >> shifts) & 1).reshape(-1)[:n]
-    return (bits * 2 - 1).to(torch.int8).reshape(tuple(shape))
-
-
-_PACK = {"base3": pack_ternary, "2bit": pack_ternary_2bit, "1bit": pack_binary}
-_UNPACK = {"base3": unpack_ternary, "2bit": unpack_ternary_2bit, "1bit": unpack_binary}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +278,7 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
     for name, layer in layers.items():
         codes, scale = layer.quantized_weight()
         info[name] = _layer_info(layer, packing)
-        tensors[f"{name}.codes"] = _PACK[info[name]["packing"]](codes.cpu())
+        tensors[f"{name}.codes"] = PACK[info[name]["packing"]](codes.cpu())
         tensors[f"{name}.scale"] = scale.detach().float().reshape(-1).cpu()
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
@@ -498,26 +405,49 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     Raises `ExportError` (one line naming the file) for anything that is not a readable
     export of this format version whose tensors match its config.
     """
-    from bitvit.deploy.engine import InferenceLinear, compile_model
+    from bitvit.deploy.engine import compile_model
 
     path = Path(path)
     meta = read_export_metadata(path)
     config, classes, preprocessing = parse_model_metadata(path, meta)
-    try:
-        info = json.loads(meta["layers"])
-        checksum = meta["sha256"]
-        if meta["float_dtype"] not in FLOAT_DTYPES:
-            raise ValueError(f"float_dtype {meta['float_dtype']!r} is not fp16 or fp32")
-        float_dtype = FLOAT_DTYPES[meta["float_dtype"]]
-    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
-        raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
-
+    info, checksum, float_dtype = _layer_metadata(path, meta)
     tensors = _read_tensors(path)
     if _digest(tensors) != checksum:
         raise ExportError(f"{path}: corrupt export (tensor data does not match its checksum)")
 
     vit = _skeleton(config)
     layers = _quantized_layers(vit)
+    _check_layers(path, info, layers)
+    expected, layer_keys = _expected_tensors(vit, layers, info, float_dtype)
+    _check_tensors(path, tensors, expected)
+    _install_layers(path, vit, layers, info, tensors, engine)
+    floats = {k: tensors[k].float() if tensors[k].is_floating_point() else tensors[k]
+              for k in expected if k not in layer_keys}
+    vit.load_state_dict(floats, strict=False, assign=True)
+    model = ExportedModel(vit, config, classes, preprocessing, path)
+    model = model.requires_grad_(False).eval().to(device)
+    if compile:
+        size, channels = preprocessing.image_size, preprocessing.channels
+        example = torch.zeros(2, channels, size, size, device=device)
+        torch._dynamo.mark_dynamic(example, 0)  # one graph for every batch size above 1
+        model.vit = compile_model(model.vit, example)
+    return model
+
+
+def _layer_metadata(path: Path, meta: dict[str, str]) -> tuple[Any, str, torch.dtype]:
+    """The quantized layers' record, the tensors' checksum and the float dtype."""
+    try:
+        info = json.loads(meta["layers"])
+        checksum = meta["sha256"]
+        if meta["float_dtype"] not in FLOAT_DTYPES:
+            raise ValueError(f"float_dtype {meta['float_dtype']!r} is not fp16 or fp32")
+        return info, checksum, FLOAT_DTYPES[meta["float_dtype"]]
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
+        raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
+
+
+def _check_layers(path: Path, info: Any, layers: dict[str, BitLinear]) -> None:
+    """The file's quantized layers are the config's, each with a packing its method allows."""
     if not isinstance(info, dict) or set(info) != set(layers):
         extra = sorted(set(info) - set(layers)) if isinstance(info, dict) else ["?"]
         missing = sorted(set(layers) - set(info)) if isinstance(info, dict) else []
@@ -531,8 +461,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
             raise _mismatch(path, f"layer {name}: stored {stored}, config gives "
                                   f"{_layer_info(layer, allowed[0])}")
 
-    # Every tensor the file must hold, with its shape and dtype (a wrong dtype would otherwise
-    # fail deep inside load_state_dict or the kernels).
+
+def _expected_tensors(vit: VisionTransformer, layers: dict[str, BitLinear], info: dict[str, Any],
+                      float_dtype: torch.dtype
+                      ) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], set[str]]:
+    """Every tensor the file must hold, with its shape and dtype (a wrong dtype would otherwise
+    fail deep inside load_state_dict or the kernels), and the keys of the quantized layers'."""
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     quantized_keys = set()  # the latent-weight model's keys that the file replaces
     layer_keys = set()  # the file's keys for quantized layers
@@ -550,6 +484,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
         if key not in quantized_keys:
             expected[key] = (tuple(value.shape),
                              float_dtype if value.is_floating_point() else value.dtype)
+    return expected, layer_keys
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor],
+                   expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -561,9 +500,15 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
         if tensors[key].dtype != dtype:
             raise _mismatch(path, f"{key} has dtype {tensors[key].dtype}, expected {dtype}")
 
+
+def _install_layers(path: Path, vit: VisionTransformer, layers: dict[str, BitLinear],
+                    info: dict[str, Any], tensors: dict[str, torch.Tensor], engine: str) -> None:
+    """Each quantized layer replaced by an `InferenceLinear` on its unpacked codes."""
+    from bitvit.deploy.engine import InferenceLinear
+
     for name, layer in layers.items():
         try:
-            codes = _UNPACK[info[name]["packing"]](tensors[f"{name}.codes"],
+            codes = UNPACK[info[name]["packing"]](tensors[f"{name}.codes"],
                                                    (layer.out_features, layer.in_features))
         except ValueError as e:
             raise ExportError(f"{path}: corrupt export ({name}.codes: {e})") from None
@@ -573,17 +518,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
                                  layer.act_bits, sub_norm=layer.sub_norm, engine=engine)
         parent, _, child = name.rpartition(".")
         setattr(vit.get_submodule(parent), child, module)
-    floats = {k: tensors[k].float() if tensors[k].is_floating_point() else tensors[k]
-              for k in expected if k not in layer_keys}
-    vit.load_state_dict(floats, strict=False, assign=True)
-    model = ExportedModel(vit, config, classes, preprocessing, path)
-    model = model.requires_grad_(False).eval().to(device)
-    if compile:
-        size, channels = preprocessing.image_size, preprocessing.channels
-        example = torch.zeros(2, channels, size, size, device=device)
-        torch._dynamo.mark_dynamic(example, 0)  # one graph for every batch size above 1
-        model.vit = compile_model(model.vit, example)
-    return model
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -231,17 +231,13 @@ def profile_model(
     None: the one this process chooses for the model's device. A converted model's layers
     count the kernel they use.
     """
-    if float_precision not in FLOAT_PRECISIONS:
-        raise ValueError(f"float_precision={float_precision!r}: expected one of "
-                         f"{', '.join(FLOAT_PRECISIONS)}")
     packed_dtype = packed_float_dtype or DEFAULT_PACKED_FLOAT_DTYPE
-    if packed_dtype not in PACKED_FLOAT_BYTES:
-        raise ValueError(f"packed_float_dtype={packed_float_dtype!r}: expected one of "
-                         f"{', '.join(PACKED_FLOAT_BYTES)}")
+    for key, value, valid in (("float_precision", float_precision, FLOAT_PRECISIONS),
+                              ("packed_float_dtype", packed_dtype, PACKED_FLOAT_BYTES),
+                              ("ternary_packing", ternary_packing, TERNARY_PACKINGS)):
+        if value not in valid:
+            raise ValueError(f"{key}={value!r}: expected one of {', '.join(valid)}")
     packed_float_bytes = PACKED_FLOAT_BYTES[packed_dtype]
-    if ternary_packing not in TERNARY_PACKINGS:
-        raise ValueError(f"ternary_packing={ternary_packing!r}: expected one of "
-                         f"{', '.join(TERNARY_PACKINGS)}")
     if int_kernel is None:
         param = next(model.parameters(), None)
         choice = choose_kernel(param.device if param is not None else "cpu")
@@ -267,20 +263,7 @@ def profile_model(
                 rows += _attention_rows(attn_name, attn_tokens[attn_name], vit.dim,
                                         vit.heads, fp, float_bytes)
 
-    # Everything else that holds parameters (cls_token, pos_embed, LayerNorms), so the totals
-    # are the model's parameter count exactly.
-    norm_params, other = [], []
-    for pname, p in model.named_parameters():
-        if id(p) in counted:
-            continue
-        owner = model.get_submodule(pname.rpartition(".")[0]) if "." in pname else model
-        (norm_params if isinstance(owner, nn.LayerNorm) else other).append((pname, p))
-    if other:
-        rows.append(_params_row(", ".join(n for n, _ in other), other, float_bytes,
-                                packed_float_bytes))
-    if norm_params:
-        rows.append(_params_row("layer norms", norm_params, float_bytes, packed_float_bytes))
-
+    rows += _other_param_rows(model, counted, float_bytes, packed_float_bytes)
     for row in rows:
         row.energy_pj = _energy(row.ops)
         row.baseline_energy_pj = _energy(row.baseline_ops)
@@ -290,6 +273,25 @@ def profile_model(
     return Profile(rows, totals, vit.image_size, fp, weights_source, source,
                    _assumptions(fp, ternary_packing, packed_float_dtype, kernel), packed_dtype,
                    kernel, kernel_reason)
+
+
+def _other_param_rows(model: nn.Module, counted: set[int], float_bytes: int,
+                      packed_float_bytes: int) -> list[LayerProfile]:
+    """Everything else that holds parameters (cls_token, pos_embed, LayerNorms), so that the
+    totals are the model's parameter count exactly."""
+    norm_params, other = [], []
+    for pname, p in model.named_parameters():
+        if id(p) in counted:
+            continue
+        owner = model.get_submodule(pname.rpartition(".")[0]) if "." in pname else model
+        (norm_params if isinstance(owner, nn.LayerNorm) else other).append((pname, p))
+    rows = []
+    if other:
+        rows.append(_params_row(", ".join(n for n, _ in other), other, float_bytes,
+                                packed_float_bytes))
+    if norm_params:
+        rows.append(_params_row("layer norms", norm_params, float_bytes, packed_float_bytes))
+    return rows
 
 
 def _bytes_held(model: nn.Module) -> int:

@@ -37,7 +37,7 @@ from bitvit.studies.stats import (
     summarize,
     welch_difference,
 )
-from bitvit.studies.sweep import AUTO_KEYS, IGNORED_KEYS, Sweep, experiment_key, sweep_config
+from bitvit.studies.sweep import Sweep, planned_key, sweep_config
 
 REFERENCE_LR = 1e-3  # the rate of every other study
 FIGURE = "lr.png"
@@ -111,10 +111,7 @@ def _lr(x: float) -> str:
 
 
 def _method_key(config: dict[str, Any]) -> dict[str, Any]:
-    # Like the sweep's own check of a run folder, the epochs do not make another method (a
-    # planned config and a run extended since may differ in them); nor does the normalization,
-    # which a planned config gives as auto and its run records as the numbers auto resolved to.
-    return experiment_key(config, IGNORED_KEYS | AUTO_KEYS | {"train.lr", "train.epochs"})
+    return planned_key(config, frozenset({"train.lr"}))
 
 
 def _val_last_k(run: Run, k: int) -> float:
@@ -231,10 +228,13 @@ def verdict(choice: RateChoice) -> str:
                   "not significant: this order is not established")
         parts.append(f"{upper} − {lower} {100 * d.diff:+.2f} pts, Holm p {d.p_adjusted:.3g} "
                      f"({status})")
+    tests = sum(d.available for _, _, d in choice.adjacent)
     if not parts:
         return head
-    return (head + f" Neighbours at the chosen rates (Welch, Holm over {len(parts)} "
-            f"pair{'s' if len(parts) > 1 else ''}): " + "; ".join(parts) + ".")
+    if not tests:
+        return f"{head} Neighbours at the chosen rates (no test possible): {'; '.join(parts)}."
+    return (head + f" Neighbours at the chosen rates (Welch, Holm over {tests} "
+            f"pair{'s' if tests > 1 else ''}): " + "; ".join(parts) + ".")
 
 
 def rates_markdown(choice: RateChoice, runs: list[Run], full_epochs: int | None = None,

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitvit import files
-from bitvit.data import ImageSet, augment, balanced_subset, load_data, normalize
+from bitvit.data import DataSplits, ImageSet, augment, balanced_subset, load_data, normalize
 from bitvit.nn.methods import FULL_PRECISION
 from bitvit.nn.model import VisionTransformer
 from bitvit.training import rundir
-from bitvit.training.checkpoint import (  # noqa: F401 - STATE_KEYS: importable from here, as it was
-    STATE_KEYS,
+from bitvit.training.checkpoint import (
     CheckpointError,
     build_model,
     load_checkpoint,
@@ -43,18 +42,15 @@ from bitvit.training.checkpoint import (  # noqa: F401 - STATE_KEYS: importable 
 )
 from bitvit.training.config import Config, ConfigError, load_config, resolve_device, save_config
 from bitvit.training.evaluation import predict_logits
-from bitvit.training.rundir import (  # noqa: F401 - read_metrics: importable from here, as it was
+from bitvit.training.losses import Batch, Loss, make_loss
+from bitvit.training.rundir import (
+    TRAIN_EVAL_COLUMNS,
     read_metrics,
     swap_folder,
     write_metrics,
 )
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
-VAL_COLUMNS = ["val_loss", "val_acc"]
-# The model in eval mode (no dropout, no augmentation) on a fixed class-balanced subset of the
-# training split: unlike train_loss/train_acc, a running average in train mode, it compares
-# with test_loss/test_acc. Last in the row, so folders written before these columns still read.
-TRAIN_EVAL_COLUMNS = ["train_eval_loss", "train_eval_acc"]
+# The eval-mode train columns (rundir.TRAIN_EVAL_COLUMNS) measure this many training images.
 TRAIN_EVAL_SIZE = 10_000
 
 
@@ -196,38 +192,110 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
             raise
 
 
+@dataclass
+class Processes:
+    """This process among those of the run (one, or several under ``torchrun``)."""
+
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Session:
+    """Everything an epoch needs, built once by `_set_up`."""
+
+    config: Config
+    run_dir: Path
+    procs: Processes
+    splits: DataSplits
+    train: ImageSet  # the training split, on the device
+    train_eval: ImageSet  # a fixed class-balanced subset of the training split
+    model: VisionTransformer
+    net: nn.Module  # the model as trained: wrapped by DDP and torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    loss: Loss
+    columns: list[str]
+    rows: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 1
+    best_acc: float = -1.0
+
+
 def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
            command: list[str] | None) -> RunResult:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    distributed = world > 1
-    device = resolve_device(config.train.device, "train.device")
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    tc = config.train
-    if tc.batch_size % world:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the "
-                          f"{world} processes")
+    s = _set_up(config, run_dir, resume, _processes(config))
+    info = _open_run_folder(s, resume, command)
+    wall_start, status = time.perf_counter(), "failed"
+    try:
+        for epoch in range(s.start_epoch, s.config.train.epochs + 1):
+            t0 = time.perf_counter()
+            row = _train_epoch(s, epoch, quiet)
+            row.update(_evaluate_epoch(s))
+            _check_finite(s, row, epoch)
+            row["seconds"] = time.perf_counter() - t0
+            s.rows.append(row)
+            _record_epoch(s, row, epoch, quiet)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except TrainingError as e:
+        info["error"] = str(e)
+        raise
+    except OSError as e:  # disk full, read-only: the write that failed left last/ as it was
+        info["error"] = files.describe(e)
+        raise
+    finally:
+        _close_run_folder(s, info, status, time.perf_counter() - wall_start)
+    return RunResult(run_dir, status, s.rows)
 
-    metrics_path = run_dir / rundir.METRICS
-    writer = rank == 0
-    if resume is None and writer and rundir.has_checkpoint(run_dir):
+
+# ---------------------------------------------------------------------------------------------
+# Setting up
+# ---------------------------------------------------------------------------------------------
+
+
+def _processes(config: Config) -> Processes:
+    """This process's rank and device; joins the process group under ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    procs = Processes(world, int(os.environ.get("RANK", "0")),
+                      resolve_device(config.train.device, "train.device"))
+    if procs.distributed:
+        if procs.device.type == "cuda":
+            procs.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(procs.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if procs.device.type == "cuda" else "gloo")
+    if config.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the "
+                          f"{world} processes")
+    return procs
+
+
+def _set_up(config: Config, run_dir: Path, resume: str | Path | None,
+            procs: Processes) -> Session:
+    """Data, model, optimizer and schedule, and the resumed state. Writes nothing, so that a
+    bad config or data path leaves no run folder behind."""
+    tc = config.train
+    if resume is None and procs.writer and rundir.has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
-    # The run folder is created only once data, model and checkpoints have loaded, so that a
-    # bad config or data path leaves nothing behind.
     splits = load_data(config.data, config.model.image_size, config.model.in_channels)
-    classes = splits.classes
-    if len(classes) != config.model.num_classes:
+    if len(splits.classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes} but the data has "
-                          f"{len(classes)} classes ({', '.join(classes[:5])}...)")
+                          f"{len(splits.classes)} classes ({', '.join(splits.classes[:5])}...)")
     # The run uses and records (config.yaml, checkpoints, exports) the numbers auto resolved to.
     config = replace(config, data=replace(config.data, mean=splits.mean, std=splits.std))
-    mean, std = config.data.mean, config.data.std
 
     torch.manual_seed(tc.seed)
     model = build_model(config)
@@ -235,46 +303,58 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
         # Quantization-aware training from a full-precision model: same keys, same shapes.
         source = load_checkpoint(tc.init_from)
         load_state(model, source.model.state_dict(), source.path)
-    model.to(device)
+    model.to(procs.device)
     optimizer = make_optimizer(model, tc)
     steps_per_epoch = len(splits.train.labels) // tc.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
                           f"({len(splits.train.labels)} images)")
+    scheduler = _scheduler(optimizer, tc, steps_per_epoch)
+    train = ImageSet(splits.train.images.to(procs.device), splits.train.labels.to(procs.device),
+                     splits.classes)
+    s = Session(config, run_dir, procs, splits, train,
+                # Seeded by the data seed: the same images every epoch, on every rank, on resume.
+                balanced_subset(splits.train, TRAIN_EVAL_SIZE, config.data.seed),
+                model, _wrap(model, tc, procs), optimizer, scheduler, steps_per_epoch,
+                make_loss(config), [])
+    if resume is not None:
+        s.start_epoch, s.best_acc = load_training_state(run_dir / rundir.LAST, model, optimizer,
+                                                        scheduler)
+        s.rows = [r for r in read_metrics(run_dir / rundir.METRICS)
+                  if r["epoch"] < s.start_epoch]
+    s.columns = rundir.metric_columns(splits.val is not None, s.rows)
+    return s
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, tc: Any,
+               steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total_steps = steps_per_epoch * tc.epochs
     warmup = int(tc.warmup_epochs * steps_per_epoch)
     floor = tc.min_lr / tc.lr if tc.lr else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, tc.schedule, floor))
 
-    start_epoch, best_acc = 1, -1.0
-    rows = read_metrics(metrics_path) if resume is not None else []
-    if resume is not None:
-        start_epoch, best_acc = load_training_state(run_dir / "last", model, optimizer, scheduler)
-        rows = [r for r in rows if r["epoch"] < start_epoch]
-    columns = METRIC_COLUMNS + (VAL_COLUMNS if splits.val is not None else [])
-    # A run resumed from a folder written before the train-eval columns keeps its columns.
-    if not rows or TRAIN_EVAL_COLUMNS[0] in rows[0]:
-        columns += TRAIN_EVAL_COLUMNS
-    # Seeded by the data seed: the same images every epoch, on every rank and after a resume.
-    train_eval = balanced_subset(splits.train, TRAIN_EVAL_SIZE, config.data.seed)
 
-    net: nn.Module = model
-    if distributed:
+def _wrap(model: nn.Module, tc: Any, procs: Processes) -> nn.Module:
+    """The model as the training step calls it: under DDP with several processes, compiled when
+    ``train.compile`` asks."""
+    net = model
+    if procs.distributed:
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        net = torch.compile(net)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
-                else nullcontext())
+            model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+    return torch.compile(net) if tc.compile else net
 
-    run_info = {
+
+def _open_run_folder(s: Session, resume: str | Path | None,
+                     command: list[str] | None) -> dict[str, Any]:
+    """run.json's record, written with config.yaml when this process writes."""
+    info = {
         "command": command if command is not None else sys.argv,
         "git_commit": _git_commit(),
-        "device": _device_name(device),
-        "processes": world,
+        "device": _device_name(s.procs.device),
+        "processes": s.procs.world,
         "torch": torch.__version__,
-        "data": str(splits.source),
+        "data": str(s.splits.source),
         # With status "running", pid and host tell a live run from a killed one (bitvit sweep).
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -282,126 +362,136 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
         "end": None,
         "status": "running",
     }
-    if writer:
-        if resume is None and rundir.holds_run(run_dir):
-            # Killed before its first checkpoint: nothing to resume, nothing to delete either.
-            aside = rundir.move_aside(run_dir)
-            print(f"bitvit train: {run_dir} held a run without a checkpoint; moved it to "
-                  f"{aside} and starting again", file=sys.stderr)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        previous = rundir.read_info(run_dir) if resume is not None else {}
-        if previous:
-            run_info["resumed_from"] = rundir.resume_history(previous)
-        save_config(config, run_dir / rundir.CONFIG)
-        rundir.write_info(run_dir, run_info)
+    if not s.procs.writer:
+        return info
+    if resume is None and rundir.holds_run(s.run_dir):
+        # Killed before its first checkpoint: nothing to resume, nothing to delete either.
+        aside = rundir.move_aside(s.run_dir)
+        print(f"bitvit train: {s.run_dir} held a run without a checkpoint; moved it to "
+              f"{aside} and starting again", file=sys.stderr)
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    previous = rundir.read_info(s.run_dir) if resume is not None else {}
+    if previous:
+        info["resumed_from"] = rundir.resume_history(previous)
+    save_config(s.config, s.run_dir / rundir.CONFIG)
+    rundir.write_info(s.run_dir, info)
+    return info
 
-    wall_start = time.perf_counter()
-    train_images = splits.train.images.to(device)
-    train_labels = splits.train.labels.to(device)
-    status = "failed"
+
+# ---------------------------------------------------------------------------------------------
+# An epoch: train, evaluate, check, record
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_epoch(s: Session, epoch: int, quiet: bool) -> dict[str, float]:
+    """One pass over the training split; the running train-mode loss and accuracy."""
+    tc, procs, data = s.config.train, s.procs, s.config.data
+    t0 = time.perf_counter()
+    generator = _seed_epoch(tc.seed, epoch, procs.rank)
+    images, labels = s.train.images, s.train.labels
+    order = _epoch_order(len(labels), tc.seed, epoch, procs.world, procs.rank)
+    per_rank = tc.batch_size // procs.world
+    autocast = (torch.autocast(procs.device.type, dtype=torch.bfloat16)
+                if tc.precision == "bf16" else nullcontext())
+    s.net.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    bar = _progress(s.steps_per_epoch, epoch, tc.epochs, quiet or not procs.writer)
+    for step in range(s.steps_per_epoch):
+        idx = order[step * per_rank:(step + 1) * per_rank].to(procs.device)
+        batch = Batch(augment(images[idx], data, generator), labels[idx], idx)
+        with autocast:
+            logits = s.net(normalize(batch.images, data.mean, data.std))
+            loss = s.loss(logits, batch)
+        loss_value = loss.item()
+        if not _all_finite(loss_value, procs.distributed, procs.device):
+            what = (f"loss is {loss_value}" if not math.isfinite(loss_value)
+                    else "another process's loss is not finite")
+            raise _non_finite(f"{what} at epoch {epoch}, step {step + 1}", epoch, s.run_dir)
+        _step(s, loss)
+        n = len(batch.labels)
+        correct = (logits.argmax(1) == batch.labels).sum().item()
+        sums += torch.tensor([loss_value * n, correct, n], dtype=torch.float64)
+        if bar is not None:
+            seen = (step + 1) * tc.batch_size
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    if procs.distributed:
+        dist.all_reduce(sums)
+    return {"epoch": epoch, "train_loss": (sums[0] / sums[2]).item(),
+            "train_acc": (sums[1] / sums[2]).item()}
+
+
+def _step(s: Session, loss: torch.Tensor) -> None:
+    """Backward, clip, update, advance the schedule."""
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.config.train.grad_clip:
+        nn.utils.clip_grad_norm_(s.model.parameters(), s.config.train.grad_clip)
+    s.optimizer.step()
+    s.scheduler.step()
+
+
+def _evaluate_epoch(s: Session) -> dict[str, float]:
+    """Test (and validation, and eval-mode train) loss and accuracy, and the lr."""
+    sets = {"test": s.splits.test, "val": s.splits.val,
+            "train_eval": s.train_eval if TRAIN_EVAL_COLUMNS[0] in s.columns else None}
+    row = {}
+    for split, data in sets.items():
+        if data is not None:
+            row[f"{split}_loss"], row[f"{split}_acc"] = _evaluate_sharded(s, data)
+        if split == "test":
+            row["lr"] = s.scheduler.get_last_lr()[0]
+    return row
+
+
+def _check_finite(s: Session, row: dict[str, float], epoch: int) -> None:
+    """Every process sees the same parameters and the same all-reduced losses, so all of them
+    stop here together; nothing of this epoch is saved."""
+    if not all(torch.isfinite(p).all() for p in s.model.parameters()):
+        raise _non_finite(f"parameters are not finite after epoch {epoch}", epoch, s.run_dir)
+    for split in ("test", "val", "train_eval"):
+        if not math.isfinite(row.get(f"{split}_loss", 0.0)):
+            raise _non_finite(f"{split} loss is {row[f'{split}_loss']} after epoch {epoch}",
+                              epoch, s.run_dir)
+
+
+def _record_epoch(s: Session, row: dict[str, float], epoch: int, quiet: bool) -> None:
+    """The metrics row, the curves and the checkpoints (rank 0 writes; all wait for it)."""
+    if s.procs.writer:
+        is_best = s.splits.val is not None and row["val_acc"] > s.best_acc
+        s.best_acc = max(s.best_acc, row.get("val_acc", -1.0))
+        state = training_state(s.optimizer, s.scheduler, epoch, s.best_acc)
+        # Order for a kill at any point: the metrics row and best/ first, last/ last. Until
+        # last/ moves on, resume redoes this epoch: it drops the row and rewrites best/
+        # identically; the other way round a kill would lose the row for good.
+        write_metrics(s.run_dir / rundir.METRICS, s.rows, s.columns)
+        plot_curves(s.rows, s.run_dir / rundir.CURVES, _title(s.config))
+        write = partial(save_training_checkpoint, model=s.model, config=s.config,
+                        classes=s.splits.classes, state=state)
+        if is_best:
+            swap_folder(s.run_dir / rundir.BEST, write)
+        swap_folder(s.run_dir / rundir.LAST, write)
+        if quiet:
+            print(_summary_line(row, s.config.train.epochs), flush=True)
+    if s.procs.distributed:
+        dist.barrier()
+
+
+def _close_run_folder(s: Session, info: dict[str, Any], status: str, wall: float) -> None:
+    """run.json's final status, end time and wall time."""
+    if not s.procs.writer:
+        return
+    info.update(status=status, end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                wall_seconds=round(wall, 1))
     try:
-        for epoch in range(start_epoch, tc.epochs + 1):
-            t0 = time.perf_counter()
-            generator = _seed_epoch(tc.seed, epoch, rank)
-            order = _epoch_order(len(train_labels), tc.seed, epoch, world, rank)
-            per_rank = tc.batch_size // world
-            net.train()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-            bar = _progress(steps_per_epoch, epoch, tc.epochs, quiet or not writer)
-            for step in range(steps_per_epoch):
-                idx = order[step * per_rank:(step + 1) * per_rank].to(device)
-                x = augment(train_images[idx], config.data, generator)
-                x, y = normalize(x, mean, std), train_labels[idx]
-                with autocast:
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
-                loss_value = loss.item()
-                if not _all_finite(loss_value, distributed, device):
-                    what = (f"loss is {loss_value}" if not math.isfinite(loss_value)
-                            else "another process's loss is not finite")
-                    raise _non_finite(f"{what} at epoch {epoch}, step {step + 1}", epoch, run_dir)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                n = len(y)
-                correct = (logits.argmax(1) == y).sum().item()
-                sums += torch.tensor([loss_value * n, correct, n], dtype=torch.float64)
-                if bar is not None:
-                    seen = (step + 1) * tc.batch_size
-                    bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                    bar.update()
-            if bar is not None:
-                bar.close()
-            if distributed:
-                dist.all_reduce(sums)
-            row = {"epoch": epoch, "train_loss": (sums[0] / sums[2]).item(),
-                   "train_acc": (sums[1] / sums[2]).item()}
-            test = _evaluate_sharded(model, splits.test, mean, std, tc.eval_batch_size, device,
-                                     world, rank)
-            row.update(test_loss=test[0], test_acc=test[1], lr=scheduler.get_last_lr()[0])
-            if splits.val is not None:
-                val = _evaluate_sharded(model, splits.val, mean, std, tc.eval_batch_size, device,
-                                        world, rank)
-                row.update(val_loss=val[0], val_acc=val[1])
-            if TRAIN_EVAL_COLUMNS[0] in columns:
-                fit = _evaluate_sharded(model, train_eval, mean, std, tc.eval_batch_size,
-                                        device, world, rank)
-                row.update(train_eval_loss=fit[0], train_eval_acc=fit[1])
-            # Every process sees the same parameters and the same all-reduced losses, so all
-            # of them stop here together; nothing of this epoch is saved.
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise _non_finite(f"parameters are not finite after epoch {epoch}", epoch,
-                                  run_dir)
-            for split in ("test", "val", "train_eval"):
-                if not math.isfinite(row.get(f"{split}_loss", 0.0)):
-                    raise _non_finite(f"{split} loss is {row[f'{split}_loss']} after epoch "
-                                      f"{epoch}", epoch, run_dir)
-            row["seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            if writer:
-                is_best = splits.val is not None and row["val_acc"] > best_acc
-                best_acc = max(best_acc, row.get("val_acc", -1.0))
-                state = training_state(optimizer, scheduler, epoch, best_acc)
-                # Order for a kill at any point: the metrics row and best/ first, last/ last.
-                # Until last/ moves on, resume redoes this epoch: it drops the row and rewrites
-                # best/ identically; the other way round a kill would lose the row for good.
-                write_metrics(metrics_path, rows, columns)
-                plot_curves(rows, run_dir / rundir.CURVES, _title(config))
-                write = partial(save_training_checkpoint, model=model, config=config,
-                                classes=classes, state=state)
-                if is_best:
-                    swap_folder(run_dir / rundir.BEST, write)
-                swap_folder(run_dir / rundir.LAST, write)
-                if quiet:
-                    print(_summary_line(row, tc.epochs), flush=True)
-            if distributed:
-                dist.barrier()
-        status = "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    except TrainingError as e:
-        run_info["error"] = str(e)
-        raise
-    except OSError as e:  # disk full, read-only: the write that failed left last/ as it was
-        run_info["error"] = files.describe(e)
-        raise
-    finally:
-        if writer:
-            run_info.update(status=status,
-                            end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            wall_seconds=round(time.perf_counter() - wall_start, 1))
-            try:
-                rundir.write_info(run_dir, run_info)
-            except OSError:
-                if status == "finished":
-                    raise
-                # Already failing (the disk is full, say): the first error is the one to tell.
-    return RunResult(run_dir, status, rows)
+        rundir.write_info(s.run_dir, info)
+    except OSError:
+        if status == "finished":
+            raise
+        # Already failing (the disk is full, say): the first error is the one to tell.
 
 
 def _non_finite(what: str, epoch: int, run_dir: Path) -> TrainingError:
@@ -422,12 +512,12 @@ def _all_finite(value: float, distributed: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _evaluate_sharded(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
-                      std: tuple[float, ...], batch_size: int, device: torch.device,
-                      world: int, rank: int) -> tuple[float, float]:
+def _evaluate_sharded(s: Session, data: ImageSet) -> tuple[float, float]:
     """(loss, accuracy) over the whole set; each process takes every world-th image."""
+    world, rank = s.procs.world, s.procs.rank
     shard = ImageSet(data.images[rank::world], data.labels[rank::world], data.classes)
-    logits = predict_logits(model, shard.images, mean, std, batch_size, device)
+    logits = predict_logits(s.model, shard.images, s.config.data.mean, s.config.data.std,
+                            s.config.train.eval_batch_size, s.procs.device)
     sums = torch.tensor([F.cross_entropy(logits, shard.labels, reduction="sum").item(),
                          (logits.argmax(1) == shard.labels).sum().item(), len(shard.labels)],
                         dtype=torch.float64)

@@ -35,6 +35,21 @@ STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FIL
 # What a run writes; a folder holding any of these (but no checkpoint) restarts aside.
 RUN_ENTRIES = (METRICS, CONFIG, RUN_JSON, CURVES, LAST, BEST, f".{LAST}.tmp", f".{LAST}.old",
                f".{BEST}.tmp", f".{BEST}.old")
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+VAL_COLUMNS = ["val_loss", "val_acc"]
+# The model in eval mode (no dropout, no augmentation) on a fixed class-balanced subset of the
+# training split: unlike train_loss/train_acc, a running average in train mode, it compares
+# with test_loss/test_acc. Last in the row, so folders written before these columns still read.
+TRAIN_EVAL_COLUMNS = ["train_eval_loss", "train_eval_acc"]
+
+
+def metric_columns(with_val: bool, rows: list[dict[str, float]]) -> list[str]:
+    """metrics.csv's columns; a run resumed from a folder written before the train-eval columns
+    keeps its columns."""
+    columns = METRIC_COLUMNS + (VAL_COLUMNS if with_val else [])
+    return columns + (TRAIN_EVAL_COLUMNS if not rows or TRAIN_EVAL_COLUMNS[0] in rows[0] else [])
+
+
 # Inherited from a `bitvit sweep` parent: the descriptor of the run folder's lock it holds.
 LOCK_FD_ENV = "BITVIT_RUN_LOCK_FD"
 
