@@ -63,11 +63,11 @@ def sync_results(sweep: Sweep) -> list[str]:
     copied = []
     for name in sweep.run_dirs():
         src, dst = sweep.run_dir(name), sweep.out / name
-        files = [f for f in SMALL_FILES if (src / f).is_file()]
-        if rundir.CONFIG not in files:
+        present = [f for f in SMALL_FILES if (src / f).is_file()]
+        if rundir.CONFIG not in present:
             continue
         dst.mkdir(parents=True, exist_ok=True)
-        for f in files:
+        for f in present:
             data = (src / f).read_bytes()
             if not (dst / f).is_file() or (dst / f).read_bytes() != data:
                 files.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
