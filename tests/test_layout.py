@@ -209,3 +209,11 @@ def test_functions_and_modules_stay_small_enough_to_read():
                 if lines > 80:
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {lines}")
     assert long == []
+
+
+def test_a_float_key_takes_exponent_notation_without_a_dot():
+    """YAML 1.1 reads 3e-4 as a string; `bitvit train --help` suggests train.lr=3e-4."""
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4
+    assert load_config(None, ["train.min_lr=1E-6"]).train.min_lr == 1e-6
+    with pytest.raises(ConfigError, match="train.lr='abc': expected float"):
+        load_config(None, ["train.lr=abc"])

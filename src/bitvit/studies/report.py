@@ -1,20 +1,19 @@
-"""Comparison and report: reading run folders, grouping them, the statistics against full
-precision, the Markdown tables and ``results/README.md``.
+"""Comparison and report: the statistics against full precision, the Markdown tables and
+``results/README.md``, from the runs and groups of `bitvit.studies.runs`.
 
-`load_run` reads run folders (metrics.csv, config.yaml, run.json); `group_runs` groups runs
-whose configs are equal except for the seed and settings that do not change the experiment
-(device, data location, compile, eval batch size); `compare_groups` computes per-group
-mean +- std over seeds (test accuracy and loss over the last k epochs and at the final one,
-train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` where runs have it)
-and, for each quantized group, the difference to its full-precision group: a 95% confidence
-interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence test at a stated
-margin, each Holm-adjusted over the table (two families), beside the margin the seeds can
-resolve (`bitvit.studies.stats`).
-`compare_markdown` and `plot_groups` (`bitvit.studies.figures`) turn that into tables (with
-`turning_markdown`: where each test loss is lowest and whether it rises after) and the first
-study's figure; `write_report` regenerates ``results/README.md``, with
-`bitvit.studies.tuning`'s section (each method at its own learning rate) for sweeps over
-``train.lr`` with a validation split.
+`bitvit.studies.runs.load_run` reads run folders (metrics.csv, config.yaml, run.json);
+`group_runs` groups runs whose configs are equal except for the seed and settings that do not
+change the experiment (device, data location, compile, eval batch size); `compare_groups`
+computes per-group mean +- std over seeds (test accuracy and loss over the last k epochs and at
+the final one, train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` where
+runs have it) and, for each quantized group, the difference to its full-precision group: a 95%
+confidence interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence test at
+a stated margin, each Holm-adjusted over the table (two families), beside the margin the seeds
+can resolve (`bitvit.studies.stats`). `compare_markdown` and `plot_groups`
+(`bitvit.studies.figures`) turn that into tables (with `turning_markdown`: where each test loss
+is lowest and whether it rises after) and the first study's figure; `write_report` regenerates
+``results/README.md``, with `bitvit.studies.tuning`'s section (each method at its own learning
+rate) for sweeps over ``train.lr`` with a validation split.
 """
 
 from __future__ import annotations
