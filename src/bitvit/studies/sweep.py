@@ -238,12 +238,21 @@ def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IG
 AUTO_KEYS = frozenset({"data.mean", "data.std"})
 
 
+def same_setting(key: str, saved: Any, wanted: Any) -> bool:
+    """Whether a run folder's experiment_key value matches the one a sweep asks for.
+
+    A run records the numbers ``data.mean``/``data.std: auto`` resolved to, and auto resolves
+    the same way for the same data, so auto on either side matches any numbers.
+    """
+    auto = key in AUTO_KEYS and "auto" in (saved, wanted)
+    return auto or saved == wanted
+
+
 def planned_key(config: dict[str, Any], also_ignore: frozenset[str] = frozenset()
                 ) -> dict[str, Any]:
-    """The settings by which a planned run and a run folder are one experiment: the
-    `experiment_key` less the epochs (a run may be extended) and the normalization (planned as
-    auto, recorded as the numbers auto resolved to), and less ``also_ignore``. The one place
-    that decides it, for the sweep's folder check and the learning-rate tables."""
+    """A key that groups planned configs with the run folders they became (the learning-rate
+    tables): the `experiment_key` less the epochs (a run may be extended), the normalization
+    (`same_setting`'s rule, coarsened: no study varies it) and ``also_ignore``."""
     return experiment_key(config, IGNORED_KEYS | AUTO_KEYS | {"train.epochs"} | also_ignore)
 
 
@@ -269,9 +278,11 @@ def run_state(run_dir: Path, config: Config) -> str:
         return "new"
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
-        saved = planned_key(yaml.safe_load(saved_path.read_text()) or {})
-        wanted = planned_key(config.to_dict())
-        differing = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        saved = experiment_key(yaml.safe_load(saved_path.read_text()) or {},
+                               IGNORED_KEYS | {"train.epochs"})
+        wanted = experiment_key(config.to_dict(), IGNORED_KEYS | {"train.epochs"})
+        differing = [k for k in sorted(set(saved) | set(wanted))
+                     if not same_setting(k, saved.get(k), wanted.get(k))]
         if differing:
             k = differing[0]
             raise SweepError(f"{run_dir}: holds a run with {k}={saved.get(k)!r} but the sweep "
