@@ -17,12 +17,11 @@ from safetensors.torch import load_file
 
 from bitvit.cli import main as cli_main
 from bitvit.data import load_data
-from bitvit.nn.model import VisionTransformer
 from bitvit.studies.runs import group_runs, load_run
 from bitvit.studies.schedule import run_sweep
 from bitvit.studies.sweep import experiment_key, load_sweep, plan_sweep, run_name
 from bitvit.training import distill
-from bitvit.training.checkpoint import save_model
+from bitvit.training.checkpoint import build_model, save_model
 from bitvit.training.config import ConfigError, load_config, save_config
 from bitvit.training.loop import config_for_resume, train
 from bitvit.training.losses import Batch, HardDistillation, SoftDistillation
@@ -74,11 +73,11 @@ def teacher(real_data, tmp_path_factory) -> Path:
 
 
 def fake_teacher(path: Path, *overrides: str) -> Path:
-    """An untrained checkpoint file of another shape (no training needed to be refused)."""
+    """An untrained checkpoint file (no training needed to be refused, or described)."""
     config = load_config(PAPER, [*TINY, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
                                  *overrides])
     classes = [f"class{i}" for i in range(config.model.num_classes)]
-    save_model(path, VisionTransformer(config.model), config, classes)
+    save_model(path, build_model(config), config, classes)
     return path
 
 
@@ -238,6 +237,15 @@ def test_a_teacher_that_does_not_fit_is_refused_in_one_line(real_env, tmp_path, 
     assert err.count("\n") == 1 and err.startswith("bitvit train: error: train.distill.teacher")
     assert message in err and str(wrong) in err
     assert not out.exists()
+
+
+def test_a_quantized_teacher_is_allowed_and_said_to_be(tmp_path):
+    ternary = fake_teacher(tmp_path / "b158.safetensors", "quant.method=b158",
+                           "model.num_classes=10")
+    loaded = distill.load_teacher(load_config(PAPER, [*TINY, f"train.distill.teacher={ternary}"]))
+    assert loaded.quantization == "b158 all act8" and loaded.format == "checkpoint"
+    assert loaded.sha256 == sha256(ternary) and not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
 def test_an_export_needs_the_loader_from_above(real_env, tmp_path, teacher):
