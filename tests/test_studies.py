@@ -126,7 +126,7 @@ def fake_train(monkeypatch):
     """Replace train() with one that records its call and writes a finished run folder."""
     calls = []
 
-    def train(config, out=None, resume=None, quiet=False, command=None):
+    def train(config, out=None, resume=None, quiet=False, command=None, teacher_loader=None):
         run_dir = Path(resume or out)
         calls.append((run_dir.name, "resume" if resume else "new", command))
         fake_run(run_dir, [f"quant.method={config.quant.method}",

@@ -37,6 +37,7 @@ _HOMES = {
     "OrtModel": "deploy.onnx_runtime", "load_onnx": "deploy.onnx_runtime",
     "to_onnx": "deploy.onnx_export",
     "profile_model": "deploy.profile",
+    "load_teacher": "deploy.teacher",
 }
 
 __all__ = [*_HOMES, "__version__"]

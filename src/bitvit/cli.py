@@ -61,11 +61,16 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-train", type=int, help="class-balanced subset of N training images")
     p.add_argument("--limit-test", type=int, help="class-balanced subset of N test images")
     p.add_argument("--init-from", help="full-precision checkpoint to start from (QAT)")
+    p.add_argument("--teacher", metavar="PATH",
+                   help="distil from this model: a run folder, checkpoint or exported "
+                   ".safetensors (train.distill.kind=soft|hard, train.distill.alpha=0.5, "
+                   "train.distill.temperature=4); with --resume: where the run's teacher "
+                   "is now (its sha256 must match)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last/")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     # A resume keeps the run's config.yaml: any option but these would be ignored, so is refused.
-    honoured = {"help", "resume", "epochs", "data", "quiet"}
+    honoured = {"help", "resume", "epochs", "data", "quiet", "teacher"}
     p.set_defaults(func=_train,
                    resume_refuses=[(a.dest, a.option_strings[0], a.default) for a in p._actions
                                    if a.option_strings and a.dest not in honoured])
@@ -77,7 +82,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]
     flags = {"data": "data.path", "quant": "quant.method", "where": "quant.where",
              "epochs": "train.epochs", "seed": "train.seed",
              "limit_train": "data.limit_train", "limit_test": "data.limit_test",
-             "init_from": "train.init_from"}
+             "init_from": "train.init_from", "teacher": "train.distill.teacher"}
     out: list[str | tuple[str, object]] = [
         (key, getattr(args, flag)) for flag, key in flags.items()
         if getattr(args, flag) is not None]
@@ -89,6 +94,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]
 
 
 def _train(args: argparse.Namespace) -> int:
+    from bitvit.deploy.teacher import load_teacher
     from bitvit.training.config import load_config
     from bitvit.training.loop import config_for_resume, train
 
@@ -98,14 +104,20 @@ def _train(args: argparse.Namespace) -> int:
         if given:
             raise CliError(f"{given[0]} cannot be given with --resume, which continues a run "
                            "with its saved config.yaml; only --epochs N (to extend it), --data P "
-                           "(to relocate the data) and --quiet may be")
+                           "(to relocate the data), --teacher PATH (to relocate its teacher) "
+                           "and --quiet may be")
         config = config_for_resume(args.resume, args.epochs)
         if args.data:
             config.data.path = args.data
+        if args.teacher:
+            if config.train.distill.teacher is None:
+                raise CliError(f"--teacher: the run in {args.resume} has no teacher; --resume "
+                               "continues a run as it started")
+            config.train.distill.teacher = args.teacher
     else:
         config = load_config(args.config, _train_overrides(args))
     result = train(config, out=args.out, resume=args.resume, quiet=args.quiet,
-                   command=["bitvit", *sys.argv[1:]])
+                   command=["bitvit", *sys.argv[1:]], teacher_loader=load_teacher)
     final = result.final
     print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
                       **{k: round(v, 6) for k, v in final.items()}}))
@@ -347,6 +359,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from bitvit.deploy.teacher import load_teacher
     from bitvit.studies.schedule import run_sweep, sync_results
     from bitvit.studies.sweep import load_sweep
 
@@ -362,7 +375,7 @@ def _sweep(args: argparse.Namespace) -> int:
               f"{sweep.runs_root / sweep.out.name} into {sweep.out}")
         return 0
     run_sweep(sweep, args.overrides, parallel=args.parallel, dry_run=args.dry_run,
-              argv=["bitvit", "sweep", args.sweep, *args.overrides])
+              argv=["bitvit", "sweep", args.sweep, *args.overrides], teacher_loader=load_teacher)
     return 0
 
 

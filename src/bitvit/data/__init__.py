@@ -24,7 +24,7 @@ readers), ``sources`` (form detection, decoding, the cache and ``auto`` statisti
 Layer 1, beside `bitvit.nn`. May import `bitvit.files` only.
 """
 
-from bitvit.data.augment import augment
+from bitvit.data.augment import augment, augments
 from bitvit.data.base import (
     AUTO,
     CIFAR10_CLASSES,
@@ -51,7 +51,7 @@ from bitvit.data.subsets import _balanced_indices, balanced_subset, split_valida
 __all__ = [
     "AUTO", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_DATA", "IMAGE_EXTS",
     "OFFICIAL_MD5", "OFFICIAL_URL", "DataConfig", "DataError", "DataSplits", "ImageSet", "Stats",
-    "_balanced_indices", "augment", "balanced_subset", "channel_statistics", "check_normalization",
-    "download_cifar10", "find_data", "fit_image", "is_cifar10", "load_data", "normalize",
-    "read_images", "safe_unpickle", "split_validation",
+    "_balanced_indices", "augment", "augments", "balanced_subset", "channel_statistics",
+    "check_normalization", "download_cifar10", "find_data", "fit_image", "is_cifar10",
+    "load_data", "normalize", "read_images", "safe_unpickle", "split_validation",
 ]

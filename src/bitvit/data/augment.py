@@ -7,6 +7,12 @@ import torch
 from bitvit.data.base import DataConfig
 
 
+def augments(cfg: DataConfig) -> bool:
+    """Whether `augment` changes any image: otherwise every epoch sees the same images (and a
+    distillation teacher's logits for them can be computed once)."""
+    return (cfg.random_crop and cfg.crop_padding > 0) or cfg.horizontal_flip
+
+
 def augment(images: torch.Tensor, cfg: DataConfig,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop after zero padding and/or horizontal flip, per image, on the tensor's device.
@@ -15,7 +21,7 @@ def augment(images: torch.Tensor, cfg: DataConfig,
     Returns ``images`` itself when both options are off. Random numbers are drawn on the
     generator's device (CPU by default) so results do not depend on the training device.
     """
-    if not (cfg.random_crop or cfg.horizontal_flip):
+    if not augments(cfg):
         return images
     n, _, h, w = images.shape
     dev = images.device

@@ -161,6 +161,11 @@ class Group:
         return [METRICS[metric](r, last_k) for r in self.runs if r.rows]
 
 
+# Distillation settings in labels: ``kd=soft``, ``alpha=0.5``, ``T=4``, ``teacher=1a2b3c4d``.
+DISTILL_LABELS = {"train.distill.kind": "kd", "train.distill.temperature": "T",
+                  "train.distill.teacher_sha256": "teacher"}
+
+
 def _label_part(key: str, value: Any) -> str:
     if key == "quant.method":
         return str(value)
@@ -168,17 +173,23 @@ def _label_part(key: str, value: Any) -> str:
         return str(value)
     if key == "quant.act_bits":
         return "act-fp" if value is None else f"act{value}"
-    return f"{key.split('.')[1]}={format_value(value)}"
+    if key == "train.distill.teacher_sha256":
+        return f"teacher={str(value)[:8]}"
+    name = DISTILL_LABELS.get(key, key.split(".")[-1])
+    return f"{name}={format_value(value)}"
 
 
 def group_labels(keys: list[dict[str, Any]]) -> list[str]:
-    """A label per experiment key naming what differs between them (e.g. ``b158 all act8``)."""
+    """A label per experiment key naming what differs between them (e.g. ``b158 all act8``,
+    ``b158 all act8 kd=soft``)."""
     all_keys = sorted({k for key in keys for k in key})
     # A key names groups when it takes more than one value among the groups that have it (full
-    # precision has no quant.where, and needs none in its label).
+    # precision has no quant.where, and needs none in its label); the kind of distillation also
+    # when only some groups have a teacher (the others have no train.distill keys at all).
     differing = [k for k in all_keys if len({json.dumps(key[k], default=str)
-                                              for key in keys if k in key}) > 1]
-    order = ["quant.method", "quant.where", "quant.act_bits"]
+                                              for key in keys if k in key}) > 1
+                 or k == "train.distill.kind" and not all(k in key for key in keys)]
+    order = ["quant.method", "quant.where", "quant.act_bits", "train.distill.kind"]
     differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     if "quant.method" not in differing and any(k.startswith("quant.") for k in differing):
         differing.insert(0, "quant.method")

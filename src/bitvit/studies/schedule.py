@@ -11,7 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitvit import files
 from bitvit.studies.sweep import (
@@ -25,6 +25,9 @@ from bitvit.studies.sweep import (
     train_command,
 )
 from bitvit.training import rundir
+
+if TYPE_CHECKING:
+    from bitvit.training.distill import TeacherLoader
 
 # With ``runs_root``, what a sweep copies from each run folder into ``out`` (never weights).
 SMALL_FILES = (rundir.METRICS, rundir.CONFIG, rundir.RUN_JSON, rundir.CURVES)
@@ -77,24 +80,27 @@ def sync_results(sweep: Sweep) -> list[str]:
 
 def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
               dry_run: bool = False, argv: list[str] | None = None,
-              log: Any = print) -> list[PlannedRun]:
+              log: Any = print, teacher_loader: TeacherLoader | None = None) -> list[PlannedRun]:
     """Train every unfinished run of a sweep; return the plan (with states before running).
 
     ``parallel`` > 1 trains that many runs at once as ``python -m bitvit train`` subprocesses
     (several runs on one GPU); each writes its output to RUN/train.log. With a runs root the
     small files are copied into ``out`` before, while (every few minutes) and after training.
+    ``teacher_loader``: how runs in this process read a distillation teacher (`bitvit.train`'s;
+    ``bitvit sweep`` passes `bitvit.load_teacher`, which reads exported models too).
     """
     if not dry_run:
         sync_results(sweep)
     try:
-        return _run_sweep(sweep, extra, parallel, dry_run, argv, log)
+        return _run_sweep(sweep, extra, parallel, dry_run, argv, log, teacher_loader)
     finally:
         if not dry_run:
             sync_results(sweep)
 
 
 def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bool,
-               argv: list[str] | None, log: Any) -> list[PlannedRun]:
+               argv: list[str] | None, log: Any,
+               teacher_loader: TeacherLoader | None = None) -> list[PlannedRun]:
     plan = plan_sweep(sweep, extra)
     todo = [r for r in plan if r.state not in ("finished", "running")]
     for r in plan:
@@ -109,7 +115,7 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
         failed = []
         for r in todo:
             try:
-                _train_in_process(r, sweep, log, extra)
+                _train_in_process(r, sweep, log, extra, teacher_loader)
             except TrainingError as e:  # a diverged run: go on with the others, say so at the end
                 log(f"FAILED    {r.run_dir}: {e}")
                 failed.append(r.name)
@@ -145,18 +151,24 @@ def _claim(r: PlannedRun, sweep: Sweep, extra: list[str] | None, log: Any) -> bo
     return True
 
 
-def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any,
-                      extra: list[str] | None = None) -> None:
-    from bitvit.training.loop import train
+def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any, extra: list[str] | None = None,
+                      teacher_loader: TeacherLoader | None = None) -> None:
+    from bitvit.training.loop import config_for_resume, train
 
     with contextlib.ExitStack() as stack:
         if _lock(r, stack, log) is None or not _claim(r, sweep, extra, log):
             return
-        # r.config is what r.command gives: train_command refuses a resume it cannot express.
         if r.state == "resume":
-            train(r.config, resume=r.run_dir, quiet=True, command=r.command)
+            # What `bitvit train --resume` does: the run's own config.yaml, with what r.command
+            # may change (train_command refuses a resume it cannot express).
+            config = config_for_resume(r.run_dir, r.config.train.epochs)
+            config.data.path = r.config.data.path
+            config.train.distill.teacher = r.config.train.distill.teacher
+            train(config, resume=r.run_dir, quiet=True, command=r.command,
+                  teacher_loader=teacher_loader)
         else:
-            train(r.config, out=r.run_dir, quiet=True, command=r.command)
+            train(r.config, out=r.run_dir, quiet=True, command=r.command,
+                  teacher_loader=teacher_loader)
 
 
 SYNC_SECONDS = 300.0

@@ -23,10 +23,12 @@ from the repository root, as the recorded commands do)::
       train.seed: [0, 1, 2]
 
 Without ``runs`` the points are the grid's cartesian product. A value may be a scalar (one
-choice) or a list. Each point is one run folder under ``out``, named from its values in the
-order of the file (``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0`` or
-``method=sign_where=mlp_act_bits=1_seed=2`` (the last part of the key, or the whole key when two
-keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become ``-``). Runs are trained
+choice) or a list; a key of a nested section is ``section.sub.key`` (``train.distill.kind``).
+Each point is one run folder under ``out``, named from its values in the order of the file
+(``runs`` keys, then ``grid`` keys), e.g. ``method=b158_seed=0`` or
+``method=sign_where=mlp_act_bits=1_seed=2`` (the last part of the key, or the whole key with
+``-`` for ``.`` when two keys share a last part; characters outside ``[A-Za-z0-9.+-]`` become
+``-``). Runs are trained
 grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
 
 ``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
@@ -111,7 +113,7 @@ def _expand(grid: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(grid, dict):
         raise SweepError(f"{where}: expected a mapping of section.key to a list of values")
     for key in grid:
-        if not isinstance(key, str) or key.count(".") != 1:
+        if not isinstance(key, str) or "." not in key or not all(key.split(".")):
             raise SweepError(f"{where}: key {key!r}: expected section.key (e.g. quant.method)")
     choices = [v if isinstance(v, list) else [v] for v in grid.values()]
     for key, values in zip(grid, choices, strict=True):
@@ -167,7 +169,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
-    last = [k.split(".")[1] for k in keys]
+    last = [k.split(".")[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k.replace(".", "-"))
             for k, s in zip(keys, last, strict=True)}
 
@@ -207,22 +209,44 @@ def sweep_config(sweep: Sweep, point: dict[str, Any], extra: list[str] | None = 
 # ---------------------------------------------------------------------------------------------
 
 # Settings that do not change what a run measures: left out when grouping runs and when checking
-# a run folder against its sweep.
+# a run folder against its sweep. A distillation teacher is known by its file's sha256
+# (train.distill.teacher_sha256), not by where the file is (a path differs between machines);
+# its test accuracy is a measurement of it.
 IGNORED_KEYS = {
     "train.seed", "train.device", "train.compile", "train.eval_batch_size",
     "data.path", "data.download", "data.download_url", "data.download_md5", "data.cache_dir",
+    "train.distill.teacher", "train.distill.teacher_test_acc",
 }
+DISTILL = "train.distill."
+
+
+def _flatten(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """{section: {key: value, sub: {key: value}}} -> {section.key: value, section.sub.key: ...}."""
+    flat: dict[str, Any] = {}
+
+    def walk(mapping: dict[str, Any], prefix: str) -> None:
+        for k, v in mapping.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+    for section, values in config_dict.items():
+        walk(values or {}, f"{section}.")
+    return flat
 
 
 def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IGNORED_KEYS
                    ) -> dict[str, Any]:
-    """A flat {section.key: value} of what a run measures; quantization settings normalized.
+    """A flat {section.key: value} (``section.sub.key`` in nested sections) of what a run
+    measures; quantization and distillation settings normalized.
 
     ``act_bits: default`` becomes the bits it means; full precision (``method: fp`` or
     ``where: none``) drops every other quant key, since none of them does anything then.
+    Without a teacher every ``train.distill`` key is dropped (a run from before distillation
+    has none), and hard distillation drops the temperature, which only soft uses.
     """
-    flat = {f"{s}.{k}": (list(v) if isinstance(v, tuple) else v)
-            for s, section in config_dict.items() for k, v in (section or {}).items()}
+    flat = _flatten(config_dict)
     method = flat.get("quant.method", FULL_PRECISION)
     if method == FULL_PRECISION or flat.get("quant.where") == "none":
         for k in [k for k in flat if k.startswith("quant.")]:
@@ -230,12 +254,17 @@ def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IG
         flat["quant.method"] = FULL_PRECISION
     elif "quant.act_bits" in flat:
         flat["quant.act_bits"] = resolve_act_bits(method, flat["quant.act_bits"])
+    if flat.get(f"{DISTILL}teacher") is None:
+        flat = {k: v for k, v in flat.items() if not k.startswith(DISTILL)}
+    elif flat.get(f"{DISTILL}kind") == "hard":
+        flat.pop(f"{DISTILL}temperature", None)
     return {k: v for k, v in sorted(flat.items()) if k not in ignore}
 
 
-# Settings a planned config may give as ``auto`` while its run records the numbers auto resolved
-# to (the same for the same data): they never make another experiment.
-AUTO_KEYS = frozenset({"data.mean", "data.std"})
+# Settings a planned config may give as ``auto`` (or leave null) while its run records what they
+# resolved to (the same for the same data, the same teacher file): they never make another
+# experiment. The teacher's sha256 is recorded when its run starts.
+AUTO_KEYS = frozenset({"data.mean", "data.std", "train.distill.teacher_sha256"})
 
 
 def same_setting(key: str, saved: Any, wanted: Any) -> bool:
@@ -381,9 +410,11 @@ def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]
     return plan
 
 
-# What `bitvit train --resume DIR` cannot change (it takes only --data and --epochs): a sweep
-# asking a resumed run for another value of one of these is refused rather than ignored.
-RESUME_KEEPS = sorted(IGNORED_KEYS - {"data.path"})
+# What `bitvit train --resume DIR` cannot change (it takes only --data, --teacher and --epochs,
+# and the run records its teacher's test accuracy itself): a sweep asking a resumed run for
+# another value of one of these is refused rather than ignored.
+RESUME_KEEPS = sorted(IGNORED_KEYS - {"data.path", "train.distill.teacher",
+                                      "train.distill.teacher_test_acc"})
 
 
 def train_command(sweep: Sweep, point: dict[str, Any], run_dir: Path, config: Config,
@@ -392,8 +423,9 @@ def train_command(sweep: Sweep, point: dict[str, Any], run_dir: Path, config: Co
     records it and the parallel path runs it, so both do the same.
 
     A new run gets every override (the sweep's, ``extra``, the point's). A resumed run keeps its
-    own config.yaml: ``--epochs`` and, when the sweep moves the data, ``--data`` carry what a
-    resume can change; any other setting that differs from the run's own raises `SweepError`.
+    own config.yaml: ``--epochs`` and, when the sweep moves the data or the teacher, ``--data``
+    and ``--teacher`` carry what a resume can change; any other setting that differs from the
+    run's own raises `SweepError`.
     """
     if state != "resume":
         return ["bitvit", "train", "--config", sweep.base, "--out", str(run_dir), "--quiet",
@@ -410,4 +442,7 @@ def train_command(sweep: Sweep, point: dict[str, Any], run_dir: Path, config: Co
                str(config.train.epochs), "--quiet"]
     if wanted.get("data.path") != saved.get("data.path"):
         command += ["--data", str(config.data.path)]
+    teacher = f"{DISTILL}teacher"
+    if saved.get(teacher) is not None and wanted.get(teacher) != saved.get(teacher):
+        command += ["--teacher", str(config.train.distill.teacher)]
     return command

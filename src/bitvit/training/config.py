@@ -1,7 +1,9 @@
 """Configs as plain data: four sections (model, quant, data, train), YAML files, CLI overrides.
 
 Each section's dataclass lives beside the code that uses it; this module only composes them,
-reads and writes YAML, and applies ``section.key=value`` overrides.
+reads and writes YAML, and applies ``section.key=value`` overrides. A section may nest another
+(``train.distill``): a field whose type is a dataclass is a mapping in YAML, and its keys are
+overridden as ``section.sub.key=value``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ FRACTION: Rule = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
 COUNT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                "an integer >= 0")
 LIMIT: Rule = (lambda v: v is None or POSITIVE_INT[0](v), "null or an integer >= 1")
+UNIT: Rule = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 def _one_of(values: Iterable[Any]) -> Rule:
@@ -86,6 +90,15 @@ RULES: dict[str, dict[str, Rule]] = {
         "device": (lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v)
                    is not None, "auto, cpu, cuda or cuda:N"),
     },
+    "train.distill": {
+        "kind": _one_of(("soft", "hard")),
+        "alpha": UNIT,
+        "temperature": POSITIVE,
+        "teacher_sha256": (lambda v: v is None or (isinstance(v, str)
+                                                   and SHA256_PATTERN.fullmatch(v) is not None),
+                           "null or 64 lowercase hex digits"),
+        "teacher_test_acc": (lambda v: v is None or UNIT[0](v), "null or a number in [0, 1]"),
+    },
 }
 
 
@@ -94,6 +107,25 @@ def check_values(section: str, values: Mapping[str, Any]) -> None:
     for key, (ok, expected) in RULES.get(section, {}).items():
         if key in values and not ok(values[key]):
             raise ConfigError(f"{section}.{key}={values[key]!r}: expected {expected}")
+
+
+@dataclass
+class DistillConfig:
+    """The ``train.distill:`` section: knowledge distillation from a teacher model, off while
+    ``teacher`` is null (`bitvit.training.distill` and the losses in `bitvit.training.losses`).
+    """
+
+    teacher: str | None = None  # a run folder, checkpoint folder or file, or exported model
+    kind: str = "soft"  # soft (Hinton: KL at a temperature) | hard (DeiT: the teacher's argmax)
+    alpha: float = 0.5  # weight of the teacher's term; 1 - alpha weighs the labels' CE
+    temperature: float = 4.0  # soft only: both softmaxes at logits / temperature
+    # Written by the run when it starts (config.yaml), so that a resume finds the same teacher:
+    # a given sha256 must be the teacher file's, and a given test accuracy is not measured again.
+    teacher_sha256: str | None = None
+    teacher_test_acc: float | None = None  # the teacher on the student's test split
+
+    def __post_init__(self) -> None:
+        check_values("train.distill", dataclasses.asdict(self))
 
 
 @dataclass
@@ -117,6 +149,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     eval_batch_size: int = 500
     init_from: str | None = None  # a checkpoint (full precision) to initialise the weights from
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
@@ -182,7 +215,15 @@ def _field_type(cls: type, name: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check a YAML value against a dataclass field's type; ints may stand for floats."""
+    """Check a YAML value against a dataclass field's type; ints may stand for floats; a nested
+    section (a dataclass) is built from its mapping (null: its defaults)."""
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a mapping with keys "
+                              f"{_names(tp)}")
+        return _build(tp, value, key, source)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -244,7 +285,7 @@ Override = str | tuple[str, Any]  # "section.key=value" (YAML value), or (sectio
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[str, Any]:
     """Apply overrides in order to a raw config mapping: ``section.key=value`` strings (values
     parsed as YAML) or ``(section.key, value)`` pairs, whose values are taken as they are (the
-    command line's typed options)."""
+    command line's typed options). A key of a nested section is ``section.sub.key``."""
     # Sections that are not mappings are kept as they are, for Config.from_dict to name.
     raw = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
@@ -252,14 +293,23 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[
             key, value, sep = item[0], item[1], "="
         else:
             key, sep, text = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or not name:
+        path = key.split(".")
+        if not sep or len(path) < 2 or not all(path):
             raise ConfigError(f"override {item!r}: expected section.key=value")
         if not isinstance(item, tuple):
             value = _override_value(key, text)
-        values = raw.setdefault(section, {})
+        values = raw.setdefault(path[0], {})
+        # Into nested sections, each copied so that the caller's mappings stay as given.
+        for depth, name in enumerate(path[1:-1], 2):
+            if not isinstance(values, dict):
+                break
+            inner = values.get(name)
+            if inner is not None and not isinstance(inner, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth])} is not a "
+                                  "section")
+            values[name] = values = dict(inner or {})
         if isinstance(values, dict):
-            values[name] = value
+            values[path[-1]] = value
     return raw
 
 

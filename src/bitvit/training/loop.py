@@ -41,6 +41,8 @@ from bitvit.training.checkpoint import (
     training_state,
 )
 from bitvit.training.config import Config, ConfigError, load_config, resolve_device, save_config
+from bitvit.training.distill import Distillation, TeacherLoader, load_teacher
+from bitvit.training.distill import set_up as set_up_distillation
 from bitvit.training.evaluation import predict_logits
 from bitvit.training.losses import Batch, Loss, make_loss
 from bitvit.training.rundir import (
@@ -165,8 +167,12 @@ def _default_run_dir(config: Config) -> Path:
 
 
 def train(config: Config, out: str | Path | None = None, resume: str | Path | None = None,
-          quiet: bool = False, command: list[str] | None = None) -> RunResult:
+          quiet: bool = False, command: list[str] | None = None,
+          teacher_loader: TeacherLoader | None = None) -> RunResult:
     """Train a model as ``config`` says into the run folder ``out`` (or continue ``resume``).
+
+    ``teacher_loader`` reads ``train.distill.teacher`` (`bitvit.training.distill`); the default
+    reads run folders and checkpoints, `bitvit.load_teacher` also exported models.
 
     Returns the run's metrics. Raises `TrainingError` on a non-finite loss or parameters
     (``last/`` keeps the last good epoch), OSError naming the file when the disk is full or
@@ -176,15 +182,16 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     moved aside to ``OUT.restart-TIME/`` and the run starts again.
     """
     run_dir = Path(resume) if resume is not None else Path(out or _default_run_dir(config))
+    run = partial(_train, config, run_dir, resume, quiet, command, teacher_loader)
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes, so only it owns the folder
-        return _train(config, run_dir, resume, quiet, command)
+        return run()
     if resume is not None and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder; cannot resume")
     created = not run_dir.exists()
     # Held for the whole run, so a second `bitvit train` into the folder is refused at once.
     with rundir.locked(run_dir):
         try:
-            return _train(config, run_dir, resume, quiet, command)
+            return run()
         except BaseException:
             if created and rundir.is_empty(run_dir):  # a bad config leaves nothing behind
                 (run_dir / rundir.LOCK).unlink(missing_ok=True)
@@ -229,11 +236,12 @@ class Session:
     rows: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 1
     best_acc: float = -1.0
+    distillation: Distillation | None = None  # the teacher, when train.distill names one
 
 
 def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
-           command: list[str] | None) -> RunResult:
-    s = _set_up(config, run_dir, resume, _processes(config))
+           command: list[str] | None, teacher_loader: TeacherLoader | None) -> RunResult:
+    s = _set_up(config, run_dir, resume, _processes(config), teacher_loader)
     info = _open_run_folder(s, resume, command)
     wall_start, status = time.perf_counter(), "failed"
     try:
@@ -282,14 +290,15 @@ def _processes(config: Config) -> Processes:
     return procs
 
 
-def _set_up(config: Config, run_dir: Path, resume: str | Path | None,
-            procs: Processes) -> Session:
-    """Data, model, optimizer and schedule, and the resumed state. Writes nothing, so that a
-    bad config or data path leaves no run folder behind."""
+def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Processes,
+            teacher_loader: TeacherLoader | None) -> Session:
+    """Data, model, optimizer and schedule, the teacher, and the resumed state. Writes nothing,
+    so that a bad config, data path or teacher leaves no run folder behind."""
     tc = config.train
     if resume is None and procs.writer and rundir.has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
+    teacher = load_teacher(config, teacher_loader)  # before the data: a misfit fails at once
     splits = load_data(config.data, config.model.image_size, config.model.in_channels)
     if len(splits.classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes} but the data has "
@@ -310,13 +319,18 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None,
         raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
                           f"({len(splits.train.labels)} images)")
     scheduler = _scheduler(optimizer, tc, steps_per_epoch)
+    distillation = None if teacher is None else set_up_distillation(
+        teacher, config, splits, run_dir, procs.device, procs.world, procs.rank)
+    if distillation is not None:  # config.yaml and the checkpoints record the teacher
+        config = distillation.recorded(config)
     train = ImageSet(splits.train.images.to(procs.device), splits.train.labels.to(procs.device),
                      splits.classes)
     s = Session(config, run_dir, procs, splits, train,
                 # Seeded by the data seed: the same images every epoch, on every rank, on resume.
                 balanced_subset(splits.train, TRAIN_EVAL_SIZE, config.data.seed),
                 model, _wrap(model, tc, procs), optimizer, scheduler, steps_per_epoch,
-                make_loss(config), [])
+                make_loss(config, None if distillation is None else distillation.logits), [],
+                distillation=distillation)
     if resume is not None:
         s.start_epoch, s.best_acc = load_training_state(run_dir / rundir.LAST, model, optimizer,
                                                         scheduler)
@@ -362,6 +376,8 @@ def _open_run_folder(s: Session, resume: str | Path | None,
         "end": None,
         "status": "running",
     }
+    if s.distillation is not None:
+        info["teacher"] = s.distillation.record(s.config)
     if not s.procs.writer:
         return info
     if resume is None and rundir.holds_run(s.run_dir):
@@ -375,6 +391,8 @@ def _open_run_folder(s: Session, resume: str | Path | None,
         info["resumed_from"] = rundir.resume_history(previous)
     save_config(s.config, s.run_dir / rundir.CONFIG)
     rundir.write_info(s.run_dir, info)
+    if s.distillation is not None:
+        s.distillation.save_cache(s.run_dir)
     return info
 
 

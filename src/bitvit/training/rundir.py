@@ -32,9 +32,12 @@ BEST = "best"
 LOCK = ".lock"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FILE
+# A distillation teacher's logits for the training split, when they are the same every epoch
+# (no augmentation); keyed by the teacher file's and the training images' sha256.
+TEACHER_LOGITS = "teacher_logits.safetensors"
 # What a run writes; a folder holding any of these (but no checkpoint) restarts aside.
 RUN_ENTRIES = (METRICS, CONFIG, RUN_JSON, CURVES, LAST, BEST, f".{LAST}.tmp", f".{LAST}.old",
-               f".{BEST}.tmp", f".{BEST}.old")
+               f".{BEST}.tmp", f".{BEST}.old", TEACHER_LOGITS)
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
 VAL_COLUMNS = ["val_loss", "val_acc"]
 # The model in eval mode (no dropout, no augmentation) on a fixed class-balanced subset of the

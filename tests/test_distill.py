@@ -1,0 +1,363 @@
+"""Knowledge distillation (train.distill): the losses against hand computations, the teacher's
+logits (cached or per batch), exactness (alpha 0, resume), refusals, the command line, sweeps."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bitvit.cli import main as cli_main
+from bitvit.data import load_data
+from bitvit.studies.runs import group_runs, load_run
+from bitvit.studies.schedule import run_sweep
+from bitvit.studies.sweep import experiment_key, load_sweep, plan_sweep, run_name
+from bitvit.training import distill
+from bitvit.training.checkpoint import build_model, save_model
+from bitvit.training.config import ConfigError, load_config, save_config
+from bitvit.training.loop import config_for_resume, train
+from bitvit.training.losses import Batch, HardDistillation, SoftDistillation
+from bitvit.training.rundir import TEACHER_LOGITS
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = str(ROOT / "configs/paper.yaml")
+TINY = ["model.dim=32", "model.depth=2", "model.heads=4", "model.patch_size=8",
+        "data.limit_test=200", "train.batch_size=50"]
+
+
+def tiny(*overrides: str, limit_train: int = 300):
+    return load_config(PAPER, [*TINY, f"data.limit_train={limit_train}", *overrides])
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    """metrics.csv without the wall-clock column."""
+    lines = (run / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [{k: v for k, v in zip(header, line.split(","), strict=True) if k != "seconds"}
+            for line in lines[1:]]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last/model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Killed(BaseException):
+    """Stands in for a kill after an epoch (BaseException: nothing in train() catches it)."""
+
+
+@pytest.fixture(scope="module")
+def teacher(real_data, tmp_path_factory) -> Path:
+    """A tiny full-precision run folder, one epoch on the students' 300 training images."""
+    run = tmp_path_factory.mktemp("teacher") / "fp"
+    data = [f"data.path={real_data['BITVIT_DATA']}", f"data.cache_dir={real_data['BITVIT_CACHE']}"]
+    train(tiny("train.epochs=1", *data), out=run, quiet=True)
+    return run
+
+
+def fake_teacher(path: Path, *overrides: str) -> Path:
+    """An untrained checkpoint file (no training needed to be refused, or described)."""
+    config = load_config(PAPER, [*TINY, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]",
+                                 *overrides])
+    classes = [f"class{i}" for i in range(config.model.num_classes)]
+    save_model(path, build_model(config), config, classes)
+    return path
+
+
+# --- the losses ---------------------------------------------------------------------------------
+
+STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+TEACHER = [[2.0, 0.0, 1.0], [1.0, 3.0, 1.0]]
+LABELS = [1, 2]
+
+
+def _log_softmax(row: list[float], t: float = 1.0) -> list[float]:
+    z = [x / t for x in row]
+    log_sum = math.log(sum(math.exp(x) for x in z))
+    return [x - log_sum for x in z]
+
+
+def _ce(rows_: list[list[float]], targets: list[int]) -> float:
+    return sum(-_log_softmax(r)[y] for r, y in zip(rows_, targets, strict=True)) / len(rows_)
+
+
+def _batch() -> Batch:
+    return Batch(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor(LABELS),
+                 torch.arange(2))
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.5, 4.0), (0.3, 2.0), (1.0, 1.0)])
+def test_soft_distillation_is_hintons_loss_by_hand(alpha, temperature):
+    kl = 0.0
+    for s, t in zip(STUDENT, TEACHER, strict=True):
+        log_p, log_q = _log_softmax(t, temperature), _log_softmax(s, temperature)
+        kl += sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q, strict=True))
+    kl /= len(STUDENT)  # batch mean
+    expected = (1 - alpha) * _ce(STUDENT, LABELS) + alpha * temperature ** 2 * kl
+    loss = SoftDistillation(lambda batch: torch.tensor(TEACHER), alpha, temperature)
+    assert loss(torch.tensor(STUDENT), _batch()).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hard_distillation_is_deits_loss_by_hand():
+    argmax_teacher = [0, 1]
+    expected = (_ce(STUDENT, LABELS) + _ce(STUDENT, argmax_teacher)) / 2
+    loss = HardDistillation(lambda batch: torch.tensor(TEACHER))  # alpha 0.5: DeiT's
+    assert loss(torch.tensor(STUDENT), _batch()).item() == pytest.approx(expected, rel=1e-6)
+    weighted = HardDistillation(lambda batch: torch.tensor(TEACHER), alpha=0.2)
+    assert weighted(torch.tensor(STUDENT), _batch()).item() == pytest.approx(
+        0.8 * _ce(STUDENT, LABELS) + 0.2 * _ce(STUDENT, argmax_teacher), rel=1e-6)
+
+
+def test_the_distill_section_is_checked_when_the_config_loads(capsys, tmp_path):
+    config = load_config(None, ["train.distill.teacher=runs/t", ("train.distill.alpha", 0)])
+    assert config.train.distill.teacher == "runs/t" and config.train.distill.alpha == 0.0
+    assert config.train.distill.kind == "soft" and config.train.distill.temperature == 4.0
+    assert load_config(None).train.distill.teacher is None  # off by default
+    for override, message in (("train.distill.kind=medium", "expected one of soft, hard"),
+                              ("train.distill.alpha=1.5", "expected a number in [0, 1]"),
+                              ("train.distill.teachr=x", "unknown key train.distill.teachr"),
+                              ("model.dim.x=1", "model.dim is not a section")):
+        capsys.readouterr()
+        assert cli_main(["train", "--config", PAPER, "--out", str(tmp_path / "r"), override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+# --- the teacher in a run -----------------------------------------------------------------------
+
+
+def test_alpha_zero_is_bit_for_bit_a_run_without_a_teacher(real_env, tmp_path, teacher):
+    plain, zero = tmp_path / "plain", tmp_path / "zero"
+    train(tiny("quant.method=b158", "train.epochs=2"), out=plain, quiet=True)
+    train(tiny("quant.method=b158", "train.epochs=2", f"train.distill.teacher={teacher}",
+               "train.distill.alpha=0"), out=zero, quiet=True)
+    assert rows(plain) == rows(zero)
+    assert_same_weights(plain, zero)
+    assert json.loads((zero / "run.json").read_text())["teacher"]["sha256"] == sha256(
+        teacher / "last/model.safetensors")
+
+
+def test_cached_teacher_logits_equal_the_teacher_run_per_batch(real_env, tmp_path, teacher,
+                                                               monkeypatch):
+    config = tiny("quant.method=b158", f"train.distill.teacher={teacher}")
+    splits = load_data(config.data, 32, 3)
+    loaded = distill.load_teacher(config)
+    cached = distill.set_up(loaded, config, splits, tmp_path, torch.device("cpu"))
+    assert isinstance(cached.logits, distill.CachedTeacher) and cached.cache is not None
+    per_batch = distill.TeacherOnBatch(loaded)
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(1))
+    for idx in order.split(50):
+        batch = Batch(splits.train.images[idx], splits.train.labels[idx], idx)
+        assert torch.equal(cached.logits(batch), per_batch(batch))
+    # Kept in the run folder and read back, not computed again (a resume, say) ...
+    cached.save_cache(tmp_path)
+    assert (tmp_path / TEACHER_LOGITS).is_file()
+    shard_logits = distill._shard_logits
+    monkeypatch.setattr(distill, "_shard_logits", lambda *a: pytest.fail("computed again"))
+    again = distill.set_up(loaded, config, splits, tmp_path, torch.device("cpu"))
+    assert again.cache is None and torch.equal(again.logits.table, cached.logits.table)
+    # ... but only for these images: other training images compute (and keep) their own.
+    monkeypatch.setattr(distill, "_shard_logits", shard_logits)
+    other = tiny("quant.method=b158", f"train.distill.teacher={teacher}", "data.seed=1")
+    fresh = distill.set_up(loaded, other, load_data(other.data, 32, 3), tmp_path,
+                           torch.device("cpu"))
+    assert fresh.cache is not None
+    # With augmentation the images change every epoch: the teacher runs on each batch.
+    augmented = tiny("quant.method=b158", f"train.distill.teacher={teacher}",
+                     "data.horizontal_flip=true")
+    assert isinstance(distill.set_up(loaded, augmented, splits, tmp_path,
+                                     torch.device("cpu")).logits, distill.TeacherOnBatch)
+
+
+def test_interrupted_and_resumed_distillation_equals_uninterrupted(real_env, tmp_path, teacher,
+                                                                   monkeypatch):
+    # Augmentation and dropout: the teacher runs per batch on the augmented images.
+    config = tiny("quant.method=b158", "train.epochs=3", "model.dropout=0.1",
+                  "data.random_crop=true", "data.horizontal_flip=true",
+                  f"train.distill.teacher={teacher}", "train.distill.alpha=0.7")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(config, out=full, quiet=True)
+
+    loop = importlib.import_module("bitvit.training.loop")
+    record = loop._record_epoch
+
+    def record_then_die(s, row, epoch, quiet):
+        record(s, row, epoch, quiet)
+        if epoch == 2:
+            raise Killed
+
+    monkeypatch.setattr(loop, "_record_epoch", record_then_die)
+    with pytest.raises(Killed):
+        train(config, out=killed, quiet=True)
+    monkeypatch.setattr(loop, "_record_epoch", record)
+    # The resumed run reads the teacher's test accuracy from its config.yaml.
+    monkeypatch.setattr(distill, "_test_accuracy", lambda *a: pytest.fail("measured again"))
+    result = train(config_for_resume(killed), resume=killed, quiet=True)
+    assert result.status == "finished"
+    assert rows(full) == rows(killed) and len(rows(full)) == 3
+    assert_same_weights(full, killed)
+    saved = yaml.safe_load((killed / "config.yaml").read_text())["train"]["distill"]
+    assert saved["teacher_sha256"] == sha256(teacher / "last/model.safetensors")
+    assert "per batch" in json.loads((killed / "run.json").read_text())["teacher"]["logits"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_classes=5"], "has 5 classes but the student has 10 classes "
+                              "(model.num_classes=10)"),
+    (["model.image_size=16"], "takes 16x16 images but the student takes 32x32 images "
+                              "(model.image_size=32)"),
+])
+def test_a_teacher_that_does_not_fit_is_refused_in_one_line(real_env, tmp_path, capsys,
+                                                            overrides, message):
+    wrong = fake_teacher(tmp_path / "wrong.safetensors", *overrides)
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert cli_main(["train", "--config", PAPER, "--quant", "b158", "--epochs", "1", "--quiet",
+                     "--limit-train", "300", *TINY, "--teacher", str(wrong),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bitvit train: error: train.distill.teacher")
+    assert message in err and str(wrong) in err
+    assert not out.exists()
+
+
+def test_a_quantized_teacher_is_allowed_and_said_to_be(tmp_path):
+    ternary = fake_teacher(tmp_path / "b158.safetensors", "quant.method=b158",
+                           "model.num_classes=10")
+    loaded = distill.load_teacher(load_config(PAPER, [*TINY, f"train.distill.teacher={ternary}"]))
+    assert loaded.quantization == "b158 all act8" and loaded.format == "checkpoint"
+    assert loaded.sha256 == sha256(ternary) and not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_an_export_needs_the_loader_from_above(real_env, tmp_path, teacher):
+    exported = tmp_path / "teacher.safetensors"
+    assert cli_main(["export", str(teacher), "--out", str(exported)]) == 0
+    with pytest.raises(ConfigError, match="an exported model.*teacher_loader=bitvit.load_teacher"):
+        train(tiny(f"train.distill.teacher={exported}"), out=tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bitvit_train_teacher_end_to_end(real_env, tmp_path, teacher, capsys):
+    base = ["train", "--config", PAPER, "--quant", "b158", "--epochs", "1", "--quiet",
+            "--limit-train", "300", *TINY]
+    soft, hard, plain = tmp_path / "soft", tmp_path / "hard", tmp_path / "plain"
+    assert cli_main([*base, "--teacher", str(teacher), "--out", str(soft)]) == 0
+    info = json.loads((soft / "run.json").read_text())["teacher"]
+    teacher_file = teacher / "last/model.safetensors"
+    teacher_acc = float(rows(teacher)[-1]["test_acc"])  # the same test split as the student's
+    assert info["sha256"] == sha256(teacher_file) and info["file"] == str(teacher_file)
+    assert info["test_acc"] == teacher_acc and info["format"] == "checkpoint"
+    assert info["quantized"] is False and info["path"] == str(teacher)
+    saved = load_config(soft / "config.yaml").train.distill
+    assert (saved.teacher, saved.kind, saved.alpha, saved.temperature) == (str(teacher), "soft",
+                                                                          0.5, 4.0)
+    assert saved.teacher_sha256 == info["sha256"] and saved.teacher_test_acc == teacher_acc
+    assert (soft / TEACHER_LOGITS).is_file()
+
+    # An exported (fp16) model as the teacher, hard distillation.
+    exported = tmp_path / "teacher.safetensors"
+    assert cli_main(["export", str(teacher), "--out", str(exported)]) == 0
+    assert cli_main([*base, "--teacher", str(exported), "train.distill.kind=hard",
+                     "--out", str(hard)]) == 0
+    info = json.loads((hard / "run.json").read_text())["teacher"]
+    assert info["format"] == "export" and info["sha256"] == sha256(exported)
+    assert info["test_acc"] == pytest.approx(teacher_acc, abs=0.02)
+
+    # compare/report group runs by their distillation settings.
+    assert cli_main([*base, "--out", str(plain)]) == 0
+    labels = {g.label for g in group_runs([load_run(r) for r in (soft, hard, plain)])}
+    assert labels == {"b158", f"kd=soft teacher={sha256(teacher_file)[:8]}",
+                      f"kd=hard teacher={sha256(exported)[:8]}"}
+
+    # A resume finds the teacher where it is now, and refuses another teacher.
+    moved = tmp_path / "moved-teacher"
+    shutil.copytree(teacher, moved)
+    assert cli_main(["train", "--resume", str(soft), "--epochs", "2", "--quiet",
+                     "--teacher", str(moved)]) == 0
+    assert load_config(soft / "config.yaml").train.distill.teacher == str(moved)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(soft), "--epochs", "3", "--quiet",
+                     "--teacher", str(exported)]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher changed" in err and err.count("\n") == 1
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+
+def test_sweeps_take_nested_keys_and_know_a_teacher_by_its_sha256(tmp_path, monkeypatch):
+    point = {"quant.method": "b158", "train.distill.teacher": "results/t/seed=0",
+             "train.distill.kind": "soft", "train.seed": 0}
+    assert run_name(point) == "method=b158_teacher=results-t-seed-0_kind=soft_seed=0"
+    recorded = load_config(None, ["train.distill.teacher=/elsewhere/t",
+                                  f"train.distill.teacher_sha256={'a' * 64}",
+                                  "train.distill.teacher_test_acc=0.5"]).to_dict()
+    key = experiment_key(recorded)
+    assert key["train.distill.teacher_sha256"] == "a" * 64 and "train.distill.teacher" not in key
+    # Without a teacher the section says nothing (as in run folders from before it).
+    assert not any(k.startswith("train.distill") for k in experiment_key(load_config().to_dict()))
+    # A run folder that recorded its teacher is the experiment its sweep planned; resumed, it is
+    # told where the teacher is now.
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "base": PAPER, "out": str(tmp_path / "out"), "overrides": ["train.epochs=2"],
+        "runs": [{"train.distill.teacher": "results/t"}]}))
+    sweep = load_sweep(sweep_file)
+    run = tmp_path / "out" / "teacher=results-t"
+    run.mkdir(parents=True)
+    save_config(load_config(PAPER, ["train.epochs=2", *(f"train.distill.{k}={v}" for k, v in
+                                                        recorded["train"]["distill"].items())]),
+                run / "config.yaml")
+    (run / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
+    (run / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    (run / "last").mkdir()
+    for name in ("model.safetensors", "state.pt"):
+        (run / "last" / name).write_bytes(b"x")
+    [planned_run] = plan_sweep(sweep)
+    assert planned_run.state == "resume"
+    assert planned_run.command[-2:] == ["--teacher", "results/t"]
+
+
+def test_the_kd_study_plans_its_teacher_and_students(monkeypatch):
+    monkeypatch.chdir(ROOT)  # sweep files name paths from the repository root
+    teacher_sweep = load_sweep("studies/kd-cpu-teacher.yaml")
+    [teacher_dir] = [teacher_sweep.run_dir(n) for n in teacher_sweep.run_dirs()]
+    lines: list[str] = []
+    plan = run_sweep(load_sweep("studies/kd-cpu.yaml"), dry_run=True, log=lines.append)
+    assert len(plan) == 33 and lines[-1].startswith("33 runs")  # 11 students x 3 seeds
+    students = {}
+    for r in plan:
+        c = r.config
+        assert (c.train.epochs, c.data.limit_train, c.train.lr) == (10, 10000, 0.0003)
+        d = c.train.distill
+        assert d.teacher in (None, str(teacher_dir))
+        students.setdefault((c.quant.method, c.quant.where, c.quant.act_bits,
+                             d.teacher and d.kind), []).append(c.train.seed)
+    assert all(seeds == [0, 1, 2] for seeds in students.values())
+    arms = {("b158", "all", 8), ("bitnet", "all", 8), ("xnor", "all", None),
+            ("sign", "all", None), ("sign", "attn", None)}
+    assert set(students) == ({(*a, None) for a in arms} | {(*a, "soft") for a in arms}
+                             | {("b158", "all", 8, "hard")})
+    [teacher_run] = plan_sweep(teacher_sweep)
+    t = teacher_run.config
+    assert (t.quant.method, t.train.lr, t.train.epochs, t.data.limit_train) == (
+        "fp", 0.0003, 10, 10000)
