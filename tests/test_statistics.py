@@ -5,6 +5,7 @@ and a validation split."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from scipy import stats
 from test_studies import fake_run
 
 from bitvit.cli import main
-from bitvit.studies.report import compare, compare_groups, verdict_text
+from bitvit.studies.placement import compare_placements
+from bitvit.studies.report import compare, compare_groups
 from bitvit.studies.runs import group_runs, load_run
 from bitvit.studies.stats import (
     Difference,
@@ -23,6 +25,7 @@ from bitvit.studies.stats import (
     turning_point,
     welch_difference,
 )
+from bitvit.studies.tables import verdict_text
 from bitvit.training.rundir import (
     METRIC_COLUMNS,
     TRAIN_EVAL_COLUMNS,
@@ -234,10 +237,11 @@ def _with_columns(run_dir: Path, **columns: list[float]) -> Path:
     return run_dir
 
 
-def _study(tmp_path: Path, train_eval: bool, val: bool) -> Path:
+def _study(tmp_path: Path, train_eval: bool, val: bool,
+           methods: tuple[tuple[str, float], ...] = (("fp", 0.0), ("b158", 0.02))) -> Path:
     """fp and b158 over 3 seeds, 6 epochs; b158's test accuracy ~2 points up."""
     out = tmp_path / "study"
-    for method, up in (("fp", 0.0), ("b158", 0.02)):
+    for method, up in methods:
         for seed in range(3):
             acc = [0.30, 0.40, 0.45, 0.50, 0.49 + up, 0.51 + up + seed / 200]
             run = fake_run(out / f"method={method}_seed={seed}",
@@ -263,14 +267,64 @@ def test_tables_of_new_run_folders(tmp_path):
     assert "| test acc, last 3 | test acc, final | test acc at best val |" in text
     assert "train acc (eval mode), last 3 | train-test gap, last 3 |" in text
     assert "(optimistic)" not in text and "train_acc:" not in text
-    # Holm over the 6 tests of the table; the verdicts follow the adjusted p.
+    # Every run has the eval-mode train accuracy: train accuracy and the gap are tested too.
     diffs = list(groups[1].vs_fp.values())
-    assert len(diffs) == 6
-    assert [d.p_adjusted for d in diffs] == pytest.approx(holm([d.p_value for d in diffs]))
-    assert [d.tost_adjusted for d in diffs] == pytest.approx(holm([d.tost_p for d in diffs]))
-    assert "Holm-adjusted over the 6 tests of this table" in text
-    assert "Holm-adjusted over the 6 TOST tests of this table" in text
-    assert "| Welch p | Holm p | TOST p | TOST Holm p | resolvable margin | verdict |" in text
+    assert len(diffs) == 6 and all(d.available for d in diffs)
+    # One group against fp: each metric's family holds its one test (Holm changes nothing).
+    assert [d.p_adjusted for d in diffs] == pytest.approx([d.p_value for d in diffs])
+    assert all(d.family == 1 for d in diffs)
+    assert ("one family per metric (test acc, last 3: 1 test; test acc, final: 1 test; "
+            "test loss, last 3: 1 test; test loss, final: 1 test; train acc (eval mode), "
+            "last 3: 1 test; train-test gap, last 3: 1 test)") in text
+    assert "raw and Holm-adjusted over the same metric's TOST tests" in text
+    assert ("| Welch p | Holm p (this metric's family) | TOST p | TOST Holm p (this metric's "
+            "family) | resolvable margin | verdict |") in text
+    assert "left out of the tests" not in text
+    assert "Placements" not in text  # no groups that differ only in where they quantize
+
+
+def test_holm_families_are_one_per_metric(tmp_path):
+    """fp, b158 and bitnet on fixed numbers: each metric's two tests (b158 and bitnet against
+    fp) are one Holm family, Welch and TOST apart; no metric shares a family with another."""
+    study = _study(tmp_path, train_eval=True, val=False,
+                   methods=(("fp", 0.0), ("b158", 0.02), ("bitnet", 0.005)))
+    groups, text = compare([study], last_k=3)
+    b158, bitnet = (next(g for g in groups if g.key["quant.method"] == m)
+                    for m in ("b158", "bitnet"))
+    fp = groups[0]
+    for m in ("last_test_acc", "final_test_acc", "last_test_loss", "final_test_loss",
+              "train_acc", "gap"):
+        margin = 0.05 if "loss" in m else 0.01
+        raw = [welch_difference(g.values(m, 3), fp.values(m, 3), margin) for g in (b158, bitnet)]
+        pair = [b158.vs_fp[m], bitnet.vs_fp[m]]
+        assert [d.p_value for d in pair] == pytest.approx([d.p_value for d in raw])
+        assert [d.p_adjusted for d in pair] == pytest.approx(
+            holm_by_definition([d.p_value for d in raw])), m
+        assert [d.tost_adjusted for d in pair] == pytest.approx(
+            holm_by_definition([d.tost_p for d in raw])), m
+        assert [d.family for d in pair] == [2, 2]
+    # By hand on this table's numbers: bitnet's last-3 test accuracy is 0.005 * 2 / 3 up on
+    # every seed (+0.33 points, no spread in the difference), b158's 0.02 * 2 / 3.
+    assert b158.vs_fp["last_test_acc"].diff == pytest.approx(0.04 / 3)
+    assert bitnet.vs_fp["last_test_acc"].diff == pytest.approx(0.01 / 3)
+    assert "test acc, last 3: 2 tests; test acc, final: 2 tests;" in text
+    assert "train-test gap, last 3: 2 tests)" in text
+
+
+def test_holm_adjust_per_family_on_fixed_p_values():
+    """adjust_holm is one family: two metrics' p-values adjusted apart give Holm of each."""
+    acc = [_difference(p, 0.5) for p in (0.01, 0.04, 0.03)]
+    loss = [_difference(p, 0.5) for p in (0.02, 0.001)]
+    adjust_holm(acc)
+    adjust_holm(loss)
+    assert [d.p_adjusted for d in acc] == pytest.approx(holm_by_definition([0.01, 0.04, 0.03]))
+    assert [d.p_adjusted for d in loss] == pytest.approx(holm_by_definition([0.02, 0.001]))
+    assert [d.p_adjusted for d in acc] == pytest.approx([0.03, 0.06, 0.06])
+    assert [d.p_adjusted for d in loss] == pytest.approx([0.02, 0.002])
+    assert [d.family for d in acc + loss] == [3, 3, 3, 2, 2]
+    # One table-wide family would have given 0.01 * 4 = 0.04 and 0.02 * 3 = 0.06 instead.
+    together = holm_by_definition([0.01, 0.04, 0.03, 0.02, 0.001])
+    assert together[0] == pytest.approx(0.04) and together[3] == pytest.approx(0.06)
 
 
 def test_tables_of_old_run_folders_say_what_their_train_accuracy_is(tmp_path):
@@ -282,6 +336,59 @@ def test_tables_of_old_run_folders_say_what_their_train_accuracy_is(tmp_path):
     assert "| best test acc (optimistic) |" in text
     assert "train acc (running, train mode), last 5" in text
     assert "running average over each epoch in train mode (train_acc" in text
+    # Two running train-mode accuracies are not tested against each other: n/a, with the
+    # difference of the means, and out of the families (the test metrics keep theirs).
+    b158 = groups[1]
+    for m in ("train_acc", "gap"):
+        d = b158.vs_fp[m]
+        assert not d.available and d.reason.startswith("older runs record only train-mode")
+        assert d.diff == pytest.approx(
+            sum(b158.values(m)) / 3 - sum(fp.values(m)) / 3)
+    assert b158.vs_fp["last_test_acc"].available
+    assert ("train acc (running, train mode), last 5: none; train-test gap, last 5: none)"
+            in text)
+    assert ("so 2 of this table's train-accuracy and gap rows are left out of the tests (n/a: "
+            "older runs record only train-mode accuracy)") in text
+    assert ("| b158 | train-test gap, last 5 | +0.00 | n/a | n/a | n/a | n/a | n/a | n/a: older "
+            "runs record only train-mode accuracy (running, dropout on); not tested |") in text
+
+
+def test_eval_mode_and_train_mode_train_accuracies_are_never_compared(tmp_path):
+    """fp's runs are old (train-mode train_acc only), b158's new (train_eval_acc): no train
+    accuracy or gap test between them; bitnet's runs mix the two kinds within the group: no
+    mean of them, and no test either."""
+    out = _study(tmp_path, train_eval=False, val=False)
+    for seed in range(3):  # b158 gets the eval-mode train accuracy
+        run = out / f"method=b158_seed={seed}"
+        _with_columns(run, train_eval_loss=[1.0] * 6,
+                      train_eval_acc=[r["test_acc"] + 0.05 for r in read_metrics(
+                          run / "metrics.csv")])
+    for seed in range(3):  # bitnet: seed 0 new, seeds 1 and 2 old
+        run = fake_run(out / f"method=bitnet_seed={seed}",
+                       ["quant.method=bitnet", f"train.seed={seed}"],
+                       [0.30, 0.40, 0.45, 0.50, 0.50, 0.52 + seed / 200])
+        if seed == 0:
+            _with_columns(run, train_eval_loss=[1.0] * 6, train_eval_acc=[0.6] * 6)
+    groups, text = compare([out])
+    fp, b158, bitnet = (next(g for g in groups if g.key["quant.method"] == m)
+                        for m in ("fp", "b158", "bitnet"))
+    for g in (b158, bitnet):
+        for m in ("train_acc", "gap"):
+            d = g.vs_fp[m]
+            assert not d.available and math.isnan(d.diff) and math.isnan(d.p_adjusted)
+            assert "not compared with eval-mode accuracy" in d.reason
+    assert b158.vs_fp["train_acc"].reason == (
+        "older runs record only train-mode accuracy (fp); not compared with eval-mode accuracy")
+    assert "(bitnet and fp)" in bitnet.vs_fp["gap"].reason
+    # A group that mixes the kinds has no mean of them; the others keep theirs.
+    assert bitnet.stats["train_acc"].n == 0 and bitnet.stats["gap"].n == 0
+    assert fp.stats["train_acc"].n == 3 and b158.stats["gap"].n == 3
+    assert ("Groups whose runs mix eval-mode and train-mode train accuracy (bitnet) give no "
+            "mean of either, nor of the gap (n/a).") in text
+    # The test metrics are tested as before, in families of two.
+    assert b158.vs_fp["last_test_acc"].family == bitnet.vs_fp["last_test_acc"].family == 2
+    assert "train acc (eval mode or running), last 5: none" in text
+    assert "so 4 of this table's train-accuracy and gap rows are left out" in text
 
 
 def test_compare_and_report_take_last_k(tmp_path, capsys):
@@ -294,3 +401,73 @@ def test_compare_and_report_take_last_k(tmp_path, capsys):
     groups = compare_groups(group_runs(runs), last_k=1)
     assert groups[0].stats["last_test_acc"].mean == pytest.approx(
         groups[0].stats["final_test_acc"].mean)
+
+
+def _placements_study(tmp_path: Path) -> tuple[Path, dict[tuple[str, str], list[float]]]:
+    """fp; sign at all, mlp and attn; xnor at all and mlp; weights only, 3 seeds, 2 epochs. The
+    final test accuracies are fixed numbers (the headline of the last 1 epoch)."""
+    out = tmp_path / "placements"
+    final = {("fp", "all"): [0.37, 0.38, 0.36],
+             ("sign", "all"): [0.22, 0.21, 0.23], ("sign", "mlp"): [0.36, 0.37, 0.37],
+             ("sign", "attn"): [0.20, 0.22, 0.21],
+             ("xnor", "all"): [0.40, 0.39, 0.40], ("xnor", "mlp"): [0.37, 0.36, 0.38]}
+    for (method, where), accs in final.items():
+        for seed, acc in enumerate(accs):
+            overrides = [f"train.seed={seed}"]
+            if method != "fp":
+                overrides += [f"quant.method={method}", f"quant.where={where}",
+                              "quant.act_bits=none"]
+            fake_run(out / f"{method}_{where}_seed={seed}", overrides, [0.1, acc])
+    return out, final
+
+
+def test_placements_table_on_fixed_numbers(tmp_path):
+    study, final = _placements_study(tmp_path)
+    groups, text = compare([study], last_k=1)
+    pairs = compare_placements(groups, margin=0.01, last_k=1)
+    # The settings are named by what differs between the groups but the placement.
+    assert [(p.setting, p.name) for p in pairs] == [
+        ("sign", "all − mlp"), ("sign", "all − attn"), ("sign", "mlp − attn"),
+        ("xnor", "all − mlp")]
+    expected = [("sign", "all", "mlp"), ("sign", "all", "attn"), ("sign", "mlp", "attn"),
+                ("xnor", "all", "mlp")]
+    raw = [stats.ttest_ind(final[(m, a)], final[(m, b)], equal_var=False).pvalue
+           for m, a, b in expected]
+    diffs = [sum(final[(m, a)]) / 3 - sum(final[(m, b)]) / 3 for m, a, b in expected]
+    tost = [welch_difference(final[(m, a)], final[(m, b)], 0.01).tost_p for m, a, b in expected]
+    assert [p.difference.diff for p in pairs] == pytest.approx(diffs)
+    assert [p.difference.p_value for p in pairs] == pytest.approx(raw)
+    # One family over the table's four placement tests, TOST another.
+    assert [p.difference.p_adjusted for p in pairs] == pytest.approx(holm_by_definition(raw))
+    assert [p.difference.tost_adjusted for p in pairs] == pytest.approx(
+        holm_by_definition(tost))
+    assert all(p.difference.family == 4 for p in pairs)
+    assert diffs[0] == pytest.approx(-0.14666666, abs=1e-6)  # sign all - mlp: -14.67 points
+    # The table, after the differences to fp and before the turning point.
+    head = text.index("Placements (`quant.where`)")
+    assert text.index("Differences to full precision") < head < text.index("Test-loss turning")
+    assert "raw and Holm-adjusted over the 4 placement tests of this table" in text
+    assert "(sign, xnor)" in text
+    assert ("| method and activations | placements | difference [95% CI] | Welch p | Holm p "
+            "(this table's family) |") in text
+    d = pairs[0].difference
+    row = (f"| sign | all − mlp | -14.67 [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}] "
+           f"| {d.p_value:.3g} | {d.p_adjusted:.3g} | {d.tost_p:.3g} | {d.tost_adjusted:.3g} | ")
+    assert row in text
+    # The fp table's families are those of its own groups (four quantized groups, one per
+    # metric), untouched by the placement tests.
+    assert "test acc, last 1: 5 tests" in text
+
+
+def test_no_placements_table_without_two_placements(tmp_path):
+    study, _ = _placements_study(tmp_path)
+    for seed in range(3):  # sign only at one placement, xnor at two: one setting left
+        for where in ("mlp", "attn"):
+            shutil.rmtree(study / f"sign_{where}_seed={seed}")
+    groups, text = compare([study], last_k=1)
+    assert [p.setting for p in compare_placements(groups, last_k=1)] == ["xnor"]
+    assert "over the 1 placement test of this table" in text
+    for seed in range(3):
+        shutil.rmtree(study / f"xnor_mlp_seed={seed}")
+    groups, text = compare([study], last_k=1)
+    assert compare_placements(groups) == [] and "Placements" not in text

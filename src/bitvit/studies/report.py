@@ -8,8 +8,12 @@ computes per-group mean +- std over seeds (test accuracy and loss over the last 
 the final one, train accuracy and the train-test gap from the eval-mode ``train_eval_acc`` where
 runs have it) and, for each quantized group, the difference to its full-precision group: a 95%
 confidence interval (Welch-Satterthwaite), Welch's t-test p-value and a TOST equivalence test at
-a stated margin, each Holm-adjusted over the table (two families), beside the margin the seeds
-can resolve (`bitvit.studies.stats`). `compare_markdown` and `plot_groups`
+a stated margin, beside the margin the seeds can resolve (`bitvit.studies.stats`). Each metric
+is a question of its own: its Welch p-values are Holm-adjusted over that metric's tests across
+the table's groups (one family per metric), its TOST p-values likewise (another family). Train
+accuracy and the gap are tested only where every run on both sides has the eval-mode train
+accuracy. Sweeps whose groups differ only in ``quant.where`` get the placements table too
+(`bitvit.studies.placement`, its own family). `compare_markdown` and `plot_groups`
 (`bitvit.studies.figures`) turn that into tables (with `turning_markdown`: where each test loss
 is lowest and whether it rises after) and the first study's figure; `write_report` regenerates
 ``results/README.md``, with `bitvit.studies.tuning`'s section (each method at its own learning
@@ -24,10 +28,12 @@ from typing import Any
 
 from bitvit import files
 from bitvit.studies.figures import plot_dots, plot_groups
+from bitvit.studies.placement import PlacementPair, compare_placements, placements_markdown
 from bitvit.studies.runs import (
     DEFAULT_LAST_K,
     METRICS,
     TESTED,
+    TRAIN_METRICS,
     Group,
     Run,
     find_run_dirs,
@@ -36,11 +42,10 @@ from bitvit.studies.runs import (
     load_run,
     metric_labels,
     provenance_lines,
-    train_acc_column,
+    train_acc_kinds,
 )
 from bitvit.studies.stats import (
     Difference,
-    Summary,
     adjust_holm,
     holm,
     rise_p_value,
@@ -55,6 +60,11 @@ from bitvit.studies.sweep import (
     SweepError,
     load_sweep,
 )
+from bitvit.studies.tables import (
+    DIFFERENCE_HEADER,
+    difference_cells,
+    mean_std,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The comparison
@@ -65,15 +75,48 @@ def _without_quant(key: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in key.items() if not k.startswith("quant.")}
 
 
+OLDER_RUNS = "older runs record only train-mode accuracy"
+
+
+def _train_acc_reason(group: Group, ref: Group) -> str:
+    """Why train accuracy and the gap of ``group`` against ``ref`` are not tested: unless every
+    run on both sides has the eval-mode train accuracy, a test would compare running train-mode
+    accuracies, or mix them with eval-mode ones; empty when it can be tested."""
+    kinds = {g.label: train_acc_kinds(g.runs) for g in (group, ref)}
+    if any(not k for k in kinds.values()) or all(k == {"train_eval_acc"}
+                                                 for k in kinds.values()):
+        return ""  # no runs (welch_difference says so), or eval mode throughout
+    if all(k == {"train_acc"} for k in kinds.values()):
+        return f"{OLDER_RUNS} (running, dropout on); not tested"
+    older = [label for label, k in kinds.items() if "train_acc" in k]
+    return f"{OLDER_RUNS} ({' and '.join(older)}); not compared with eval-mode accuracy"
+
+
+def _untested(group: Group, ref: Group, metric: str, margin: float, alpha: float,
+              reason: str, last_k: int) -> Difference:
+    """A difference left out of the tests; the difference of the means only where both sides
+    give one and the same kind of train accuracy (both running)."""
+    a, b = group.values(metric, last_k), ref.values(metric, last_k)
+    one_kind = len(train_acc_kinds(group.runs) | train_acc_kinds(ref.runs)) == 1
+    diff = math.fsum(a) / len(a) - math.fsum(b) / len(b) if a and b and one_kind else math.nan
+    nan = math.nan
+    return Difference(diff, nan, nan, nan, nan, margin, nan, alpha, reason=reason)
+
+
 def compare_groups(groups: list[Group], margin: float = 0.01, loss_margin: float = 0.05,
                    alpha: float = 0.05, last_k: int = DEFAULT_LAST_K) -> list[Group]:
     """Fill each group's summaries and, for quantized groups, the differences to the
-    full-precision group that matches it in everything but quantization, their Welch p-values
-    Holm-adjusted over every difference of the comparison (one table, one family)."""
+    full-precision group that matches it in everything but quantization. Each metric is one
+    question: its Welch p-values are Holm-adjusted over that metric's tests across the groups
+    (one family per metric), its TOST p-values likewise. Train accuracy and the gap are
+    tested only where every run on both sides has the eval-mode train accuracy, and a group
+    whose runs mix the two kinds gives no mean of them."""
     if last_k < 1:
         raise SweepError(f"--last-k {last_k}: expected 1 or more epochs")
     for g in groups:
         g.stats = {m: summarize(g.values(m, last_k)) for m in METRICS}
+        if len(train_acc_kinds(g.runs)) > 1:  # eval-mode and running: no mean of the two
+            g.stats |= {m: summarize([]) for m in TRAIN_METRICS}
     fps = [g for g in groups if g.is_fp]
     for g in groups:
         if g.is_fp:
@@ -83,64 +126,18 @@ def compare_groups(groups: list[Group], margin: float = 0.01, loss_margin: float
             continue
         g.reference = ref.label
         for m in TESTED:
-            g.vs_fp[m] = welch_difference(g.values(m, last_k), ref.values(m, last_k),
-                                          loss_margin if "loss" in m else margin, alpha)
-    adjust_holm([d for g in groups for d in g.vs_fp.values()])
+            m_margin = loss_margin if "loss" in m else margin
+            why = _train_acc_reason(g, ref) if m in TRAIN_METRICS else ""
+            g.vs_fp[m] = (_untested(g, ref, m, m_margin, alpha, why, last_k) if why else
+                          welch_difference(g.values(m, last_k), ref.values(m, last_k), m_margin,
+                                           alpha))
+    for m in TESTED:  # one family per question
+        adjust_holm([g.vs_fp[m] for g in groups if m in g.vs_fp])
     return groups
 
 # ---------------------------------------------------------------------------------------------
 # The tables
 # ---------------------------------------------------------------------------------------------
-
-
-def _fmt(x: float, metric: str) -> str:
-    if math.isnan(x):
-        return "n/a"
-    if metric in ("wall_seconds",):
-        return f"{x / 60:.1f} min"
-    if metric == "epochs":
-        return f"{x:.0f}"
-    if "acc" in metric or metric == "gap":
-        return f"{100 * x:.2f}"
-    return f"{x:.4f}"
-
-
-def _mean_std(s: Summary, metric: str) -> str:
-    if s.n == 0:
-        return "n/a"
-    if metric == "epochs":  # a count, not a measurement: the range over seeds
-        return f"{s.min:.0f}" if s.min == s.max else f"{s.min:.0f}–{s.max:.0f}"
-    if s.n == 1:
-        return f"{_fmt(s.mean, metric)} (1 seed)"
-    return f"{_fmt(s.mean, metric)} ± {_fmt(s.std, metric)}"
-
-
-def _signed(x: float, metric: str) -> str:
-    text = _fmt(x, metric)
-    return text if text.startswith("-") or text == "n/a" else f"+{text}"
-
-
-def _amount(x: float, metric: str) -> str:
-    """A margin in the metric's units: accuracy points, or loss."""
-    return f"{100 * x:.2f} pts" if "acc" in metric or metric == "gap" else f"{x:.4f}"
-
-
-def verdict_text(d: Difference, metric: str) -> str:
-    """The verdict; an inconclusive one says why: a test (Welch or TOST) passed only before
-    Holm, a margin finer than the seeds can resolve, or a 90% CI that reaches past the margin."""
-    if d.verdict != "inconclusive":
-        return d.verdict if d.available else f"n/a: {d.reason}"
-    why = []
-    if d.p_value < d.alpha:
-        why.append(f"Welch p < {d.alpha:g} only before Holm")
-    margin = _amount(d.margin, metric)
-    if d.tost_p < d.alpha:  # the 90% CI lies within the margin, but not after the correction
-        why.append(f"TOST p < {d.alpha:g} only before Holm")
-    elif d.resolvable >= d.margin:
-        why.append(f"resolvable margin {_amount(d.resolvable, metric)} > {margin}")
-    else:
-        why.append(f"{100 - 200 * d.alpha:g}% CI reaches past ±{margin}")
-    return "inconclusive: " + "; ".join(why)
 
 
 def _notes(runs: list[Run], k: int) -> list[str]:
@@ -158,7 +155,7 @@ def _notes(runs: list[Run], k: int) -> list[str]:
     if False in vals:
         best.append("best test acc is the maximum over epochs, picked on the test set "
                     "(optimistic)")
-    kinds = {train_acc_column(r) for r in with_rows}
+    kinds = train_acc_kinds(with_rows)
     train = []
     if "train_eval_acc" in kinds:
         train.append("train acc (eval mode) is the model in eval mode on a fixed class-balanced "
@@ -211,21 +208,76 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
             count += f" ({len(ts) - len(told)} {why})" if told else f" ({why})"
         tested = "n/a | n/a" if math.isnan(raw) else f"{raw:.3g} | {adj:.3g}"
         lines.append(f"| {g.label} | {len(ts)} | {epoch} | "
-                     f"{_mean_std(summarize([t.lowest for t in ts]), 'test_loss')} | "
-                     f"{_mean_std(summarize(r), 'test_loss')} | {count} | {tested} |")
+                     f"{mean_std(summarize([t.lowest for t in ts]), 'test_loss')} | "
+                     f"{mean_std(summarize(r), 'test_loss')} | {count} | {tested} |")
+    return lines
+
+
+def _families(compared: list[Group], labels: dict[str, str]) -> str:
+    """Each metric's family and its size, e.g. ``test acc, last 5: 12 tests; ...``."""
+    sizes = [(labels[m], sum(g.vs_fp[m].available for g in compared if m in g.vs_fp))
+             for m in TESTED]
+    return "; ".join(f"{label}: {n} test{'s' * (n != 1)}" if n else f"{label}: none"
+                     for label, n in sizes)
+
+
+def _differences_markdown(compared: list[Group], labels: dict[str, str]) -> list[str]:
+    """The differences to full precision: what they test, over which families, and the table."""
+    if not compared:
+        return []
+    margins = compared[0].vs_fp
+    acc_m = 100 * margins["final_test_acc"].margin
+    loss_m = margins["final_test_loss"].margin
+    tests = sum(d.available for g in compared for d in g.vs_fp.values())
+    lines = [""]
+    if not tests:  # no group has two finished seeds on both sides: nothing can be tested
+        lines.append("Differences to full precision: no test is possible yet (each side needs at "
+                     "least two finished seeds); the differences of the means are shown without "
+                     "p-values.")
+    else:
+        families = _families(compared, labels)
+        lines.append(
+            f"Differences to full precision (group − fp, matched in everything but "
+            f"quantization): 95% confidence interval (Welch–Satterthwaite); Welch t-test "
+            f"p-value, raw and Holm-adjusted over its question's family: the tests of the same "
+            f"metric across this table's groups, one family per metric ({families}) "
+            f"(differs: Holm p < 0.05); TOST equivalence p-value at a margin of "
+            f"±{acc_m:g} accuracy points and ±{loss_m:g} loss, raw and Holm-adjusted over the "
+            f"same metric's TOST tests, a family of their own of the same size (equivalent: "
+            f"TOST Holm p < 0.05). Resolvable margin: the half-width of the 90% confidence "
+            f"interval (Welch), the smallest margin TOST can confirm with these seeds even for "
+            f"a difference of zero.")
+    left_out = [g.vs_fp[m] for g in compared for m in TRAIN_METRICS
+                if m in g.vs_fp and g.vs_fp[m].reason.startswith(OLDER_RUNS)]
+    if left_out:
+        lines[-1] += (f" Train accuracy and the train-test gap are tested only where every run "
+                      f"on both sides recorded the eval-mode train accuracy (train_eval_acc): a "
+                      f"running train-mode accuracy (dropout on, weights changing) is compared "
+                      f"neither with an eval-mode one nor with another running one, so "
+                      f"{len(left_out)} of this table's train-accuracy and gap rows are left out "
+                      f"of the tests (n/a: {OLDER_RUNS}).")
+    header = DIFFERENCE_HEADER.replace("Holm p", "Holm p (this metric's family)")
+    lines += ["", f"| group | metric | {header} |", "|---" * 9 + "|"]
+    lines += [f"| {g.label} | {labels[m]} | {difference_cells(d, m)} |"
+              for g in compared for m, d in g.vs_fp.items()]
     return lines
 
 
 def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
                      figure: str | None = None, last_k: int = DEFAULT_LAST_K,
-                     dots: str | None = None) -> str:
-    """The comparison as Markdown: provenance, per-group table, differences to fp, the test-loss
-    turning point, unfinished runs, and the links to the curves (``figure``) and the per-seed
-    dot plot (``dots``)."""
+                     dots: str | None = None,
+                     placements: list[PlacementPair] | None = None) -> str:
+    """The comparison as Markdown: provenance, per-group table, differences to fp, the
+    ``placements`` table (`bitvit.studies.placement`), the test-loss turning point, unfinished
+    runs, and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
     lines = provenance_lines(runs, full_epochs)
     lines.append("")
+    mixed = [g.label for g in groups if len(train_acc_kinds(g.runs)) > 1]
     lines.append("Mean ± std (ddof 1) over seeds; accuracies in %. "
-                 + " ".join(_notes(runs, last_k)))
+                 + " ".join(_notes(runs, last_k))
+                 + (f" Groups whose runs mix eval-mode and train-mode train accuracy "
+                    f"({', '.join(mixed)}) give no mean of either, nor of the gap (n/a)."
+                    if mixed else ""))
     lines.append("")
     cols = list(METRICS)
     labels = metric_labels(runs, last_k)
@@ -234,44 +286,11 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
     for g in groups:
         seeds = ", ".join(str(r.seed) for r in g.runs) or "none"
         marks = [f"{len(g.unfinished)} unfinished"] if g.unfinished else []
-        cells = [_mean_std(g.stats[m], m) for m in cols]
+        cells = [mean_std(g.stats[m], m) for m in cols]
         lines.append(f"| {g.label}{' (' + ', '.join(marks) + ')' if marks else ''} | {seeds} | "
                      + " | ".join(cells) + " |")
-    compared = [g for g in groups if g.vs_fp]
-    if compared:
-        margins = next(iter(compared)).vs_fp
-        acc_m = 100 * margins["final_test_acc"].margin
-        loss_m = margins["final_test_loss"].margin
-        tests = sum(d.available for g in compared for d in g.vs_fp.values())
-        if not tests:  # no group has two finished seeds on both sides: nothing can be tested
-            lines += ["", "Differences to full precision: no test is possible yet (each side "
-                      "needs at least two finished seeds); the differences of the means are "
-                      "shown without p-values.", ""]
-        else:
-            lines += ["", f"Differences to full precision (group − fp, matched in everything "
-                      f"but quantization): 95% confidence interval (Welch–Satterthwaite); "
-                      f"Welch t-test p-value, raw and Holm-adjusted over the {tests} tests of "
-                      f"this table (differs: Holm p < 0.05); TOST equivalence p-value at a "
-                      f"margin of ±{acc_m:g} accuracy points and ±{loss_m:g} loss, raw and "
-                      f"Holm-adjusted over the {tests} TOST tests of this table, a family of "
-                      f"their own (equivalent: TOST Holm p < 0.05). Resolvable margin: the "
-                      f"half-width of the 90% confidence interval (Welch), the smallest margin "
-                      f"TOST can confirm with these seeds even for a difference of zero.", ""]
-        lines.append("| group | metric | difference [95% CI] | Welch p | Holm p | TOST p "
-                     "| TOST Holm p | resolvable margin | verdict |")
-        lines.append("|---" * 9 + "|")
-        for g in compared:
-            for m, d in g.vs_fp.items():
-                if d.available:
-                    diff = (f"{_signed(d.diff, m)} [{_signed(d.ci_low, m)}, "
-                            f"{_signed(d.ci_high, m)}]")
-                    lines.append(f"| {g.label} | {labels[m]} | {diff} | {d.p_value:.3g} | "
-                                 f"{d.p_adjusted:.3g} | {d.tost_p:.3g} | "
-                                 f"{d.tost_adjusted:.3g} | {_amount(d.resolvable, m)} | "
-                                 f"{verdict_text(d, m)} |")
-                else:
-                    lines.append(f"| {g.label} | {labels[m]} | {_signed(d.diff, m)} | n/a | n/a "
-                                 f"| n/a | n/a | n/a | {verdict_text(d, m)} |")
+    lines += _differences_markdown([g for g in groups if g.vs_fp], labels)
+    lines += placements_markdown(placements or [], last_k)
     lines += turning_markdown(groups, last_k)
     unfinished = [r for g in groups for r in g.unfinished]
     if unfinished:
@@ -301,6 +320,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
     runs = [load_run(p) for p in find_run_dirs(paths)]
     groups = compare_groups(group_runs(runs, include_unfinished), margin, loss_margin,
                             last_k=last_k)
+    placements = compare_placements(groups, margin, last_k=last_k)
     figure = dots = None
     if out is not None:
         out = Path(out)
@@ -311,7 +331,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
             dots = "compare-dots.png"
         else:  # no run in the statistics yet: no ranking, and none left over from before
             (out / "compare-dots.png").unlink(missing_ok=True)
-    text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots)
+    text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots, placements)
     if out is not None:
         files.write_text(out / "compare.md", text)
     return groups, text

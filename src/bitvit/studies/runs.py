@@ -122,16 +122,26 @@ METRICS: dict[str, Any] = {
     "epochs": lambda r, k: float(len(r.rows)),
     "wall_seconds": lambda r, k: r.wall_seconds,
 }
-# The metrics tested against full precision (one Holm family per table); accuracies use the
-# accuracy margin, losses the loss margin.
+# The metrics tested against full precision, each a question of its own (one Holm family per
+# metric, over a table's groups); accuracies use the accuracy margin, losses the loss margin.
 TESTED = ["last_test_acc", "final_test_acc", "last_test_loss", "final_test_loss", "train_acc",
           "gap"]
+# The metrics made of the train accuracy: tested only where every run on both sides recorded
+# the eval-mode one (`train_acc_kinds`), so that no test mixes it with the running train-mode
+# accuracy, nor compares two running ones (dropout on, weights changing within the epoch).
+TRAIN_METRICS = ("train_acc", "gap")
+
+
+def train_acc_kinds(runs: list[Run]) -> set[str]:
+    """Which train accuracies the runs give (`train_acc_column`): ``train_eval_acc``,
+    ``train_acc`` or both; empty without a run with metrics."""
+    return {train_acc_column(r) for r in runs if r.rows}
 
 
 def metric_labels(runs: list[Run], k: int) -> dict[str, str]:
     """Column names for a table of these runs; they say which train accuracy and which "best"
     the runs give (a table of old and new run folders says both)."""
-    kinds = {train_acc_column(r) for r in runs if r.rows}
+    kinds = train_acc_kinds(runs)
     train = ("eval mode" if kinds == {"train_eval_acc"} else "running, train mode"
              if kinds <= {"train_acc"} else "eval mode or running")
     vals = {has_val(r) for r in runs if r.rows}

@@ -1,6 +1,6 @@
 """The statistics of the studies, as pure functions: summaries over seeds, a headline that is not
-one noisy epoch, Welch differences with TOST equivalence, Holm's correction over a table, and
-where a test loss turns upward."""
+one noisy epoch, Welch differences with TOST equivalence, Holm's correction over the tests of one
+question (a family), and where a test loss turns upward."""
 
 from __future__ import annotations
 
@@ -57,10 +57,14 @@ class Difference:
     # within +-margin, so with these seeds no margin below this can be confirmed, even for an
     # observed difference of zero.
     resolvable: float = math.nan
-    # p_value adjusted for the other tests of its table (Holm); p_value itself until then.
+    # p_value adjusted for the other tests of its family (Holm; `adjust_holm`): the tests of one
+    # question, e.g. one metric against full precision across a table's groups; p_value itself
+    # until then.
     p_adjusted: float = math.nan
-    # tost_p adjusted likewise, over the TOST tests of its table (their own family).
+    # tost_p adjusted likewise, over the TOST tests of the same question (their own family).
     tost_adjusted: float = math.nan
+    # How many tests that family holds (Welch and TOST alike); 0 until `adjust_holm`.
+    family: int = 0
 
     @property
     def available(self) -> bool:
@@ -139,14 +143,19 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def adjust_holm(differences: Sequence[Difference]) -> None:
-    """Holm over all the available differences: their Welch p-values (``p_adjusted``) as one
-    family and their TOST p-values (``tost_adjusted``) as another, so that both "differs" and
-    "equivalent" are claims about the whole table, not one test picked from it."""
+    """Holm over one question's differences (one family; the unavailable ones are no test):
+    their Welch p-values (``p_adjusted``) as one family and their TOST p-values
+    (``tost_adjusted``) as another, so that both "differs" and "equivalent" are claims about
+    every test of the question, not one test picked from it. ``family`` records the size.
+
+    A question is what the caller asks once per comparison, e.g. "does the last-5 test accuracy
+    differ from full precision?" across a table's groups (`bitvit.studies.report` calls this
+    once per metric), or "does the placement matter?" over a table of placement pairs."""
     tested = [d for d in differences if d.available]
     welch = holm([d.p_value for d in tested])
     tost = holm([d.tost_p for d in tested])
     for d, p, q in zip(tested, welch, tost, strict=True):
-        d.p_adjusted, d.tost_adjusted = p, q
+        d.p_adjusted, d.tost_adjusted, d.family = p, q, len(tested)
 
 
 @dataclass(frozen=True)
