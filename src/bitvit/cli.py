@@ -250,33 +250,36 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
     model = _load_for_inference(args)
-    paths: list[Path] = []
-    failed = 0
+    # Files in the order given (folders expanded), each with the error that stops it, if any.
+    items: list[tuple[Path | str, str | None]] = []
     for given in args.images:
         try:
-            paths += image_files([given])
+            items += [(f, None) for f in image_files([given])]
         except ExportError as e:  # a missing path among several: the others still run
-            failed += _unreadable(args, given, str(e))
-    for i in range(0, len(paths), args.batch_size):
-        failed += _predict_chunk(args, model, paths[i:i + args.batch_size])
+            items.append((given, str(e)))
+    failed = 0
+    for i in range(0, len(items), args.batch_size):
+        failed += _predict_chunk(args, model, items[i:i + args.batch_size])
     return 2 if failed else 0
 
 
-def _predict_chunk(args: argparse.Namespace, model: ExportedModel, chunk: list[Path]) -> int:
+def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
+                   chunk: list[tuple[Path | str, str | None]]) -> int:
     """Predict and print one batch of files, in order; return how many could not be read."""
     import torch
 
     from bitvit.deploy.export import ExportError
 
-    read, errors = {}, {}
-    for file in chunk:
-        try:
-            read[file] = model.preprocessing.read_image(file)
-        except ExportError as e:
-            errors[file] = str(e)
+    read, errors = {}, {file: error for file, error in chunk if error is not None}
+    for file, error in chunk:
+        if error is None:
+            try:
+                read[file] = model.preprocessing.read_image(file)
+            except ExportError as e:
+                errors[file] = str(e)
     tops = dict(zip(read, model.predict(torch.stack(list(read.values())), args.top_k)
                     if read else [], strict=True))
-    for file in chunk:
+    for file, _ in chunk:
         if file in errors:
             _unreadable(args, file, errors[file])
         elif args.json:

@@ -83,7 +83,8 @@ def warning_note(caught: list[warnings.WarningMessage], limit: int = 160) -> str
     """The caught warnings as one clause ("; warning: ..."), "" when there were none."""
     seen: list[str] = []
     for w in caught:
-        text = " ".join(str(w.message).split()) or w.category.__name__
+        # The first sentence: the rest is the library's advice, meant for its own callers.
+        text = " ".join(str(w.message).split()).split(". ")[0] or w.category.__name__
         if text not in seen:
             seen.append(text)
     if not seen:
