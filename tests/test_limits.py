@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -147,11 +148,32 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, c
     err = one_line_error(capsys, "train", "--out", str(out), *TINY, *overrides)
     assert time.perf_counter() - start < 5
     assert f"training this model ({size}" in err and "of memory but" in err
-    assert "is available (MemAvailable in /proc/meminfo)" in err or "available (" in err
+    assert " is available (" in err  # MemAvailable, a cgroup limit, psutil or sysconf
     assert "make model.dim, model.depth or train.batch_size smaller" in err
     assert not out.exists()  # a refused config leaves nothing behind
     err = one_line_error(capsys, "profile", str(ROOT / "configs/paper.yaml"), *overrides)
     assert "its model (model.dim=" in err and "of memory but" in err
+
+
+def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypatch):
+    from bitvit.training import memory
+
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: None)  # no /proc/meminfo
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` fails
+    free, how = memory.host_memory()
+    assert free > 0 and how == "free pages (sysconf)"
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: 1000)  # a tight cgroup wins
+    assert memory.host_memory() == (1000, "this cgroup's memory limit less its usage")
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(os, "sysconf", no_sysconf)
+    assert memory.host_memory() is None
+    # Unknown: nothing is refused (the allocator's error, caught, would still be one line).
+    memory.check_training_fits(load_config(None, ["model.dim=1000000000"]), torch.device("cpu"))
 
 
 def test_out_of_memory_while_building_the_model_marks_the_run_failed(trained, tmp_path, capsys,

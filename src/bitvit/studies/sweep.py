@@ -247,9 +247,8 @@ def planned_key(config: dict[str, Any], also_ignore: frozenset[str] = frozenset(
 
 
 def _count_rows(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    return max(len(path.read_text().strip().splitlines()) - 1, 0)
+    """The epochs metrics.csv records; a garbage file is a one-line `rundir.RunFolderError`."""
+    return len(rundir.read_metrics(path)) if path.is_file() else 0
 
 
 def run_state(run_dir: Path, config: Config) -> str:

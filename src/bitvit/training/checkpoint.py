@@ -220,13 +220,13 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     one-line CheckpointError."""
     folder = intact_folder(folder, (MODEL_FILE, STATE_FILE), "resume")
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
-    if config is not None:
-        check_same_model(model_file, _stored_config(model_file), config, "the run's config.yaml")
     try:
         weights = load_file(str(model_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
         raise CheckpointError(f"{model_file}: corrupt checkpoint, expected safetensors weights "
                               f"written by bitvit train ({error_reason(e)})") from None
+    if config is not None:
+        check_same_model(model_file, _stored_config(model_file), config, "the run's config.yaml")
     load_state(model, weights, model_file)
     state = _read_state(state_file)
     try:
