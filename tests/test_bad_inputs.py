@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from bitvit.cli import main
 from bitvit.deploy.export import _digest
+from bitvit.training.checkpoint import write_checksums
 
 CLASSES = ["cat", "dog"]
 # A tiny model for 16x16 images: a 1-epoch run on 8 images takes a fraction of a second.
@@ -227,6 +228,8 @@ def test_resume_refuses_a_state_with_a_code_payload(trained, tmp_path, capsys, m
     shutil.copytree(trained["run"], evil)
     state = torch.load(trained["run"] / "last/state.pt", weights_only=True)
     torch.save({**state, "epoch": RunsCode()}, evil / "last/state.pt")
+    # The checksums are no signature: an attacker rewrites them too, and the loader must hold.
+    write_checksums(evil / "last", ("model.safetensors", "state.pt"))
     err = one_line_error(capsys, "train", "--resume", str(evil), "--epochs", "2", "--quiet")
     assert f"{evil / 'last/state.pt'}: unreadable training state" in err
     # os.system is posix.system on Linux (its __module__): torch names that.

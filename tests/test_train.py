@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from bitvit.cli import main as cli_main
 from bitvit.data import DataError, balanced_subset, load_data
-from bitvit.training.checkpoint import CheckpointError, build_model, load_checkpoint, save_model
+from bitvit.training.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    save_model,
+    write_checksums,
+)
 from bitvit.training.config import ConfigError, load_config
 from bitvit.training.evaluation import evaluate_model
 from bitvit.training.loop import TrainingError, config_for_resume, train
@@ -372,6 +378,9 @@ def test_corrupt_or_mismatched_checkpoints_give_one_line_errors(real_env, tmp_pa
             torch.save(content, run / "last" / file)
         else:
             (run / "last" / file).write_bytes(content)
+        # Recorded anew, so the loader's own checks are reached (the checksums are tested in
+        # test_checkpoint_integrity.py).
+        write_checksums(run / "last", ("model.safetensors", "state.pt"))
         return run
 
     run = broken("garbage_state", "state.pt", b"garbage" * 100)

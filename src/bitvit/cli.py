@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from typing import TYPE_CHECKING
 
 from bitvit import __version__
@@ -34,10 +35,11 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.training.checkpoint import CheckpointError
     from bitvit.training.config import ConfigError
     from bitvit.training.loop import TrainingError
-    from bitvit.training.rundir import RunBusyError
+    from bitvit.training.memory import MemoryLimitError
+    from bitvit.training.rundir import RunBusyError, RunFolderError
 
-    return (CliError, CheckpointError, ConfigError, DataError, ExportError, ProfileError,
-            RunBusyError, SweepError, TrainingError)
+    return (CliError, CheckpointError, ConfigError, DataError, ExportError, MemoryLimitError,
+            ProfileError, RunBusyError, RunFolderError, SweepError, TrainingError)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -193,7 +195,8 @@ def _run_export(args: argparse.Namespace) -> int:
         raise CliError("--act-quant applies to --format onnx (safetensors exports keep "
                        "BitNet's per-token activations)")
     try:
-        out = export_checkpoint(src, args.out, packing=args.packing,
+        # From the source as given: a run folder's checkpoint is checked against its config.
+        out = export_checkpoint(args.src, args.out, best=args.best, packing=args.packing,
                                 float_dtype=args.float_dtype)
     except CheckpointError:
         raise
@@ -217,7 +220,7 @@ def _run_export_onnx(args: argparse.Namespace, src: Path) -> int:
                        "codes and fp32 floats)")
     act_quant = args.act_quant or "token"
     try:
-        out = export_onnx(src, args.out, act_quant=act_quant)
+        out = export_onnx(args.src, args.out, best=args.best, act_quant=act_quant)
     except (CheckpointError, ExportError):
         raise
     except ValueError as e:  # e.g. a layer the graph builder does not know
@@ -252,24 +255,59 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from bitvit.deploy.export import image_files
+    """Every readable image predicted; each unreadable one (or missing path) said in one line
+    on stderr (and, with --json, as {file, error} in its place); exit 2 if any failed."""
+    from bitvit.deploy.export import ExportError, image_files
 
     if args.top_k < 1 or args.batch_size < 1:
         raise CliError("--top-k and --batch-size must be at least 1")
     model = _load_for_inference(args)
-    files = image_files(args.images)
-    for i in range(0, len(files), args.batch_size):
-        chunk = files[i:i + args.batch_size]
-        images = torch.stack([model.preprocessing.read_image(f) for f in chunk])
-        for file, top in zip(chunk, model.predict(images, args.top_k), strict=True):
-            if args.json:
-                print(json.dumps({"file": str(file), "predictions": [
-                    {"class": c, "probability": round(p, 6)} for c, p in top]}))
-            else:
-                print(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
-    return 0
+    # Files in the order given (folders expanded), each with the error that stops it, if any.
+    items: list[tuple[Path | str, str | None]] = []
+    for given in args.images:
+        try:
+            items += [(f, None) for f in image_files([given])]
+        except ExportError as e:  # a missing path among several: the others still run
+            items.append((given, str(e)))
+    failed = 0
+    for i in range(0, len(items), args.batch_size):
+        failed += _predict_chunk(args, model, items[i:i + args.batch_size])
+    return 2 if failed else 0
+
+
+def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
+                   chunk: list[tuple[Path | str, str | None]]) -> int:
+    """Predict and print one batch of files, in order; return how many could not be read."""
+    import torch
+
+    from bitvit.deploy.export import ExportError
+
+    read, errors = {}, {file: error for file, error in chunk if error is not None}
+    for file, error in chunk:
+        if error is None:
+            try:
+                read[file] = model.preprocessing.read_image(file)
+            except ExportError as e:
+                errors[file] = str(e)
+    tops = dict(zip(read, model.predict(torch.stack(list(read.values())), args.top_k)
+                    if read else [], strict=True))
+    for file, _ in chunk:
+        if file in errors:
+            _unreadable(args, file, errors[file])
+        elif args.json:
+            print(json.dumps({"file": str(file), "predictions": [
+                {"class": c, "probability": round(p, 6)} for c, p in tops[file]]}))
+        else:
+            print(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in tops[file]))
+    return len(errors)
+
+
+def _unreadable(args: argparse.Namespace, file: Path | str, error: str) -> int:
+    """Say that ``file`` could not be read: one line on stderr (and a JSON line); returns 1."""
+    print(f"bitvit predict: error: {error}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"file": str(file), "error": error}), flush=True)
+    return 1
 
 
 def _load_for_inference(args: argparse.Namespace) -> ExportedModel:
@@ -479,12 +517,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _one_line_warnings(command: str) -> None:
+    """Show every warning as one line, ``bitvit COMMAND: warning: ...``: bitvit's own notices
+    as they are, others (a library's) with their kind. Python's format takes two lines."""
+    from bitvit.files import Notice
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        kind = "" if issubclass(category, Notice) else f"{category.__name__}: "
+        text = " ".join(str(message).split())
+        print(f"bitvit {command}: warning: {kind}{text}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    # Once per message and place: a checkpoint resolved twice in one command says it once.
+    warnings.simplefilter("default", Notice)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a polite kill marks the run interrupted
     # A background job of a non-interactive shell (`nohup bitvit sweep ... &`) starts with
     # SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing at all.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    with warnings.catch_warnings():  # restores the filters and the printer on the way out
+        _one_line_warnings(args.command)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except _one_line_errors() as e:
@@ -494,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         from bitvit.files import describe
 
         print(f"bitvit {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:  # an allocation failed anywhere the command runs
+        from bitvit.training.memory import is_out_of_memory, out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"bitvit {args.command}: error: {out_of_memory(e, f'bitvit {args.command} ran')}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bitvit {args.command}: interrupted", file=sys.stderr)

@@ -1,16 +1,96 @@
-"""Files written whole or not at all, errors that name the file, and bitvit's cache folder.
+"""Files written whole or not at all, small files read within a limit, errors that name the
+file, warnings folded into one line, and bitvit's cache folder.
 
 The bottom layer: every other part of bitvit may import it; it imports nothing of bitvit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
-from collections.abc import Callable
+import stat
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+# Configs, sweep files, run.json, checksums: a few kilobytes. Far above any real one, far below
+# what would hang or exhaust memory (/dev/zero, a weights file given as --config).
+MAX_TEXT_BYTES = 1 << 20
+
+
+class FileRefused(ValueError):
+    """A file bitvit will not read (not a regular file, or over its size limit); one line naming
+    it. Callers re-raise the message as their own error type."""
+
+
+class Notice(UserWarning):
+    """Something bitvit did on its own that the user should know (a fallback to an older
+    checkpoint, say); the command line prints it as one line."""
+
+
+def read_limited(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; `FileRefused` naming it
+    and ``what`` it should be otherwise. Missing files and permissions raise OSError as usual,
+    a folder IsADirectoryError."""
+    path = Path(path)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then judges what was opened.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused(f"{path}: not a regular file ({_kind(st.st_mode)}); expected "
+                              f"a {what}")
+        if st.st_size > limit:
+            raise FileRefused(f"{path}: {st.st_size:,} bytes; a {what} is at most {limit:,} "
+                              "bytes")
+        chunks, size = [], 0
+        # Read to the limit, not to st_size: a file may grow, and /proc files report size 0.
+        while size <= limit and (chunk := os.read(fd, min(1 << 16, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileRefused(f"{path}: more than {limit:,} bytes; a {what} is at most {limit:,} "
+                          "bytes")
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+@contextlib.contextmanager
+def caught_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record the warnings a library raises in the block (torch, PIL, numpy reading a user's
+    file) instead of letting them print their own lines; `warning_note` folds them into
+    bitvit's message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def warning_note(caught: list[warnings.WarningMessage], limit: int = 160) -> str:
+    """The caught warnings as one clause ("; warning: ..."), "" when there were none."""
+    seen: list[str] = []
+    for w in caught:
+        # The first sentence: the rest is the library's advice, meant for its own callers.
+        text = " ".join(str(w.message).split()).split(". ")[0] or w.category.__name__
+        if text not in seen:
+            seen.append(text)
+    if not seen:
+        return ""
+    text = "; ".join(seen)
+    return "; warning: " + (text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 def describe(e: OSError) -> str:
@@ -47,14 +127,74 @@ def write_file(path: Path, write: Callable[[Path], Any]) -> None:
         raise os_error from None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch); None when unknown (no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        # Field 22 of /proc/PID/stat (index 19 after the command name): ticks after boot.
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _temporary(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of `atomic_file` writes of ``path`` left by killed processes:
+    those whose pid is gone, or whose pid now belongs to a process started after the temporary
+    was last written (the pid was reused). A live writer's temporary is left alone. Returns
+    what was removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or int(found.group(1)) == os.getpid():
+            continue
+        pid = int(found.group(1))
+        try:
+            written = entry.stat(follow_symlinks=False).st_mtime
+            if pid_alive(pid):
+                started = process_start(pid)
+                if started is None or started <= written + 1.0:  # 1 s: clock-tick rounding
+                    continue  # its writer may still be at work
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            continue  # gone already, or not ours to remove: the write goes on regardless
+    return removed
+
+
 def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Write ``path`` as a whole or not at all: ``write(tmp)`` fills a temporary file beside it,
     which is synced and renamed over ``path``. On any failure the temporary is removed and an OS
-    failure raises OSError naming ``path``."""
+    failure raises OSError naming ``path``. Temporaries of earlier writes of ``path`` by killed
+    processes are removed first (`remove_stale_temporaries`)."""
     path = Path(path)
+    remove_stale_temporaries(path)
     # Per process, so that two writers of one file never share a temporary; created by
     # ``write`` itself, so with the usual permissions (mkstemp's are private).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path, os.getpid())
     try:
         write_file(tmp, write)
         with tmp.open("rb") as f:

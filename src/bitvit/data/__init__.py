@@ -42,7 +42,7 @@ from bitvit.data.base import (
 )
 from bitvit.data.cifar import safe_unpickle
 from bitvit.data.download import download_cifar10, find_data
-from bitvit.data.folder import fit_image
+from bitvit.data.folder import decode_image, fit_image, max_image_pixels
 from bitvit.data.load import load_data
 from bitvit.data.normalization import channel_statistics, check_normalization, normalize
 from bitvit.data.sources import is_cifar10, read_images
@@ -52,6 +52,7 @@ __all__ = [
     "AUTO", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "DEFAULT_DATA", "IMAGE_EXTS",
     "OFFICIAL_MD5", "OFFICIAL_URL", "DataConfig", "DataError", "DataSplits", "ImageSet", "Stats",
     "_balanced_indices", "augment", "augments", "balanced_subset", "channel_statistics",
-    "check_normalization", "download_cifar10", "find_data", "fit_image", "is_cifar10",
-    "load_data", "normalize", "read_images", "safe_unpickle", "split_validation",
+    "check_normalization", "decode_image", "download_cifar10", "find_data", "fit_image",
+    "is_cifar10", "load_data", "max_image_pixels", "normalize", "read_images", "safe_unpickle",
+    "split_validation",
 ]

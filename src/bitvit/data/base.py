@@ -25,6 +25,11 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the published per-channel values of its training set
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one entry per channel
+# Images above this many pixels are refused before they are decoded: a ViT sees a few hundred
+# pixels a side, and PIL's own limit (89M, a warning; 179M, an error) lets a 300 MB decode
+# through. BITVIT_MAX_IMAGE_PIXELS changes it.
+MAX_PIXELS_ENV = "BITVIT_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 16_000_000
 
 
 

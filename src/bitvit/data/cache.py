@@ -16,7 +16,7 @@ import torch
 
 from bitvit.data.base import ImageSet, Stats
 from bitvit.data.normalization import check_normalization
-from bitvit.files import atomic_file
+from bitvit.files import atomic_file, read_limited
 
 log = logging.getLogger("bitvit.data")
 
@@ -66,7 +66,7 @@ def _load_stats(file: Path, key: str, channels: int) -> Stats | None:
     if not file.exists():
         return None
     try:
-        d = json.loads(file.read_text())
+        d = json.loads(read_limited(file, "statistics cache"))
         mean, std = tuple(map(float, d["mean"])), tuple(map(float, d["std"]))
         if d["key"] != key or len(mean) != channels or len(std) != channels:
             raise ValueError("key or channel mismatch")

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import io
 import logging
-from pathlib import PurePosixPath
+import os
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bitvit.data.base import IMAGE_EXTS, DataError, ImageSet
+from bitvit.data.base import DEFAULT_MAX_PIXELS, IMAGE_EXTS, MAX_PIXELS_ENV, DataError, ImageSet
 from bitvit.data.subsets import _balanced_indices
 from bitvit.data.tree import _join, _parent, _Tree
+from bitvit.files import caught_warnings, warning_note
 
 log = logging.getLogger("bitvit.data")
 
@@ -86,10 +88,46 @@ def _read_folder(tree: _Tree, root: str, image_size: int, channels: int,
 
 
 def _decode_image(tree: _Tree, rel: str, image_size: int, channels: int) -> np.ndarray:
+    return decode_image(tree.files[rel](), tree.where(rel), image_size, channels)
+
+
+def max_image_pixels() -> int:
+    """The most pixels bitvit decodes in one image: $BITVIT_MAX_IMAGE_PIXELS, else 16 million."""
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if not text:
+        return DEFAULT_MAX_PIXELS
     try:
-        with Image.open(io.BytesIO(tree.files[rel]())) as img:
-            img.load()
-            return fit_image(img, image_size, channels)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-            SyntaxError) as e:
-        raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive integer (pixels)")
+    return value
+
+
+def decode_image(source: bytes | str | Path, where: str, image_size: int,
+               channels: int) -> np.ndarray:
+    """An image file (its bytes, or its path) -> uint8 (C, image_size, image_size).
+
+    One that is not a readable image, or that has more pixels than `max_image_pixels` (judged
+    from its header, before decoding), is a one-line `DataError` naming ``where``. PIL's warnings
+    are folded into that line, or dropped when the image decodes: they never print their own.
+    """
+    limit = max_image_pixels()
+    with caught_warnings() as caught:
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                width, height = img.size  # from the header: nothing decoded yet
+                if width * height > limit:
+                    raise DataError(f"{where}: {width}x{height} = {width * height:,} pixels, over "
+                                    f"bitvit's limit of {limit:,} ({MAX_PIXELS_ENV} raises it); "
+                                    "not decoded")
+                img.load()
+                return fit_image(img, image_size, channels)
+        except DataError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as e:
+            reason = str(e) or type(e).__name__
+            raise DataError(f"{where}: not a readable image ({reason}"
+                            f"{warning_note(caught)})") from None

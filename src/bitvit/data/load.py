@@ -32,6 +32,10 @@ def load_data(cfg: DataConfig, image_size: int = 32, channels: int = 3) -> DataS
     auto = _is_auto(cfg.mean) or _is_auto(cfg.std)
     train, test, stats = _read_source(path, image_size, channels, cfg.cache_dir,
                                       (cfg.limit_train, cfg.limit_test), cfg.seed, auto)
+    if len(train.classes) < 2:  # one class: nothing to tell apart, every loss is zero
+        raise DataError(f"{path}: {len(train.classes)} class ({', '.join(train.classes)}); "
+                        "classification needs at least two (one folder per class under "
+                        "train/ and test/)")
     mean = stats[0] if stats is not None and _is_auto(cfg.mean) else cfg.mean
     std = stats[1] if stats is not None and _is_auto(cfg.std) else cfg.std
     if auto:

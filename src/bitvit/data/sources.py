@@ -27,7 +27,7 @@ from bitvit.data.folder import _list_split, _read_folder
 from bitvit.data.normalization import channel_statistics
 from bitvit.data.subsets import balanced_subset
 from bitvit.data.tree import _open_source, _parent, _read_tar, _Tree
-from bitvit.files import resolve_cache_dir
+from bitvit.files import caught_warnings, resolve_cache_dir
 
 log = logging.getLogger("bitvit.data")
 
@@ -122,10 +122,12 @@ def is_cifar10(tree: _Tree, form: tuple[str, str]) -> bool:
         first.setdefault(label, rel)
     for rel in first.values():
         try:
-            with Image.open(io.BytesIO(tree.files[rel]())) as img:  # reads the header only
+            # Reads the header only; PIL's warnings (a huge image) are the decoder's to tell.
+            with caught_warnings(), Image.open(io.BytesIO(tree.files[rel]())) as img:
                 if img.size != (32, 32) or img.mode != "RGB":
                     return False
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as e:
             raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None
     return True
 

@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitvit.data import IMAGE_EXTS, fit_image, normalize
+from bitvit.data import IMAGE_EXTS, DataError, decode_image, normalize
 from bitvit.deploy.packing import PACK, UNPACK, packed_numel
 from bitvit.files import atomic_file
 from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
@@ -134,17 +134,12 @@ class Preprocessing:
         return normalize(images, self.mean, self.std)
 
     def read_image(self, path: str | Path) -> torch.Tensor:
-        """A PNG/JPEG file -> uint8 (C, S, S), decoded exactly as the data loader decodes."""
-        from PIL import Image, UnidentifiedImageError
-
+        """A PNG/JPEG file -> uint8 (C, S, S), decoded exactly as the data loader decodes (and
+        refused as it refuses: unreadable, or over `bitvit.data.max_image_pixels`)."""
         try:
-            with Image.open(path) as img:
-                img.load()
-                a = fit_image(img, self.image_size, self.channels)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-                SyntaxError) as e:
-            why = str(e).splitlines()[0] if str(e) else "unreadable"
-            raise ExportError(f"{path}: not a readable image ({why})") from None
+            a = decode_image(Path(path), str(path), self.image_size, self.channels)
+        except DataError as e:
+            raise ExportError(str(e)) from None
         return torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
 
 

@@ -50,6 +50,7 @@ def load_for_profile(
     from bitvit.nn.quant import quantize_
     from bitvit.training.checkpoint import CheckpointError, build_model, load_checkpoint
     from bitvit.training.config import load_config
+    from bitvit.training.memory import check_inference_fits
 
     p = Path(path)
     flags = {"method": quant, "where": where, "act_bits": act_bits}
@@ -57,6 +58,7 @@ def load_for_profile(
         quant_overrides = [(f"quant.{k}", ACT_BITS_NAMES.get(v, v) if k == "act_bits" else v)
                            for k, v in flags.items() if v is not None]
         config = load_config(p, [*(overrides or []), *quant_overrides])
+        check_inference_fits(config, str(p))  # before building: refused at once, not allocated
         torch.manual_seed(config.train.seed)
         return ProfileSource(build_model(config), config,
                              f"freshly initialised weights (train.seed={config.train.seed}); "

@@ -415,7 +415,9 @@ def _cache_key(isa: str) -> str:
 def _read_cache(path: Path) -> dict[str, Any]:
     """The cache's entries; a missing, unreadable or malformed file is an empty cache."""
     try:
-        data = json.loads(path.read_text())
+        from bitvit.files import read_limited
+
+        data = json.loads(read_limited(path, "kernel cache"))  # FileRefused: a ValueError
         if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
             return data["entries"]
         log.warning("kernel cache %s has an unknown layout; measuring again", path)

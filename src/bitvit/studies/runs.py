@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bitvit.nn.methods import FULL_PRECISION
 from bitvit.studies.stats import Difference, Summary, last_k_mean
 from bitvit.studies.sweep import SweepError, experiment_key, format_value
 from bitvit.training import rundir
+from bitvit.training.config import read_yaml_mapping
 
 # ---------------------------------------------------------------------------------------------
 # Reading runs
@@ -58,13 +57,12 @@ def load_run(path: str | Path) -> Run:
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise SweepError(f"{path}: not a run folder (no config.yaml)")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise SweepError(f"{config_path}: expected a mapping")
+    config = read_yaml_mapping(config_path, "run config", "sections model, quant, data, train",
+                               SweepError)
     try:
         rows = rundir.read_metrics(path / "metrics.csv")
-    except (ValueError, KeyError) as e:
-        raise SweepError(f"{path / 'metrics.csv'}: unreadable ({e})") from None
+    except rundir.RunFolderError as e:  # already one line naming the file and the row
+        raise SweepError(str(e)) from None
     return Run(path, config, rundir.read_info(path), rows)
 
 

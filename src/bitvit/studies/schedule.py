@@ -110,13 +110,18 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
         return plan
     _record_sweep(sweep, argv)
     if parallel <= 1:
+        from bitvit.training.checkpoint import CheckpointError
         from bitvit.training.loop import TrainingError
+        from bitvit.training.memory import MemoryLimitError
+        from bitvit.training.rundir import RunFolderError
 
         failed = []
         for r in todo:
             try:
                 _train_in_process(r, sweep, log, extra, teacher_loader)
-            except TrainingError as e:  # a diverged run: go on with the others, say so at the end
+            # A diverged run, a checkpoint that fails its checksums with no intact previous
+            # copy, a garbage metrics.csv, no memory: go on with the others, say so at the end.
+            except (TrainingError, CheckpointError, MemoryLimitError, RunFolderError) as e:
                 log(f"FAILED    {r.run_dir}: {e}")
                 failed.append(r.name)
             sync_results(sweep)

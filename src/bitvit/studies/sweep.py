@@ -55,8 +55,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bitvit import files
 from bitvit.nn.methods import FULL_PRECISION
 from bitvit.nn.quant import resolve_act_bits
 from bitvit.training import rundir
@@ -286,9 +285,8 @@ def planned_key(config: dict[str, Any], also_ignore: frozenset[str] = frozenset(
 
 
 def _count_rows(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    return max(len(path.read_text().strip().splitlines()) - 1, 0)
+    """The epochs metrics.csv records; a garbage file is a one-line `rundir.RunFolderError`."""
+    return len(rundir.read_metrics(path)) if path.is_file() else 0
 
 
 def run_state(run_dir: Path, config: Config) -> str:
@@ -307,7 +305,8 @@ def run_state(run_dir: Path, config: Config) -> str:
         return "new"
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
-        saved = experiment_key(yaml.safe_load(saved_path.read_text()) or {},
+        saved = experiment_key(read_yaml_mapping(saved_path, "run config", "sections model, "
+                                                "quant, data, train", SweepError),
                                IGNORED_KEYS | {"train.epochs"})
         wanted = experiment_key(config.to_dict(), IGNORED_KEYS | {"train.epochs"})
         differing = [k for k in sorted(set(saved) | set(wanted))
@@ -343,18 +342,8 @@ def _still_running(run_dir: Path, info: dict[str, Any]) -> bool:
     """
     pid, host = info.get("pid"), info.get("host")
     if isinstance(pid, int) and pid > 0 and host == socket.gethostname():
-        return _pid_alive(pid) and not _pid_started_after(pid, info.get("start"))
+        return files.pid_alive(pid) and not _pid_started_after(pid, info.get("start"))
     return _recently_active(run_dir)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def _pid_started_after(pid: int, start: Any, slack: float = 5.0) -> bool:
@@ -362,14 +351,11 @@ def _pid_started_after(pid: int, start: Any, slack: float = 5.0) -> bool:
     was reused by another process after the trainer died. False when unknown (no /proc)."""
     try:
         started = datetime.fromisoformat(str(start)).timestamp()
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
+    except ValueError:
         return False
-    # Field 22 of /proc/PID/stat (index 19 after the command name): start, in ticks after boot.
-    process_start = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
-    return process_start > started + slack  # slack: start is recorded in whole seconds
+    process_start = files.process_start(pid)
+    # slack: start is recorded in whole seconds
+    return process_start is not None and process_start > started + slack
 
 
 def _recently_active(run_dir: Path, min_seconds: float = 1800.0) -> bool:

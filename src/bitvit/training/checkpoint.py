@@ -2,12 +2,22 @@
 
 A training run writes ``RUN/last/model.safetensors`` (and ``RUN/best/`` with a validation split);
 `load_checkpoint` takes a run folder, a checkpoint folder or the file itself.
+
+A checkpoint folder records the sha256 of its files in ``checksums.json``, written into the
+folder before `bitvit.training.rundir.swap_folder` renames it into place, so the three arrive
+together. Readers verify what they load (`intact_folder`): a folder that fails the check gives
+way to its previous copy ``.NAME.old`` when that one is intact (a `bitvit.files.Notice` says so)
+and is refused in one line otherwise; nothing is deleted. Folders written before checksums were
+recorded load as they did.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +30,16 @@ from torch import nn
 from bitvit import files
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import quantize_
-from bitvit.training.config import Config, ConfigError
-from bitvit.training.rundir import MODEL_FILE, STATE_FILE, checkpoint_folder, displaced  # noqa: F401
+from bitvit.training import memory
+from bitvit.training.config import Config, ConfigError, load_config
+from bitvit.training.rundir import (  # noqa: F401 - checkpoint_folder: read by older callers
+    CHECKSUMS,
+    CONFIG,
+    MODEL_FILE,
+    STATE_FILE,
+    checkpoint_folder,
+    displaced,
+)
 
 CHECKPOINT_FORMAT = "bitvit-checkpoint"
 STATE_KEYS = ("epoch", "best_acc", "optimizer", "scheduler", "torch_rng")
@@ -85,18 +103,20 @@ def save_model(path: str | Path, model: torch.nn.Module, config: Config,
 
 
 def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
-    """A run folder, a checkpoint folder or a model file -> the model.safetensors file."""
+    """A run folder, a checkpoint folder or a model file -> the model.safetensors file to read,
+    verified against its folder's checksums (see `intact_folder`: a corrupt ``last/`` gives way
+    to an intact ``.last.old/``)."""
     p = Path(path)
     if p.is_dir():
         sub = "best" if best else "last"
-        for candidate in (checkpoint_folder(p / sub) / MODEL_FILE, p / MODEL_FILE):
-            if candidate.is_file():
-                return candidate
+        for folder in (p / sub, p):
+            if any((f / MODEL_FILE).is_file() for f in (folder, displaced(folder))):
+                return intact_folder(folder, (MODEL_FILE,)) / MODEL_FILE
         hint = " (best/ exists only for runs with a validation split)" if best else ""
         raise CheckpointError(f"{p}: no {sub}/{MODEL_FILE} in this folder{hint}")
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file or run folder")
-    return p
+    return intact_folder(p.parent, (p.name,)) / p.name
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -122,13 +142,31 @@ def load_checkpoint(path: str | Path, best: bool = False) -> Checkpoint:
         classes = json.loads(meta["classes"])
     except (KeyError, json.JSONDecodeError, ConfigError) as e:
         raise CheckpointError(f"{file}: bad checkpoint metadata ({error_reason(e)})") from None
+    run_config = Path(path) / CONFIG
+    if run_config.is_file():  # a run folder: its checkpoint must be of its config's model
+        check_same_model(file, config, load_config(run_config), str(run_config))
+    memory.check_inference_fits(config, str(file))
     model = build_model(config)
     try:
-        state = load_file(str(file))
+        with files.caught_warnings() as caught:
+            state = load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: corrupt checkpoint ({error_reason(e)})") from None
+        raise CheckpointError(f"{file}: corrupt checkpoint ({error_reason(e)}"
+                              f"{files.warning_note(caught)})") from None
     load_state(model, state, file)
     return Checkpoint(model.eval(), config, classes, file)
+
+
+def check_same_model(file: Path, stored: Config, expected: Config, where: str) -> None:
+    """The checkpoint's own config (``stored``, from its metadata) describes the model of
+    ``expected`` (a run's config.yaml); `CheckpointError` naming the first differing key."""
+    ours, theirs = stored.to_dict(), expected.to_dict()
+    for section in ("model", "quant"):
+        for key in sorted(set(ours[section]) | set(theirs[section])):
+            a, b = ours[section].get(key), theirs[section].get(key)
+            if a != b:
+                raise CheckpointError(f"{file}: checkpoint is from another model ({section}.{key}"
+                                      f"={a!r} in it, {b!r} in {where})")
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path | str) -> None:
@@ -163,9 +201,10 @@ def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
 
 def save_training_checkpoint(folder: Path, model: nn.Module, config: Config,
                              classes: list[str], state: dict[str, Any]) -> None:
-    """Write a checkpoint folder: the model file and the training state."""
+    """Write a checkpoint folder: the model file, the training state and their checksums."""
     files.write_file(folder / MODEL_FILE, lambda p: save_model(p, model, config, classes))
     files.write_file(folder / STATE_FILE, lambda p: _torch_save(state, p))
+    write_checksums(folder, (MODEL_FILE, STATE_FILE))
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -174,29 +213,22 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any) -> tuple[int, float]:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return next epoch
-    and the best validation accuracy so far. Bad files give a one-line CheckpointError."""
-    folder = checkpoint_folder(folder)
+                        scheduler: Any, config: Config | None = None) -> tuple[int, float]:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder (or its intact
+    previous copy, see `intact_folder`); return next epoch and the best validation accuracy so
+    far. With ``config`` (the run's), the checkpoint must be of its model. Bad files give a
+    one-line CheckpointError."""
+    folder = intact_folder(folder, (MODEL_FILE, STATE_FILE), "resume")
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
-    for f in (model_file, state_file):
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing; cannot resume (did an epoch complete?)")
     try:
         weights = load_file(str(model_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
         raise CheckpointError(f"{model_file}: corrupt checkpoint, expected safetensors weights "
                               f"written by bitvit train ({error_reason(e)})") from None
+    if config is not None:
+        check_same_model(model_file, _stored_config(model_file), config, "the run's config.yaml")
     load_state(model, weights, model_file)
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
-        raise CheckpointError(f"{state_file}: unreadable training state, expected a torch.save "
-                              f"file written by bitvit train ({error_reason(e)})") from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{state_file}: not a bitvit training state: missing "
-                              f"{', '.join(missing)} (expected {', '.join(STATE_KEYS)})")
+    state = _read_state(state_file)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -207,3 +239,106 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
         raise CheckpointError(f"{state_file}: training state does not fit this run's model and "
                               f"optimizer ({error_reason(e)})") from None
+
+
+def _stored_config(model_file: Path) -> Config:
+    """The config in a checkpoint's metadata (a one-line CheckpointError if it has none)."""
+    meta = read_metadata(model_file)
+    try:
+        return Config.from_dict(json.loads(meta["config"]), source=str(model_file))
+    except (KeyError, json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{model_file}: bad checkpoint metadata "
+                              f"({error_reason(e)})") from None
+
+
+# torch.save writes a zip archive; a bare pickle stream (pickle.dump, or torch's legacy format,
+# which bitvit never wrote) is refused before any unpickler sees it.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # how a pickle of protocol 2 or later begins
+
+
+def _read_state(state_file: Path) -> dict[str, Any]:
+    """state.pt through torch's safe loader (tensors and plain data only, never code); the
+    warnings torch raises on a strange file are folded into the one-line error."""
+    unreadable = (f"{state_file}: unreadable training state, expected a torch.save file written "
+                  "by bitvit train")
+    with state_file.open("rb") as f:
+        magic = f.read(4)
+    if magic != _ZIP_MAGIC:
+        what = ": a bare pickle stream" if magic[:1] == _PICKLE_PROTO else ""
+        raise CheckpointError(f"{unreadable} (not torch.save's zip archive{what}; not loaded)")
+    try:
+        with files.caught_warnings() as caught:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files
+        raise CheckpointError(f"{unreadable} ({error_reason(e)}"
+                              f"{files.warning_note(caught)})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: not a bitvit training state: missing "
+                              f"{', '.join(missing)} (expected {', '.join(STATE_KEYS)})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: every checkpoint folder records the sha256 of its files
+# ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path, names: Sequence[str]) -> None:
+    """Record the sha256 of ``names`` in ``folder/checksums.json`` (after they are written)."""
+    sums = {name: file_sha256(folder / name) for name in names}
+    files.write_text(folder / CHECKSUMS, json.dumps({"sha256": sums}, indent=2) + "\n")
+
+
+def damage(folder: Path, needed: Sequence[str]) -> str | None:
+    """Why ``folder`` cannot give the files ``needed`` (one clause naming the file), or None
+    when it can: every one present and matching the sha256 in its checksums.json. A folder
+    without checksums.json was written before bitvit recorded them and is taken as it is."""
+    for name in needed:
+        if not (folder / name).is_file():
+            return f"{folder / name}: missing"
+    sums_file = folder / CHECKSUMS
+    if not sums_file.exists():
+        return None
+    try:
+        recorded = json.loads(files.read_limited(sums_file, "checksums file"))["sha256"]
+        if not isinstance(recorded, dict):
+            raise TypeError("sha256 is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{sums_file}: unreadable ({error_reason(e)})"
+    for name in needed:
+        if name in recorded and file_sha256(folder / name) != recorded[name]:
+            return f"{folder / name}: does not match the sha256 recorded in {CHECKSUMS} (corrupt)"
+    return None
+
+
+def intact_folder(folder: Path, needed: Sequence[str], purpose: str = "load") -> Path:
+    """``folder``, or its previous copy (`displaced`: ``.NAME.old``) when ``folder`` is missing
+    or fails `damage`; a fallback from a folder that exists is said in a `files.Notice`.
+    `CheckpointError` (one line) when neither is intact. Reads only: nothing is deleted."""
+    old = displaced(folder)
+    reasons = []
+    for candidate in (folder, old):
+        if not candidate.exists():
+            continue
+        why = damage(candidate, needed)
+        if why is None:
+            if reasons:
+                warnings.warn(files.Notice(f"{reasons[0]}; using {candidate}, the previous "
+                                           "checkpoint, instead"), stacklevel=2)
+            return candidate
+        reasons.append(why)
+    if not reasons:
+        raise CheckpointError(f"{folder}: missing; cannot {purpose} (did an epoch complete?)")
+    other = (f"; the previous checkpoint is no better ({reasons[1]})" if len(reasons) > 1
+             else f"; no previous checkpoint {old} to fall back to")
+    raise CheckpointError(f"{reasons[0]}{other}; cannot {purpose}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from bitvit import files
 from bitvit.data import DataConfig, check_normalization
 from bitvit.nn.methods import ACT_BITS_NAMES, METHOD_TABLE, WHERE_NAMES
 from bitvit.nn.model import ViTConfig
@@ -342,20 +343,26 @@ def load_config(path: str | Path | None = None,
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str,
                       error: type[ValueError] = ConfigError) -> dict[str, Any]:
-    """A YAML file holding a mapping, or ``error`` with one line naming the file."""
+    """A YAML file holding a mapping, or ``error`` with one line naming the file: a missing,
+    unreadable, oversized (`files.MAX_TEXT_BYTES`), special (/dev/zero), empty or malformed file,
+    or one that holds something else than a mapping."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(files.read_limited(path, f"YAML {what}").decode())
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise error(f"{path}: is a folder; expected a YAML {what}") from None
+    except files.FileRefused as e:
+        raise error(str(e)) from None
     except UnicodeDecodeError:
         raise error(f"{path}: not a text file; expected a YAML {what}") from None
     except OSError as e:  # unreadable: permissions, a device, ...
         raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:  # no document at all: empty, or only comments
+        raise error(f"{path}: empty {what}; expected a mapping with {expected}")
     if not isinstance(raw, dict):
         raise error(f"{path}: expected a mapping with {expected}")
     return raw
@@ -384,6 +391,4 @@ def resolve_device(name: str, key: str = "--device") -> torch.device:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the config as YAML, atomically (a resumed run rewrites its config.yaml)."""
-    from bitvit.files import write_text
-
-    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    files.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from bitvit import files
 from bitvit.data import DataSplits, ImageSet, augment, balanced_subset, load_data, normalize
 from bitvit.nn.methods import FULL_PRECISION
 from bitvit.nn.model import VisionTransformer
-from bitvit.training import rundir
+from bitvit.training import memory, record, rundir
 from bitvit.training.checkpoint import (
     CheckpointError,
     build_model,
@@ -105,28 +103,6 @@ def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int) -> torch.
                                                   shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler))
-
-
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
@@ -241,9 +217,19 @@ class Session:
 
 def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
            command: list[str] | None, teacher_loader: TeacherLoader | None) -> RunResult:
-    s = _set_up(config, run_dir, resume, _processes(config), teacher_loader)
+    procs = _processes(config)
+    try:
+        s = _set_up(config, run_dir, resume, procs, teacher_loader)
+    except (RuntimeError, MemoryError) as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        error = memory.out_of_memory(e, "setting up the run (data, model, optimizer)")
+        if procs.writer:
+            record.failed_start(run_dir, resume, record.run_record(procs.device, procs.world,
+                                                                   command), str(error))
+        raise error from None
     info = _open_run_folder(s, resume, command)
-    wall_start, status = time.perf_counter(), "failed"
+    wall_start, status, epoch = time.perf_counter(), "failed", s.start_epoch
     try:
         for epoch in range(s.start_epoch, s.config.train.epochs + 1):
             t0 = time.perf_counter()
@@ -263,6 +249,12 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
     except OSError as e:  # disk full, read-only: the write that failed left last/ as it was
         info["error"] = files.describe(e)
         raise
+    except (RuntimeError, MemoryError) as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        error = memory.out_of_memory(e, f"training epoch {epoch} (last/ keeps the epoch before)")
+        info["error"] = str(error)
+        raise error from None
     finally:
         _close_run_folder(s, info, status, time.perf_counter() - wall_start)
     return RunResult(run_dir, status, s.rows)
@@ -298,6 +290,8 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     if resume is None and procs.writer and rundir.has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
+    # Before reading data or building anything: a model that cannot fit is refused at once.
+    memory.check_training_fits(config, procs.device, procs.world)
     teacher = load_teacher(config, teacher_loader)  # before the data: a misfit fails at once
     splits = load_data(config.data, config.model.image_size, config.model.in_channels)
     if len(splits.classes) != config.model.num_classes:
@@ -333,7 +327,7 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
                 distillation=distillation)
     if resume is not None:
         s.start_epoch, s.best_acc = load_training_state(run_dir / rundir.LAST, model, optimizer,
-                                                        scheduler)
+                                                        scheduler, config)
         s.rows = [r for r in read_metrics(run_dir / rundir.METRICS)
                   if r["epoch"] < s.start_epoch]
     s.columns = rundir.metric_columns(splits.val is not None, s.rows)
@@ -362,20 +356,8 @@ def _wrap(model: nn.Module, tc: Any, procs: Processes) -> nn.Module:
 def _open_run_folder(s: Session, resume: str | Path | None,
                      command: list[str] | None) -> dict[str, Any]:
     """run.json's record, written with config.yaml when this process writes."""
-    info = {
-        "command": command if command is not None else sys.argv,
-        "git_commit": _git_commit(),
-        "device": _device_name(s.procs.device),
-        "processes": s.procs.world,
-        "torch": torch.__version__,
-        "data": str(s.splits.source),
-        # With status "running", pid and host tell a live run from a killed one (bitvit sweep).
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "start": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "end": None,
-        "status": "running",
-    }
+    info = {**record.run_record(s.procs.device, s.procs.world, command),
+            "data": str(s.splits.source)}
     if s.distillation is not None:
         info["teacher"] = s.distillation.record(s.config)
     if not s.procs.writer:
@@ -502,8 +484,7 @@ def _close_run_folder(s: Session, info: dict[str, Any], status: str, wall: float
     """run.json's final status, end time and wall time."""
     if not s.procs.writer:
         return
-    info.update(status=status, end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                wall_seconds=round(wall, 1))
+    info.update(status=status, end=record.now(), wall_seconds=round(wall, 1))
     try:
         rundir.write_info(s.run_dir, info)
     except OSError:

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bitvit import files
 from bitvit.files import atomic_file, write_text
 
 METRICS = "metrics.csv"
@@ -35,6 +36,9 @@ STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FIL
 # A distillation teacher's logits for the training split, when they are the same every epoch
 # (no augmentation); keyed by the teacher file's and the training images' sha256.
 TEACHER_LOGITS = "teacher_logits.safetensors"
+CHECKSUMS = "checksums.json"  # the sha256 of MODEL_FILE and STATE_FILE, written with them
+# metrics.csv is a row per epoch; far below this even for thousands of epochs.
+MAX_METRICS_BYTES = 16 << 20
 # What a run writes; a folder holding any of these (but no checkpoint) restarts aside.
 RUN_ENTRIES = (METRICS, CONFIG, RUN_JSON, CURVES, LAST, BEST, f".{LAST}.tmp", f".{LAST}.old",
                f".{BEST}.tmp", f".{BEST}.old", TEACHER_LOGITS)
@@ -59,6 +63,11 @@ LOCK_FD_ENV = "BITVIT_RUN_LOCK_FD"
 
 class RunBusyError(ValueError):
     """Another process holds the run folder's lock; the message is one line."""
+
+
+class RunFolderError(ValueError):
+    """A file of the run folder bitvit cannot use (a garbage metrics.csv, say); one line naming
+    the file and, for metrics.csv, the row."""
 
 
 def displaced(folder: Path) -> Path:
@@ -142,14 +151,49 @@ def move_aside(run_dir: Path) -> Path:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows of a metrics.csv (a run folder's, or the file); [] when there is none."""
+    """The rows of a metrics.csv (a run folder's, or the file); [] when there is none.
+    `RunFolderError` names the file and the row of anything but a header with an epoch column
+    and rows of numbers, one per column."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS
     if not path.exists():
         return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        text = files.read_limited(path, "metrics.csv", MAX_METRICS_BYTES).decode()
+    except files.FileRefused as e:
+        raise RunFolderError(str(e)) from None
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not a text file; expected the metrics.csv bitvit train "
+                             "writes") from None
+    try:
+        return _parse_metrics(path, list(csv.reader(text.splitlines())))
+    except csv.Error as e:  # NUL bytes, broken quoting
+        raise RunFolderError(f"{path}: not a CSV file ({e})") from None
+
+
+def _parse_metrics(path: Path, lines: list[list[str]]) -> list[dict[str, float]]:
+    if not lines:
+        return []
+    header, out = lines[0], []
+    if "epoch" not in header:
+        raise RunFolderError(f"{path}: row 1 (the header) has no epoch column; expected the "
+                             f"columns bitvit train writes ({', '.join(METRIC_COLUMNS)}, ...)")
+    for n, row in enumerate(lines[1:], start=2):
+        if not row:
+            continue  # a blank line
+        if len(row) != len(header):
+            raise RunFolderError(f"{path}: row {n} has {len(row)} fields; the header has "
+                                 f"{len(header)} ({', '.join(header)})")
+        values = {}
+        for key, value in zip(header, row, strict=True):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise RunFolderError(f"{path}: row {n}: {key}={value[:40]!r} is not a "
+                                     "number") from None
+        out.append(values)
+    return out
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
@@ -165,10 +209,10 @@ def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) 
 
 
 def read_info(run_dir: Path) -> dict[str, Any]:
-    """run.json, or {} when it is missing or unreadable."""
+    """run.json, or {} when it is missing, unreadable, not a regular file or oversized."""
     try:
-        info = json.loads((Path(run_dir) / RUN_JSON).read_text())
-    except (OSError, json.JSONDecodeError):
+        info = json.loads(files.read_limited(Path(run_dir) / RUN_JSON, "run.json"))
+    except (OSError, ValueError):  # json.JSONDecodeError, FileRefused, UnicodeDecodeError
         return {}
     return info if isinstance(info, dict) else {}
 

@@ -1,0 +1,172 @@
+"""Memory: a model refused before it is built when its estimate cannot fit, and the allocator's
+out-of-memory errors turned into one line.
+
+The estimate is `bitvit.nn.footprint`'s (from the config alone); the memory available is
+MemAvailable from /proc/meminfo (or psutil, or sysconf), less what a cgroup limit leaves, or a
+CUDA device's free memory. Where none of these can be read, nothing is refused: the allocator's
+own error, caught, still ends the command in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bitvit.nn.footprint import Footprint, estimate
+
+if TYPE_CHECKING:
+    import torch
+
+    from bitvit.training.config import Config
+
+# What the allocators say: torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"),
+# CUDA's ("CUDA out of memory"), and others that name it so.
+_OOM_TEXT = re.compile(r"can't allocate memory|out of memory|cannot allocate memory",
+                       re.IGNORECASE)
+
+
+class MemoryLimitError(ValueError):
+    """A model that cannot fit, refused before it is built, or an allocation that failed; the
+    message is one line with the estimate and the memory available."""
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; far beyond any machine too (the estimate of an absurd config)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+    for unit in units[:-1]:
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} {units[-1]}"
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """What this process's cgroup limit leaves (v2, then v1); None without a limit. The page
+    cache's inactive part counts as free, as the kernel reclaims it before failing."""
+    for limit_file, usage_file, inactive_key in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+             "/sys/fs/cgroup/memory/memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            text = Path(limit_file).read_text().strip()
+            if text == "max" or int(text) >= 1 << 60:  # "max" (v2) or v1's "no limit" value
+                continue
+            limit, usage = int(text), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        try:
+            stat = Path(limit_file).with_name("memory.stat").read_text().splitlines()
+            inactive = next((int(v) for k, v in (line.split() for line in stat)
+                             if k == inactive_key), 0)
+        except (OSError, ValueError):
+            pass
+        return max(limit - usage + inactive, 0)
+    return None
+
+
+def host_memory() -> tuple[int, str] | None:
+    """(bytes available to this process, where that figure comes from); None when unknown."""
+    available, how = _meminfo_available(), "MemAvailable in /proc/meminfo"
+    if available is None:
+        try:
+            import psutil
+
+            available, how = int(psutil.virtual_memory().available), "psutil"
+        except ImportError:
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                how = "free pages (sysconf)"
+            except (AttributeError, OSError, ValueError):
+                available = None
+    headroom = _cgroup_headroom()
+    if headroom is not None and (available is None or headroom < available):
+        available, how = headroom, "this cgroup's memory limit less its usage"
+    return None if available is None else (available, how)
+
+
+def device_memory(device: torch.device) -> tuple[int, str] | None:
+    """Free memory of a CUDA device, or the host's for the CPU; None when unknown."""
+    if device.type != "cuda":
+        return host_memory()
+    import torch
+
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except RuntimeError:
+        return None
+    return int(free), f"free on {device}"
+
+
+def _describe(config: Config) -> str:
+    m = config.model
+    return f"model.dim={m.dim}, model.depth={m.depth}, model.patch_size={m.patch_size}"
+
+
+def _refuse(what: str, need: Footprint, memory: tuple[int, str] | None, detail: str) -> None:
+    if memory is None or need.total <= memory[0]:
+        return
+    raise MemoryLimitError(
+        f"{what} needs about {human_bytes(need.total)} of memory but "
+        f"{human_bytes(memory[0])} is available ({memory[1]}): {need.parameters:,} parameters "
+        f"({human_bytes(need.state_bytes)}) and {human_bytes(need.activation_bytes)} of "
+        f"activations {detail}")
+
+
+def check_training_fits(config: Config, device: torch.device, processes: int = 1) -> None:
+    """Refuse (`MemoryLimitError`, one line) a run whose model, optimizer and activations cannot
+    fit in ``device``'s memory; the model is built on the host first, so its weights must fit
+    there too. Costs nothing: arithmetic on the config."""
+    q, batch = config.quant, max(config.train.batch_size // processes, 1)
+    need = estimate(config.model, batch, True, q.method, q.where, q.include_patch_embed)
+    hint = (f"at train.batch_size={config.train.batch_size}; make model.dim, model.depth or "
+            "train.batch_size smaller")
+    _refuse(f"training this model ({_describe(config)})", need, device_memory(device), hint)
+    if device.type == "cuda":
+        weights = estimate(config.model, 0, False)
+        _refuse(f"building this model ({_describe(config)})", weights, host_memory(),
+                "before it moves to the GPU")
+
+
+def check_inference_fits(config: Config, source: str) -> None:
+    """Refuse a model (a checkpoint's, a config's) that cannot be built in host memory to run
+    one evaluation batch."""
+    need = estimate(config.model, config.train.eval_batch_size, False)
+    _refuse(f"{source}: its model ({_describe(config)})", need, host_memory(),
+            f"at train.eval_batch_size={config.train.eval_batch_size}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocator's out-of-memory error (torch's CPU or CUDA allocator, or
+    Python's MemoryError)."""
+    if isinstance(e, MemoryError):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    import torch
+
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    return isinstance(e, oom_types) or _OOM_TEXT.search(str(e)) is not None
+
+
+def out_of_memory(e: BaseException, doing: str) -> MemoryLimitError:
+    """The one-line error for an allocation that failed while ``doing`` something."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    memory = host_memory()
+    available = f"; {human_bytes(memory[0])} available ({memory[1]})" if memory else ""
+    return MemoryLimitError(f"out of memory while {doing} ({reason}){available}")

@@ -1,0 +1,79 @@
+"""What run.json says of an invocation of `bitvit train`: the command, the code, the machine,
+when it started and how it ended."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitvit.training import rundir
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_record(device: torch.device, processes: int,
+               command: list[str] | None) -> dict[str, Any]:
+    """What run.json says of this invocation when it starts."""
+    return {
+        "command": command if command is not None else sys.argv,
+        "git_commit": git_commit(),
+        "device": device_name(device),
+        "processes": processes,
+        "torch": torch.__version__,
+        # With status "running", pid and host tell a live run from a killed one (bitvit sweep).
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": now(),
+        "end": None,
+        "status": "running",
+    }
+
+
+def failed_start(run_dir: Path, resume: str | Path | None, info: dict[str, Any],
+                 error: str) -> None:
+    """Write run.json for an invocation that failed while setting up (out of memory): ``info``
+    (its `run_record`) with status failed and the error, after the history of a resumed run. A
+    new run's folder that already holds a run is left as it is: its run.json is that run's
+    record, and the next `bitvit train` there moves it aside."""
+    if resume is None and rundir.holds_run(run_dir):
+        return
+    previous = rundir.read_info(run_dir) if resume is not None else {}
+    if previous:
+        info["resumed_from"] = rundir.resume_history(previous)
+    info.update(status="failed", error=error, end=now())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_info(run_dir, info)
+    except OSError:
+        pass  # already failing: the out-of-memory error is the one to tell

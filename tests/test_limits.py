@@ -1,0 +1,324 @@
+"""Limits on what bitvit reads and builds, through the real command line, each ending in one
+line on stderr and exit status 2: config and sweep files (regular, at most 1 MiB, not empty), a
+model that cannot fit in memory (refused from its config before anything is built) or an
+allocation that fails (run.json marked failed), images over the pixel limit (refused from their
+header), a data set of one class, and predict going on past unreadable images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageFile
+
+import bitvit.training.checkpoint
+import bitvit.training.loop
+from bitvit.cli import main
+from bitvit.nn.footprint import estimate, parameter_count
+from bitvit.nn.model import ViTConfig
+from bitvit.training.checkpoint import build_model
+from bitvit.training.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
+        "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
+        "train.batch_size=4", "train.device=cpu"]
+ALLOCATOR = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 "
+             "bytes. Error code 12 (Cannot allocate memory)")
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    """Run the CLI: it must exit 2 with exactly one line on stderr; return that line."""
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"bitvit {argv[0]}: error: "), err
+    return err.strip()
+
+
+def image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """An image folder, a finished one-epoch run of a tiny model on it, and its export."""
+    folder = tmp_path_factory.mktemp("limits")
+    images = image_folder(folder / "images")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITVIT_CACHE", str(folder / "cache"))
+        assert main(["train", "--data", str(images), "--out", str(folder / "run"),
+                     "--epochs", "1", "--quiet", *TINY]) == 0
+        assert main(["export", str(folder / "run"), "--out",
+                     str(folder / "model.safetensors")]) == 0
+    return {"images": images, "run": folder / "run", "export": folder / "model.safetensors",
+            "cache": folder / "cache"}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path_factory.getbasetemp() / "limits-cache"))
+
+
+# --- config and sweep files ------------------------------------------------------------------
+
+
+def test_config_that_is_a_device_is_refused_at_once(capsys):
+    start = time.perf_counter()
+    err = one_line_error(capsys, "train", "--config", "/dev/zero")
+    assert err.endswith("/dev/zero: not a regular file (a character device); expected a YAML "
+                        "config file")
+    assert time.perf_counter() - start < 10  # not reading an endless stream of zeros
+    err = one_line_error(capsys, "sweep", "/dev/zero")
+    assert "/dev/zero: not a regular file (a character device); expected a YAML sweep" in err
+
+
+def test_config_of_50_mb_is_refused_unread(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as f:
+        f.truncate(50 * 2 ** 20)  # sparse: 50 MB by its size, nothing on disk
+    err = one_line_error(capsys, "train", "--config", str(big))
+    assert err.endswith(f"{big}: 52,428,800 bytes; a YAML config file is at most 1,048,576 bytes")
+    assert f"{big}: 52,428,800 bytes" in one_line_error(capsys, "profile", str(big))
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing but a comment\n"])
+def test_an_empty_config_is_an_error_naming_it(tmp_path, capsys, text):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    err = one_line_error(capsys, "train", "--config", str(empty), "--out", str(tmp_path / "r"))
+    assert err.endswith(f"{empty}: empty config file; expected a mapping with sections model, "
+                        "quant, data, train")
+    assert f"{empty}: empty sweep file" in one_line_error(capsys, "sweep", str(empty))
+    assert not (tmp_path / "r").exists()
+
+
+# --- memory: refused from the estimate, allocator failures caught --------------------------------
+
+
+@pytest.mark.parametrize("model", [
+    ViTConfig(image_size=16, patch_size=4, dim=32, depth=1, heads=2, mlp_ratio=2,
+              num_classes=2),
+    ViTConfig(image_size=32, patch_size=8, dim=48, depth=3, heads=4, mlp_ratio=2.5,
+              num_classes=7, pooling="mean"),
+])
+@pytest.mark.parametrize("quant", ["fp", "b158", "sign"])
+def test_the_estimate_counts_the_parameters_of_the_built_model(model, quant):
+    config = load_config(None, [("quant.method", quant)])
+    config.model = model
+    built = build_model(config)
+    assert parameter_count(model) == sum(p.numel() for p in built.parameters())
+    q = config.quant
+    trained = estimate(model, 8, True, q.method, q.where, q.include_patch_embed)
+    inference = estimate(model, 8, False)
+    assert trained.state_bytes >= 16 * parameter_count(model) > inference.state_bytes
+    assert trained.activation_bytes > inference.activation_bytes > 0
+
+
+@pytest.mark.parametrize("overrides, size", [
+    (["model.dim=1000000000"], "model.dim=1000000000, model.depth=1,"),
+    (["model.dim=64", "model.depth=1000000"], "model.dim=64, model.depth=1000000,"),
+])
+def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys,
+                                                                      monkeypatch, overrides,
+                                                                      size):
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be read or built")
+
+    monkeypatch.setattr(bitvit.training.loop, "load_data", never)
+    monkeypatch.setattr(bitvit.training.loop, "build_model", never)
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    err = one_line_error(capsys, "train", "--out", str(out), *TINY, *overrides)
+    assert time.perf_counter() - start < 5
+    assert f"training this model ({size}" in err and "of memory but" in err
+    assert " is available (" in err  # MemAvailable, a cgroup limit, psutil or sysconf
+    assert "make model.dim, model.depth or train.batch_size smaller" in err
+    assert not out.exists()  # a refused config leaves nothing behind
+    err = one_line_error(capsys, "profile", str(ROOT / "configs/paper.yaml"), *overrides)
+    assert "its model (model.dim=" in err and "of memory but" in err
+
+
+def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypatch):
+    from bitvit.training import memory
+
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: None)  # no /proc/meminfo
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` fails
+    free, how = memory.host_memory()
+    assert free > 0 and how == "free pages (sysconf)"
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: 1000)  # a tight cgroup wins
+    assert memory.host_memory() == (1000, "this cgroup's memory limit less its usage")
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(memory, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(os, "sysconf", no_sysconf)
+    assert memory.host_memory() is None
+    # Unknown: nothing is refused (the allocator's error, caught, would still be one line).
+    memory.check_training_fits(load_config(None, ["model.dim=1000000000"]), torch.device("cpu"))
+
+
+def test_out_of_memory_while_building_the_model_marks_the_run_failed(trained, tmp_path, capsys,
+                                                                     monkeypatch):
+    def no_memory(config):
+        raise RuntimeError(ALLOCATOR)
+
+    monkeypatch.setattr(bitvit.training.loop, "build_model", no_memory)
+    out = tmp_path / "run"
+    err = one_line_error(capsys, "train", "--data", str(trained["images"]), "--out", str(out),
+                         "--epochs", "1", "--quiet", *TINY)
+    assert "out of memory while setting up the run (data, model, optimizer) (DefaultCPU" in err
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "out of memory" in info["error"]
+
+    # A resumed run keeps its history, and says why this invocation failed.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained["run"], resumed)
+    err = one_line_error(capsys, "train", "--resume", str(resumed), "--epochs", "2", "--quiet")
+    assert "out of memory while setting up the run" in err
+    info = json.loads((resumed / "run.json").read_text())
+    assert info["status"] == "failed" and len(info["resumed_from"]) == 1
+    assert (resumed / "last/state.pt").is_file()
+
+
+def test_out_of_memory_in_an_epoch_marks_the_run_failed(trained, tmp_path, capsys, monkeypatch):
+    def no_memory(s, loss):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(bitvit.training.loop, "_step", no_memory)
+    out = tmp_path / "run"
+    err = one_line_error(capsys, "train", "--data", str(trained["images"]), "--out", str(out),
+                         "--epochs", "1", "--quiet", *TINY)
+    assert "out of memory while training epoch 1" in err and "Tried to allocate 20.00 GiB" in err
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "out of memory" in info["error"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError(ALLOCATOR), torch.OutOfMemoryError("CUDA out of "
+                                   "memory. Tried to allocate 2.00 GiB"), MemoryError()])
+def test_out_of_memory_in_eval_export_and_profile_is_one_line(trained, tmp_path, capsys,
+                                                              monkeypatch, error):
+    def no_memory(config):
+        raise error
+
+    monkeypatch.setattr(bitvit.training.checkpoint, "build_model", no_memory)
+    for argv in (["eval", str(trained["run"]), "--device", "cpu"],
+                 ["export", str(trained["run"]), "--out", str(tmp_path / "m.safetensors")],
+                 ["profile", str(trained["run"])]):
+        err = one_line_error(capsys, *argv)
+        assert f"out of memory while bitvit {argv[0]} ran" in err
+
+
+# --- images: the pixel limit, one class ---------------------------------------------------------
+
+
+def test_a_144_megapixel_png_is_refused_before_decoding(trained, tmp_path, capsys, monkeypatch):
+    big = tmp_path / "big.png"
+    Image.new("1", (12000, 12000)).save(big)  # 144M pixels, 17 KB on disk
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    err = one_line_error(capsys, "predict", str(trained["export"]), str(big), "--device", "cpu")
+    assert err.endswith(f"{big}: 12000x12000 = 144,000,000 pixels, over bitvit's limit of "
+                        "16,000,000 (BITVIT_MAX_IMAGE_PIXELS raises it); not decoded")
+    assert (12000, 12000) not in decoded  # PIL's DecompressionBombWarning printed nothing
+
+
+def test_the_pixel_limit_applies_to_training_data_and_is_configurable(trained, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "100")  # the 16x16 images have 256
+    err = one_line_error(capsys, "train", "--data", str(trained["images"]), "--out",
+                         str(tmp_path / "r"), "--epochs", "1", "--quiet", *TINY,
+                         "data.cache_dir=" + str(tmp_path / "fresh-cache"))
+    assert "16x16 = 256 pixels, over bitvit's limit of 100" in err and "/train/cat/" in err
+    monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "lots")
+    image = next(trained["images"].rglob("*.png"))
+    err = one_line_error(capsys, "predict", str(trained["export"]), str(image))
+    assert "BITVIT_MAX_IMAGE_PIXELS='lots': expected a positive integer" in err
+
+
+def test_a_data_set_of_one_class_is_an_error_naming_it(tmp_path, capsys):
+    one = image_folder(tmp_path / "one", ("cat",))
+    out = tmp_path / "run"
+    err = one_line_error(capsys, "train", "--data", str(one), "--out", str(out), "--quiet",
+                         *TINY, "model.num_classes=1")
+    assert err.endswith(f"{one}: 1 class (cat); classification needs at least two (one folder "
+                        "per class under train/ and test/)")
+    assert not out.exists()
+
+
+# --- predict goes on past unreadable images ---------------------------------------------------
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            folder / f"good{i}.png")
+    data = (folder / "good0.png").read_bytes()
+    (folder / "bad0.png").write_bytes(data[:len(data) // 2])  # truncated
+    (folder / "bad1.png").write_text("not an image\n")
+    return folder
+
+
+def test_predict_reports_each_unreadable_image_and_predicts_the_rest(trained, mixed_folder,
+                                                                     capsys):
+    capsys.readouterr()
+    assert main(["predict", str(trained["export"]), str(mixed_folder), "--device", "cpu",
+                 "--top-k", "1"]) == 2
+    captured = capsys.readouterr()
+    out, err = captured.out.splitlines(), captured.err.splitlines()
+    assert [line.split(":")[0] for line in out] == [str(mixed_folder / f"good{i}.png")
+                                                    for i in range(3)]
+    assert len(err) == 2 and all(line.startswith("bitvit predict: error: ") for line in err)
+    assert f"{mixed_folder / 'bad0.png'}: not a readable image" in err[0]
+    assert f"{mixed_folder / 'bad1.png'}: not a readable image" in err[1]
+
+
+def test_predict_json_lists_the_unreadable_images_too(trained, mixed_folder, tmp_path, capsys):
+    capsys.readouterr()
+    missing = tmp_path / "missing.png"
+    assert main(["predict", str(trained["export"]), str(mixed_folder), str(missing), "--json",
+                 "--device", "cpu", "--batch-size", "2"]) == 2
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [Path(r["file"]).name for r in records] == [
+        "bad0.png", "bad1.png", "good0.png", "good1.png", "good2.png", "missing.png"]
+    assert [("error" in r) for r in records] == [True, True, False, False, False, True]
+    assert all(len(r["predictions"]) == 2 for r in records if "error" not in r)
+    assert len(captured.err.splitlines()) == 3
+    assert f"{missing}: no such image file or folder" in records[-1]["error"]
+
+
+def test_every_config_and_study_in_the_repository_is_within_the_limit():
+    """The limit is far above any real file: every config and study in the repository reads."""
+    for path in [*ROOT.glob("configs/*.yaml"), *ROOT.glob("studies/*.yaml")]:
+        assert path.stat().st_size < 2 ** 20 // 10, path
+        assert isinstance(yaml.safe_load(path.read_text()), dict)
+    assert os.path.getsize(ROOT / "configs/paper.yaml") > 0
