@@ -402,10 +402,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     ``compile``: run the ViT under ``torch.compile`` (`bitvit.deploy.engine.compile_model`: compiled
     here, on a dummy batch, so it costs load time rather than the first call; on failure a
     warning and the eager model). ``model.vit`` is then the compiled wrapper of the ViT.
+    With cls pooling the last block computes the cls token's output only
+    (`bitvit.deploy.engine.ClsTokenBlock`): the same logits, fewer products.
     Raises `ExportError` (one line naming the file) for anything that is not a readable
     export of this format version whose tensors match its config.
     """
-    from bitvit.deploy.engine import compile_model
+    from bitvit.deploy.engine import cls_token_last_block, compile_model
 
     path = Path(path)
     meta = read_export_metadata(path)
@@ -424,7 +426,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     floats = {k: tensors[k].float() if tensors[k].is_floating_point() else tensors[k]
               for k in expected if k not in layer_keys}
     vit.load_state_dict(floats, strict=False, assign=True)
-    model = ExportedModel(vit, config, classes, preprocessing, path)
+    model = ExportedModel(cls_token_last_block(vit), config, classes, preprocessing, path)
     model = model.requires_grad_(False).eval().to(device)
     if compile:
         size, channels = preprocessing.image_size, preprocessing.channels
