@@ -6,11 +6,15 @@ The bottom layer: every other part of bitvit may import it; it imports nothing o
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("bitvit.files")
 
 
 def describe(e: OSError) -> str:
@@ -79,3 +83,40 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("BITVIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bitvit"
+
+
+def tilde(path: Path) -> str:
+    """``path`` with the home folder written ``~``, as messages show it."""
+    home, text = str(Path.home()), str(path)
+    return "~" + text[len(home):] if text.startswith(home + os.sep) else text
+
+
+def read_cache(path: Path, version: int, what: str) -> dict[str, Any]:
+    """The entries of a measurement cache (JSON ``{"version": version, "entries": {...}}``).
+
+    A missing file is an empty cache; so is an unreadable or malformed one, or one of another
+    version, with a warning naming ``what`` (e.g. "kernel cache"): it is measured again.
+    """
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") == version and isinstance(data.get("entries"), dict):
+            return data["entries"]
+        log.warning("%s %s has an unknown layout; measuring again", what, path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("%s %s unreadable (%s); measuring again", what, path, e)
+    return {}
+
+
+def save_cache(path: Path, version: int, entries: dict[str, Any], what: str) -> str:
+    """Write a measurement cache whole; says where the measurement went, for a reason line:
+    ``measured now, saved to PATH``, or ``measured now, not cached`` (an unwritable cache only
+    costs a measurement next time: a warning, no error)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"version": version, "entries": entries}, indent=1) + "\n")
+        return f"measured now, saved to {tilde(path)}"
+    except OSError as e:
+        log.warning("could not write %s %s: %s", what, path, e)
+        return "measured now, not cached"
