@@ -25,6 +25,7 @@ measured again. ``$BITVIT_ENGINE=int|fp|ort`` overrides auto. With ``compile=Tru
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import math
 import os
@@ -57,8 +58,8 @@ ENGINE_ENV = "BITVIT_ENGINE"
 CACHE_FILE = "engines.json"
 CACHE_VERSION = 1
 BATCHES = (1, 32)  # one image, and a moderate batch
-BUDGET_S = 0.6  # per batch size: timed rounds stop once this much has been spent...
-MAX_ROUNDS = 15  # ...or after this many (the best of several resists a shared core's noise)
+BUDGET_S = 0.5  # per batch size: timed rounds stop once this much has been spent...
+MAX_ROUNDS = 10  # ...or after this many (the best of several resists a shared core's noise)
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,16 @@ def _image_shape(config: Config) -> tuple[int, int, int]:
 
 def _build(path: str | Path, device: torch.device,
            candidates: list[str]) -> dict[str, ExportedModel]:
-    """Each candidate engine's model: torch int and fp on ``device``, ort from the int one (a
-    graph that cannot be built for want of onnx leaves ort out)."""
-    models: dict[str, ExportedModel] = {
-        name: export.load(path, device=device, engine=name) for name in TORCH_ENGINES}
+    """Each candidate engine's model: torch int on ``device``, fp a copy of it (no second
+    unpacking of the file), ort from it (a graph that cannot be built for want of onnx leaves
+    ort out)."""
+    from bitvit.deploy.engine import set_engine
+
+    int_model = export.load(path, device=device, engine="int")
+    fp_model = copy.deepcopy(int_model)
+    set_engine(fp_model.vit, "fp")
+    fp_model.engine = "fp"
+    models: dict[str, ExportedModel] = {"int": int_model, "fp": fp_model}
     if ENGINE_ORT in candidates:
         with contextlib.suppress(OnnxUnavailableError):
             models[ENGINE_ORT] = ort_model(path, models["int"])
