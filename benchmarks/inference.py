@@ -15,6 +15,10 @@ For each preset (paper, strong) and batch size (1, 256): images/s of
 - ``ort-token`` / ``ort-tensor``: bitvit's ONNX export of the b158 model
   (`bitvit.deploy.onnx_export.to_onnx`, per-token or per-tensor activation scales) under ONNX
   Runtime;
+- ``auto``: the exported b158 model loaded with `bitvit.load`'s default, ``engine="auto"``:
+  the engine it picks on this machine (int, fp or ONNX Runtime on the per-token graph, built in
+  memory; measured once and cached, `bitvit.deploy.auto`), what a user gets by default; its
+  choice and why are in the record (``auto_engine``, ``auto_engine_reason``);
 - ``fp32-c`` (only with ``--compile`` or named in ``--engines``): the fp32 model compiled.
 Every engine gets the same thread count (``--threads``: torch's intra-op threads and ONNX
 Runtime's ``intra_op_num_threads`` alike). All run on the same inputs, interleaved round by
@@ -29,8 +33,9 @@ the speedup keys (``ort_in_speedups: false``).
 Prints a header line (command, commit, date, CPU, threads, ISA, the integer kernel chosen and
 why), a table and, last, one JSON line. ``speedup_fp32_b*``: the best bitvit engine (int,
 int-c, ort-token, ort-tensor) over torch fp32 eager, median over median, paper preset;
-``speedup_ort_int8_b*``: the same best over ``ort-int8``; the same keys with a ``_strong``
-suffix for the strong preset.
+``speedup_ort_int8_b*``: the same best over ``ort-int8``; ``auto_speedup_fp32_b*``: the auto
+engine over torch fp32 eager (null where auto runs ONNX Runtime under ISA caps); the same keys
+with a ``_strong`` suffix for the strong preset.
 
 ``--profile`` (at the largest batch; helpers in ``benchmarks/op_profile.py``): the int model's
 self-CPU share by op group (``profile_int_b*``), the share of matrix products in it and in torch
@@ -59,14 +64,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -75,6 +74,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import (
+    Record,
+    command_line,
+    cpu_model,
+    git_commit,
+    kernel_info,
+    one_line,
+    parse_list,
+    tune_malloc,
+)
 from op_profile import (
     ORT_MATMUL_OPS,
     TORCH_MATMUL_GROUPS,
@@ -97,105 +106,19 @@ PRESETS = {
     "strong": ViTConfig(patch_size=4, dim=192, depth=9, heads=12, mlp_ratio=2.0),
 }
 ENGINES = ("fp32", "bf16", "bf16w", "int", "int-c", "fp", "ort-fp32", "ort-int8", "ort-token",
-           "ort-tensor", "fp32-c")
+           "ort-tensor", "auto", "fp32-c")
 DEFAULT_ENGINES = tuple(e for e in ENGINES if e != "fp32-c")
-# bitvit's deployable engines: the "best bitvit engine" of the speedup keys is one of these.
+# bitvit's deployable engines: the "best bitvit engine" of the speedup keys is one of these
+# (auto runs one of them, so it is not a candidate of its own).
 BITVIT_ENGINES = ("int", "int-c", "ort-token", "ort-tensor")
 ONNX_FILES = {"ort-fp32": "fp32.onnx", "ort-int8": "int8.onnx", "ort-token": "b158-token.onnx",
               "ort-tensor": "b158-tensor.onnx"}
-ROOT = Path(__file__).resolve().parents[1]
-# Environment variables that change which kernels torch, oneDNN and bitvit run: part of the
-# command in the record.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "BITVIT_INT_KERNEL")
-
 Call = Callable[[], object]
-
-
-class Record:
-    """Prints lines and keeps them, so that ``--out`` gets exactly what was printed."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def print(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(self.lines) + "\n")
 
 
 def key_suffix(preset: str) -> str:
     """The JSON keys' suffix of a preset: none for the paper preset, ``_strong`` for strong."""
     return "" if preset == "paper" else f"_{preset}"
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in the process (what jemalloc/tcmalloc do), for every model alike.
-
-    glibc returns large blocks (a (16640, 576) activation is 38 MB) to the OS on free and
-    page-faults them back in on the next call; at batch 256 that costs more than an int8 matmul.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except OSError:
-        return False
-
-
-def one_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-    return text[:160]
-
-
-# ---------------------------------------------------------------------------------------------
-# The machine: CPU, ISA, kernel choice, commit.
-# ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def kernel_info() -> dict[str, object]:
-    """ISA summary and the integer kernel `bitvit.nn.kernels` chooses, or a note why not known."""
-    try:
-        from bitvit.nn.kernels import ISA_ENV as CAPS
-        from bitvit.nn.kernels import choose_kernel, cpu_isa, isa_summary
-
-        choice = choose_kernel("cpu")
-        isa = cpu_isa()
-        # What the CPU offers without the env caps: what ONNX Runtime runs (see main).
-        hardware = isa_summary({**isa, **dict.fromkeys(CAPS)})
-        return {"isa": isa_summary(isa), "hardware_isa": hardware, "kernel": choice.name,
-                "kernel_reason": choice.reason, "cpu_isa": isa}
-    except Exception as err:  # noqa: BLE001 - the benchmark runs without it, and says so
-        return {"isa": f"torch capability {torch.backends.cpu.get_cpu_capability()}",
-                "kernel": None, "kernel_reason": f"bitvit.nn.kernels unavailable ({one_line(err)})"}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True).stdout
-        return out + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def command_line() -> str:
-    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ISA_ENV if k in os.environ]
-    return " ".join([*env, "python", shlex.join(sys.argv)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +150,12 @@ class PresetModels:
         self.sizes["exported_bytes"] = b158_path.stat().st_size
         self.int_model = load(b158_path, engine="int")
         self.fp_model = load(b158_path, engine="fp") if "fp" in engines else None
+        self.auto_model = None
+        if "auto" in engines:
+            try:  # what bitvit.load gives by default (measured now, or the cached verdict)
+                self.auto_model = load(b158_path)
+            except Exception as err:  # noqa: BLE001 - a failed engine is a result, not a crash
+                self.failed["auto"] = f"build: {one_line(err)}"
         if any(e.startswith("ort-") for e in engines):
             self._build_onnx(tmp, record)
 
@@ -293,6 +222,8 @@ class PresetModels:
                 calls[engine] = lambda: self.int_model(x)
             elif engine == "fp":
                 calls[engine] = lambda: self.fp_model(x)
+            elif engine == "auto":
+                calls[engine] = lambda: self.auto_model(x)
             elif engine in ("int-c", "fp32-c"):
                 model = self.int_model if engine == "int-c" else self.fp32
                 compiled = compiled_or_why(model, x)
@@ -366,11 +297,12 @@ def time_interleaved(calls: dict[str, Call], repeats: int, warmup: int,
 
 
 def summarize(batch: int, times: dict[str, list[float]], suffix: str, with_ort: bool = True,
-              ) -> dict[str, object]:
+              auto_engine: str | None = None) -> dict[str, object]:
     """The JSON keys of one (preset, batch): img/s per engine and the speedups.
 
     ``with_ort=False`` (torch's ISA capped, ONNX Runtime's not): the best bitvit engine is
-    chosen among the torch ones, and nothing is compared with ``ort-int8``.
+    chosen among the torch ones, nothing is compared with ``ort-int8``, and the auto engine's
+    speedup only where it runs a torch engine (``auto_engine``).
     """
     med = {name: statistics.median(ts) for name, ts in times.items()}
     out: dict[str, object] = {f"{name}_img_s_b{batch}{suffix}": round(batch / m, 1)
@@ -389,6 +321,9 @@ def summarize(batch: int, times: dict[str, list[float]], suffix: str, with_ort: 
     out[f"speedup_ort_int8_b{batch}{suffix}"] = over("ort-int8" if with_ort else None)
     bf16 = [n for n in ("bf16", "bf16w") if n in med]
     out[f"speedup_bf16_b{batch}{suffix}"] = over(min(bf16, key=med.get) if bf16 else None)
+    auto_ok = "auto" in med and "fp32" in med and (with_ort or auto_engine != "ort")
+    out[f"auto_speedup_fp32_b{batch}{suffix}"] = (
+        round(med["fp32"] / med["auto"], 3) if auto_ok else None)
     return out
 
 
@@ -443,15 +378,6 @@ def report_profiles(models: PresetModels, times: dict[str, list[float]], batch: 
 # ---------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------
-
-
-def parse_list(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if allowed is not None and s not in allowed]
-    if not items or bad:
-        raise ValueError(f"--{what}: {bad[0] if bad else 'empty'!r} is not one of "
-                         f"{', '.join(allowed or ())}")
-    return items
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -517,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for preset in ("paper", "strong"):  # the contract keys exist (null) even when not measured
         suffix = key_suffix(preset)
         for key in ("size_ratio_fp32", "best_engine_b1", "best_engine_b256", "speedup_fp32_b1",
-                    "speedup_fp32_b256", "speedup_ort_int8_b256"):
+                    "speedup_fp32_b256", "speedup_ort_int8_b256", "auto_engine",
+                    "auto_speedup_fp32_b1", "auto_speedup_fp32_b256"):
             result[f"{key}{suffix}"] = None
     record.print(f"inference, CPU, {args.threads} threads, {args.repeats} repeats, malloc tuned: "
                  f"{tuned}; images/s (min time -> best, median time -> typical); vs fp32: "
@@ -531,6 +458,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         last_times = None
         with tempfile.TemporaryDirectory() as tmp:
             models = PresetModels(cfg, args.engines, args.threads, Path(tmp), record)
+            auto = models.auto_model
+            if auto is not None:
+                result[f"auto_engine{suffix}"] = auto.engine
+                result[f"auto_engine_reason{suffix}"] = auto.engine_reason
+                record.print(f"{preset}: auto runs {auto.engine} ({auto.engine_reason})")
             for batch in args.batches:
                 x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
                 calls, build_failed = models.calls(x)
@@ -547,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     ratio = f"{base / statistics.median(ts):8.2f}" if base else f"{'-':>8}"
                     record.print(f"{preset:7} {batch:5d} {engine:10} {batch / min(ts):11.1f} "
                                  f"{batch / statistics.median(ts):13.1f} {ratio}")
-                result.update(summarize(batch, times, suffix, with_ort=ort_comparable))
+                result.update(summarize(batch, times, suffix, ort_comparable,
+                                        auto.engine if auto is not None else None))
                 if batch == max(args.batches):
                     last_times = times
             sizes = models.sizes

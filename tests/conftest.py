@@ -13,6 +13,9 @@ REAL_DATA = (ROOT / "../shared/data/cifar-10-jpeg.tar.gz").resolve()
 # micro-benchmark of a shared machine; BITVIT_INT_KERNEL=fp32 runs the suite on the other one.
 # tests/test_kernels.py tests the choice itself.
 os.environ.setdefault("BITVIT_INT_KERNEL", "int8")
+# Likewise one engine for `bitvit.load`'s default (auto): int, unmeasured. tests/test_auto.py
+# tests auto itself.
+os.environ.setdefault("BITVIT_ENGINE", "int")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "inference.py"
 MACHINE_KEYS = ("isa", "kernel", "kernel_reason")
 PRESET_KEYS = ("speedup_fp32_b1", "speedup_fp32_b256", "best_engine_b1", "best_engine_b256",
-               "speedup_ort_int8_b256", "size_ratio_fp32")  # and the same with _strong
+               "speedup_ort_int8_b256", "size_ratio_fp32", "auto_engine",
+               "auto_speedup_fp32_b1", "auto_speedup_fp32_b256")  # and the same with _strong
 
 
 def bench_module():
@@ -45,7 +46,7 @@ def run_script(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
 
 
 def test_tiny_run_record_and_json_contract(tmp_path):
-    engines = "fp32,int,fp,ort-fp32,ort-int8,ort-token,ort-tensor"
+    engines = "fp32,int,fp,ort-fp32,ort-int8,ort-token,ort-tensor,auto"
     out = tmp_path / "record.txt"
     proc = run_script("--repeats", "1", "--warmup", "0", "--batches", "1", "--presets", "paper",
                       "--threads", "1", "--engines", engines, "--out", str(out), "--profile")
@@ -59,7 +60,7 @@ def test_tiny_run_record_and_json_contract(tmp_path):
     result = json.loads(lines[-1])
     assert all(key in result for key in MACHINE_KEYS)
     # conftest fixes BITVIT_INT_KERNEL for the suite: the record names it and the choice.
-    assert f"BITVIT_INT_KERNEL={os.environ['BITVIT_INT_KERNEL']} python " in header
+    assert f"BITVIT_INT_KERNEL={os.environ['BITVIT_INT_KERNEL']} " in header
     assert result["isa"] == isa_summary() and f"ISA {isa_summary()}," in header
     assert result["kernel"] == choose_kernel().name == os.environ["BITVIT_INT_KERNEL"]
     assert result["kernel_reason"] == choose_kernel().reason
@@ -85,6 +86,15 @@ def test_tiny_run_record_and_json_contract(tmp_path):
     if result["ort-int8_img_s_b1"]:
         assert result["speedup_ort_int8_b1"] == pytest.approx(
             best / result["ort-int8_img_s_b1"], rel=0.02)
+    # auto: bitvit.load's default (conftest's $BITVIT_ENGINE=int reaches the script too), its
+    # speedup over fp32 from its own img/s, not a candidate for the best engine.
+    assert f"BITVIT_ENGINE={os.environ['BITVIT_ENGINE']} " in header
+    assert result["auto_engine"] == os.environ["BITVIT_ENGINE"]
+    assert result["auto_engine_reason"] == f"set by $BITVIT_ENGINE={os.environ['BITVIT_ENGINE']}"
+    assert f"paper: auto runs {result['auto_engine']} (set by" in proc.stdout
+    assert result["auto_speedup_fp32_b1"] == pytest.approx(
+        result["auto_img_s_b1"] / result["fp32_img_s_b1"], rel=0.02)
+    assert result["auto_speedup_fp32_b256"] is None
     # Sizes: the fp32 checkpoint holds 4 bytes per parameter (plus a small header); the ratio
     # is the exported file over it.
     bench = bench_module()

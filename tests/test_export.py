@@ -15,7 +15,13 @@ from safetensors.torch import load_file, save_file
 import bitvit
 from bitvit.cli import main
 from bitvit.data import ImageSet, normalize
-from bitvit.deploy.engine import InferenceLinear, compile_model, convert_for_inference
+from bitvit.deploy.engine import (
+    ClsTokenBlock,
+    InferenceLinear,
+    cls_token_last_block,
+    compile_model,
+    convert_for_inference,
+)
 from bitvit.deploy.export import (
     ExportedModel,
     ExportError,
@@ -186,13 +192,50 @@ def test_export_load_is_exact(tmp_path, method, quant, engine):
     path = export_model(model, config, CLASSES, tmp_path / "m.safetensors", float_dtype="fp32")
     loaded = load(path, engine=engine)
     assert isinstance(loaded, ExportedModel) and not loaded.training
-    direct = convert_for_inference(copy.deepcopy(model), engine).eval()
+    direct = cls_token_last_block(convert_for_inference(copy.deepcopy(model), engine).eval())
     x = normalize(uint8_images(), config.data.mean, config.data.std)
     with torch.no_grad():
         assert torch.equal(loaded(x), direct(x))
     state = direct.state_dict()
     assert loaded.vit.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in loaded.vit.state_dict().items())
+
+
+@pytest.mark.parametrize("method, act_bits", [("b158", "default"), ("b158", 1),
+                                              ("xnor", "none")])
+@pytest.mark.parametrize("engine", ["int", "fp"])
+def test_cls_only_last_block_gives_the_whole_blocks_logits(tmp_path, method, act_bits, engine):
+    """The loaded model's last block computes the cls token alone (cls pooling); the logits are
+    the whole block's, to fp32 rounding (attention over one query sums in another order).
+    Except under the fp engine with 1-bit activations: its float products round differently
+    for 33 rows than for 33 x 17 (BLAS blocks them otherwise), and sign(x) turns a near-zero
+    activation's rounding into a flipped code (see ATOL): there the argmax only."""
+    config = small_config(method, act_bits=act_bits)
+    config.model.depth = 3
+    path = export_model(small_model(config), config, CLASSES, tmp_path / "m.safetensors")
+    loaded = load(path, engine=engine)
+    blocks = loaded.vit.blocks
+    assert isinstance(blocks[-1], ClsTokenBlock)
+    assert not any(isinstance(b, ClsTokenBlock) for b in blocks[:-1])
+    full = copy.deepcopy(loaded)
+    full.vit.blocks[-1] = full.vit.blocks[-1].full_block()
+    assert type(full.vit.blocks[-1]) is bitvit.nn.model.Block
+    assert full.vit.state_dict().keys() == loaded.vit.state_dict().keys()
+    images = uint8_images(33)
+    got, want = loaded.logits(images), full.logits(images)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    if engine == "fp" and act_bits == 1:
+        return
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    one = loaded.logits(images[:1])  # batch 1 as well
+    torch.testing.assert_close(one, want[:1], rtol=0, atol=1e-5)
+
+
+def test_mean_pooling_keeps_every_block_whole(tmp_path):
+    config = small_config("b158")
+    config.model.pooling = "mean"
+    loaded = load(export_model(small_model(config), config, CLASSES, tmp_path / "m.safetensors"))
+    assert not any(isinstance(b, ClsTokenBlock) for b in loaded.vit.blocks)
 
 
 @pytest.mark.parametrize(("method", "quant"), VARIANTS)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from bitvit.cli import main
 from bitvit.deploy.export import export_model, load
 from bitvit.deploy.profile import profile_model
-from bitvit.nn.methods import METHOD_TABLE, QuantMethod
+from bitvit.nn.methods import METHOD_TABLE, QUANTIZER_GRANULARITIES, QuantMethod
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import METHODS, QUANTIZERS, BitLinear, check_table, quantize_
 from bitvit.training.config import Config
@@ -167,6 +167,30 @@ def test_a_row_naming_an_unknown_quantizer_is_refused():
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="not a QuantMethod named 'other'"):
         check_table({**METHOD_TABLE, "other": QuantMethod(**_fields())})
+
+
+@pytest.mark.parametrize("quantizer, granularity, expected", [
+    ("twn_threshold", "tensor", "channel"), ("twn_threshold", "none", "channel"),
+    ("centred_sign", "channel", "tensor")])
+def test_a_row_pairing_a_quantizer_with_a_granularity_it_cannot_compute_is_refused(
+        quantizer, granularity, expected):
+    # Refused when the row is made (so at import, for a row of METHOD_TABLE), not when it
+    # first quantizes a weight.
+    with pytest.raises(ValueError, match=rf"^quantization method 'fake': granularity="
+                       rf"'{granularity}', expected {expected}, the granularity quantizer "
+                       rf"'{quantizer}' computes$") as e:
+        QuantMethod(**_fields(quantizer=quantizer, granularity=granularity))
+    assert "\n" not in str(e.value)
+
+
+def test_every_quantizer_says_which_granularities_it_computes():
+    for spec in METHOD_TABLE.values():
+        assert spec.granularity in QUANTIZER_GRANULARITIES[spec.quantizer]
+    assert set(QUANTIZER_GRANULARITIES) == set(QUANTIZERS)
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="quantizer 'twn_threshold': granularity='tensor', "
+                                         "expected channel"):
+        QUANTIZERS["twn_threshold"](w, "tensor")  # a direct call is checked too
 
 
 def test_the_per_channel_variant_is_only_a_row():

@@ -480,7 +480,9 @@ def test_export_options_are_checked(checkpoint, tmp_path, capsys):
     assert twin.classes == [str(i) for i in range(10)]
     for command, extra in (("eval", []), ("predict", [str(tmp_path)])):
         for argv, words in (([str(tmp_path / "m.onnx"), "--engine", "int"], "runs on the ort"),
-                            ([str(checkpoint), "--engine", "ort"], "--engine ort runs .onnx"),
+                            # a training checkpoint: engines are for exports
+                            ([str(checkpoint), "--engine", "ort"],
+                             "export it with `bitvit export`"),
                             ([str(tmp_path / "m.onnx"), "--compile"], "--compile"),
                             ([str(tmp_path / "m.onnx"), "--device", "cuda"], "cuda")):
             assert main([command, *argv[:1], *extra, *argv[1:]]) == 2, (command, argv)

@@ -31,7 +31,7 @@ _HOMES = {
     "RunResult": "training.loop", "train": "training.loop",
     "evaluate": "deploy.evaluate",
     "ExportedModel": "deploy.export", "ExportError": "deploy.export",
-    "export_checkpoint": "deploy.export", "export_model": "deploy.export", "load": "deploy.export",
+    "export_checkpoint": "deploy.export", "export_model": "deploy.export", "load": "deploy.auto",
     "InferenceLinear": "deploy.engine", "compile_model": "deploy.engine",
     "convert_for_inference": "deploy.engine", "set_engine": "deploy.engine",
     "OrtModel": "deploy.onnx_runtime", "load_onnx": "deploy.onnx_runtime",

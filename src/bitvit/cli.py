@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 
     from bitvit.deploy.export import ExportedModel
 
-ENGINE_NAMES = ("int", "fp", "ort")  # bitvit.deploy.engine.ENGINES and ONNX Runtime (.onnx files)
+# bitvit.deploy.auto.ENGINES: the fastest exact one here (auto), the torch engines, ONNX Runtime.
+ENGINE_NAMES = ("auto", "int", "fp", "ort")
+ENGINE_HELP = ("exported models: auto (default: the fastest engine on this machine that gives "
+               "the export's exact function, measured once and cached; $BITVIT_ENGINE "
+               "overrides it), int (integer kernels), fp (dequantized fp32) or ort (ONNX "
+               "Runtime, CPU: the exact per-token graph, built in memory from a .safetensors "
+               "export; the only engine for .onnx files)")
 
 # Nothing here imports torch at module level: --help and --version answer at once, and each
 # subcommand imports what it needs when it runs.
@@ -137,10 +143,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--best", action="store_true", help="use best/ instead of last/")
     p.add_argument("--limit-test", type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", choices=ENGINE_NAMES,
-                   help="exported models: integer kernels (int, the default for .safetensors), "
-                        "dequantized fp32 (fp), or ONNX Runtime (ort, the default and only "
-                        "engine for .onnx files)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto", help=ENGINE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fused kernels; eager if compiling fails)")
     p.set_defaults(func=_eval)
@@ -242,13 +245,11 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, metavar="K",
                    help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: {file, predictions: [{class, probability}]}")
+                   help="one JSON object per line: {file, predictions: [{class, probability}], "
+                        "engine, engine_reason}")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--engine", choices=ENGINE_NAMES,
-                   help="integer kernels (int, the default for .safetensors) or dequantized "
-                        "fp32 (fp) for quantized layers; ort (ONNX Runtime, CPU) for .onnx "
-                        "files, chosen by default for them")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="auto", help=ENGINE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fused kernels; eager if compiling fails)")
     p.set_defaults(func=_run_predict)
@@ -272,6 +273,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     failed = 0
     for i in range(0, len(items), args.batch_size):
         failed += _predict_chunk(args, model, items[i:i + args.batch_size])
+    # Last, after the predictions and any unreadable file's line.
+    print(f"bitvit predict: engine: {model.engine} ({model.engine_reason})", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -296,7 +299,8 @@ def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
             _unreadable(args, file, errors[file])
         elif args.json:
             print(json.dumps({"file": str(file), "predictions": [
-                {"class": c, "probability": round(p, 6)} for c, p in tops[file]]}))
+                {"class": c, "probability": round(p, 6)} for c, p in tops[file]],
+                "engine": model.engine, "engine_reason": model.engine_reason}))
         else:
             print(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in tops[file]))
     return len(errors)
@@ -311,24 +315,14 @@ def _unreadable(args: argparse.Namespace, file: Path | str, error: str) -> int:
 
 
 def _load_for_inference(args: argparse.Namespace) -> ExportedModel:
-    """An exported model for predict: a safetensors export on --engine int/fp, or an .onnx
-    file on ONNX Runtime (--engine ort, chosen by default for .onnx)."""
-    from bitvit.deploy.export import load
-    from bitvit.deploy.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
-    from bitvit.training.config import resolve_device
+    """An exported model for predict: a .safetensors export on --engine (auto: the fastest
+    exact one here), or an .onnx file on ONNX Runtime."""
+    from bitvit.deploy.auto import load
+    from bitvit.deploy.onnx_runtime import OrtModel
 
-    engine = resolve_engine(args.model, args.engine)
-    if engine != ENGINE_ORT:
-        return load(args.model, device=resolve_device(args.device), engine=engine,
-                    compile=args.compile)
-    if args.compile:
-        raise CliError(f"{args.model}: --compile applies to the int and fp engines; an ONNX "
-                       "file runs on ONNX Runtime as it is")
-    if args.device not in ("auto", "cpu"):
-        raise CliError(f"{args.model}: the ort engine runs on the CPU; --device {args.device} "
-                       "applies to the int and fp engines")
-    model = load_onnx(args.model)
-    model.needs_model_info()
+    model = load(args.model, device=args.device, engine=args.engine, compile=args.compile)
+    if isinstance(model, OrtModel):
+        model.needs_model_info()
     return model
 
 
@@ -368,6 +362,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     profile = profile_model(src.model, src.config, args.float_precision,
                             src.ternary_packing or args.ternary_packing, src.weights_source,
                             source=str(args.source), packed_float_dtype=src.float_dtype)
+    profile.engine, profile.engine_reason = src.engine, src.engine_reason
     print(profile.to_json() if args.json else profile.format_table())
     return 0
 

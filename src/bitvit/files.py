@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import os
 import re
 import stat
@@ -15,6 +17,9 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("bitvit.files")
+
 
 # Configs, sweep files, run.json, checksums: a few kilobytes. Far above any real one, far below
 # what would hang or exhaust memory (/dev/zero, a weights file given as --config).
@@ -219,3 +224,40 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("BITVIT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bitvit"
+
+
+def tilde(path: Path) -> str:
+    """``path`` with the home folder written ``~``, as messages show it."""
+    home, text = str(Path.home()), str(path)
+    return "~" + text[len(home):] if text.startswith(home + os.sep) else text
+
+
+def read_cache(path: Path, version: int, what: str) -> dict[str, Any]:
+    """The entries of a measurement cache (JSON ``{"version": version, "entries": {...}}``).
+
+    A missing file is an empty cache; so is an unreadable or malformed one, or one of another
+    version, with a warning naming ``what`` (e.g. "kernel cache"): it is measured again.
+    """
+    try:
+        data = json.loads(read_limited(path, what))  # FileRefused is a ValueError
+        if data.get("version") == version and isinstance(data.get("entries"), dict):
+            return data["entries"]
+        log.warning("%s %s has an unknown layout; measuring again", what, path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("%s %s unreadable (%s); measuring again", what, path, e)
+    return {}
+
+
+def save_cache(path: Path, version: int, entries: dict[str, Any], what: str) -> str:
+    """Write a measurement cache whole; says where the measurement went, for a reason line:
+    ``measured now, saved to PATH``, or ``measured now, not cached`` (an unwritable cache only
+    costs a measurement next time: a warning, no error)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"version": version, "entries": entries}, indent=1) + "\n")
+        return f"measured now, saved to {tilde(path)}"
+    except OSError as e:
+        log.warning("could not write %s %s: %s", what, path, e)
+        return "measured now, not cached"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitvit.nn.kernels import PackedCodes, choose_kernel, int_matmul, pack_codes
+from bitvit.nn.model import Block, VisionTransformer
 from bitvit.nn.quant import (
     EPS,
     METHODS,
@@ -202,6 +203,52 @@ def set_engine(model: nn.Module, engine: str) -> nn.Module:
         if isinstance(module, InferenceLinear):
             module.set_engine(engine)
     return model
+
+
+class ClsTokenBlock(nn.Module):
+    """A ViT's last block when it pools the cls token: only the cls token's output, (B, 1, C).
+
+    Keys and values come from every token; the query, the attention output, the MLP and the
+    residuals only from the cls token, which is all that the cls pooling reads: the same
+    numbers as that row of the whole block (each token is quantized on its own), for about a
+    quarter of the block's products. The ONNX graph's last block does the same
+    (`bitvit.deploy.onnx_export`). It holds the block's own submodules under their names, so
+    the state dict is the block's; `full_block` gives the whole block back.
+    """
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = block.norm1, block.attn, block.norm2
+        self.mlp, self.drop_path = block.mlp, block.drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        attn = self.attn
+        b, n, d = x.shape
+        # q, k, v for every token from one product (its per-token quantization is each row's
+        # own, so the cls row of q is what a cls-only q would be).
+        q, k, v = attn.qkv(self.norm1(x)).reshape(b, n, 3, attn.heads, d // attn.heads).permute(
+            2, 0, 3, 1, 4)
+        p = attn.attn_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q[:, :, :1], k, v, dropout_p=p)  # (b, h, 1, hd)
+        a = attn.proj_drop(attn.proj(a.transpose(1, 2).reshape(b, 1, d)))
+        x = x[:, :1] + self.drop_path(a)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def full_block(self) -> Block:
+        """The whole block (every token's output), sharing these submodules."""
+        block = Block.__new__(Block)
+        nn.Module.__init__(block)
+        block.norm1, block.attn, block.norm2 = self.norm1, self.attn, self.norm2
+        block.mlp, block.drop_path = self.mlp, self.drop_path
+        return block
+
+
+def cls_token_last_block(vit: VisionTransformer) -> VisionTransformer:
+    """With cls pooling, ``vit``'s last block becomes a `ClsTokenBlock` (in place): the final
+    LayerNorm and the pooling then see the cls token alone, which is all they read."""
+    if vit.cls_token is not None and len(vit.blocks) and isinstance(vit.blocks[-1], Block):
+        vit.blocks[-1] = ClsTokenBlock(vit.blocks[-1])
+    return vit
 
 
 # ---------------------------------------------------------------------------------------------

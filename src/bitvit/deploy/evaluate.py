@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from bitvit.data import DataError, ImageSet, load_data, normalize
-from bitvit.training.checkpoint import load_checkpoint
+from bitvit.training.checkpoint import CheckpointError, load_checkpoint
 from bitvit.training.config import resolve_device
 from bitvit.training.evaluation import evaluate_model
 
 
 def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None = None,
              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, *,
-             best: bool = False, limit_test: int | None = None, engine: str | None = None,
+             best: bool = False, limit_test: int | None = None, engine: str = "auto",
              compile: bool = False, batch_size: int | None = None,
              device: str | torch.device = "auto") -> dict[str, Any]:
     """Evaluate a model on its test set: the report ``bitvit eval`` prints, as a dict.
@@ -28,19 +28,23 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     ``source`` is a run folder (its ``last/``, or ``best/`` with ``best=True``), a checkpoint
     folder or ``model.safetensors`` file, or an exported ``.safetensors`` file (loaded with
     `bitvit.load` and ``engine``, ``compile``); these load on ``device`` (auto: cuda if
-    available). An ``.onnx`` export runs on ONNX Runtime (``engine`` None or ``"ort"``; CPU);
-    ``engine`` None means int for safetensors exports, ort for .onnx files. It may also be a
-    model in memory: an `ExportedModel` (or `bitvit.deploy.onnx_runtime.OrtModel`), or any
-    module given with ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained with.
+    available). ``engine``: auto (the fastest exact engine here: `bitvit.deploy.auto`), int, fp
+    or ort; an ``.onnx`` export runs on ONNX Runtime (``engine`` auto or ``"ort"``; CPU). It may
+    also be a model in memory: an `ExportedModel` (or `bitvit.deploy.onnx_runtime.OrtModel`), or
+    any module given with ``data`` as an `ImageSet` and the ``mean`` and ``std`` it was trained
+    with.
 
     ``data`` is None (the model's own ``data.path``), a data file or folder (its test split;
     ``limit_test``: a class-balanced subset, by default the run's own), or an `ImageSet` used as
     is. For a training checkpoint ``compile`` wraps the model in ``torch.compile`` (eager if that
-    fails); ``engine`` is for exported files (a checkpoint runs as trained).
+    fails); ``engine`` is for exported files (a checkpoint runs as trained: another engine
+    than auto is refused).
 
-    Returns ``{"model": file or None, "n", "loss", "accuracy", "per_class_accuracy": {class:
-    accuracy}, "confusion_matrix": rows = true class, columns = predicted}``. Bad inputs raise
-    one-line `CheckpointError`, `ExportError`, `DataError` or `ConfigError`.
+    Returns ``{"model": file or None, "engine": the engine an exported model ran on (int, fp,
+    ort; None for other models), "engine_reason": why, "n", "loss", "accuracy",
+    "per_class_accuracy": {class: accuracy}, "confusion_matrix": rows = true class, columns =
+    predicted}``. Bad inputs raise one-line `CheckpointError`, `ExportError`, `DataError` or
+    `ConfigError`.
     """
     from bitvit.deploy.engine import compile_model
     from bitvit.deploy.export import ExportedModel
@@ -48,7 +52,7 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     if isinstance(source, (str, Path)):
         model, config, classes, path = _load(source, best, engine, compile, device)
     else:
-        given = [name for name, on in (("best", best), ("engine", engine not in (None, "int")),
+        given = [name for name, on in (("best", best), ("engine", engine != "auto"),
                                        ("compile", compile), ("device", device != "auto")) if on]
         if given:
             raise TypeError(f"evaluate: {given[0]} applies when evaluate loads the model from a "
@@ -72,32 +76,32 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
         example = normalize(test.images[:batch_size].to(dev), mean, std)
         model = compile_model(model.eval(), example)
     return {"model": None if path is None else str(path),
+            "engine": getattr(model, "engine", None),
+            "engine_reason": getattr(model, "engine_reason", None),
             **evaluate_model(model, test, mean, std, batch_size, dev)}
 
 
-def _load(source: str | Path, best: bool, engine: str | None, compile: bool,
+def _load(source: str | Path, best: bool, engine: str, compile: bool,
           device: str | torch.device) -> tuple[nn.Module, Any, Any, Any]:
     """(model, config, classes, path) of a run folder, checkpoint, export or ONNX file; the
     config, classes and path are None where the model carries them itself (an export)."""
-    from bitvit.deploy.export import ExportError, is_export, load
-    from bitvit.deploy.onnx_runtime import ENGINE_ORT, load_onnx, resolve_engine
+    from bitvit.deploy.auto import load
+    from bitvit.deploy.export import ExportError, is_export
+    from bitvit.deploy.onnx_runtime import OrtModel, is_onnx_file
 
-    dev = resolve_device(device, "device") if isinstance(device, str) else device
-    if resolve_engine(source, engine) == ENGINE_ORT:
-        given = [name for name, on in (("best (--best)", best), ("compile (--compile)", compile),
-                                       (f"device {device}", str(device) not in ("auto", "cpu")))
-                 if on]
-        if given:
-            raise ExportError(f"{source}: an ONNX file runs on ONNX Runtime's CPU engine as it "
-                              f"is: {given[0]} applies to run folders and safetensors exports")
-        model = load_onnx(source)
-        model.needs_model_info()
-        return model, None, None, None
-    if is_export(source):
+    if is_onnx_file(source) or is_export(source):
         if best:
             raise ExportError(f"{source}: an exported file has no best/ checkpoint; best "
                               "(--best) applies to run folders")
-        return load(source, device=dev, engine=engine or "int", compile=compile), None, None, None
+        model = load(source, device=device, engine=engine, compile=compile)
+        if isinstance(model, OrtModel):
+            model.needs_model_info()
+        return model, None, None, None
+    if engine != "auto":
+        raise CheckpointError(f"{source}: engine {engine!r} (--engine) applies to exported "
+                              "files; a training checkpoint runs as trained: export it with "
+                              "`bitvit export` to choose an engine")
+    dev = resolve_device(device, "device") if isinstance(device, str) else device
     ckpt = load_checkpoint(source, best=best)
     return ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
 

@@ -152,17 +152,21 @@ class ExportedModel(nn.Module):
       (what evaluation needs); ``model.predict(images_uint8, top_k)``: (class, prob) lists.
     - ``.classes`` (list of names), ``.preprocessing`` (`Preprocessing`), ``.config``
       (`Config`), ``.path`` (the file), ``.vit`` (the `VisionTransformer` whose quantized
-      linears are `bitvit.deploy.engine.InferenceLinear`).
+      linears are `bitvit.deploy.engine.InferenceLinear`), ``.engine`` (int, fp or ort) and
+      ``.engine_reason`` (why that engine: given, or what `bitvit.load`'s auto measured).
     """
 
     def __init__(self, vit: VisionTransformer, config: Config, classes: list[str],
-                 preprocessing: Preprocessing, path: Path | None = None) -> None:
+                 preprocessing: Preprocessing, path: Path | None = None,
+                 engine: str = "int", engine_reason: str = "given") -> None:
         super().__init__()
         self.vit = vit
         self.config = config
         self.classes = classes
         self.preprocessing = preprocessing
         self.path = path
+        self.engine = engine
+        self.engine_reason = engine_reason
 
     @property
     def device(self) -> torch.device:
@@ -388,8 +392,9 @@ def _mismatch(path: Path, what: str) -> ExportError:
 
 def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "int",
          compile: bool = False) -> ExportedModel:
-    """Load an exported model for inference: an `ExportedModel` in eval mode on ``device``.
+    """Load an exported model on a torch engine: an `ExportedModel` in eval mode on ``device``.
 
+    (`bitvit.load`, `bitvit.deploy.auto.load`, adds the ort engine and auto, its default.)
     Quantized layers become `bitvit.deploy.engine.InferenceLinear` (``engine``: ``int`` for the
     integer kernels, ``fp`` for the exact fake-quant arithmetic of training's eval mode); the
     other parameters are loaded back in fp32. Use ``model(x)`` on normalized images,
@@ -397,11 +402,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     ``compile``: run the ViT under ``torch.compile`` (`bitvit.deploy.engine.compile_model`: compiled
     here, on a dummy batch, so it costs load time rather than the first call; on failure a
     warning and the eager model). ``model.vit`` is then the compiled wrapper of the ViT.
+    With cls pooling the last block computes the cls token's output only
+    (`bitvit.deploy.engine.ClsTokenBlock`): the same logits, fewer products.
     Raises `ExportError` (one line naming the file) for anything that is not a readable
     export of this format version whose tensors match its config.
     """
-    from bitvit.deploy.engine import compile_model
+    from bitvit.deploy.engine import check_engine, cls_token_last_block, compile_model
 
+    check_engine(engine)
     path = Path(path)
     meta = read_export_metadata(path)
     config, classes, preprocessing = parse_model_metadata(path, meta)
@@ -419,7 +427,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     floats = {k: tensors[k].float() if tensors[k].is_floating_point() else tensors[k]
               for k in expected if k not in layer_keys}
     vit.load_state_dict(floats, strict=False, assign=True)
-    model = ExportedModel(vit, config, classes, preprocessing, path)
+    model = ExportedModel(cls_token_last_block(vit), config, classes, preprocessing, path,
+                          engine)
     model = model.requires_grad_(False).eval().to(device)
     if compile:
         size, channels = preprocessing.image_size, preprocessing.channels

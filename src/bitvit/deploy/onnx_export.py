@@ -414,18 +414,12 @@ def _the_vit(model: nn.Module) -> VisionTransformer:
     return vit
 
 
-def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
-            metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
-    """Write ``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as ONNX.
-
-    ``act_quant``: ``token`` (per-token absmax int8, BitNet's arithmetic) or ``tensor``
-    (ONNX Runtime's per-tensor ``DynamicQuantizeMatMul``: faster, approximate); ignored for
-    layers without 8-bit activations. ``metadata``: extra string entries for the graph's
-    ``metadata_props`` (`export_onnx` adds the config, classes and preprocessing). The file is
-    written atomically and checked with ``onnx.checker``. Returns the path.
-    """
-    from bitvit.files import atomic_file
-
+def onnx_model(model: nn.Module, act_quant: str = "token",
+               metadata: dict[str, str] | None = None, opset: int = OPSET) -> Any:
+    """``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as an ONNX
+    ``ModelProto`` in memory, checked with ``onnx.checker`` (see `to_onnx`, which writes it).
+    ``proto.SerializeToString()`` is what ``onnxruntime.InferenceSession`` and
+    `bitvit.deploy.onnx_runtime.OrtModel` take."""
     onnx = import_optional("onnx")
     if act_quant not in ACT_QUANTS:
         raise ValueError(f"unknown act_quant {act_quant!r}: expected one of "
@@ -455,6 +449,24 @@ def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
             "act_quant": act_quant, "method": ",".join(methods) or FULL_PRECISION}
     h.set_model_props(proto, meta)
     onnx.checker.check_model(proto)
+    return proto
+
+
+def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
+            metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
+    """Write ``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as ONNX.
+
+    ``act_quant``: ``token`` (per-token absmax int8, BitNet's arithmetic) or ``tensor``
+    (ONNX Runtime's per-tensor ``DynamicQuantizeMatMul``: faster, approximate); ignored for
+    layers without 8-bit activations. ``metadata``: extra string entries for the graph's
+    ``metadata_props`` (`export_onnx` adds the config, classes and preprocessing). The file is
+    written atomically and checked with ``onnx.checker``. Returns the path. `onnx_model` builds
+    the same graph in memory.
+    """
+    from bitvit.files import atomic_file
+
+    onnx = import_optional("onnx")
+    proto = onnx_model(model, act_quant, metadata, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_file(path, lambda tmp: onnx.save_model(proto, str(tmp)))

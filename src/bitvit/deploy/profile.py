@@ -112,6 +112,8 @@ class Profile:
     packed_float_dtype: str = DEFAULT_PACKED_FLOAT_DTYPE  # float tensors in the packed file
     int_kernel: str = "int8"  # the integer kernel (bitvit.nn.kernels) resident bytes assume
     int_kernel_reason: str = ""
+    engine: str | None = None  # an export's: the engine bitvit.load's auto runs it with
+    engine_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +123,8 @@ class Profile:
             "packed_float_dtype": self.packed_float_dtype,
             "int_kernel": self.int_kernel,
             "int_kernel_reason": self.int_kernel_reason,
+            "engine": self.engine,
+            "engine_reason": self.engine_reason,
             "weights_source": self.weights_source,
             "rows": [asdict(r) for r in self.rows],
             "totals": self.totals,
@@ -550,6 +554,9 @@ def _format(p: Profile) -> str:
 
     out.append(f"Integer kernel: {p.int_kernel}"
                + (f" ({p.int_kernel_reason})" if p.int_kernel_reason else ""))
+    if p.engine:
+        out.append(f"Engine auto would run this file with: {p.engine} ({p.engine_reason}); "
+                   "the resident bytes are the int engine's")
     out.append(f"Resident for inference: {_bytes(t['bytes_resident'])} of weights + about "
                f"{_bytes(t['activation_bytes_peak'])} of activations per image (peak layer); "
                f"this PyTorch module, as loaded, holds {_bytes(t['bytes_held_by_module'])}.")

@@ -29,6 +29,8 @@ class ProfileSource:
     weights_source: str  # where the weights (and so the zero counts) come from
     ternary_packing: str | None = None  # the file's packing, for an exported model
     float_dtype: str | None = None  # the file's float tensors (fp16/fp32), for an exported model
+    engine: str | None = None  # for an exported model: the engine bitvit.load's auto picks...
+    engine_reason: str = ""  # ...and why
 
 
 def load_for_profile(
@@ -94,16 +96,26 @@ def load_for_profile(
 
 
 def _load_exported(path: Path) -> ProfileSource:
-    """An exported model: its packed codes, unpacked by `bitvit.deploy.export.load`."""
+    """An exported model: its packed codes, unpacked by `bitvit.deploy.export.load` on the int
+    engine (whose resident bytes the profile counts), and the engine auto would run it with."""
+    from bitvit.deploy.auto import choose_engine
+    from bitvit.deploy.engine import ClsTokenBlock
     from bitvit.deploy.export import load, read_export_metadata
 
     try:
-        loaded = load(path)  # the default engine: what `bitvit predict` runs
+        loaded = load(path, engine="int")
+        choice = choose_engine(path)
     except ValueError as e:
         raise ProfileError(str(e)) from None
     meta = read_export_metadata(path)  # already checked by load
     packings = {layer.get("packing") for layer in json.loads(meta["layers"]).values()}
     ternary = sorted(packings & set(TERNARY_PACKINGS))
+    # The profile counts the architecture's per-image cost, as for a config or a checkpoint:
+    # the whole last block, not the cls-only one that inference runs (ClsTokenBlock).
+    blocks = loaded.vit.blocks
+    if len(blocks) and isinstance(blocks[-1], ClsTokenBlock):
+        blocks[-1] = blocks[-1].full_block()
     # The inference layers keep in/out_features, method, act_bits and their int8 codes.
     return ProfileSource(loaded.vit, loaded.config, f"the exported codes in {path}",
-                         ternary[0] if ternary else None, meta["float_dtype"])
+                         ternary[0] if ternary else None, meta["float_dtype"], choice.name,
+                         choice.reason)

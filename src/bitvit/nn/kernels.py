@@ -32,8 +32,6 @@ count. `int_matmul` runs a kernel; its int32 or fp32 result gives identical valu
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import platform
@@ -49,8 +47,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-log = logging.getLogger("bitvit.nn.kernels")
 
 KERNELS = ("int8", "fp32", "u8s8")
 KERNEL_ENV = "BITVIT_INT_KERNEL"
@@ -412,22 +408,6 @@ def _cache_key(isa: str) -> str:
     return f"{_cpuinfo()[0]} | {isa} | torch {torch.__version__} | {threads} threads"
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
-    """The cache's entries; a missing, unreadable or malformed file is an empty cache."""
-    try:
-        from bitvit.files import read_limited
-
-        data = json.loads(read_limited(path, "kernel cache"))  # FileRefused: a ValueError
-        if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
-            return data["entries"]
-        log.warning("kernel cache %s has an unknown layout; measuring again", path)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, AttributeError) as e:
-        log.warning("kernel cache %s unreadable (%s); measuring again", path, e)
-    return {}
-
-
 def _valid_entry(entry: Any) -> bool:
     if not (isinstance(entry, dict) and entry.get("kernel") in KERNELS
             and isinstance(entry.get("speed"), dict)):
@@ -438,39 +418,26 @@ def _valid_entry(entry: Any) -> bool:
 
 
 def _benchmarked_choice(isa: str) -> KernelChoice:
-    from bitvit.files import write_text
+    from bitvit.files import read_cache, save_cache, tilde
 
     path = cache_path()
     key = _cache_key(isa)
-    entries = _read_cache(path)
+    entries = read_cache(path, CACHE_VERSION, "kernel cache")
     entry = entries.get(key)
-    where = f"cached {_tilde(path)}"
+    where = f"cached {tilde(path)}"
     if not _valid_entry(entry):
         speed = {name: round(v, 3) for name, v in benchmark_kernels().items()}
         fastest = max({"fp32": 1.0, **speed}.items(), key=lambda kv: kv[1])[0]  # ties: fp32
         entry = {"kernel": fastest, "speed": speed,
                  "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         entries[key] = entry
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(path, json.dumps({"version": CACHE_VERSION, "entries": entries},
-                                        indent=1) + "\n")
-            where = f"measured now, saved to {_tilde(path)}"
-        except OSError as e:  # an unwritable cache only costs a measurement next time
-            log.warning("could not write kernel cache %s: %s", path, e)
-            where = "measured now, not cached"
+        where = save_cache(path, CACHE_VERSION, entries, "kernel cache")
     threads = torch.get_num_threads()
     speeds = ", ".join(f"{name} {v:.2f}x" for name, v in
                        sorted(entry["speed"].items(), key=lambda kv: -kv[1]))
     reason = (f"the fastest in a micro-benchmark on {isa}, {threads} "
               f"thread{'s' if threads != 1 else ''}: {speeds} fp32's speed ({where})")
     return KernelChoice(entry["kernel"], reason, isa)
-
-
-def _tilde(path: Path) -> str:
-    home = str(Path.home())
-    text = str(path)
-    return "~" + text[len(home):] if text.startswith(home + os.sep) else text
 
 
 def _seconds(fn: Callable[..., Tensor], *args: Tensor) -> float:

@@ -26,6 +26,16 @@ CODE_VALUES = {"ternary": (-1, 0, 1), "binary": (-1, 1), "centred binary": (-1, 
 # none: scale 1; tensor: one scale; channel: one scale per output channel. A quantizer is called
 # with its row's granularity.
 GRANULARITIES = ("none", "tensor", "channel")
+# The granularities each quantizer of bitvit.nn.quant.QUANTIZERS computes (its keys are these,
+# checked when quant.py imports). A row pairing a quantizer with another granularity is refused
+# when the row is made, at import, rather than on its first quantization: TWN's threshold is a
+# per-channel statistic, BitNet's centred sign subtracts the whole tensor's mean.
+QUANTIZER_GRANULARITIES: dict[str, tuple[str, ...]] = {
+    "absmean_ternary": GRANULARITIES,
+    "twn_threshold": ("channel",),
+    "centred_sign": ("tensor",),
+    "sign": GRANULARITIES,
+}
 # How packed codes are stored (bitvit.deploy.export): codes per byte and the values a packing holds.
 CODES_PER_BYTE = {"base3": 5, "2bit": 4, "1bit": 8}
 PACKING_VALUES = {"base3": (-1, 0, 1), "2bit": (-1, 0, 1), "1bit": (-1, 1)}
@@ -67,6 +77,10 @@ class QuantMethod:
         # Whether the name is a quantizer is checked where the quantizers are (bitvit.nn.quant).
         if not isinstance(self.quantizer, str) or not self.quantizer.isidentifier():
             raise bad("quantizer", "the name of a quantizer in bitvit.nn.quant.QUANTIZERS")
+        allowed = QUANTIZER_GRANULARITIES.get(self.quantizer, GRANULARITIES)
+        if self.granularity not in allowed:
+            raise bad("granularity", f"{' or '.join(allowed)}, the granularity quantizer "
+                      f"{self.quantizer!r} computes")
         if self.ste not in STE_NAMES:
             raise bad("ste", f"one of {', '.join(STE_NAMES)}")
         if self.default_act_bits not in ACT_BITS or isinstance(self.default_act_bits, bool):

@@ -22,7 +22,14 @@ from bitvit.nn.kernels import (  # noqa: F401 - int_mm, pad_for_int_mm: re-expor
     kernel_name,
     pad_for_int_mm,
 )
-from bitvit.nn.methods import ACT_BITS, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES, QuantMethod
+from bitvit.nn.methods import (
+    ACT_BITS,
+    FULL_PRECISION,
+    METHOD_TABLE,
+    QUANTIZER_GRANULARITIES,
+    WHERE_NAMES,
+    QuantMethod,
+)
 
 WHERE = WHERE_NAMES
 EPS = 1e-5
@@ -74,10 +81,12 @@ def _absmean(w: torch.Tensor, granularity: str) -> torch.Tensor:
     return _row_absmean(w)
 
 
-def _only(granularity: str, expected: str, quantizer: str) -> None:
-    if granularity != expected:
+def _only(granularity: str, quantizer: str) -> None:
+    # Table rows are checked when made (bitvit.nn.methods); this guards direct calls.
+    allowed = QUANTIZER_GRANULARITIES[quantizer]
+    if granularity not in allowed:
         raise ValueError(f"quantizer {quantizer!r}: granularity={granularity!r}, "
-                         f"expected {expected!r}")
+                         f"expected {' or '.join(allowed)}")
 
 
 def _absmean_ternary(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +96,7 @@ def _absmean_ternary(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, t
 
 def _twn_threshold(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Li et al. (2016): threshold 0.7 * mean|W| per channel, scale = mean |W| above it.
-    _only(granularity, "channel", "twn_threshold")
+    _only(granularity, "twn_threshold")
     a = w.abs()
     kept = a > 0.7 * _row_absmean(w)
     codes = torch.sign(w) * kept  # |W| > threshold >= 0, so sign(W) is never 0 here
@@ -97,7 +106,7 @@ def _twn_threshold(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, tor
 
 
 def _centred_sign(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _only(granularity, "tensor", "centred_sign")
+    _only(granularity, "centred_sign")
     return sign_nonzero(w - w.mean()), _absmean(w, granularity)
 
 
@@ -216,7 +225,12 @@ STES = {"identity": ste_identity, "clipped": ste_clipped}
 
 
 def check_table(table: Mapping[str, QuantMethod]) -> None:
-    """Every row is a `QuantMethod` under its own name whose quantizer and STE exist here."""
+    """Every row is a `QuantMethod` under its own name whose quantizer and STE exist here (and
+    every quantizer here says which granularities it computes)."""
+    if set(QUANTIZERS) != set(QUANTIZER_GRANULARITIES):
+        raise ValueError(f"bitvit.nn.quant.QUANTIZERS ({', '.join(QUANTIZERS)}) and "
+                         f"bitvit.nn.methods.QUANTIZER_GRANULARITIES "
+                         f"({', '.join(QUANTIZER_GRANULARITIES)}) name different quantizers")
     for key, spec in table.items():
         if not isinstance(spec, QuantMethod) or spec.name != key:
             raise ValueError(f"METHOD_TABLE[{key!r}] is not a QuantMethod named {key!r}")
