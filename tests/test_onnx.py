@@ -107,6 +107,24 @@ def test_every_method_agrees_with_the_int_engine(tmp_path: Path, method: str):
         assert "MatMulInteger" not in ops and "Cast" in ops
 
 
+@pytest.mark.parametrize("act_quant", ["token", "tensor"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("method", ["fp", "b158", "bitnet", "xnor", "sign"])
+def test_a_batch_of_zero_images_gives_zero_rows(tmp_path: Path, method: str, pooling: str,
+                                                act_quant: str):
+    """An empty batch (every image of a folder unreadable, say) is (0, classes), not an error in
+    the graph's reshapes; the same in the int engine."""
+    config = _config(method)
+    config.model.pooling = pooling
+    model = _model(config)
+    ort_model = _export(model, config, tmp_path / "m.onnx", act_quant)
+    exported = load(export_model(model, config, CLASSES, tmp_path / "m.safetensors"), engine="int")
+    empty = torch.zeros(0, 3, 16, 16)
+    with torch.no_grad():
+        assert ort_model(empty).shape == exported(empty).shape == (0, len(CLASSES))
+    assert ort_model.logits(torch.zeros(0, 3, 16, 16, dtype=torch.uint8)).shape == (0, 4)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_one_bit_activations_sub_norm_and_pooling(tmp_path: Path, pooling: str):
     config = _config("b158", act_bits=1, sub_norm=True)
