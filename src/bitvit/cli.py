@@ -273,9 +273,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     failed = 0
     for i in range(0, len(items), args.batch_size):
         failed += _predict_chunk(args, model, items[i:i + args.batch_size])
-    # Last, after the predictions and any unreadable file's line.
+    if failed:  # the error lines stay the only ones on stderr
+        return 2
     print(f"bitvit predict: engine: {model.engine} ({model.engine_reason})", file=sys.stderr)
-    return 2 if failed else 0
+    return 0
 
 
 def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
