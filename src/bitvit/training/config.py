@@ -181,6 +181,10 @@ def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
+# Exponent floats without a dot (1e-6, 3E+4), which PyYAML's YAML 1.1 leaves as strings.
+YAML11_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check a YAML value against a dataclass field's type; ints may stand for floats."""
     origin = typing.get_origin(tp)
@@ -203,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return tuple(_coerce(v, inner, key, source) for v in value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and YAML11_FLOAT.fullmatch(value):
+        return float(value)  # 1e-6: a number, though YAML 1.1 (PyYAML) reads it as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -214,6 +220,22 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def typed_value(section: str, key: str, value: Any, source: str = "config") -> Any:
+    """``section.key``'s value checked and typed as `Config.from_dict` would (1e-6 a float,
+    2 a float where the field is one); a one-line ConfigError for an unknown key or a wrong
+    type. Ranges are checked when the whole config is built."""
+    if section not in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: "
+                          f"{_names(Config)}")
+    section_cls = _field_type(Config, section)
+    hints = typing.get_type_hints(section_cls)
+    valid = [f.name for f in dataclasses.fields(section_cls)]
+    if key not in valid:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
+                          f"{', '.join(valid)}")
+    return _coerce(value, hints[key], f"{section}.{key}", source)
 
 
 def _build(section_cls: type, values: dict[str, Any], section: str, source: str) -> Any:
