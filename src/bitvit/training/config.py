@@ -63,8 +63,9 @@ RULES: dict[str, dict[str, Rule]] = {
     "model": {
         **dict.fromkeys(("image_size", "in_channels", "patch_size", "dim", "depth", "heads",
                          "num_classes"), POSITIVE_INT),
-        "mlp_ratio": POSITIVE,
+        **dict.fromkeys(("mlp_ratio", "norm_eps"), POSITIVE),
         **dict.fromkeys(("dropout", "attn_dropout", "drop_path"), FRACTION),
+        **{key: _one_of(values) for key, values in ViTConfig.CHOICES.items()},
     },
     "quant": {
         "method": _one_of(("fp", *METHOD_TABLE)),
@@ -150,6 +151,10 @@ class Config:
         for f in dataclasses.fields(self):
             section = dataclasses.asdict(getattr(self, f.name))
             out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        defaults = ViTConfig()
+        for key in ViTConfig.WRITTEN_IF_SET:  # see ViTConfig: older configs stay as written
+            if out["model"][key] == getattr(defaults, key):
+                del out["model"][key]
         return out
 
     @classmethod
