@@ -117,7 +117,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; BitLinear then uses its fake-quant path)
     compile: bool = False  # torch.compile the model
     eval_batch_size: int = 500
-    init_from: str | None = None  # a checkpoint (full precision) to initialise the weights from
+    # A pretrained model to start from: a bitvit checkpoint (full precision, say), a Hugging
+    # Face ViT/DeiT folder or a timm .safetensors file; its architecture is the run's
+    # (bitvit.training.pretrained).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
