@@ -402,12 +402,14 @@ def test_corrupt_or_mismatched_checkpoints_give_one_line_errors(real_env, tmp_pa
     err = _cli_error(capsys, "train", "--resume", str(run), "--quiet")
     assert f"{run / 'last/state.pt'}: training state does not fit" in err
 
-    # --init-from a checkpoint of another model (dim 32 into dim 64): no run folder is left.
+    # --init-from a checkpoint of another model (dim 32, asked for dim 64): the architecture is
+    # the source's, so the override is refused, naming both values; no run folder is left.
     out = tmp_path / "wider"
     err = _cli_error(capsys, "train", "--config", str(ROOT / "configs/paper.yaml"), *TINY,
                      "model.dim=64", "--limit-train", "100", "--init-from", str(base),
                      "--out", str(out), "--quiet")
-    assert f"{base / 'last/model.safetensors'}: checkpoint is from another model" in err
+    assert (f"model.dim=64 contradicts the source {base / 'last/model.safetensors'}, whose dim "
+            "is 32") in err
     assert not out.exists()
 
 

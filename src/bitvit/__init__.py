@@ -27,7 +27,7 @@ _HOMES = {
     "QuantizedLayer": "nn.quant", "quantize_": "nn.quant", "quantize_activations": "nn.quant",
     "quantize_weights": "nn.quant",
     "Config": "training.config", "load_config": "training.config",
-    "load_checkpoint": "training.checkpoint",
+    "load_checkpoint": "training.checkpoint", "load_pretrained": "training.pretrained",
     "RunResult": "training.loop", "train": "training.loop",
     "evaluate": "deploy.evaluate",
     "ExportedModel": "deploy.export", "ExportError": "deploy.export",

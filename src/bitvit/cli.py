@@ -68,7 +68,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--limit-train", type=int, help="class-balanced subset of N training images")
     p.add_argument("--limit-test", type=int, help="class-balanced subset of N test images")
-    p.add_argument("--init-from", help="full-precision checkpoint to start from (QAT)")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from a pretrained model, whose architecture the run takes: a "
+                   "bitvit checkpoint (e.g. full precision, for QAT), a Hugging Face ViT/DeiT "
+                   "folder or a timm .safetensors state dict")
     p.add_argument("--teacher", metavar="PATH",
                    help="distil from this model: a run folder, checkpoint or exported "
                    ".safetensors (train.distill.kind=soft|hard, train.distill.alpha=0.5, "
@@ -103,8 +106,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]
 
 def _train(args: argparse.Namespace) -> int:
     from bitvit.deploy.teacher import load_teacher
-    from bitvit.training.config import load_config
     from bitvit.training.loop import config_for_resume, train
+    from bitvit.training.pretrained import load_run_config
 
     if args.resume:
         given = [flag for dest, flag, default in args.resume_refuses
@@ -123,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
                                "continues a run as it started")
             config.train.distill.teacher = args.teacher
     else:
-        config = load_config(args.config, _train_overrides(args))
+        config = load_run_config(args.config, _train_overrides(args))
     result = train(config, out=args.out, resume=args.resume, quiet=args.quiet,
                    command=["bitvit", *sys.argv[1:]], teacher_loader=load_teacher)
     final = result.final

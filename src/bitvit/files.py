@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -96,6 +97,39 @@ def warning_note(caught: list[warnings.WarningMessage], limit: int = 160) -> str
         return ""
     text = "; ".join(seen)
     return "; warning: " + (text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def error_reason(e: BaseException, limit: int = 160) -> str:
+    """A short one-line reason from a library exception (torch.load's are paragraphs long)."""
+    text = str(e)
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        return _unpickler_reason(text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(e).__name__
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def _unpickler_reason(text: str) -> str:
+    """Why torch.load(weights_only=True) refused a file. Its message suggests loading with
+    weights_only=False, which would run whatever code the file holds: never pass that on."""
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"torch's safe loader refuses the global {refused.group(1)}: the file holds "
+                "objects or code beyond tensors and plain data; not loaded")
+    cause = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in cause.splitlines() if line.strip()
+             and "weights_only" not in line and not line.startswith("Check the documentation")]
+    detail = f" ({lines[0][:80]})" if lines else ""
+    return f"torch's safe loader refuses its contents{detail}; not loaded"
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (pretrained weights run to gigabytes)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def describe(e: OSError) -> str:

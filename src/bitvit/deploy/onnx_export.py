@@ -28,9 +28,10 @@ each quantized layer computes is spelled out here:
   * weights-only layers (``act_bits=None``): codes cast to fp32 times the scale (ONNX Runtime
     folds this into a constant at load), then ``MatMul``.
   * ``sub_norm``: a LayerNormalization without affine parameters (eps 1e-5) first.
-- LayerNormalization, softmax attention, exact (erf) GELU, residuals, the cls token and
-  position embedding, cls or mean pooling: as `bitvit.nn.model`, but token-major, (tokens, N,
-  dim), from the patches' Transpose on. q, k and v are three products (rows of the qkv weight)
+- LayerNormalization (the model's epsilon; the final norm before or after pooling, or none),
+  softmax attention, exact (erf) or tanh GELU, residuals, the cls token and position embedding,
+  cls or mean pooling: as `bitvit.nn.model`, but token-major, (tokens, N, dim), from the
+  patches' Transpose on. q, k and v are three products (rows of the qkv weight)
   sharing one quantization of their input, (tokens, N, heads, head_dim) each, which
   ``com.microsoft`` ``FusedMatMul`` reads as (N, heads, tokens, head_dim) in place
   (``transBatchA/B``): a block's one Transpose is its attention output's, to token-major.
@@ -326,10 +327,21 @@ def _rows(lin: _Linear, i: int, parts: int) -> _Linear:
     return replace(lin, weight=weight, codes=codes, bias=bias, scale=scale)
 
 
-def _gelu(g: _Graph, x: str, name: str) -> str:
-    """Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)) (nn.GELU's default); ORT fuses it to Gelu."""
-    erf = g.op("Erf", [g.op("Div", [x, g.scalar(math.sqrt(2.0))], f"{name}.div")], f"{name}.erf")
-    inner = g.op("Add", [erf, g.scalar(1.0)], f"{name}.add")
+def _gelu(g: _Graph, x: str, name: str, approximate: str = "none") -> str:
+    """Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)) (nn.GELU's default), which ORT fuses to Gelu;
+    ``approximate="tanh"``: x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), as
+    nn.GELU(approximate="tanh") (model.gelu=tanh)."""
+    if approximate == "tanh":
+        cube = g.op("Mul", [g.op("Mul", [x, x], f"{name}.sq"), x], f"{name}.cube")
+        poly = g.op("Add", [x, g.op("Mul", [cube, g.scalar(0.044715)], f"{name}.cubic")],
+                    f"{name}.poly")
+        t = g.op("Tanh", [g.op("Mul", [poly, g.scalar(math.sqrt(2.0 / math.pi))],
+                               f"{name}.scaled")], f"{name}.tanh")
+        inner = g.op("Add", [t, g.scalar(1.0)], f"{name}.add")
+    else:
+        erf = g.op("Erf", [g.op("Div", [x, g.scalar(math.sqrt(2.0))], f"{name}.div")],
+                   f"{name}.erf")
+        inner = g.op("Add", [erf, g.scalar(1.0)], f"{name}.add")
     return g.op("Mul", [g.op("Mul", [x, inner], f"{name}.mul"), g.scalar(0.5)], name)
 
 
@@ -359,9 +371,10 @@ def _attention(g: _Graph, x: str, attn: Attention, name: str, dim: int, act_quan
 
 
 def _mlp(g: _Graph, x: str, mlp: Mlp, name: str, act_quant: str, tokens: int) -> str:
-    if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none":
-        raise ValueError(f"{name}.act: the ONNX export writes the exact GELU, got {mlp.act}")
-    h = _gelu(g, _linear(g, x, mlp.fc1, f"{name}.fc1", act_quant, tokens), f"{name}.gelu")
+    if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate not in ("none", "tanh"):
+        raise ValueError(f"{name}.act: the ONNX export writes GELU (exact or tanh), got {mlp.act}")
+    h = _gelu(g, _linear(g, x, mlp.fc1, f"{name}.fc1", act_quant, tokens), f"{name}.gelu",
+              mlp.act.approximate)
     return _linear(g, h, mlp.fc2, f"{name}.fc2", act_quant, tokens)
 
 
@@ -403,9 +416,13 @@ def _vit_graph(g: _Graph, vit: VisionTransformer, act_quant: str) -> str:
     for i, block in enumerate(vit.blocks):
         x = _block(g, x, block, f"blocks.{i}", dim, act_quant, tokens,
                    cls and i == len(vit.blocks) - 1)
-    x = _layer_norm(g, _first(g, x) if cls and not vit.blocks else x, "norm", vit.norm, dim)
+    x = _first(g, x) if cls and not vit.blocks else x
+    if c.final_norm == "tokens":
+        x = _layer_norm(g, x, "norm", vit.norm, dim)
     x = (g.op("Squeeze", [x, g.scalar(0, np.int64, (1,))], "pooled") if cls else
          g.op("ReduceMean", [x], "pooled", axes=[0], keepdims=0))
+    if c.final_norm == "pooled":  # (N, dim): the norm after pooling (timm's fc_norm)
+        x = _layer_norm(g, x, "norm", vit.norm, dim)
     return _linear(g, x, vit.head, "head", act_quant)
 
 

@@ -3,6 +3,11 @@
 Module names are stable and are what quantization, checkpoints and exports refer to:
 ``patch_embed.proj``, ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1``,
 ``blocks.N.mlp.fc2``, ``head``.
+
+Beyond the first study's ViT, the config expresses what pretrained ViTs differ in
+(`bitvit.nn.pretrained` reads Hugging Face and timm weights): the LayerNorm epsilon, where the
+final norm goes, whether q, k and v have a bias, and the GELU form. Their defaults are the
+first study's model.
 """
 
 from __future__ import annotations
@@ -32,6 +37,19 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth, rising linearly to this rate in the last block
     num_classes: int = 10
     pooling: str = "cls"  # cls | mean
+    # What pretrained ViTs differ in (Hugging Face: eps 1e-12; timm: 1e-6, norm after pooling
+    # with global average pooling, no qkv bias in some; Hugging Face gelu_new: the tanh form).
+    norm_eps: float = 1e-5  # every LayerNorm's epsilon (torch's default)
+    final_norm: str = "tokens"  # tokens (every token, before pooling) | pooled (after) | none
+    qkv_bias: bool = True
+    gelu: str = "exact"  # exact (erf) | tanh (the tanh approximation)
+
+    # Keys written to configs only when they differ from their defaults, so that the configs of
+    # models without them (config.yaml, checkpoints, exports) read exactly as before: sweeps
+    # compare config.yaml files as written.
+    WRITTEN_IF_SET = ("norm_eps", "final_norm", "qkv_bias", "gelu")
+    CHOICES = {"pooling": ("cls", "mean"), "final_norm": ("tokens", "pooled", "none"),
+               "gelu": ("exact", "tanh")}
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -40,8 +58,10 @@ class ViTConfig:
             )
         if self.dim % self.heads:
             raise ValueError(f"model.heads={self.heads} must divide model.dim={self.dim}")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"model.pooling={self.pooling!r}: expected cls or mean")
+        for key, valid in self.CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: expected one of "
+                                 f"{', '.join(valid)}")
 
 
 class PatchEmbed(nn.Module):
@@ -64,11 +84,11 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, attn_dropout: float = 0.0, dropout: float = 0.0,
-                 linear_layer: Callable[..., nn.Module] = nn.Linear) -> None:
+                 linear_layer: Callable[..., nn.Module] = nn.Linear, qkv_bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.attn_dropout = attn_dropout
-        self.qkv = linear_layer(dim, 3 * dim)
+        self.qkv = linear_layer(dim, 3 * dim, bias=qkv_bias)
         self.proj = linear_layer(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
@@ -82,10 +102,10 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0,
-                 linear_layer: Callable[..., nn.Module] = nn.Linear) -> None:
+                 linear_layer: Callable[..., nn.Module] = nn.Linear, gelu: str = "exact") -> None:
         super().__init__()
         self.fc1 = linear_layer(dim, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.fc2 = linear_layer(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
@@ -113,12 +133,13 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  attn_dropout: float = 0.0, drop_path: float = 0.0,
-                 linear_layer: Callable[..., nn.Module] = nn.Linear) -> None:
+                 linear_layer: Callable[..., nn.Module] = nn.Linear,
+                 norm_eps: float = 1e-5, qkv_bias: bool = True, gelu: str = "exact") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, attn_dropout, dropout, linear_layer)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, linear_layer)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, heads, attn_dropout, dropout, linear_layer, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, linear_layer, gelu)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,10 +160,12 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(c.dropout)
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList(
-            Block(c.dim, c.heads, c.mlp_ratio, c.dropout, c.attn_dropout, r, linear_layer)
+            Block(c.dim, c.heads, c.mlp_ratio, c.dropout, c.attn_dropout, r, linear_layer,
+                  c.norm_eps, c.qkv_bias, c.gelu)
             for r in rates
         )
-        self.norm = nn.LayerNorm(c.dim)
+        # Applied to every token before pooling, to the pooled vector, or not at all.
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.final_norm != "none" else None
         # The classifier stays nn.Linear: quantize_ never touches it.
         self.head = nn.Linear(c.dim, c.num_classes)
         self.init_weights()
@@ -178,9 +201,11 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x + self.pos_embed)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return self.norm(x) if self.config.final_norm == "tokens" else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+        if self.config.final_norm == "pooled":
+            x = self.norm(x)
         return self.head(x)

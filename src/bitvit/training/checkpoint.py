@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bitvit import files
+from bitvit.files import error_reason
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import quantize_
 from bitvit.training import memory
@@ -51,30 +51,6 @@ class CheckpointError(ValueError):
     def __init__(self, message: str) -> None:
         # One line even when a library's multi-line message is embedded.
         super().__init__(" ".join(str(message).split()))
-
-
-def error_reason(e: BaseException, limit: int = 160) -> str:
-    """A short one-line reason from a library exception (torch.load's are paragraphs long)."""
-    text = str(e)
-    if "Weights only load failed" in text or "WeightsUnpickler" in text:
-        return _unpickler_reason(text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0] if lines else type(e).__name__
-    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
-
-
-def _unpickler_reason(text: str) -> str:
-    """Why torch.load(weights_only=True) refused a file. Its message suggests loading with
-    weights_only=False, which would run whatever code the file holds: never pass that on."""
-    refused = re.search(r"GLOBAL ([\w.]+)", text)
-    if refused:
-        return (f"torch's safe loader refuses the global {refused.group(1)}: the file holds "
-                "objects or code beyond tensors and plain data; not loaded")
-    cause = text.split("WeightsUnpickler error:", 1)[-1]
-    lines = [line.strip() for line in cause.splitlines() if line.strip()
-             and "weights_only" not in line and not line.startswith("Check the documentation")]
-    detail = f" ({lines[0][:80]})" if lines else ""
-    return f"torch's safe loader refuses its contents{detail}; not loaded"
 
 
 @dataclass

@@ -68,8 +68,9 @@ RULES: dict[str, dict[str, Rule]] = {
     "model": {
         **dict.fromkeys(("image_size", "in_channels", "patch_size", "dim", "depth", "heads",
                          "num_classes"), POSITIVE_INT),
-        "mlp_ratio": POSITIVE,
+        **dict.fromkeys(("mlp_ratio", "norm_eps"), POSITIVE),
         **dict.fromkeys(("dropout", "attn_dropout", "drop_path"), FRACTION),
+        **{key: _one_of(values) for key, values in ViTConfig.CHOICES.items()},
     },
     "quant": {
         "method": _one_of(("fp", *METHOD_TABLE)),
@@ -149,7 +150,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; BitLinear then uses its fake-quant path)
     compile: bool = False  # torch.compile the model
     eval_batch_size: int = 500
-    init_from: str | None = None  # a checkpoint (full precision) to initialise the weights from
+    # A pretrained model to start from: a bitvit checkpoint (full precision, say), a Hugging
+    # Face ViT/DeiT folder or a timm .safetensors file; its architecture is the run's
+    # (bitvit.training.pretrained).
+    init_from: str | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
@@ -184,6 +188,10 @@ class Config:
         for f in dataclasses.fields(self):
             section = dataclasses.asdict(getattr(self, f.name))
             out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        defaults = ViTConfig()
+        for key in ViTConfig.WRITTEN_IF_SET:  # see ViTConfig: older configs stay as written
+            if out["model"][key] == getattr(defaults, key):
+                del out["model"][key]
         return out
 
     @classmethod
@@ -213,6 +221,10 @@ def _names(cls: type) -> str:
 
 def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
+
+
+# Exponent floats without a dot (1e-6, 3E+4), which PyYAML's YAML 1.1 leaves as strings.
+YAML11_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -245,8 +257,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return tuple(_coerce(v, inner, key, source) for v in value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as text; everyone means the number
+    if tp is float and isinstance(value, str) and YAML11_FLOAT.fullmatch(value):
+        return float(value)  # 1e-6: a number, though YAML 1.1 (PyYAML) reads it as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -256,11 +268,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}={value!r}: expected {_type_name(tp)}")
 
 
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def typed_value(section: str, key: str, value: Any, source: str = "config") -> Any:
+    """``section.key``'s value checked and typed as `Config.from_dict` would (1e-6 a float,
+    2 a float where the field is one); a one-line ConfigError for an unknown key or a wrong
+    type. Ranges are checked when the whole config is built."""
+    if section not in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: "
+                          f"{_names(Config)}")
+    section_cls = _field_type(Config, section)
+    hints = typing.get_type_hints(section_cls)
+    valid = [f.name for f in dataclasses.fields(section_cls)]
+    if key not in valid:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
+                          f"{', '.join(valid)}")
+    return _coerce(value, hints[key], f"{section}.{key}", source)
 
 
 def _build(section_cls: type, values: dict[str, Any], section: str, source: str) -> Any:

@@ -32,8 +32,6 @@ from bitvit.training import memory, record, rundir
 from bitvit.training.checkpoint import (
     CheckpointError,
     build_model,
-    load_checkpoint,
-    load_state,
     load_training_state,
     save_training_checkpoint,
     training_state,
@@ -43,6 +41,7 @@ from bitvit.training.distill import Distillation, TeacherLoader, load_teacher
 from bitvit.training.distill import set_up as set_up_distillation
 from bitvit.training.evaluation import predict_logits
 from bitvit.training.losses import Batch, Loss, make_loss
+from bitvit.training.pretrained import Source, init_model, read_source, source_config
 from bitvit.training.rundir import (
     TRAIN_EVAL_COLUMNS,
     read_metrics,
@@ -213,6 +212,7 @@ class Session:
     start_epoch: int = 1
     best_acc: float = -1.0
     distillation: Distillation | None = None  # the teacher, when train.distill names one
+    source: Source | None = None  # the pretrained model the weights start from (init_from)
 
 
 def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
@@ -290,6 +290,11 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     if resume is None and procs.writer and rundir.has_checkpoint(run_dir):
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
+    source = None
+    if tc.init_from and resume is None:
+        # The model is the source's (its architecture, its normalization where data says auto).
+        source = read_source(tc.init_from)
+        config = source_config(config, source)
     # Before reading data or building anything: a model that cannot fit is refused at once.
     memory.check_training_fits(config, procs.device, procs.world)
     teacher = load_teacher(config, teacher_loader)  # before the data: a misfit fails at once
@@ -302,10 +307,10 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
 
     torch.manual_seed(tc.seed)
     model = build_model(config)
-    if tc.init_from and resume is None:
-        # Quantization-aware training from a full-precision model: same keys, same shapes.
-        source = load_checkpoint(tc.init_from)
-        load_state(model, source.model.state_dict(), source.path)
+    if source is not None:  # e.g. quantization-aware training from a full-precision model
+        for note in init_model(model, source, config):
+            if procs.writer:
+                print(f"bitvit train: {note}", file=sys.stderr)
     model.to(procs.device)
     optimizer = make_optimizer(model, tc)
     steps_per_epoch = len(splits.train.labels) // tc.batch_size
@@ -324,7 +329,7 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
                 balanced_subset(splits.train, TRAIN_EVAL_SIZE, config.data.seed),
                 model, _wrap(model, tc, procs), optimizer, scheduler, steps_per_epoch,
                 make_loss(config, None if distillation is None else distillation.logits), [],
-                distillation=distillation)
+                distillation=distillation, source=source)
     if resume is not None:
         s.start_epoch, s.best_acc = load_training_state(run_dir / rundir.LAST, model, optimizer,
                                                         scheduler, config)
@@ -371,6 +376,10 @@ def _open_run_folder(s: Session, resume: str | Path | None,
     previous = rundir.read_info(s.run_dir) if resume is not None else {}
     if previous:
         info["resumed_from"] = rundir.resume_history(previous)
+    # Which weights the run started from: the file and its SHA-256 (kept when resumed).
+    init_from = s.source.record() if s.source is not None else previous.get("init_from")
+    if init_from:
+        info["init_from"] = init_from
     save_config(s.config, s.run_dir / rundir.CONFIG)
     rundir.write_info(s.run_dir, info)
     if s.distillation is not None:
