@@ -270,9 +270,11 @@ def same_setting(key: str, saved: Any, wanted: Any) -> bool:
     """Whether a run folder's experiment_key value matches the one a sweep asks for.
 
     A run records the numbers ``data.mean``/``data.std: auto`` resolved to, and auto resolves
-    the same way for the same data, so auto on either side matches any numbers.
+    the same way for the same data, so auto on either side matches any numbers; likewise the
+    teacher's sha256, which a run records and a sweep leaves unset.
     """
-    auto = key in AUTO_KEYS and "auto" in (saved, wanted)
+    # A planned teacher_sha256 is None: the run records the sha256 of the file it found.
+    auto = key in AUTO_KEYS and any(v == "auto" or v is None for v in (saved, wanted))
     return auto or saved == wanted
 
 
