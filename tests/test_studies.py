@@ -95,6 +95,20 @@ def test_sweep_points_and_names(tmp_path):
     assert run_name({"model.dropout": 0.1, "quant.method": "b158"}) == "dropout=0.1_method=b158"
 
 
+def test_a_runs_entry_replaces_the_grid_values_of_the_keys_it_sets(tmp_path):
+    # One method gets an extra learning rate without the others being crossed with it.
+    sweep = load_sweep(write_sweep(
+        tmp_path / "s.yaml",
+        runs=[{"quant.method": ["fp", "b158"]}, {"quant.method": "fp", "train.lr": 3e-5}],
+        grid={"train.lr": [1e-4, 1e-3], "train.seed": [0, 1]}))
+    names = list(sweep.run_dirs())
+    assert len(names) == (2 * 2 + 1) * 2
+    assert names[:5] == ["method=fp_lr=0.0001_seed=0", "method=b158_lr=0.0001_seed=0",
+                         "method=fp_lr=3e-05_seed=0", "method=fp_lr=0.0001_seed=1",
+                         "method=b158_lr=0.0001_seed=1"]
+    assert [p["train.lr"] for p in sweep.points if p["quant.method"] == "fp"].count(3e-5) == 2
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"grid": {"quant.method": ["fp"]}, "gird": {}}, "unknown key 'gird'"),
     ({"grid": {"method": ["fp"]}}, "expected section.key"),

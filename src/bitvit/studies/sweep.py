@@ -19,8 +19,8 @@ from the repository root, as the recorded commands do)::
     runs:                             # optional: a list of sub-grids; their union ...
       - {quant.method: [sign, xnor], quant.where: [all, mlp, attn], quant.act_bits: [none, 1]}
       - {quant.method: [fp, b158]}
-    grid:                             # ... is crossed with this grid (cartesian product)
-      train.seed: [0, 1, 2]
+    grid:                             # ... is crossed with this grid (cartesian product;
+      train.seed: [0, 1, 2]           # a key a runs entry sets keeps the entry's values)
 
 Without ``runs`` the points are the grid's cartesian product. A value may be a scalar (one
 choice) or a list; a key of a nested section is ``section.sub.key`` (``train.distill.kind``).
@@ -143,7 +143,16 @@ def load_sweep(path: str | Path) -> Sweep:
         p for i, sub in enumerate(runs) for p in _expand(sub, f"{path}: runs[{i}]")]
     # The grid is the outer loop (every arm gets seed 0 before any gets seed 1), so a sweep
     # stopped early leaves every configuration with some seeds rather than some with none.
-    points = [{**arm, **g} for g in grid for arm in arms]
+    # A key a runs entry sets is not crossed with the grid: the entry's values replace the
+    # grid's for that key (e.g. one method's extra learning rate).
+    points: list[dict[str, Any]] = []
+    seen: list[tuple[int, dict[str, Any]]] = []
+    for g in grid:
+        for i, arm in enumerate(arms):
+            point = {**{k: v for k, v in g.items() if k not in arm}, **arm}
+            if (i, point) not in seen:
+                seen.append((i, point))
+                points.append(point)
     # Names list the runs' own keys first, then the grid's (e.g. method=sign_where=mlp_seed=0).
     keys = list(dict.fromkeys([*(k for arm in arms for k in arm), *(raw.get("grid") or {})]))
     if not keys:
