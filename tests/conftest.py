@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CIFAR-10 tarball, decoded once per session into a private cache."""
+"""Shared fixtures (the real CIFAR-10 tarball, decoded once per session into a private cache)
+and helpers the tests import (`one_line_error`)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,15 @@ def real_env(real_data, monkeypatch) -> dict[str, str]:
     for key, value in real_data.items():
         monkeypatch.setenv(key, value)
     return dict(os.environ)
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    """Run the CLI: it must exit 2 with exactly one line on stderr; return that line."""
+    from bitvit.cli import main
+
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"bitvit {argv[0]}: error: "), err
+    return err.strip()

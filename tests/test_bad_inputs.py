@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import one_line_error
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -26,16 +27,6 @@ CLASSES = ["cat", "dog"]
 TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
         "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
         "train.batch_size=4", "train.device=cpu"]
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    """Run the CLI: it must exit 2 with exactly one line on stderr; return that line."""
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert err.startswith(f"bitvit {argv[0]}: error: "), err
-    return err.strip()
 
 
 def write_image_folder(root: Path) -> Path:

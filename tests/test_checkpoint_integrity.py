@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import one_line_error
 from PIL import Image
 
 from bitvit.cli import main
@@ -33,16 +34,6 @@ TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.dept
         "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
         "train.batch_size=4", "train.device=cpu"]
 FILES = ("model.safetensors", "state.pt")
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    """Run the CLI: it must exit 2 with exactly one line on stderr; return that line."""
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert err.startswith(f"bitvit {argv[0]}: error: "), err
-    return err.strip()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import one_line_error
 from PIL import Image, ImageFile
 
 import bitvit.training.checkpoint
@@ -33,16 +34,6 @@ TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.dept
         "train.batch_size=4", "train.device=cpu"]
 ALLOCATOR = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 "
              "bytes. Error code 12 (Cannot allocate memory)")
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    """Run the CLI: it must exit 2 with exactly one line on stderr; return that line."""
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert err.startswith(f"bitvit {argv[0]}: error: "), err
-    return err.strip()
 
 
 def image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
