@@ -1,5 +1,5 @@
 """Shared fixtures (the real CIFAR-10 tarball, decoded once per session into a private cache)
-and helpers the tests import (`one_line_error`)."""
+and helpers the tests import (`one_line_error`, `hide_module`)."""
 
 from __future__ import annotations
 
@@ -49,3 +49,19 @@ def one_line_error(capsys, *argv: str) -> str:
     assert err.count("\n") == 1 and err.endswith("\n"), err
     assert err.startswith(f"bitvit {argv[0]}: error: "), err
     return err.strip()
+
+
+def hide_module(monkeypatch, name: str) -> None:
+    """Make ``import name`` fail, as it does where the package is not installed."""
+    import builtins
+    import sys
+
+    real = builtins.__import__
+
+    def fake(module, *args, **kwargs):  # noqa: ANN001, ANN202
+        if module == name or module.startswith(name + "."):
+            raise ImportError(f"No module named {name!r}")
+        return real(module, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake)

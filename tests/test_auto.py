@@ -5,15 +5,14 @@ monkeypatched): these tests time nothing."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import hide_module
 from PIL import Image
 
 import bitvit
@@ -75,19 +74,6 @@ def _measured(monkeypatch, speed: dict[str, float]) -> list[list[str]]:
     return calls
 
 
-def _hide(monkeypatch, name: str) -> None:
-    """Make ``import name`` fail, as it does where the package is not installed."""
-    real = builtins.__import__
-
-    def fake(module, *args, **kwargs):  # noqa: ANN001, ANN202
-        if module == name or module.startswith(name + "."):
-            raise ImportError(f"No module named {name!r}")
-        return real(module, *args, **kwargs)
-
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(builtins, "__import__", fake)
-
-
 def _cache(tmp: Path) -> dict:
     return json.loads((tmp / "cache" / "engines.json").read_text())
 
@@ -132,7 +118,7 @@ def test_auto_picks_a_torch_engine_when_it_is_fastest(fresh, monkeypatch, speed,
 
 
 def test_auto_without_onnxruntime_measures_the_torch_engines(fresh, monkeypatch):
-    _hide(monkeypatch, "onnxruntime")
+    hide_module(monkeypatch, "onnxruntime")
     calls = _measured(monkeypatch, {"int": 1.0, "fp": 0.7})
     model = bitvit.load(fresh)
     assert calls == [["int", "fp"]] and model.engine == "int"

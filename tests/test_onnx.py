@@ -7,14 +7,13 @@ onnxruntime, and the command line."""
 
 from __future__ import annotations
 
-import builtins
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import hide_module
 from torch import nn
 
 from bitvit.cli import main
@@ -456,24 +455,11 @@ def checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-def _hide(monkeypatch, name: str) -> None:
-    """Make ``import name`` fail, as it does where the package is not installed."""
-    real = builtins.__import__
-
-    def fake(module, *args, **kwargs):  # noqa: ANN001, ANN202
-        if module == name or module.startswith(name + "."):
-            raise ImportError(f"No module named {name!r}")
-        return real(module, *args, **kwargs)
-
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(builtins, "__import__", fake)
-
-
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
 def test_missing_packages_say_what_to_install(checkpoint, tmp_path, capsys, monkeypatch,
                                               missing):
     onnx_file = to_onnx(_model(_config("b158")), tmp_path / "m.onnx")
-    _hide(monkeypatch, missing)
+    hide_module(monkeypatch, missing)
     argv = (["export", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "o.onnx")]
             if missing == "onnx" else ["predict", str(onnx_file), str(tmp_path)])
     assert main(argv) == 2
