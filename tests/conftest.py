@@ -1,5 +1,6 @@
 """Shared fixtures (the real CIFAR-10 tarball, decoded once per session into a private cache)
-and helpers the tests import (`one_line_error`, `hide_module`)."""
+and helpers the tests import (`one_line_error`, `hide_module`, `write_pngs`,
+`write_image_folder`)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,24 @@ def hide_module(monkeypatch, name: str) -> None:
 
     monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def write_pngs(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
+    """``n`` random RGB PNGs of ``size`` x ``size`` pixels, 0.png, 1.png, ... in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """train/ (4 per class) and test/ (2 per class) of 16x16 PNGs, one folder per class."""
+    for s, (split, n) in enumerate((("train", 4), ("test", 2))):
+        for k, c in enumerate(classes):
+            write_pngs(root / split / c, n, 16, seed=10 * s + k)
+    return root

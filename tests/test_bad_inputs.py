@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import one_line_error
+from conftest import one_line_error, write_image_folder
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,23 +22,10 @@ from bitvit.cli import main
 from bitvit.deploy.export import _digest
 from bitvit.training.checkpoint import write_checksums
 
-CLASSES = ["cat", "dog"]
 # A tiny model for 16x16 images: a 1-epoch run on 8 images takes a fraction of a second.
 TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
         "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
         "train.batch_size=4", "train.device=cpu"]
-
-
-def write_image_folder(root: Path) -> Path:
-    """train/ and test/ with two classes of 16x16 PNGs."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

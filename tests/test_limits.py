@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import one_line_error
+from conftest import one_line_error, write_image_folder
 from PIL import Image, ImageFile
 
 import bitvit.training.checkpoint
@@ -36,22 +36,11 @@ ALLOCATOR = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 
              "bytes. Error code 12 (Cannot allocate memory)")
 
 
-def image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """An image folder, a finished one-epoch run of a tiny model on it, and its export."""
     folder = tmp_path_factory.mktemp("limits")
-    images = image_folder(folder / "images")
+    images = write_image_folder(folder / "images")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BITVIT_CACHE", str(folder / "cache"))
         assert main(["train", "--data", str(images), "--out", str(folder / "run"),
@@ -252,7 +241,7 @@ def test_the_pixel_limit_applies_to_training_data_and_is_configurable(trained, t
 
 
 def test_a_data_set_of_one_class_is_an_error_naming_it(tmp_path, capsys):
-    one = image_folder(tmp_path / "one", ("cat",))
+    one = write_image_folder(tmp_path / "one", ("cat",))
     out = tmp_path / "run"
     err = one_line_error(capsys, "train", "--data", str(one), "--out", str(out), "--quiet",
                          *TINY, "model.num_classes=1")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hide_module
+from conftest import hide_module, write_pngs
 from torch import nn
 
 from bitvit.cli import main
@@ -524,13 +524,7 @@ def test_cli_export_eval_predict_on_a_trained_run(real_env, tmp_path, capsys):
     assert abs(reports["tensor"]["accuracy"] - reports[None]["accuracy"]) <= 0.05
     # predict on files: the ort engine by default, the same classes as the int engine.
     images = tmp_path / "images"
-    images.mkdir()
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            images / f"{i}.png")
+    write_pngs(images, 3, 32)
     outs = {}
     for key in (None, "token"):
         assert main(["predict", str(files[key]), str(images), "--json", "--top-k", "3"]) == 0
