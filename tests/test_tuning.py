@@ -180,3 +180,20 @@ def test_planned_auto_normalization_matches_the_numbers_a_run_recorded(tmp_path)
     choice = choose_rates(runs, last_k=2, planned=planned)
     assert choice.complete and [m.label for m in choice.methods] == ["fp"]
     assert choice.method("fp").chosen == 0.001
+
+
+def test_a_rate_planned_for_one_method_only_leaves_the_others_complete(tmp_path):
+    # fp's best rate was the grid's lowest, so it alone got a lower one (as lr-cpu did).
+    runs = grid(tmp_path, {
+        "fp": {0.0001: (0.46, 0.45), 0.0003: (0.48, 0.47), 0.001: (0.45, 0.44)},
+        "b158": {0.0003: (0.49, 0.48), 0.001: (0.47, 0.46)},
+    })
+    choice = choose_rates(runs, last_k=2, planned=[r.config for r in runs])
+    assert choice.complete and not choice.missing()
+    assert {m.label: m.chosen for m in choice.methods} == {"fp": 0.0003, "b158": 0.0003}
+    assert list(choice.method("b158").cells) == [0.0003, 0.001]
+    text = rates_markdown(choice, runs)
+    assert "| b158 | n/a | 49.10 ± 0.10 | 47.10 ± 0.10 | 0.0003 | 48.10 ± 0.10 |" in text
+    # fp's rate is interior to its grid; b158's is its grid's lowest, and the verdict says so.
+    assert verdict(choice).endswith("Chosen at the edge of the method's own grid, so its best "
+                                    "rate may lie beyond it: b158 (0.0003).")

@@ -141,7 +141,13 @@ def choose_rates(runs: list[Run], last_k: int = DEFAULT_LAST_K,
     expected = ({(json.dumps(_method_key(c), sort_keys=True, default=str),
                   float(c["train"]["lr"]), c["train"]["seed"]) for c in configs}
                 if planned is not None else None)
-    methods = {name: MethodRates(labels[name], {lr: Cell(lr) for lr in lrs}) for name in keys}
+    # A method's grid is the rates planned for it (a sweep may give one method an extra rate).
+    rates_of: dict[str, set[float]] = {name: set() for name in keys}
+    for c in configs:
+        name = json.dumps(_method_key(c), sort_keys=True, default=str)
+        rates_of[name].add(float(c["train"]["lr"]))
+    methods = {name: MethodRates(labels[name], {lr: Cell(lr) for lr in sorted(rates_of[name])})
+               for name in keys}
     for r in sorted(runs, key=lambda r: str(r.seed)):
         name = json.dumps(_method_key(r.config), sort_keys=True, default=str)
         cell = methods[name].cells.setdefault(float(r.config["train"]["lr"]),
@@ -228,13 +234,19 @@ def verdict(choice: RateChoice) -> str:
                   "not significant: this order is not established")
         parts.append(f"{upper} − {lower} {100 * d.diff:+.2f} pts, Holm p {d.p_adjusted:.3g} "
                      f"({status})")
+    edge = [f"{m.label} ({_lr(m.chosen)})" for m in choice.methods
+            if m.chosen in (min(m.cells), max(m.cells))]
+    tail = (" Chosen at the edge of the method's own grid, so its best rate may lie beyond it: "
+            f"{', '.join(edge)}." if edge else
+            " Every chosen rate is interior to its method's grid.")
     tests = sum(d.available for _, _, d in choice.adjacent)
     if not parts:
-        return head
+        return head + tail
     if not tests:
-        return f"{head} Neighbours at the chosen rates (no test possible): {'; '.join(parts)}."
+        return (f"{head} Neighbours at the chosen rates (no test possible): {'; '.join(parts)}."
+                + tail)
     return (head + f" Neighbours at the chosen rates (Welch, Holm over {tests} "
-            f"pair{'s' if tests > 1 else ''}): " + "; ".join(parts) + ".")
+            f"pair{'s' if tests > 1 else ''}): " + "; ".join(parts) + "." + tail)
 
 
 def rates_markdown(choice: RateChoice, runs: list[Run], full_epochs: int | None = None,
