@@ -17,8 +17,11 @@ from safetensors.torch import load_file
 
 from bitvit.cli import main as cli_main
 from bitvit.data import load_data
+from bitvit.studies.distillation import compare_kinds, compare_students, distillation_markdown
+from bitvit.studies.report import compare_groups
 from bitvit.studies.runs import group_runs, load_run
 from bitvit.studies.schedule import run_sweep
+from bitvit.studies.stats import holm
 from bitvit.studies.sweep import experiment_key, load_sweep, plan_sweep, run_name
 from bitvit.training import distill
 from bitvit.training.checkpoint import build_model, save_model
@@ -360,4 +363,60 @@ def test_the_kd_study_plans_its_teacher_and_students(monkeypatch):
     [teacher_run] = plan_sweep(teacher_sweep)
     t = teacher_run.config
     assert (t.quant.method, t.train.lr, t.train.epochs, t.data.limit_train) == (
-        "fp", 0.0003, 10, 10000)
+        "fp", 0.0001, 10, 10000)  # fp's chosen rate in results/lr-cpu
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def _kd_run(run_dir: Path, method: str, accs: list[float], seed: int,
+            distill_overrides: tuple[str, ...] = ()) -> Path:
+    from test_studies import fake_run
+
+    return fake_run(run_dir, [f"quant.method={method}", f"train.seed={seed}", *distill_overrides],
+                    [a + seed / 1000 for a in accs])
+
+
+def test_the_report_compares_each_student_with_its_twin_and_its_teacher(tmp_path):
+    teacher = _kd_run(tmp_path / "teacher", "fp", [0.40, 0.50, 0.50, 0.50, 0.50, 0.50], 0)
+    sha = "ab" * 32
+    kd = [f"train.distill.teacher={teacher}", f"train.distill.teacher_sha256={sha}",
+          "train.distill.teacher_test_acc=0.5"]
+    runs = []
+    for seed in (0, 1, 2):
+        # sign alone: 0.20 on the last 5 epochs; with a soft teacher 0.41: (0.41 - 0.2) / (0.5
+        # - 0.2) = 70% of the gap closed; with a hard one 0.38. b158 with a teacher beats it.
+        for name, method, acc, extra in (
+                ("sign", "sign", 0.20, ()), ("sign-kd", "sign", 0.41, ("train.distill.kind=soft",)),
+                ("sign-hard", "sign", 0.38, ("train.distill.kind=hard",)),
+                ("b158", "b158", 0.49, ()), ("b158-kd", "b158", 0.53, ())):
+            distill_overrides = tuple(kd) + extra if "kd" in name or "hard" in name else ()
+            runs.append(load_run(_kd_run(tmp_path / f"{name}-{seed}", method,
+                                         [0.1] + [acc] * 5, seed, distill_overrides)))
+    groups = compare_groups(group_runs(runs))
+    students = compare_students(groups)
+    by_label = {s.group.label: s for s in students}
+    assert set(by_label) == {"b158 act8 kd=soft", "sign act-fp kd=soft", "sign act-fp kd=hard"}
+    soft = by_label["sign act-fp kd=soft"]
+    assert soft.twin.label == "sign act-fp" and soft.effect.diff == pytest.approx(0.21)
+    assert soft.effect.significant and soft.effect.family == 3
+    # The teacher's headline is its run folder's last 5 epochs, as the students' is.
+    assert soft.teacher.value == pytest.approx(0.50)
+    assert soft.gap_closed() == pytest.approx((0.411 - 0.201) / (0.5 - 0.201))  # ~70%
+    b158 = by_label["b158 act8 kd=soft"]
+    assert b158.gap_closed() == pytest.approx((0.531 - 0.491) / (0.5 - 0.491))
+    assert b158.above_p < 0.05 and soft.above_p > 0.5
+    assert [s.above_adjusted for s in students] == pytest.approx(holm([s.above_p
+                                                                       for s in students]))
+    [(first, second, d)] = compare_kinds(groups)
+    assert {first.label, second.label} == {"sign act-fp kd=soft", "sign act-fp kd=hard"}
+    assert abs(d.diff) == pytest.approx(0.03) and d.family == 1
+    text = "\n".join(distillation_markdown(students, compare_kinds(groups)))
+    assert ("| sign act-fp kd=soft | 41.10 ± 0.10 | 20.10 ± 0.10 | 50.00 | 70% | 0 of 3 | "
+            "0 of 18 |") in text
+    assert "| b158 act8 kd=soft | 53.10 ± 0.10 | 49.10 ± 0.10 | 50.00 |" in text
+    assert "3 of 3 | 15 of 18 |" in text
+    # Without the teacher's run folder the students' recorded accuracy stands in, and says so.
+    shutil.rmtree(teacher)
+    alone = compare_students(groups)[0]
+    assert alone.teacher.value == 0.5 and "recorded" in alone.teacher.source

@@ -13,7 +13,9 @@ is a question of its own: its Welch p-values are Holm-adjusted over that metric'
 the table's groups (one family per metric), its TOST p-values likewise (another family). Train
 accuracy and the gap are tested only where every run on both sides has the eval-mode train
 accuracy. Sweeps whose groups differ only in ``quant.where`` get the placements table too
-(`bitvit.studies.placement`, its own family). `compare_markdown` and `plot_groups`
+(`bitvit.studies.placement`, its own family); sweeps with distilled students get their
+tables against the twin without a teacher and against the teacher
+(`bitvit.studies.distillation`, families of their own). `compare_markdown` and `plot_groups`
 (`bitvit.studies.figures`) turn that into tables (with `turning_markdown`: where each test loss
 is lowest and whether it rises after) and the first study's figure; `write_report` regenerates
 ``results/README.md``, with `bitvit.studies.tuning`'s section (each method at its own learning
@@ -27,6 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from bitvit import files
+from bitvit.studies.distillation import (
+    Student,
+    compare_kinds,
+    compare_students,
+    distillation_markdown,
+)
 from bitvit.studies.figures import plot_dots, plot_groups
 from bitvit.studies.placement import PlacementPair, compare_placements, placements_markdown
 from bitvit.studies.runs import (
@@ -266,9 +274,12 @@ def _differences_markdown(compared: list[Group], labels: dict[str, str]) -> list
 def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | None = None,
                      figure: str | None = None, last_k: int = DEFAULT_LAST_K,
                      dots: str | None = None,
-                     placements: list[PlacementPair] | None = None) -> str:
+                     placements: list[PlacementPair] | None = None,
+                     students: list[Student] | None = None,
+                     kinds: list[tuple[Group, Group, Difference]] | None = None) -> str:
     """The comparison as Markdown: provenance, per-group table, differences to fp, the
-    ``placements`` table (`bitvit.studies.placement`), the test-loss turning point, unfinished
+    ``placements`` table (`bitvit.studies.placement`), the ``students`` and distillation
+    ``kinds`` tables (`bitvit.studies.distillation`), the test-loss turning point, unfinished
     runs, and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
     lines = provenance_lines(runs, full_epochs)
     lines.append("")
@@ -291,6 +302,7 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                      + " | ".join(cells) + " |")
     lines += _differences_markdown([g for g in groups if g.vs_fp], labels)
     lines += placements_markdown(placements or [], last_k)
+    lines += distillation_markdown(students or [], kinds or [], last_k)
     lines += turning_markdown(groups, last_k)
     unfinished = [r for g in groups for r in g.unfinished]
     if unfinished:
@@ -321,6 +333,8 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
     groups = compare_groups(group_runs(runs, include_unfinished), margin, loss_margin,
                             last_k=last_k)
     placements = compare_placements(groups, margin, last_k=last_k)
+    students = compare_students(groups, margin, last_k=last_k)
+    kinds = compare_kinds(groups, margin, last_k=last_k)
     figure = dots = None
     if out is not None:
         out = Path(out)
@@ -331,7 +345,8 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
             dots = "compare-dots.png"
         else:  # no run in the statistics yet: no ranking, and none left over from before
             (out / "compare-dots.png").unlink(missing_ok=True)
-    text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots, placements)
+    text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots, placements,
+                            students, kinds)
     if out is not None:
         files.write_text(out / "compare.md", text)
     return groups, text

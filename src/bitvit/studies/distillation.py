@@ -1,0 +1,192 @@
+"""What a teacher buys a student: each distilled group against its twin trained on the labels
+alone, against its teacher, and the kinds of distillation against each other.
+
+A student is a group with ``train.distill`` keys; its twin is the group whose key is the same
+without them (same method, placement, activations, rate, data and budget). On the headline
+test accuracy (the mean of each run's last k epochs):
+
+- **the teacher's effect**: student − twin, Welch's difference with its 95% CI, TOST at the
+  accuracy margin; one Holm family ("does the teacher change the student?") and TOST another;
+- **against the teacher**: the teacher's own test accuracy, the share of the twin's gap to the
+  teacher that the student closes, (student − twin) / (teacher − twin), and whether the
+  student beats its teacher: a one-sided one-sample t-test across seeds that student − teacher
+  > 0, Holm over the students (a family of its own), beside the seeds and epochs above it;
+- **kinds**: distilled groups that differ only in their distillation settings (``kd=hard`` vs
+  ``kd=soft``), compared like placements, one more family.
+
+The teacher's accuracy is its run folder's own last-k mean when ``train.distill.teacher`` is a
+run folder with metrics.csv (as the students' headline is), else what the students recorded
+(``train.distill.teacher_test_acc``: its final weights on their test split).
+`bitvit.studies.report` adds the section to a sweep's table whenever it has a student.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bitvit.studies.runs import DEFAULT_LAST_K, Group
+from bitvit.studies.stats import (
+    Difference,
+    adjust_holm,
+    holm,
+    last_k_mean,
+    rise_p_value,
+    welch_difference,
+)
+from bitvit.studies.tables import DIFFERENCE_HEADER, difference_cells, fmt, mean_std
+from bitvit.training import rundir
+
+DISTILL = "train.distill."
+METRIC = "last_test_acc"  # the headline
+
+
+@dataclass
+class TeacherAccuracy:
+    value: float  # nan when unknown
+    source: str  # "last k of its run folder" | "final weights, recorded by the students"
+
+
+@dataclass
+class Student:
+    group: Group
+    twin: Group | None
+    teacher: TeacherAccuracy
+    effect: Difference  # student - twin on the headline
+    above_p: float = math.nan  # one-sided, student - teacher > 0
+    above_adjusted: float = math.nan
+
+    def gap_closed(self) -> float:
+        """(student − twin) / (teacher − twin) on the group means; nan without a gap."""
+        if self.twin is None or math.isnan(self.teacher.value):
+            return math.nan
+        twin = self.twin.stats[METRIC].mean
+        gap = self.teacher.value - twin
+        return (self.group.stats[METRIC].mean - twin) / gap if gap > 0 else math.nan
+
+
+def _undistilled(key: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in key.items() if not k.startswith(DISTILL)}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
+                                                                     default=str)
+
+
+def teacher_accuracy(group: Group, last_k: int = DEFAULT_LAST_K) -> TeacherAccuracy:
+    """The group's teacher on the test split (see the module's note on which number)."""
+    distill = group.runs[0].config["train"]["distill"] if group.runs else {}
+    path = Path(str(distill.get("teacher")))
+    try:
+        rows = rundir.read_metrics(path / "metrics.csv") if path.is_dir() else []
+    except rundir.RunFolderError:
+        rows = []
+    if rows:
+        return TeacherAccuracy(last_k_mean([row["test_acc"] for row in rows], last_k),
+                               f"the mean of its run folder's last {last_k} epochs")
+    recorded = distill.get("teacher_test_acc")
+    return TeacherAccuracy(math.nan if recorded is None else float(recorded),
+                           "its final weights, as the students recorded it")
+
+
+def compare_students(groups: list[Group], margin: float = 0.01, alpha: float = 0.05,
+                     last_k: int = DEFAULT_LAST_K) -> list[Student]:
+    """Each distilled group against its twin and its teacher, Holm within each question."""
+    students = []
+    for g in groups:
+        if not any(k.startswith(DISTILL) for k in g.key):
+            continue
+        twin = next((t for t in groups if not any(k.startswith(DISTILL) for k in t.key)
+                     and _same(t.key, _undistilled(g.key))), None)
+        values = g.values(METRIC, last_k)
+        effect = (welch_difference(values, twin.values(METRIC, last_k), margin, alpha)
+                  if twin is not None else
+                  Difference(math.nan, *[math.nan] * 4, margin, math.nan, alpha,
+                             reason="no twin without a teacher"))
+        s = Student(g, twin, teacher_accuracy(g, last_k), effect)
+        if not math.isnan(s.teacher.value):
+            s.above_p = rise_p_value([v - s.teacher.value for v in values])
+        students.append(s)
+    adjust_holm([s.effect for s in students])
+    for s, p in zip(students, holm([s.above_p for s in students]), strict=True):
+        s.above_adjusted = p
+    return students
+
+
+def compare_kinds(groups: list[Group], margin: float = 0.01, alpha: float = 0.05,
+                  last_k: int = DEFAULT_LAST_K) -> list[tuple[Group, Group, Difference]]:
+    """Every two distilled groups that differ only in their distillation settings, first −
+    second on the headline, one Holm family."""
+    distilled = [g for g in groups if any(k.startswith(DISTILL) for k in g.key)]
+    pairs = [(a, b, welch_difference(a.values(METRIC, last_k), b.values(METRIC, last_k),
+                                     margin, alpha))
+             for a, b in itertools.combinations(distilled, 2)
+             if _same(_undistilled(a.key), _undistilled(b.key))]
+    adjust_holm([d for _, _, d in pairs])
+    return pairs
+
+
+def _above(s: Student, last_k: int) -> str:
+    """Seeds whose last-k mean, and epochs of any seed, beat the teacher."""
+    t = s.teacher.value
+    if math.isnan(t):
+        return "n/a | n/a"
+    runs = [r for r in s.group.runs if r.rows]
+    seeds = sum(last_k_mean([row["test_acc"] for row in r.rows], last_k) > t for r in runs)
+    epochs = sum(row["test_acc"] > t for r in runs for row in r.rows)
+    total = sum(len(r.rows) for r in runs)
+    return f"{seeds} of {len(runs)} | {epochs} of {total}"
+
+
+def distillation_markdown(students: list[Student],
+                          kinds: list[tuple[Group, Group, Difference]],
+                          last_k: int = DEFAULT_LAST_K) -> list[str]:
+    """The students' tables and the sentences that say what they test; none without one."""
+    if not students:
+        return []
+    margin = 100 * students[0].effect.margin
+    tests = sum(s.effect.available for s in students)
+    sources = sorted({s.teacher.source for s in students})
+    lines = ["", f"Distillation, the teacher's effect: each student (trained against a teacher) "
+             f"against its twin trained on the labels alone, on the test accuracy of the last "
+             f"{last_k} epochs (student − twin, in points): 95% CI (Welch–Satterthwaite); "
+             f"Welch p raw and Holm-adjusted over the {tests} student{'s' * (tests != 1)} of "
+             f"this table, a family of its own; TOST at ±{margin:g} points, another; "
+             "resolvable margin as above.", "",
+             f"| student | twin | {DIFFERENCE_HEADER} |", "|---" * 9 + "|"]
+    lines += [f"| {s.group.label} | {s.twin.label if s.twin else 'none'} | "
+              f"{difference_cells(s.effect, METRIC)} |" for s in students]
+    above = sum(not math.isnan(s.above_p) for s in students)
+    lines += ["", f"Against the teacher: the teacher's test accuracy ({'; or '.join(sources)}); "
+              f"the share of the twin's gap to the teacher the student closes, (student − twin) "
+              f"/ (teacher − twin) on the means (n/a without a gap); the student's seeds whose "
+              f"last-{last_k} mean, and epochs of any seed, above the teacher; p: one-sided "
+              f"one-sample t-test across seeds that student − teacher > 0, raw and "
+              f"Holm-adjusted over the {above} student{'s' * (above != 1)} of this table, a "
+              f"family of its own.", "",
+              f"| student | student, last {last_k} | twin, last {last_k} | teacher | gap closed "
+              f"| seeds above teacher | epochs above teacher | p (student > teacher) | Holm p |",
+              "|---" * 9 + "|"]
+    for s in students:
+        closed = s.gap_closed()
+        tested = ("n/a | n/a" if math.isnan(s.above_p)
+                  else f"{s.above_p:.3g} | {s.above_adjusted:.3g}")
+        lines.append(f"| {s.group.label} | {mean_std(s.group.stats[METRIC], METRIC)} | "
+                     + (mean_std(s.twin.stats[METRIC], METRIC) if s.twin else "n/a")
+                     + f" | {fmt(s.teacher.value, METRIC)} | "
+                     + ("n/a" if math.isnan(closed) else f"{100 * closed:.0f}%")
+                     + f" | {_above(s, last_k)} | {tested} |")
+    if kinds:
+        n = sum(d.available for _, _, d in kinds)
+        lines += ["", f"Distillation settings against each other (first − second, points): "
+                  f"Welch p Holm-adjusted over the {n} pair{'s' * (n != 1)} of this table, a "
+                  f"family of its own; TOST another.", "",
+                  f"| first | second | {DIFFERENCE_HEADER} |", "|---" * 9 + "|"]
+        lines += [f"| {a.label} | {b.label} | {difference_cells(d, METRIC)} |"
+                  for a, b, d in kinds]
+    return lines
