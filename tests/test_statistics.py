@@ -192,6 +192,29 @@ def test_turning_point_table(tmp_path):
     assert "possible with 2 or more finished runs per group (none yet)" in only_short
 
 
+def test_test_loss_at_full_precisions_best_epoch(tmp_path):
+    """fp's mean test loss is lowest at epoch 3; b158's loss there is lower, though its own
+    curve turns upward earlier and ends higher (the case study 1 asks about)."""
+    out = tmp_path / "study"
+    fp_loss = [2.0, 1.6, 1.4, 1.5, 1.6, 1.7]
+    b158_loss = [1.8, 1.3, 1.35, 1.6, 1.8, 2.0]
+    for seed in range(3):
+        fake_run(out / f"method=fp_seed={seed}", [f"train.seed={seed}"], [0.5] * 6,
+                 test_loss=[x + seed / 100 for x in fp_loss])
+        fake_run(out / f"method=b158_seed={seed}", ["quant.method=b158", f"train.seed={seed}"],
+                 [0.5] * 6, test_loss=[x + seed / 50 for x in b158_loss])
+    groups, text = compare([out], last_k=2)
+    [b158] = [g for g in groups if not g.is_fp]
+    epoch, d = b158.fp_lowest
+    assert epoch == 3 and d.family == 1
+    expected = welch_difference([1.35, 1.37, 1.39], [1.40, 1.41, 1.42], margin=0.05)
+    assert d.diff == pytest.approx(-0.04) and d.p_value == pytest.approx(expected.p_value)
+    assert b158.vs_fp["final_test_loss"].diff > 0  # higher at the end, lower at fp's best
+    head = text.index("Test loss at full precision's best epoch")
+    assert "Holm-adjusted over the 1 group of this table" in text[head:]
+    assert "| b158 | 3 | -0.0400 [" in text[head:]
+
+
 def test_resolvable_margin_is_the_welch_90_percent_half_width():
     a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]  # variances 1 and 4, df 50/17
     d = welch_difference(a, b, margin=0.5)

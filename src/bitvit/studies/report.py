@@ -16,8 +16,9 @@ accuracy. Sweeps whose groups differ only in ``quant.where`` get the placements 
 (`bitvit.studies.placement`, its own family); sweeps with distilled students get their
 tables against the twin without a teacher and against the teacher
 (`bitvit.studies.distillation`, families of their own). `compare_markdown` and `plot_groups`
-(`bitvit.studies.figures`) turn that into tables (with `turning_markdown`: where each test loss
-is lowest and whether it rises after) and the first study's figure; `write_report` regenerates
+(`bitvit.studies.figures`) turn that into tables (with `loss_at_fp_lowest`: each group's test
+loss at the epoch of fp's lowest, and `turning_markdown`: where each test loss is lowest and
+whether it rises after) and the first study's figure; `write_report` regenerates
 ``results/README.md``, with `bitvit.studies.tuning`'s section (each method at its own learning
 rate) for sweeps over ``train.lr`` with a validation split.
 """
@@ -141,6 +142,7 @@ def compare_groups(groups: list[Group], margin: float = 0.01, loss_margin: float
                                            alpha))
     for m in TESTED:  # one family per question
         adjust_holm([g.vs_fp[m] for g in groups if m in g.vs_fp])
+    loss_at_fp_lowest(groups, loss_margin, alpha)
     return groups
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +220,49 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
         lines.append(f"| {g.label} | {len(ts)} | {epoch} | "
                      f"{mean_std(summarize([t.lowest for t in ts]), 'test_loss')} | "
                      f"{mean_std(summarize(r), 'test_loss')} | {count} | {tested} |")
+    return lines
+
+
+def loss_at_fp_lowest(groups: list[Group], loss_margin: float = 0.05,
+                      alpha: float = 0.05) -> None:
+    """Fill each compared group's ``fp_lowest``: the epoch where its full-precision group's mean
+    test loss (over finished seeds) is lowest, and the group's test loss there against fp's
+    (group − fp), Holm over the groups (one family). The paper's "lower test loss" read at fp's
+    best point rather than at the end, where an earlier turn upward would decide it."""
+    import numpy as np
+
+    for g in groups:
+        ref = next((f for f in groups if f.label == g.reference), None)
+        fp_runs = [r for r in ref.runs if r.finished] if ref else []
+        if not fp_runs:
+            continue
+        n = min(len(r.rows) for r in fp_runs)
+        curve = np.mean([[row["test_loss"] for row in r.rows[:n]] for r in fp_runs], axis=0)
+        epoch = int(np.argmin(curve)) + 1
+
+        def at(runs: list[Run], e: int = epoch) -> list[float]:
+            return [r.rows[e - 1]["test_loss"] for r in runs if r.finished and len(r.rows) >= e]
+
+        g.fp_lowest = (epoch, welch_difference(at(g.runs), at(fp_runs), loss_margin, alpha))
+    adjust_holm([g.fp_lowest[1] for g in groups if g.fp_lowest])
+
+
+def fp_lowest_markdown(groups: list[Group]) -> list[str]:
+    """The table of `loss_at_fp_lowest`; no lines without a compared group."""
+    rows = [(g, *g.fp_lowest) for g in groups if g.fp_lowest]
+    if not rows:
+        return []
+    tests = sum(d.available for _, _, d in rows)
+    margin = rows[0][2].margin
+    lines = ["", "Test loss at full precision's best epoch: the epoch where the fp group's mean "
+             "test loss over its finished seeds is lowest, and each quantized group's test loss "
+             "there against fp's (group − fp): Welch p "
+             + (f"Holm-adjusted over the {tests} group{'s' * (tests != 1)} of this table, a "
+                f"family of its own; TOST at ±{margin:g} loss, another." if tests else
+                "possible with 2 or more finished seeds on each side (not yet)."), "",
+             f"| group | fp's best epoch | {DIFFERENCE_HEADER} |", "|---" * 9 + "|"]
+    lines += [f"| {g.label} | {epoch} | {difference_cells(d, 'test_loss')} |"
+              for g, epoch, d in rows]
     return lines
 
 
@@ -303,6 +348,7 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
     lines += _differences_markdown([g for g in groups if g.vs_fp], labels)
     lines += placements_markdown(placements or [], last_k)
     lines += distillation_markdown(students or [], kinds or [], last_k)
+    lines += fp_lowest_markdown(groups)
     lines += turning_markdown(groups, last_k)
     unfinished = [r for g in groups for r in g.unfinished]
     if unfinished:

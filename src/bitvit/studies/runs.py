@@ -160,6 +160,9 @@ class Group:
     stats: dict[str, Summary] = field(default_factory=dict)
     vs_fp: dict[str, Difference] = field(default_factory=dict)
     reference: str | None = None  # label of the full-precision group it is compared with
+    # (epoch of fp's lowest mean test loss, this group's test loss there - fp's); see
+    # bitvit.studies.report.loss_at_fp_lowest
+    fp_lowest: tuple[int, Difference] | None = None
 
     @property
     def is_fp(self) -> bool:
