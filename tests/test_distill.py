@@ -416,6 +416,10 @@ def test_the_report_compares_each_student_with_its_twin_and_its_teacher(tmp_path
             "0 of 18 |") in text
     assert "| b158 act8 kd=soft | 53.10 ± 0.10 | 49.10 ± 0.10 | 50.00 |" in text
     assert "3 of 3 | 15 of 18 |" in text
+    # One seed a side: no test yet, and the tables say so instead of counting zero tests.
+    one = compare_groups(group_runs([r for r in runs if r.seed == 0]))
+    early = "\n".join(distillation_markdown(compare_students(one), compare_kinds(one)))
+    assert "not yet" in early and "over the 0" not in early
     # Without the teacher's run folder the students' recorded accuracy stands in, and says so.
     shutil.rmtree(teacher)
     alone = compare_students(groups)[0]

@@ -155,9 +155,11 @@ def distillation_markdown(students: list[Student],
     lines = ["", f"Distillation, the teacher's effect: each student (trained against a teacher) "
              f"against its twin trained on the labels alone, on the test accuracy of the last "
              f"{last_k} epochs (student − twin, in points): 95% CI (Welch–Satterthwaite); "
-             f"Welch p raw and Holm-adjusted over the {tests} student{'s' * (tests != 1)} of "
-             f"this table, a family of its own; TOST at ±{margin:g} points, another; "
-             "resolvable margin as above.", "",
+             + (f"Welch p raw and Holm-adjusted over the {tests} student{'s' * (tests != 1)} "
+                f"of this table, a family of its own; TOST at ±{margin:g} points, another; "
+                "resolvable margin as above." if tests else
+                "tests possible with 2 or more finished seeds on each side (not yet): the "
+                "differences of the means are shown without p-values."), "",
              f"| student | twin | {DIFFERENCE_HEADER} |", "|---" * 9 + "|"]
     lines += [f"| {s.group.label} | {s.twin.label if s.twin else 'none'} | "
               f"{difference_cells(s.effect, METRIC)} |" for s in students]
@@ -166,9 +168,10 @@ def distillation_markdown(students: list[Student],
               f"the share of the twin's gap to the teacher the student closes, (student − twin) "
               f"/ (teacher − twin) on the means (n/a without a gap); the student's seeds whose "
               f"last-{last_k} mean, and epochs of any seed, above the teacher; p: one-sided "
-              f"one-sample t-test across seeds that student − teacher > 0, raw and "
-              f"Holm-adjusted over the {above} student{'s' * (above != 1)} of this table, a "
-              f"family of its own.", "",
+              f"one-sample t-test across seeds that student − teacher > 0, "
+              + (f"raw and Holm-adjusted over the {above} student{'s' * (above != 1)} of this "
+                 f"table, a family of its own." if above else
+                 "possible with 2 or more finished seeds (not yet)."), "",
               f"| student | student, last {last_k} | twin, last {last_k} | teacher | gap closed "
               f"| seeds above teacher | epochs above teacher | p (student > teacher) | Holm p |",
               "|---" * 9 + "|"]
@@ -183,9 +186,11 @@ def distillation_markdown(students: list[Student],
                      + f" | {_above(s, last_k)} | {tested} |")
     if kinds:
         n = sum(d.available for _, _, d in kinds)
-        lines += ["", f"Distillation settings against each other (first − second, points): "
-                  f"Welch p Holm-adjusted over the {n} pair{'s' * (n != 1)} of this table, a "
-                  f"family of its own; TOST another.", "",
+        lines += ["", "Distillation settings against each other (first − second, points): "
+                  + (f"Welch p Holm-adjusted over the {n} pair{'s' * (n != 1)} of this table, "
+                     f"a family of its own; TOST another." if n else
+                     "tests possible with 2 or more finished seeds on each side (not yet)."),
+                  "",
                   f"| first | second | {DIFFERENCE_HEADER} |", "|---" * 9 + "|"]
         lines += [f"| {a.label} | {b.label} | {difference_cells(d, METRIC)} |"
                   for a, b, d in kinds]
