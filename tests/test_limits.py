@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import one_line_error, write_image_folder
+from conftest import one_line_error, write_image_folder, write_pngs
 from PIL import Image, ImageFile
 
 import bitvit.training.checkpoint
@@ -256,11 +255,8 @@ def test_a_data_set_of_one_class_is_an_error_naming_it(tmp_path, capsys):
 @pytest.fixture
 def mixed_folder(tmp_path) -> Path:
     folder = tmp_path / "mixed"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
-            folder / f"good{i}.png")
+    for i, path in enumerate(write_pngs(folder, 3, 20, seed=1)):
+        path.rename(folder / f"good{i}.png")
     data = (folder / "good0.png").read_bytes()
     (folder / "bad0.png").write_bytes(data[:len(data) // 2])  # truncated
     (folder / "bad1.png").write_text("not an image\n")
