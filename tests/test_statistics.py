@@ -21,7 +21,7 @@ from bitvit.studies.stats import (
     adjust_holm,
     holm,
     last_k_mean,
-    rise_p_value,
+    positive_p_value,
     turning_point,
     welch_difference,
 )
@@ -141,12 +141,12 @@ def test_turning_point_of_short_runs_and_bad_input():
 def test_rise_t_test_is_scipy_one_sided_one_sample():
     rises = [0.10, 0.20, 0.05, 0.12]
     expected = stats.ttest_1samp(rises, 0.0, alternative="greater").pvalue
-    assert rise_p_value(rises) == pytest.approx(expected)
+    assert positive_p_value(rises) == pytest.approx(expected)
     t = stats.tmean(rises) / (stats.tstd(rises) / math.sqrt(4))
-    assert rise_p_value(rises) == pytest.approx(stats.t.sf(t, 3))  # by definition
-    assert rise_p_value([-0.1, 0.02, -0.05]) > 0.5  # falls on average
-    assert math.isnan(rise_p_value([0.3]))  # one run: no test
-    assert rise_p_value([0.2, 0.2]) == 0.0 and rise_p_value([0.0, 0.0]) == 1.0  # no spread
+    assert positive_p_value(rises) == pytest.approx(stats.t.sf(t, 3))  # by definition
+    assert positive_p_value([-0.1, 0.02, -0.05]) > 0.5  # falls on average
+    assert math.isnan(positive_p_value([0.3]))  # one run: no test
+    assert positive_p_value([0.2, 0.2]) == 0.0 and positive_p_value([0.0, 0.0]) == 1.0  # no spread
 
 
 def test_turning_point_table(tmp_path):

@@ -35,20 +35,20 @@ from bitvit.studies.stats import (
     adjust_holm,
     holm,
     last_k_mean,
-    rise_p_value,
+    positive_p_value,
     welch_difference,
 )
+from bitvit.studies.sweep import DISTILL
 from bitvit.studies.tables import DIFFERENCE_HEADER, difference_cells, fmt, mean_std
 from bitvit.training import rundir
 
-DISTILL = "train.distill."
 METRIC = "last_test_acc"  # the headline
 
 
 @dataclass
 class TeacherAccuracy:
     value: float  # nan when unknown
-    source: str  # "last k of its run folder" | "final weights, recorded by the students"
+    source: str  # which number: its run folder's last-k mean, or the students' record of it
 
 
 @dataclass
@@ -67,6 +67,10 @@ class Student:
         twin = self.twin.stats[METRIC].mean
         gap = self.teacher.value - twin
         return (self.group.stats[METRIC].mean - twin) / gap if gap > 0 else math.nan
+
+
+def _distilled(group: Group) -> bool:
+    return any(k.startswith(DISTILL) for k in group.key)
 
 
 def _undistilled(key: dict[str, Any]) -> dict[str, Any]:
@@ -99,9 +103,9 @@ def compare_students(groups: list[Group], margin: float = 0.01, alpha: float = 0
     """Each distilled group against its twin and its teacher, Holm within each question."""
     students = []
     for g in groups:
-        if not any(k.startswith(DISTILL) for k in g.key):
+        if not _distilled(g):
             continue
-        twin = next((t for t in groups if not any(k.startswith(DISTILL) for k in t.key)
+        twin = next((t for t in groups if not _distilled(t)
                      and _same(t.key, _undistilled(g.key))), None)
         values = g.values(METRIC, last_k)
         effect = (welch_difference(values, twin.values(METRIC, last_k), margin, alpha)
@@ -110,7 +114,7 @@ def compare_students(groups: list[Group], margin: float = 0.01, alpha: float = 0
                              reason="no twin without a teacher"))
         s = Student(g, twin, teacher_accuracy(g, last_k), effect)
         if not math.isnan(s.teacher.value):
-            s.above_p = rise_p_value([v - s.teacher.value for v in values])
+            s.above_p = positive_p_value([v - s.teacher.value for v in values])
         students.append(s)
     adjust_holm([s.effect for s in students])
     for s, p in zip(students, holm([s.above_p for s in students]), strict=True):
@@ -122,7 +126,7 @@ def compare_kinds(groups: list[Group], margin: float = 0.01, alpha: float = 0.05
                   last_k: int = DEFAULT_LAST_K) -> list[tuple[Group, Group, Difference]]:
     """Every two distilled groups that differ only in their distillation settings, first −
     second on the headline, one Holm family."""
-    distilled = [g for g in groups if any(k.startswith(DISTILL) for k in g.key)]
+    distilled = [g for g in groups if _distilled(g)]
     pairs = [(a, b, welch_difference(a.values(METRIC, last_k), b.values(METRIC, last_k),
                                      margin, alpha))
              for a, b in itertools.combinations(distilled, 2)

@@ -57,7 +57,7 @@ from bitvit.studies.stats import (
     Difference,
     adjust_holm,
     holm,
-    rise_p_value,
+    positive_p_value,
     summarize,
     turning_point,
     welch_difference,
@@ -192,7 +192,7 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
     points = [[turning_point([row["test_loss"] for row in r.rows], k)
                for r in g.runs if r.finished and r.rows] for g in groups]
     rises = [[t.rise for t in ts if not math.isnan(t.rise)] for ts in points]
-    p = [rise_p_value(r) for r in rises]
+    p = [positive_p_value(r) for r in rises]
     tests = sum(not math.isnan(x) for x in p)
     lines = ["", f"Test-loss turning point (finished runs): a run counts as rising when its "
              f"lowest test loss comes before its last {k} epochs and the mean of those {k} "

@@ -201,9 +201,9 @@ def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
     return TurningPoint(i + 1, lowest, rise, noise, i < a.size - k and rise > noise)
 
 
-def rise_p_value(rises: Sequence[float]) -> float:
-    """One-sided one-sample t-test across seeds, H0: mean rise <= 0 (small p: the loss rises);
-    nan with fewer than 2 rises."""
+def positive_p_value(rises: Sequence[float]) -> float:
+    """One-sided one-sample t-test across seeds, H0: mean <= 0 (small p: the values are above
+    zero: a test loss's rise, a student's lead over its teacher); nan with fewer than 2."""
     import numpy as np
     from scipy import stats
 
