@@ -1,6 +1,6 @@
 """Shared fixtures (the real CIFAR-10 tarball, decoded once per session into a private cache)
 and helpers the tests import (`one_line_error`, `hide_module`, `write_pngs`,
-`write_image_folder`)."""
+`write_image_folder`, `TINY_16PX`)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,28 @@ def write_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog")) ->
         for k, c in enumerate(classes):
             write_pngs(root / split / c, n, 16, seed=10 * s + k)
     return root
+
+
+# A tiny model for write_image_folder's 16x16 images: one epoch on 8 images takes well under a
+# second.
+TINY_16PX = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
+             "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
+             "train.batch_size=4", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """An image folder, a finished one-epoch run of TINY_16PX on it (its data cache beside it)
+    and the run's export; one per test module, read-only (copy it to change it)."""
+    from bitvit.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    images = write_image_folder(folder / "images")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITVIT_CACHE", str(folder / "cache"))
+        assert main(["train", "--data", str(images), "--out", str(folder / "run"),
+                     "--epochs", "1", "--quiet", *TINY_16PX]) == 0
+        assert main(["export", str(folder / "run"), "--out",
+                     str(folder / "model.safetensors")]) == 0
+    return {"images": images, "run": folder / "run", "export": folder / "model.safetensors",
+            "cache": folder / "cache"}

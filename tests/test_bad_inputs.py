@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import one_line_error, write_image_folder
+from conftest import TINY_16PX, one_line_error
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,29 +22,10 @@ from bitvit.cli import main
 from bitvit.deploy.export import _digest
 from bitvit.training.checkpoint import write_checksums
 
-# A tiny model for 16x16 images: a 1-epoch run on 8 images takes a fraction of a second.
-TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
-        "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
-        "train.batch_size=4", "train.device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    """An image folder, a finished one-epoch run of the tiny model on it, and its export."""
-    folder = tmp_path_factory.mktemp("trained")
-    images = write_image_folder(folder / "images")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITVIT_CACHE", str(folder / "cache"))
-        assert main(["train", "--data", str(images), "--out", str(folder / "run"),
-                     "--epochs", "1", "--quiet", *TINY]) == 0
-    assert main(["export", str(folder / "run"), "--out", str(folder / "model.safetensors")]) == 0
-    return {"images": images, "run": folder / "run", "export": folder / "model.safetensors",
-            "cache": folder / "cache"}
-
 
 @pytest.fixture
-def exported(trained) -> Path:
-    return trained["export"]
+def exported(tiny_run) -> Path:
+    return tiny_run["export"]
 
 
 # --- overrides ----------------------------------------------------------------------------------
@@ -61,12 +42,12 @@ def test_override_that_is_not_valid_yaml(capsys, tmp_path, override, command):
     assert not (tmp_path / "run").exists()
 
 
-def test_overrides_mixed_with_options_are_applied(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("BITVIT_CACHE", str(trained["cache"]))
+def test_overrides_mixed_with_options_are_applied(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     out = tmp_path / "run"
-    assert main(["train", "model.dim=64", "--data", str(trained["images"]), *TINY[:2],
+    assert main(["train", "model.dim=64", "--data", str(tiny_run["images"]), *TINY_16PX[:2],
                  "--epochs", "1", "train.lr=0.01", "--out", str(out), "--quiet",
-                 "model.depth=1", *TINY[4:], "--seed", "3", "model.heads=4"]) == 0
+                 "model.depth=1", *TINY_16PX[4:], "--seed", "3", "model.heads=4"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["dim"] == 64 and saved["model"]["heads"] == 4
     assert saved["train"]["lr"] == 0.01 and saved["train"]["epochs"] == 1
@@ -200,11 +181,11 @@ class RunsCode:
         return (os.system, ("true",))
 
 
-def test_resume_refuses_a_state_with_a_code_payload(trained, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("BITVIT_CACHE", str(trained["cache"]))
+def test_resume_refuses_a_state_with_a_code_payload(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     evil = tmp_path / "evil"
-    shutil.copytree(trained["run"], evil)
-    state = torch.load(trained["run"] / "last/state.pt", weights_only=True)
+    shutil.copytree(tiny_run["run"], evil)
+    state = torch.load(tiny_run["run"] / "last/state.pt", weights_only=True)
     torch.save({**state, "epoch": RunsCode()}, evil / "last/state.pt")
     # The checksums are no signature: an attacker rewrites them too, and the loader must hold.
     write_checksums(evil / "last", ("model.safetensors", "state.pt"))

@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import one_line_error
-from PIL import Image
+from conftest import TINY_16PX, one_line_error
 
 from bitvit.cli import main
 from bitvit.training.checkpoint import build_model, save_model, write_checksums
@@ -30,36 +28,15 @@ from bitvit.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
-        "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
-        "train.batch_size=4", "train.device=cpu"]
 FILES = ("model.safetensors", "state.pt")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    """16x16 PNGs of two classes and a finished one-epoch run of a tiny model on them."""
-    folder = tmp_path_factory.mktemp("integrity")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in ("cat", "dog"):
-            (folder / "images" / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / "images" / split / c / f"{i}.png")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITVIT_CACHE", str(folder / "cache"))
-        assert main(["train", "--data", str(folder / "images"), "--out", str(folder / "run"),
-                     "--epochs", "1", "--quiet", *TINY]) == 0
-    return {"images": folder / "images", "run": folder / "run", "cache": folder / "cache"}
-
-
 @pytest.fixture
-def run(trained, tmp_path, monkeypatch) -> Path:
-    """A private copy of the trained run."""
-    monkeypatch.setenv("BITVIT_CACHE", str(trained["cache"]))
+def run(tiny_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of the shared tiny run."""
+    monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     copy = tmp_path / "run"
-    shutil.copytree(trained["run"], copy)
+    shutil.copytree(tiny_run["run"], copy)
     return copy
 
 
@@ -80,10 +57,10 @@ def epoch_of(folder: Path) -> int:
 # --- checksums: recorded, verified, fallen back on ------------------------------------------
 
 
-def test_every_checkpoint_records_the_sha256_of_its_files(trained):
+def test_every_checkpoint_records_the_sha256_of_its_files(tiny_run):
     import hashlib
 
-    for folder in (trained["run"] / "last",):
+    for folder in (tiny_run["run"] / "last",):
         recorded = json.loads((folder / "checksums.json").read_text())["sha256"]
         assert recorded == {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
                             for f in FILES}
@@ -159,12 +136,12 @@ def test_checkpoints_written_before_checksums_still_load_silently(run, tmp_path,
     assert (run / "last/checksums.json").is_file()  # the new checkpoint records them
 
 
-def test_the_sweep_verifies_checkpoints_it_resumes(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("BITVIT_CACHE", str(trained["cache"]))
+def test_the_sweep_verifies_checkpoints_it_resumes(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     sweep = tmp_path / "s.yaml"
     sweep.write_text(yaml.safe_dump({
         "base": str(ROOT / "configs/paper.yaml"), "out": str(tmp_path / "out"),
-        "overrides": [*TINY, "train.epochs=1", f"data.path={trained['images']}"],
+        "overrides": [*TINY_16PX, "train.epochs=1", f"data.path={tiny_run['images']}"],
         "grid": {"train.seed": [0]}}))
     assert main(["sweep", str(sweep)]) == 0
     flip_weight_bytes(tmp_path / "out/seed=0/last/model.safetensors")
@@ -179,7 +156,7 @@ def test_the_sweep_verifies_checkpoints_it_resumes(trained, tmp_path, monkeypatc
 
 
 def test_eval_refuses_a_last_of_another_model_size(run, tmp_path, capsys):
-    other = load_config(None, [*TINY, "model.dim=64"])
+    other = load_config(None, [*TINY_16PX, "model.dim=64"])
     save_model(run / "last/model.safetensors", build_model(other), other, ["cat", "dog"])
     write_checksums(run / "last", FILES)  # intact, just another model's
     err = one_line_error(capsys, "eval", str(run), "--device", "cpu")

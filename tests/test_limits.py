@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import one_line_error, write_image_folder, write_pngs
+from conftest import TINY_16PX, one_line_error, write_image_folder, write_pngs
 from PIL import Image, ImageFile
 
 import bitvit.training.checkpoint
@@ -28,26 +28,8 @@ from bitvit.training.checkpoint import build_model
 from bitvit.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.image_size=16", "model.patch_size=4", "model.dim=32", "model.depth=1",
-        "model.heads=2", "model.mlp_ratio=2", "model.num_classes=2", "quant.method=b158",
-        "train.batch_size=4", "train.device=cpu"]
 ALLOCATOR = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 "
              "bytes. Error code 12 (Cannot allocate memory)")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    """An image folder, a finished one-epoch run of a tiny model on it, and its export."""
-    folder = tmp_path_factory.mktemp("limits")
-    images = write_image_folder(folder / "images")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITVIT_CACHE", str(folder / "cache"))
-        assert main(["train", "--data", str(images), "--out", str(folder / "run"),
-                     "--epochs", "1", "--quiet", *TINY]) == 0
-        assert main(["export", str(folder / "run"), "--out",
-                     str(folder / "model.safetensors")]) == 0
-    return {"images": images, "run": folder / "run", "export": folder / "model.safetensors",
-            "cache": folder / "cache"}
 
 
 @pytest.fixture(autouse=True)
@@ -104,10 +86,10 @@ def test_the_estimate_counts_the_parameters_of_the_built_model(model, quant):
     built = build_model(config)
     assert parameter_count(model) == sum(p.numel() for p in built.parameters())
     q = config.quant
-    trained = estimate(model, 8, True, q.method, q.where, q.include_patch_embed)
+    training = estimate(model, 8, True, q.method, q.where, q.include_patch_embed)
     inference = estimate(model, 8, False)
-    assert trained.state_bytes >= 16 * parameter_count(model) > inference.state_bytes
-    assert trained.activation_bytes > inference.activation_bytes > 0
+    assert training.state_bytes >= 16 * parameter_count(model) > inference.state_bytes
+    assert training.activation_bytes > inference.activation_bytes > 0
 
 
 @pytest.mark.parametrize("overrides, size", [
@@ -124,7 +106,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, c
     monkeypatch.setattr(bitvit.training.loop, "build_model", never)
     out = tmp_path / "run"
     start = time.perf_counter()
-    err = one_line_error(capsys, "train", "--out", str(out), *TINY, *overrides)
+    err = one_line_error(capsys, "train", "--out", str(out), *TINY_16PX, *overrides)
     assert time.perf_counter() - start < 5
     assert f"training this model ({size}" in err and "of memory but" in err
     assert " is available (" in err  # MemAvailable, a cgroup limit, psutil or sysconf
@@ -155,22 +137,22 @@ def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypa
     memory.check_training_fits(load_config(None, ["model.dim=1000000000"]), torch.device("cpu"))
 
 
-def test_out_of_memory_while_building_the_model_marks_the_run_failed(trained, tmp_path, capsys,
+def test_out_of_memory_while_building_the_model_marks_the_run_failed(tiny_run, tmp_path, capsys,
                                                                      monkeypatch):
     def no_memory(config):
         raise RuntimeError(ALLOCATOR)
 
     monkeypatch.setattr(bitvit.training.loop, "build_model", no_memory)
     out = tmp_path / "run"
-    err = one_line_error(capsys, "train", "--data", str(trained["images"]), "--out", str(out),
-                         "--epochs", "1", "--quiet", *TINY)
+    err = one_line_error(capsys, "train", "--data", str(tiny_run["images"]), "--out", str(out),
+                         "--epochs", "1", "--quiet", *TINY_16PX)
     assert "out of memory while setting up the run (data, model, optimizer) (DefaultCPU" in err
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "failed" and "out of memory" in info["error"]
 
     # A resumed run keeps its history, and says why this invocation failed.
     resumed = tmp_path / "resumed"
-    shutil.copytree(trained["run"], resumed)
+    shutil.copytree(tiny_run["run"], resumed)
     err = one_line_error(capsys, "train", "--resume", str(resumed), "--epochs", "2", "--quiet")
     assert "out of memory while setting up the run" in err
     info = json.loads((resumed / "run.json").read_text())
@@ -178,14 +160,14 @@ def test_out_of_memory_while_building_the_model_marks_the_run_failed(trained, tm
     assert (resumed / "last/state.pt").is_file()
 
 
-def test_out_of_memory_in_an_epoch_marks_the_run_failed(trained, tmp_path, capsys, monkeypatch):
+def test_out_of_memory_in_an_epoch_marks_the_run_failed(tiny_run, tmp_path, capsys, monkeypatch):
     def no_memory(s, loss):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
 
     monkeypatch.setattr(bitvit.training.loop, "_step", no_memory)
     out = tmp_path / "run"
-    err = one_line_error(capsys, "train", "--data", str(trained["images"]), "--out", str(out),
-                         "--epochs", "1", "--quiet", *TINY)
+    err = one_line_error(capsys, "train", "--data", str(tiny_run["images"]), "--out", str(out),
+                         "--epochs", "1", "--quiet", *TINY_16PX)
     assert "out of memory while training epoch 1" in err and "Tried to allocate 20.00 GiB" in err
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "failed" and "out of memory" in info["error"]
@@ -193,15 +175,15 @@ def test_out_of_memory_in_an_epoch_marks_the_run_failed(trained, tmp_path, capsy
 
 @pytest.mark.parametrize("error", [RuntimeError(ALLOCATOR), torch.OutOfMemoryError("CUDA out of "
                                    "memory. Tried to allocate 2.00 GiB"), MemoryError()])
-def test_out_of_memory_in_eval_export_and_profile_is_one_line(trained, tmp_path, capsys,
+def test_out_of_memory_in_eval_export_and_profile_is_one_line(tiny_run, tmp_path, capsys,
                                                               monkeypatch, error):
     def no_memory(config):
         raise error
 
     monkeypatch.setattr(bitvit.training.checkpoint, "build_model", no_memory)
-    for argv in (["eval", str(trained["run"]), "--device", "cpu"],
-                 ["export", str(trained["run"]), "--out", str(tmp_path / "m.safetensors")],
-                 ["profile", str(trained["run"])]):
+    for argv in (["eval", str(tiny_run["run"]), "--device", "cpu"],
+                 ["export", str(tiny_run["run"]), "--out", str(tmp_path / "m.safetensors")],
+                 ["profile", str(tiny_run["run"])]):
         err = one_line_error(capsys, *argv)
         assert f"out of memory while bitvit {argv[0]} ran" in err
 
@@ -209,7 +191,7 @@ def test_out_of_memory_in_eval_export_and_profile_is_one_line(trained, tmp_path,
 # --- images: the pixel limit, one class ---------------------------------------------------------
 
 
-def test_a_144_megapixel_png_is_refused_before_decoding(trained, tmp_path, capsys, monkeypatch):
+def test_a_144_megapixel_png_is_refused_before_decoding(tiny_run, tmp_path, capsys, monkeypatch):
     big = tmp_path / "big.png"
     Image.new("1", (12000, 12000)).save(big)  # 144M pixels, 17 KB on disk
     decoded = []
@@ -220,22 +202,22 @@ def test_a_144_megapixel_png_is_refused_before_decoding(trained, tmp_path, capsy
         return real_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
-    err = one_line_error(capsys, "predict", str(trained["export"]), str(big), "--device", "cpu")
+    err = one_line_error(capsys, "predict", str(tiny_run["export"]), str(big), "--device", "cpu")
     assert err.endswith(f"{big}: 12000x12000 = 144,000,000 pixels, over bitvit's limit of "
                         "16,000,000 (BITVIT_MAX_IMAGE_PIXELS raises it); not decoded")
     assert (12000, 12000) not in decoded  # PIL's DecompressionBombWarning printed nothing
 
 
-def test_the_pixel_limit_applies_to_training_data_and_is_configurable(trained, tmp_path, capsys,
+def test_the_pixel_limit_applies_to_training_data_and_is_configurable(tiny_run, tmp_path, capsys,
                                                                       monkeypatch):
     monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "100")  # the 16x16 images have 256
-    err = one_line_error(capsys, "train", "--data", str(trained["images"]), "--out",
-                         str(tmp_path / "r"), "--epochs", "1", "--quiet", *TINY,
+    err = one_line_error(capsys, "train", "--data", str(tiny_run["images"]), "--out",
+                         str(tmp_path / "r"), "--epochs", "1", "--quiet", *TINY_16PX,
                          "data.cache_dir=" + str(tmp_path / "fresh-cache"))
     assert "16x16 = 256 pixels, over bitvit's limit of 100" in err and "/train/cat/" in err
     monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "lots")
-    image = next(trained["images"].rglob("*.png"))
-    err = one_line_error(capsys, "predict", str(trained["export"]), str(image))
+    image = next(tiny_run["images"].rglob("*.png"))
+    err = one_line_error(capsys, "predict", str(tiny_run["export"]), str(image))
     assert "BITVIT_MAX_IMAGE_PIXELS='lots': expected a positive integer" in err
 
 
@@ -243,7 +225,7 @@ def test_a_data_set_of_one_class_is_an_error_naming_it(tmp_path, capsys):
     one = write_image_folder(tmp_path / "one", ("cat",))
     out = tmp_path / "run"
     err = one_line_error(capsys, "train", "--data", str(one), "--out", str(out), "--quiet",
-                         *TINY, "model.num_classes=1")
+                         *TINY_16PX, "model.num_classes=1")
     assert err.endswith(f"{one}: 1 class (cat); classification needs at least two (one folder "
                         "per class under train/ and test/)")
     assert not out.exists()
@@ -263,10 +245,10 @@ def mixed_folder(tmp_path) -> Path:
     return folder
 
 
-def test_predict_reports_each_unreadable_image_and_predicts_the_rest(trained, mixed_folder,
+def test_predict_reports_each_unreadable_image_and_predicts_the_rest(tiny_run, mixed_folder,
                                                                      capsys):
     capsys.readouterr()
-    assert main(["predict", str(trained["export"]), str(mixed_folder), "--device", "cpu",
+    assert main(["predict", str(tiny_run["export"]), str(mixed_folder), "--device", "cpu",
                  "--top-k", "1"]) == 2
     captured = capsys.readouterr()
     out, err = captured.out.splitlines(), captured.err.splitlines()
@@ -277,10 +259,10 @@ def test_predict_reports_each_unreadable_image_and_predicts_the_rest(trained, mi
     assert f"{mixed_folder / 'bad1.png'}: not a readable image" in err[1]
 
 
-def test_predict_json_lists_the_unreadable_images_too(trained, mixed_folder, tmp_path, capsys):
+def test_predict_json_lists_the_unreadable_images_too(tiny_run, mixed_folder, tmp_path, capsys):
     capsys.readouterr()
     missing = tmp_path / "missing.png"
-    assert main(["predict", str(trained["export"]), str(mixed_folder), str(missing), "--json",
+    assert main(["predict", str(tiny_run["export"]), str(mixed_folder), str(missing), "--json",
                  "--device", "cpu", "--batch-size", "2"]) == 2
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
