@@ -17,7 +17,11 @@ from safetensors.torch import load_file
 
 from bitvit.cli import main as cli_main
 from bitvit.data import load_data
-from bitvit.studies.distillation import compare_kinds, compare_students, distillation_markdown
+from bitvit.studies.distillation import (
+    compare_settings,
+    compare_students,
+    distillation_markdown,
+)
 from bitvit.studies.report import compare_groups
 from bitvit.studies.runs import group_runs, load_run
 from bitvit.studies.schedule import run_sweep
@@ -344,22 +348,24 @@ def test_the_kd_study_plans_its_teacher_and_students(monkeypatch):
     monkeypatch.chdir(ROOT)  # sweep files name paths from the repository root
     teacher_sweep = load_sweep("studies/kd-cpu-teacher.yaml")
     [teacher_dir] = [teacher_sweep.run_dir(n) for n in teacher_sweep.run_dirs()]
+    strong = "results/study1-full/method=fp_seed=0"  # study 1's fp, 100 epochs, full data
     lines: list[str] = []
     plan = run_sweep(load_sweep("studies/kd-cpu.yaml"), dry_run=True, log=lines.append)
-    assert len(plan) == 33 and lines[-1].startswith("33 runs")  # 11 students x 3 seeds
+    assert len(plan) == 48 and lines[-1].startswith("48 runs")  # 16 arms x 3 seeds
     students = {}
     for r in plan:
         c = r.config
         assert (c.train.epochs, c.data.limit_train, c.train.lr) == (10, 10000, 0.0003)
         d = c.train.distill
-        assert d.teacher in (None, str(teacher_dir))
+        teacher = {None: None, str(teacher_dir): "own", strong: "strong"}[d.teacher]
         students.setdefault((c.quant.method, c.quant.where, c.quant.act_bits,
-                             d.teacher and d.kind), []).append(c.train.seed)
+                             teacher and f"{teacher} {d.kind}"), []).append(c.train.seed)
     assert all(seeds == [0, 1, 2] for seeds in students.values())
     arms = {("b158", "all", 8), ("bitnet", "all", 8), ("xnor", "all", None),
             ("sign", "all", None), ("sign", "attn", None)}
-    assert set(students) == ({(*a, None) for a in arms} | {(*a, "soft") for a in arms}
-                             | {("b158", "all", 8, "hard")})
+    assert set(students) == ({(*a, None) for a in arms} | {(*a, "own soft") for a in arms}
+                             | {(*a, "strong soft") for a in arms}
+                             | {("b158", "all", 8, "own hard")})
     [teacher_run] = plan_sweep(teacher_sweep)
     t = teacher_run.config
     assert (t.quant.method, t.train.lr, t.train.epochs, t.data.limit_train) == (
@@ -408,19 +414,60 @@ def test_the_report_compares_each_student_with_its_twin_and_its_teacher(tmp_path
     assert b158.above_p < 0.05 and soft.above_p > 0.5
     assert [s.above_adjusted for s in students] == pytest.approx(holm([s.above_p
                                                                        for s in students]))
-    [(first, second, d)] = compare_kinds(groups)
-    assert {first.label, second.label} == {"sign act-fp kd=soft", "sign act-fp kd=hard"}
-    assert abs(d.diff) == pytest.approx(0.03) and d.family == 1
-    text = "\n".join(distillation_markdown(students, compare_kinds(groups)))
+    [pair] = compare_settings(groups)
+    assert pair.setting == "kd" and pair.key == "train.distill.kind"
+    assert {pair.first.label, pair.second.label} == {"sign act-fp kd=soft", "sign act-fp kd=hard"}
+    assert abs(pair.difference.diff) == pytest.approx(0.03) and pair.difference.family == 1
+    text = "\n".join(distillation_markdown(students, compare_settings(groups)))
     assert ("| sign act-fp kd=soft | 41.10 ± 0.10 | 20.10 ± 0.10 | 50.00 | 70% | 0 of 3 | "
             "0 of 18 |") in text
     assert "| b158 act8 kd=soft | 53.10 ± 0.10 | 49.10 ± 0.10 | 50.00 |" in text
     assert "3 of 3 | 15 of 18 |" in text
     # One seed a side: no test yet, and the tables say so instead of counting zero tests.
     one = compare_groups(group_runs([r for r in runs if r.seed == 0]))
-    early = "\n".join(distillation_markdown(compare_students(one), compare_kinds(one)))
+    early = "\n".join(distillation_markdown(compare_students(one), compare_settings(one)))
     assert "not yet" in early and "over the 0" not in early
     # Without the teacher's run folder the students' recorded accuracy stands in, and says so.
     shutil.rmtree(teacher)
     alone = compare_students(groups)[0]
     assert alone.teacher.value == 0.5 and "recorded" in alone.teacher.source
+
+
+def test_students_are_compared_on_one_distillation_setting_at_a_time(tmp_path):
+    """Two teachers: the kinds are compared under the same teacher and the teachers under the
+    same kind, each setting its own Holm family; a pair that differs in both is never made."""
+    weak = _kd_run(tmp_path / "weak", "fp", [0.42] * 6, 0)
+    strong = _kd_run(tmp_path / "strong", "fp", [0.52] * 6, 0)
+    teachers = {t: [f"train.distill.teacher={path}", f"train.distill.teacher_sha256={c * 64}"]
+                for t, path, c in (("weak", weak, "a"), ("strong", strong, "b"))}
+    arms = (("sign", "sign", 0.20, ()), ("b158", "b158", 0.49, ()),
+            ("sign-weak-soft", "sign", 0.21, (*teachers["weak"], "train.distill.kind=soft")),
+            ("sign-weak-hard", "sign", 0.22, (*teachers["weak"], "train.distill.kind=hard")),
+            ("sign-strong-soft", "sign", 0.30, (*teachers["strong"], "train.distill.kind=soft")),
+            ("b158-weak-soft", "b158", 0.50, (*teachers["weak"], "train.distill.kind=soft")),
+            ("b158-strong-soft", "b158", 0.53, (*teachers["strong"], "train.distill.kind=soft")))
+    runs = [load_run(_kd_run(tmp_path / f"{name}-{seed}", method, [0.1] + [acc] * 5, seed, kd))
+            for seed in (0, 1, 2) for name, method, acc, kd in arms]
+    groups = compare_groups(group_runs(runs))
+    pairs = compare_settings(groups)
+    named = {(p.setting, p.first.label, p.second.label): p.difference for p in pairs}
+    assert set(named) == {
+        ("kd", "sign act-fp kd=hard teacher=aaaaaaaa", "sign act-fp kd=soft teacher=aaaaaaaa"),
+        ("teacher", "b158 act8 kd=soft teacher=aaaaaaaa", "b158 act8 kd=soft teacher=bbbbbbbb"),
+        ("teacher", "sign act-fp kd=soft teacher=aaaaaaaa",
+         "sign act-fp kd=soft teacher=bbbbbbbb")}
+    assert sorted(d.family for d in named.values()) == [1, 2, 2]
+    teacher = {p.first.label.split()[0]: p.difference for p in pairs if p.setting == "teacher"}
+    assert abs(teacher["sign"].diff) == pytest.approx(0.09)
+    assert abs(teacher["b158"].diff) == pytest.approx(0.03)
+    # Holm within the teachers' family only.
+    raw = sorted(d.p_value for d in teacher.values())
+    assert sorted(d.p_adjusted for d in teacher.values()) == pytest.approx(holm(raw))
+    text = "\n".join(distillation_markdown(compare_students(groups), pairs))
+    assert "`train.distill.kind` (kd)" in text
+    assert "`train.distill.teacher_sha256` (teacher)" in text
+    assert "over the 2 pairs of this table" in text and "over the 1 pair of this table" in text
+    # Each student's own teacher is the one it is held against.
+    by_label = {s.group.label: s for s in compare_students(groups)}
+    assert by_label["sign act-fp kd=soft teacher=bbbbbbbb"].teacher.value == pytest.approx(0.52)
+    assert by_label["sign act-fp kd=soft teacher=aaaaaaaa"].teacher.value == pytest.approx(0.42)

@@ -1,5 +1,6 @@
 """What a teacher buys a student: each distilled group against its twin trained on the labels
-alone, against its teacher, and the kinds of distillation against each other.
+alone, against its teacher, and students that differ in one distillation setting against
+each other.
 
 A student is a group with ``train.distill`` keys; its twin is the group whose key is the same
 without them (same method, placement, activations, rate, data and budget). On the headline
@@ -11,8 +12,9 @@ test accuracy (the mean of each run's last k epochs):
   teacher that the student closes, (student − twin) / (teacher − twin), and whether the
   student beats its teacher: a one-sided one-sample t-test across seeds that student − teacher
   > 0, Holm over the students (a family of its own), beside the seeds and epochs above it;
-- **kinds**: distilled groups that differ only in their distillation settings (``kd=hard`` vs
-  ``kd=soft``), compared like placements, one more family.
+- **settings**: students that differ in one distillation setting alone (``kd=hard`` vs
+  ``kd=soft`` with the same teacher; one teacher vs another for the same student), compared
+  like placements, one Holm family per setting.
 
 The teacher's accuracy is its run folder's own last-k mean when ``train.distill.teacher`` is a
 run folder with metrics.csv (as the students' headline is), else what the students recorded
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitvit.studies.runs import DEFAULT_LAST_K, Group
+from bitvit.studies.runs import DEFAULT_LAST_K, DISTILL_LABELS, Group
 from bitvit.studies.stats import (
     Difference,
     adjust_holm,
@@ -77,7 +79,7 @@ def _undistilled(key: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in key.items() if not k.startswith(DISTILL)}
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True,
                                                                      default=str)
 
@@ -122,16 +124,44 @@ def compare_students(groups: list[Group], margin: float = 0.01, alpha: float = 0
     return students
 
 
-def compare_kinds(groups: list[Group], margin: float = 0.01, alpha: float = 0.05,
-                  last_k: int = DEFAULT_LAST_K) -> list[tuple[Group, Group, Difference]]:
-    """Every two distilled groups that differ only in their distillation settings, first −
-    second on the headline, one Holm family."""
+@dataclass
+class SettingPair:
+    key: str  # the one distillation setting the two differ in, e.g. train.distill.kind
+    first: Group
+    second: Group
+    difference: Difference  # first - second on the headline
+
+    @property
+    def setting(self) -> str:
+        return DISTILL_LABELS.get(self.key, self.key.split(".")[-1])
+
+
+def _apart_in(a: Group, b: Group, key: str) -> bool:
+    """Whether two students differ in the distillation setting ``key`` alone: both have it,
+    with other values, and every other setting they both have is the same (a setting only one
+    has is one its kind does not use, as the temperature of hard distillation)."""
+    if key not in a.key or key not in b.key or _same(a.key[key], b.key[key]):
+        return False
+    shared = (a.key.keys() & b.key.keys()) - {key}
+    return (all(_same(a.key[k], b.key[k]) for k in shared)
+            and all(k.startswith(DISTILL) for k in a.key.keys() ^ b.key.keys()))
+
+
+def compare_settings(groups: list[Group], margin: float = 0.01, alpha: float = 0.05,
+                     last_k: int = DEFAULT_LAST_K) -> list[SettingPair]:
+    """Every two students that differ in one distillation setting alone (the kind under one
+    teacher, the teacher under one kind, ...), first − second on the headline; one Holm family
+    per setting."""
     distilled = [g for g in groups if _distilled(g)]
-    pairs = [(a, b, welch_difference(a.values(METRIC, last_k), b.values(METRIC, last_k),
-                                     margin, alpha))
-             for a, b in itertools.combinations(distilled, 2)
-             if _same(_undistilled(a.key), _undistilled(b.key))]
-    adjust_holm([d for _, _, d in pairs])
+    keys = sorted({k for g in distilled for k in g.key if k.startswith(DISTILL)})
+    pairs = []
+    for key in keys:
+        family = [SettingPair(key, a, b, welch_difference(a.values(METRIC, last_k),
+                                                          b.values(METRIC, last_k), margin,
+                                                          alpha))
+                  for a, b in itertools.combinations(distilled, 2) if _apart_in(a, b, key)]
+        adjust_holm([p.difference for p in family])
+        pairs += family
     return pairs
 
 
@@ -147,8 +177,7 @@ def _above(s: Student, last_k: int) -> str:
     return f"{seeds} of {len(runs)} | {epochs} of {total}"
 
 
-def distillation_markdown(students: list[Student],
-                          kinds: list[tuple[Group, Group, Difference]],
+def distillation_markdown(students: list[Student], settings: list[SettingPair],
                           last_k: int = DEFAULT_LAST_K) -> list[str]:
     """The students' tables and the sentences that say what they test; none without one."""
     if not students:
@@ -188,14 +217,17 @@ def distillation_markdown(students: list[Student],
                      + f" | {fmt(s.teacher.value, METRIC)} | "
                      + ("n/a" if math.isnan(closed) else f"{100 * closed:.0f}%")
                      + f" | {_above(s, last_k)} | {tested} |")
-    if kinds:
-        n = sum(d.available for _, _, d in kinds)
-        lines += ["", "Distillation settings against each other (first − second, points): "
+    for key in dict.fromkeys(p.key for p in settings):
+        family = [p for p in settings if p.key == key]
+        n = sum(p.difference.available for p in family)
+        name = family[0].setting
+        lines += ["", f"Distillation settings against each other, `{key}` ({name}): students "
+                  f"that differ in it alone (first − second, points): "
                   + (f"Welch p Holm-adjusted over the {n} pair{'s' * (n != 1)} of this table, "
                      f"a family of its own; TOST another." if n else
                      "tests possible with 2 or more finished seeds on each side (not yet)."),
                   "",
                   f"| first | second | {DIFFERENCE_HEADER} |", "|---" * 9 + "|"]
-        lines += [f"| {a.label} | {b.label} | {difference_cells(d, METRIC)} |"
-                  for a, b, d in kinds]
+        lines += [f"| {p.first.label} | {p.second.label} | "
+                  f"{difference_cells(p.difference, METRIC)} |" for p in family]
     return lines

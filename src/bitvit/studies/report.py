@@ -31,8 +31,9 @@ from typing import Any
 
 from bitvit import files
 from bitvit.studies.distillation import (
+    SettingPair,
     Student,
-    compare_kinds,
+    compare_settings,
     compare_students,
     distillation_markdown,
 )
@@ -321,10 +322,10 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                      dots: str | None = None,
                      placements: list[PlacementPair] | None = None,
                      students: list[Student] | None = None,
-                     kinds: list[tuple[Group, Group, Difference]] | None = None) -> str:
+                     settings: list[SettingPair] | None = None) -> str:
     """The comparison as Markdown: provenance, per-group table, differences to fp, the
     ``placements`` table (`bitvit.studies.placement`), the ``students`` and distillation
-    ``kinds`` tables (`bitvit.studies.distillation`), the test-loss turning point, unfinished
+    ``settings`` tables (`bitvit.studies.distillation`), the test-loss turning point, unfinished
     runs, and the links to the curves (``figure``) and the per-seed dot plot (``dots``)."""
     lines = provenance_lines(runs, full_epochs)
     lines.append("")
@@ -347,7 +348,7 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
                      + " | ".join(cells) + " |")
     lines += _differences_markdown([g for g in groups if g.vs_fp], labels)
     lines += placements_markdown(placements or [], last_k)
-    lines += distillation_markdown(students or [], kinds or [], last_k)
+    lines += distillation_markdown(students or [], settings or [], last_k)
     lines += fp_lowest_markdown(groups)
     lines += turning_markdown(groups, last_k)
     unfinished = [r for g in groups for r in g.unfinished]
@@ -380,7 +381,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
                             last_k=last_k)
     placements = compare_placements(groups, margin, last_k=last_k)
     students = compare_students(groups, margin, last_k=last_k)
-    kinds = compare_kinds(groups, margin, last_k=last_k)
+    settings = compare_settings(groups, margin, last_k=last_k)
     figure = dots = None
     if out is not None:
         out = Path(out)
@@ -392,7 +393,7 @@ def compare(paths: list[str | Path], out: str | Path | None = None, margin: floa
         else:  # no run in the statistics yet: no ranking, and none left over from before
             (out / "compare-dots.png").unlink(missing_ok=True)
     text = compare_markdown(groups, runs, full_epochs, figure, last_k, dots, placements,
-                            students, kinds)
+                            students, settings)
     if out is not None:
         files.write_text(out / "compare.md", text)
     return groups, text
