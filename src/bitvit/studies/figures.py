@@ -249,9 +249,11 @@ def plot_panels(groups: list[Group], path: str | Path, title: str = "",
         ax_acc.set_title(name, fontsize=12, fontweight="bold")
         _finish_axes(ax_acc, "test accuracy (%)" if col == 0 else None, xlabel=False)
         _finish_axes(ax_loss, "test loss" if col == 0 else None)
-        # Each column's legend below it: the curves stay uncovered.
-        ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9,
-                       frameon=False)
+        # Each column's legend below it: the curves stay uncovered. Two columns of entries
+        # only while they fit the panel's width (distilled students' labels are long).
+        longest = max((len(t) for t in ax_loss.get_legend_handles_labels()[1]), default=0)
+        ax_loss.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                       ncol=2 if longest <= 24 else 1, fontsize=9, frameon=False)
     _suptitle(fig, [r for g in groups for r in _finished(g)], title, full_epochs,
               f"test set, mean over seeds, {BAND}", unfinished=_all_unfinished(groups))
     _save(fig, path, 110)
