@@ -30,7 +30,7 @@ from bitvit.training.checkpoint import (
 )
 from bitvit.training.config import ConfigError, load_config
 from bitvit.training.evaluation import evaluate_model
-from bitvit.training.loop import TrainingError, config_for_resume, train
+from bitvit.training.loop import TrainingError, config_for_resume, flush_subnormals, train
 from bitvit.training.rundir import METRIC_COLUMNS, TRAIN_EVAL_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +260,34 @@ def test_compile_option_trains(real_env, tmp_path):
                    out=tmp_path / "compiled", quiet=True)
     assert result.status == "finished" and math.isfinite(result.final["train_loss"])
     assert load_checkpoint(tmp_path / "compiled").model.blocks[0].mlp.fc1.method == "b158"
+
+
+def _flushing() -> bool:
+    return (torch.tensor([1e-39]) * 1.0).item() == 0.0  # a subnormal times one
+
+
+FLUSH_SUPPORTED = torch.set_flush_denormal(False)  # x86 with SSE3 (and recent ARM)
+
+
+@pytest.mark.skipif(not FLUSH_SUPPORTED, reason="this CPU cannot flush subnormals")
+def test_training_flushes_subnormals_and_restores_the_mode(real_env, tmp_path, monkeypatch):
+    import bitvit.training.loop as loop
+
+    seen, train_epoch = [], loop._train_epoch
+
+    def spy(s, epoch, quiet):
+        seen.append(_flushing())
+        return train_epoch(s, epoch, quiet)
+
+    monkeypatch.setattr(loop, "_train_epoch", spy)
+    assert not _flushing()
+    assert train(tiny("train.epochs=2"), out=tmp_path / "run", quiet=True).status == "finished"
+    assert seen == [True, True] and not _flushing()  # every epoch flushed; IEEE again after
+    with flush_subnormals():  # a caller's own setting survives a nested use
+        with flush_subnormals():
+            assert _flushing()
+        assert _flushing()
+    assert not _flushing()
 
 
 def test_train_eval_columns_are_the_model_in_eval_mode_on_a_fixed_train_subset(
