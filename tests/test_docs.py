@@ -172,6 +172,7 @@ def tiny_run(docs_env, tmp_path_factory) -> Path:
 def test_python_examples_run(path, docs_env, request, tmp_path, monkeypatch):
     for key, value in docs_env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("BITVIT_ENGINE", raising=False)  # the examples run as a user's: auto
     for name in ("configs", "studies"):
         (tmp_path / name).symlink_to(ROOT / name)
     if rel(path) in PREPARED:
@@ -313,6 +314,13 @@ def test_the_synopsis_names_every_option_of_every_subcommand():
         assert named[command] == options, command
 
 
+def test_every_option_of_every_subcommand_has_help():
+    for command, parser in subparsers().items():
+        silent = [a.option_strings[0] for a in parser._actions
+                  if a.option_strings and not a.help and "--help" not in a.option_strings]
+        assert not silent, f"bitvit {command}: no help for {', '.join(silent)}"
+
+
 def test_the_config_table_lists_every_key():
     text = (ROOT / "docs/cli.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
@@ -339,6 +347,10 @@ def test_the_layout_page_names_every_module():
             f"docs/layout.md does not name {rel(module)}")
     for package in (p for p in src.iterdir() if (p / "__init__.py").exists()):
         assert f"`bitvit.{package.name}`" in text, package.name
+        # The layers table's row lists exactly the subpackage's modules.
+        row = next(line for line in text.splitlines() if f"| `bitvit.{package.name}` |" in line)
+        listed = set(re.findall(r"`(\w+\.py)`", row.split("|")[3]))
+        assert listed == {m.name for m in package.glob("*.py")} - {"__init__.py"}, package.name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,3 +280,11 @@ def test_resident_bytes_are_what_the_loaded_model_holds(tmp_path, method, quant)
     assert p.totals["bytes_held_by_module"] == held
     if method != "fp" and p.int_kernel == "int8":  # 1 byte per quantized weight, not 2 (or a
         assert held < 4 * p.totals["params"] - 2 * p.totals["quantized_weights"]  # fp32 copy)
+
+
+def test_a_model_without_torch_layers_is_refused_with_what_to_load():
+    class OrtLike:  # what `bitvit.load(..., engine="ort").vit` is: a session, no modules
+        pass
+
+    with pytest.raises(TypeError, match="engine='int' or 'fp'"):
+        profile_model(OrtLike(), TINY)

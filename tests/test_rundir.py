@@ -319,3 +319,17 @@ def test_resume_history_is_flat_and_complete():
     again = rundir.resume_history({"start": "t3", "resumed_from": history})
     assert [r["start"] for r in again] == ["t0", "t1", "t2", "t3"]
     assert rundir.resume_history({"start": "t0"}) == [{"start": "t0"}]
+
+
+def test_atomic_writes_take_the_users_permissions_even_from_private_writers(tmp_path):
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        private = files.atomic_file(tmp_path / "x.bin", lambda p: (p.touch(mode=0o600), None))
+        weights = files.atomic_file(tmp_path / "w.safetensors",
+                                    lambda p: save_file({"w": torch.zeros(2)}, str(p)))
+    finally:
+        os.umask(old)
+    assert (private.stat().st_mode & 0o777) == 0o644
+    assert (weights.stat().st_mode & 0o777) == 0o644

@@ -61,11 +61,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="download official CIFAR-10 (python version) into the cache if needed")
     p.add_argument("--out", help="run folder (default: runs/<time>_<method>_s<seed>)")
-    p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_TABLE])
-    p.add_argument("--where", choices=WHERE_NAMES)
-    p.add_argument("--act-bits", choices=ACT_BITS_NAMES)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_TABLE],
+                   help="quantization method (quant.method; see docs/methods.md)")
+    p.add_argument("--where", choices=WHERE_NAMES,
+                   help="which linears to quantize (quant.where)")
+    p.add_argument("--act-bits", choices=ACT_BITS_NAMES,
+                   help="activation bits (quant.act_bits; default: the method's own)")
+    p.add_argument("--epochs", type=int,
+                   help="train.epochs; with --resume, extend a run to N epochs")
+    p.add_argument("--seed", type=int, help="train.seed: initialisation, data order, dropout")
     p.add_argument("--limit-train", type=int, help="class-balanced subset of N training images")
     p.add_argument("--limit-test", type=int, help="class-balanced subset of N test images")
     p.add_argument("--init-from", metavar="PATH",
@@ -144,8 +148,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="a run folder, checkpoint, or exported .safetensors or .onnx model")
     p.add_argument("--data", help="data file or folder (default: the run's own data.path)")
     p.add_argument("--best", action="store_true", help="use best/ instead of last/")
-    p.add_argument("--limit-test", type=int)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--limit-test", type=int, help="class-balanced subset of N test images")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     p.add_argument("--engine", choices=ENGINE_NAMES, default="auto", help=ENGINE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fused kernels; eager if compiling fails)")
@@ -458,8 +462,10 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
                        "not run.")
     p.add_argument("--results", default="results", help="results folder (default: results)")
     p.add_argument("--studies", default="studies", help="sweep files (default: studies)")
-    p.add_argument("--margin", type=float, default=0.01)
-    p.add_argument("--loss-margin", type=float, default=0.05)
+    p.add_argument("--margin", type=float, default=0.01,
+                   help="TOST equivalence margin for accuracies, as a fraction (default 0.01)")
+    p.add_argument("--loss-margin", type=float, default=0.05,
+                   help="TOST equivalence margin for losses (default 0.05)")
     p.add_argument("--last-k", type=int, default=5, metavar="K",
                    help="headline: the mean over each run's last K epochs (default 5)")
     p.set_defaults(func=_report)

@@ -224,6 +224,12 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Write ``path`` as a whole or not at all: ``write(tmp)`` fills a temporary file beside it,
     which is synced and renamed over ``path``. On any failure the temporary is removed and an OS
@@ -232,12 +238,15 @@ def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     remove_stale_temporaries(path)
     # Per process, so that two writers of one file never share a temporary; created by
-    # ``write`` itself, so with the usual permissions (mkstemp's are private).
+    # ``write`` itself (mkstemp's would be private).
     tmp = _temporary(path, os.getpid())
     try:
         write_file(tmp, write)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
+        # Some writers (safetensors) create their file private: a shipped model must be readable
+        # as any file the user writes is.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         if e.filename in (None, str(tmp)):

@@ -235,6 +235,9 @@ def profile_model(
     None: the one this process chooses for the model's device. A converted model's layers
     count the kernel they use.
     """
+    if not isinstance(model, nn.Module):  # an ONNX Runtime session has no layers to read
+        raise TypeError(f"profile_model needs a torch module, got {type(model).__name__}: load "
+                        "an export with engine='int' or 'fp' to profile it")
     packed_dtype = packed_float_dtype or DEFAULT_PACKED_FLOAT_DTYPE
     for key, value, valid in (("float_precision", float_precision, FLOAT_PRECISIONS),
                               ("packed_float_dtype", packed_dtype, PACKED_FLOAT_BYTES),
