@@ -136,15 +136,69 @@ def test_predict_unreadable_images(exported, tmp_path, capsys, damage):
 # --- predict: the export's preprocessing metadata -----------------------------------------------
 
 
+def with_metadata(src: Path, dst: Path, **changes: str) -> Path:
+    """A copy of a safetensors file with changed metadata entries (tensors intact)."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(str(src)), str(dst), metadata={**meta, **changes})
+    return dst
+
+
 def with_preprocessing(src: Path, dst: Path, **changes) -> Path:
     """A copy of an export with changed preprocessing metadata (tensors and checksum intact)."""
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
-    tensors = load_file(str(src))
-    assert meta["sha256"] == _digest(tensors)
-    meta["preprocessing"] = json.dumps({**json.loads(meta["preprocessing"]), **changes})
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
+    assert meta["sha256"] == _digest(load_file(str(src)))
+    return with_metadata(src, dst, preprocessing=json.dumps(
+        {**json.loads(meta["preprocessing"]), **changes}))
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit
+
+
+@pytest.mark.parametrize("key", ["config", "classes", "preprocessing", "layers"])
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_export_metadata_nested_too_deeply(exported, tmp_path, capsys, key, command):
+    bad = with_metadata(exported, tmp_path / "bad.safetensors", **{key: DEEP_JSON})
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    args = [str(image)] if command == "predict" else []
+    err = one_line_error(capsys, command, str(bad), *args, "--device", "cpu")
+    assert f"{bad}: bad export metadata" in err and "nested too deeply" in err
+
+
+def test_export_metadata_of_a_model_too_big_to_build(exported, tmp_path, capsys):
+    with safe_open(str(exported), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    config["model"].update(dim=1_000_000_000, heads=1)  # a 14 kB file claiming exabytes
+    bad = with_metadata(exported, tmp_path / "bad.safetensors", config=json.dumps(config))
+    err = one_line_error(capsys, "eval", str(bad), "--device", "cpu")
+    assert str(bad) in err and "memory" in err
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("config", DEEP_JSON, "nested too deeply"),
+    ("classes", '"5"', "classes is not a list of names"),
+])
+def test_checkpoint_metadata_that_is_not_what_it_should_be(tiny_run, tmp_path, capsys, key,
+                                                           value, expected):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    model = run / "last" / "model.safetensors"
+    with_metadata(model, model, **{key: value})
+    write_checksums(run / "last", ["model.safetensors", "state.pt"])  # intact, but wrong inside
+    for command in (["export", str(run), "--out", str(tmp_path / "m.safetensors")],
+                    ["eval", str(run), "--device", "cpu"]):
+        err = one_line_error(capsys, *command)
+        assert "bad checkpoint metadata" in err and expected in err, err
+
+
+def test_checksums_json_nested_too_deeply(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    (run / "last" / "checksums.json").write_text(DEEP_JSON)
+    err = one_line_error(capsys, "eval", str(run), "--device", "cpu")
+    assert "checksums.json: unreadable" in err and "nested too deeply" in err
 
 
 @pytest.mark.parametrize(("changes", "expected"), [
@@ -194,3 +248,13 @@ def test_resume_refuses_a_state_with_a_code_payload(tiny_run, tmp_path, capsys, 
     # os.system is posix.system on Linux (its __module__): torch names that.
     assert f"refuses the global {os.system.__module__}.system" in err
     assert "weights_only" not in err and "trust" not in err
+
+
+def test_a_run_json_nested_too_deeply_is_read_as_missing(tiny_run, tmp_path, capsys):
+    from bitvit.training import rundir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    (run / "run.json").write_text(DEEP_JSON)
+    assert rundir.read_info(run) == {}
+    assert main(["compare", str(run)]) == 0

@@ -136,6 +136,13 @@ def test_checkpoints_written_before_checksums_still_load_silently(run, tmp_path,
     assert (run / "last/checksums.json").is_file()  # the new checkpoint records them
 
 
+def test_a_checkpoint_file_named_without_a_folder_loads(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(run / "last")  # `bitvit export model.safetensors` from inside last/
+    assert main(["export", "model.safetensors", "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["eval", "model.safetensors", "--device", "cpu"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_the_sweep_verifies_checkpoints_it_resumes(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     sweep = tmp_path / "s.yaml"

@@ -178,6 +178,21 @@ def test_hugging_face_configs_bitvit_cannot_read(tmp_path, hf_vit, change, expec
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # past Python's recursion limit
+    (" " * (2 << 20) + "{}", "bytes; a JSON file is at most"),  # read no further than the cap
+])
+def test_a_hugging_face_config_json_that_is_too_deep_or_too_big(tmp_path, hf_vit, text,
+                                                                 expected):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((hf_vit / "model.safetensors").read_bytes())
+    (folder / "config.json").write_text(text)
+    with pytest.raises(CheckpointError) as e:
+        bitvit.load_pretrained(folder)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # timm
 # ---------------------------------------------------------------------------------------------

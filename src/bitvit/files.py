@@ -37,6 +37,15 @@ class Notice(UserWarning):
     checkpoint, say); the command line prints it as one line."""
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, with input nested past Python's recursion limit a ValueError like any
+    other malformed JSON (a file of ``[[[[...`` must give one line, not a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def read_limited(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
     """The bytes of ``path``, a regular file of at most ``limit`` bytes; `FileRefused` naming it
     and ``what`` it should be otherwise. Missing files and permissions raise OSError as usual,
@@ -282,7 +291,7 @@ def read_cache(path: Path, version: int, what: str) -> dict[str, Any]:
     version, with a warning naming ``what`` (e.g. "kernel cache"): it is measured again.
     """
     try:
-        data = json.loads(read_limited(path, what))  # FileRefused is a ValueError
+        data = parse_json(read_limited(path, what))  # FileRefused is a ValueError
         if data.get("version") == version and isinstance(data.get("entries"), dict):
             return data["entries"]
         log.warning("%s %s has an unknown layout; measuring again", what, path)

@@ -42,12 +42,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bitvit import files
 from bitvit.data import IMAGE_EXTS, DataError, decode_image, normalize
 from bitvit.deploy.packing import PACK, UNPACK, packed_numel
 from bitvit.files import atomic_file
 from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import BitLinear
+from bitvit.training import memory
 from bitvit.training.checkpoint import build_model, load_checkpoint
 from bitvit.training.config import Config, ConfigError
 
@@ -238,12 +240,13 @@ def parse_model_metadata(path: Path, meta: dict[str, str]) -> tuple[Config, list
     """The config, class names and preprocessing of `model_metadata`, checked against each
     other; `ExportError` (one line naming ``path``) for anything missing or inconsistent."""
     try:
-        config = Config.from_dict(json.loads(meta["config"]), source=str(path))
-        classes = json.loads(meta["classes"])
-        preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+        config = Config.from_dict(files.parse_json(meta["config"]), source=str(path))
+        classes = files.parse_json(meta["classes"])
+        preprocessing = Preprocessing.from_dict(files.parse_json(meta["preprocessing"]))
     except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
         raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
-    if not isinstance(classes, list) or len(classes) != config.model.num_classes:
+    if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
+            or len(classes) != config.model.num_classes):
         raise ExportError(f"{path}: bad export metadata (class names do not match "
                           f"model.num_classes={config.model.num_classes})")
     _check_preprocessing(path, preprocessing, config)
@@ -414,6 +417,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     meta = read_export_metadata(path)
     config, classes, preprocessing = parse_model_metadata(path, meta)
     info, checksum, float_dtype = _layer_metadata(path, meta)
+    memory.check_inference_fits(config, str(path))  # before the skeleton is built
     tensors = _read_tensors(path)
     if _digest(tensors) != checksum:
         raise ExportError(f"{path}: corrupt export (tensor data does not match its checksum)")
@@ -441,7 +445,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
 def _layer_metadata(path: Path, meta: dict[str, str]) -> tuple[Any, str, torch.dtype]:
     """The quantized layers' record, the tensors' checksum and the float dtype."""
     try:
-        info = json.loads(meta["layers"])
+        info = files.parse_json(meta["layers"])
         checksum = meta["sha256"]
         if meta["float_dtype"] not in FLOAT_DTYPES:
             raise ValueError(f"float_dtype {meta['float_dtype']!r} is not fp16 or fp32")

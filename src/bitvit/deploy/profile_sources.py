@@ -3,7 +3,6 @@ run folder (optionally quantized after training), or an exported model (its pack
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from bitvit.deploy.profile import TERNARY_PACKINGS
+from bitvit.files import parse_json
 from bitvit.nn.methods import DEFAULT_METHOD, FULL_PRECISION
 from bitvit.nn.quant import QuantConfig
 from bitvit.training.config import Config
@@ -108,7 +108,7 @@ def _load_exported(path: Path) -> ProfileSource:
     except ValueError as e:
         raise ProfileError(str(e)) from None
     meta = read_export_metadata(path)  # already checked by load
-    packings = {layer.get("packing") for layer in json.loads(meta["layers"]).values()}
+    packings = {layer.get("packing") for layer in parse_json(meta["layers"]).values()}
     ternary = sorted(packings & set(TERNARY_PACKINGS))
     # The profile counts the architecture's per-image cost, as for a config or a checkpoint:
     # the whole last block, not the cls-only one that inference runs (ClsTokenBlock).

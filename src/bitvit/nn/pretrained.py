@@ -26,7 +26,6 @@ Layer 1 (`bitvit.nn`): pure mapping. Which architecture, image size and classes 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from bitvit import files
 from bitvit.files import error_reason
 from bitvit.nn.model import VisionTransformer, ViTConfig
 
@@ -120,8 +120,8 @@ def read_pretrained(path: str | Path) -> Pretrained:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = files.parse_json(files.read_limited(path, "JSON file"))
+    except (OSError, ValueError) as e:  # FileRefused, UnicodeDecodeError, JSONDecodeError
         raise PretrainedError(f"{path}: not a readable JSON file ({error_reason(e)})") from None
     if not isinstance(data, dict):
         raise PretrainedError(f"{path}: expected a JSON object")

@@ -114,9 +114,11 @@ def load_checkpoint(path: str | Path, best: bool = False) -> Checkpoint:
         raise CheckpointError(f"{file}: not a bitvit training checkpoint (format "
                               f"{meta.get('format')!r}; exported models load with bitvit.load)")
     try:
-        config = Config.from_dict(json.loads(meta["config"]), source=str(file))
-        classes = json.loads(meta["classes"])
-    except (KeyError, json.JSONDecodeError, ConfigError) as e:
+        config = Config.from_dict(files.parse_json(meta["config"]), source=str(file))
+        classes = files.parse_json(meta["classes"])
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError("classes is not a list of names")
+    except (KeyError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{file}: bad checkpoint metadata ({error_reason(e)})") from None
     run_config = Path(path) / CONFIG
     if run_config.is_file():  # a run folder: its checkpoint must be of its config's model
@@ -221,8 +223,8 @@ def _stored_config(model_file: Path) -> Config:
     """The config in a checkpoint's metadata (a one-line CheckpointError if it has none)."""
     meta = read_metadata(model_file)
     try:
-        return Config.from_dict(json.loads(meta["config"]), source=str(model_file))
-    except (KeyError, json.JSONDecodeError, ConfigError) as e:
+        return Config.from_dict(files.parse_json(meta["config"]), source=str(model_file))
+    except (KeyError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{model_file}: bad checkpoint metadata "
                               f"({error_reason(e)})") from None
 
@@ -286,7 +288,7 @@ def damage(folder: Path, needed: Sequence[str]) -> str | None:
     if not sums_file.exists():
         return None
     try:
-        recorded = json.loads(files.read_limited(sums_file, "checksums file"))["sha256"]
+        recorded = files.parse_json(files.read_limited(sums_file, "checksums file"))["sha256"]
         if not isinstance(recorded, dict):
             raise TypeError("sha256 is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:

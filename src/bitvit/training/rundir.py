@@ -76,6 +76,8 @@ def displaced(folder: Path) -> Path:
     A process killed between the two renames of `swap_folder` leaves only this folder;
     readers fall back to it (`checkpoint_folder`).
     """
+    if not folder.name:  # "." (a checkpoint file named without a folder) has no name to take
+        folder = folder.absolute()
     return folder.with_name(f".{folder.name}.old")
 
 
@@ -211,7 +213,7 @@ def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) 
 def read_info(run_dir: Path) -> dict[str, Any]:
     """run.json, or {} when it is missing, unreadable, not a regular file or oversized."""
     try:
-        info = json.loads(files.read_limited(Path(run_dir) / RUN_JSON, "run.json"))
+        info = files.parse_json(files.read_limited(Path(run_dir) / RUN_JSON, "run.json"))
     except (OSError, ValueError):  # json.JSONDecodeError, FileRefused, UnicodeDecodeError
         return {}
     return info if isinstance(info, dict) else {}
