@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line_error
 from scipy import stats
 
 from bitvit.cli import main
@@ -477,6 +478,14 @@ if seed == "train.seed=1":
 fake_run(run_dir, [seed], [0.5])
 print("trained", run_dir)
 """
+
+
+def test_more_parallel_runs_than_cores_is_refused_before_anything_starts(tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
+                       grid={"train.seed": list(range(50))})
+    err = one_line_error(capsys, "sweep", str(path), "--parallel", str(os.cpu_count() + 1))
+    assert f"--parallel {os.cpu_count() + 1}: more than this machine's" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeypatch):

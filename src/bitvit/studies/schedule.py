@@ -88,7 +88,13 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
     small files are copied into ``out`` before, while (every few minutes) and after training.
     ``teacher_loader``: how runs in this process read a distillation teacher (`bitvit.train`'s;
     ``bitvit sweep`` passes `bitvit.load_teacher`, which reads exported models too).
+    More processes than CPU cores are refused: each run needs a core, and every one more only
+    takes memory.
     """
+    cores = os.cpu_count() or 1
+    if parallel > cores:
+        raise SweepError(f"--parallel {parallel}: more than this machine's {cores} CPU cores "
+                         "(each run needs one)")
     if not dry_run:
         sync_results(sweep)
     try:
