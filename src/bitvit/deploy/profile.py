@@ -426,6 +426,7 @@ def _totals(rows: list[LayerProfile]) -> dict[str, Any]:
 def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None, kernel: str,
                  ) -> list[str]:
     per_byte = TERNARY_PACKINGS[ternary_packing]
+    per_channel = ", ".join(n for n, row in METHOD_TABLE.items() if row.granularity == "channel")
     floats = (f"{DEFAULT_PACKED_FLOAT_DTYPE} biases and other float tensors (bitvit export's "
               "default; --float-dtype fp32 doubles them)" if packed_float_dtype is None
               else f"{packed_float_dtype} biases and other float tensors")
@@ -440,8 +441,9 @@ def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None, 
         f"(as BitNet does); with float activations as {fp.upper()} adds. Each output of a "
         f"quantized layer costs one {fp.upper()} multiply to rescale.",
         f"Packed bytes: ternary codes {per_byte} per byte, binary 8 per byte, fp32 weight "
-        f"scales (one per tensor, one per output channel for xnor), {floats}; file headers "
-        "are not counted.",
+        f"scales (one per tensor, one per output channel for {per_channel}), {floats}; file "
+        "headers"
+        " are not counted.",
         "Resident weights: quantized layers as int8 codes (1 byte per weight: packed codes "
         "are unpacked at load and held once by the int engine, which dequantizes per call "
         "where it needs a float weight)"
