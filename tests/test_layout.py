@@ -21,8 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bitvit"
 
 # Each part of the package and its layer: a part imports only parts of lower layers (peers of one
 # layer never import each other). The root package is the lazy facade and gives __version__.
-LAYERS = {"files": 0, "nn": 1, "data": 1, "training": 2, "deploy": 3, "studies": 3, "cli": 4,
-          "__main__": 5}
+LAYERS = {"files": 0, "system": 0, "nn": 1, "data": 1, "training": 2, "deploy": 3, "studies": 3,
+          "cli": 4, "__main__": 5}
 
 
 def _module_name(path: Path) -> str:

@@ -2,15 +2,26 @@
 line on stderr and exit status 2: config and sweep files (regular, at most 1 MiB, not empty), a
 model that cannot fit in memory (refused from its config before anything is built) or an
 allocation that fails (run.json marked failed), images over the pixel limit (refused from their
-header), a data set of one class, and predict going on past unreadable images."""
+header), files of a data set (regular, within a size limit: no tar.gz bomb, FIFO or /dev/zero),
+images only in the common formats (no ICO decoding its insides first), a data set of one class,
+and predict going on past unreadable images."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
+import logging
 import os
+import resource
 import shutil
+import signal
+import struct
 import sys
+import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +33,9 @@ from PIL import Image, ImageFile
 import bitvit.training.checkpoint
 import bitvit.training.loop
 from bitvit.cli import main
+from bitvit.data import DataError, decode_image
+from bitvit.data.base import max_file_bytes
+from bitvit.data.tree import _read_tar
 from bitvit.nn.footprint import estimate, parameter_count
 from bitvit.nn.model import ViTConfig
 from bitvit.training.checkpoint import build_model
@@ -117,7 +131,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, c
 
 
 def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypatch):
-    from bitvit.training import memory
+    from bitvit import system as memory  # where the memory available is read
 
     monkeypatch.setattr(memory, "_cgroup_headroom", lambda: None)
     monkeypatch.setattr(memory, "_meminfo_available", lambda: None)  # no /proc/meminfo
@@ -134,7 +148,9 @@ def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypa
     monkeypatch.setattr(os, "sysconf", no_sysconf)
     assert memory.host_memory() is None
     # Unknown: nothing is refused (the allocator's error, caught, would still be one line).
-    memory.check_training_fits(load_config(None, ["model.dim=1000000000"]), torch.device("cpu"))
+    from bitvit.training.memory import check_training_fits
+
+    check_training_fits(load_config(None, ["model.dim=1000000000"]), torch.device("cpu"))
 
 
 def test_out_of_memory_while_building_the_model_marks_the_run_failed(tiny_run, tmp_path, capsys,
@@ -229,6 +245,158 @@ def test_a_data_set_of_one_class_is_an_error_naming_it(tmp_path, capsys):
     assert err.endswith(f"{one}: 1 class (cat); classification needs at least two (one folder "
                         "per class under train/ and test/)")
     assert not out.exists()
+
+
+# --- files of a data set: regular, within a size limit; images in the common formats ---------
+
+LIMIT_NOTE = "(BITVIT_MAX_IMAGE_PIXELS raises it: 8 bytes per pixel)"
+
+
+@contextlib.contextmanager
+def bounded(seconds: float, extra_bytes: int) -> Iterator[None]:
+    """Fail within ``seconds`` and ``extra_bytes`` more address space instead of hanging on a
+    FIFO or reading /dev/zero until the machine runs out (what these tests check never does)."""
+    def hung(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    vm = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text()
+              .splitlines() if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + extra_bytes if hard == resource.RLIM_INFINITY else min(hard, vm + extra_bytes)
+    previous = signal.signal(signal.SIGALRM, hung)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_file_limit_fits_images_at_the_pixel_limit_and_cifar_batches(tmp_path, monkeypatch):
+    assert max_file_bytes() == 128_000_000  # 16 MP of uncompressed 16-bit RGBA
+    monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "50000000")
+    assert max_file_bytes() == 400_000_000
+    # Never below 64 MiB: an official CIFAR-10 batch (31 MB) loads whatever the pixel limit.
+    monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "1")
+    assert max_file_bytes() == 64 << 20
+    archive = tmp_path / "cifar-10-batches.tar"
+    member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+    member.size = 31_035_704  # the official python version's data_batch_1
+    with tarfile.open(archive, "w") as tar:
+        tar.addfile(member, io.BytesIO(bytes(member.size)))
+    assert len(_read_tar(archive).files["cifar-10-batches-py/data_batch_1"]()) == member.size
+
+
+def test_a_tar_member_over_the_file_limit_is_refused_unread(tmp_path, capsys):
+    archive = tmp_path / "bomb.tar.gz"
+    member = tarfile.TarInfo("ds/train/a/x.png")
+    # What a 3 MB gzip of zeros inflates to. Only the header is written: bitvit must refuse
+    # from it, and never read on (an unexpected end of the archive would show it did).
+    member.size = 3 << 30
+    with gzip.open(archive, "wb") as f:
+        f.write(member.tobuf())
+    start = time.perf_counter()
+    err = one_line_error(capsys, "train", "--data", str(archive), "--out", str(tmp_path / "r"),
+                         "--epochs", "1", "--quiet", *TINY_16PX)
+    assert err.endswith(f"{archive}:ds/train/a/x.png: 3,221,225,472 bytes; a PNG, JPEG or "
+                        f"other image is at most 128,000,000 bytes {LIMIT_NOTE}; not read")
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_archive_that_inflates_past_half_the_memory_is_refused(tmp_path, monkeypatch):
+    from bitvit.data import DataError, tree
+
+    # Many members, each within the file limit, add up: a gzip of zeros has no ceiling.
+    archive = tmp_path / "many.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in range(4):
+            member = tarfile.TarInfo(f"ds/train/a/{i}.png")
+            member.size = 400
+            tar.addfile(member, io.BytesIO(bytes(400)))
+    monkeypatch.setattr(tree, "host_memory", lambda: (2000, "a test's 2000 bytes"))
+    with pytest.raises(DataError, match=r"inflate past 1000 B, half the memory available "
+                                        r"\(a test's 2000 bytes\); extract the archive"):
+        tree._read_tar(archive)
+    monkeypatch.setattr(tree, "host_memory", lambda: None)  # unknown: nothing refused
+    assert len(tree._read_tar(archive).files) == 4
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse"])
+def test_an_image_that_is_not_a_regular_file_within_the_limit_is_refused_unread(tmp_path,
+                                                                                capsys,
+                                                                                monkeypatch,
+                                                                                kind):
+    images = write_image_folder(tmp_path / "images")
+    bad = images / "train" / "cat" / "x.png"
+    expected = {"fifo": "not a regular file (a pipe); expected a PNG, JPEG or other image",
+                "dev_zero": "not a regular file (a character device); expected a PNG, JPEG or "
+                            "other image",
+                "sparse": f"67,108,865 bytes; a PNG, JPEG or other image is at most "
+                          f"67,108,864 bytes {LIMIT_NOTE}"}[kind]
+    if kind == "fifo":
+        os.mkfifo(bad)  # opening it to read would wait for a writer forever
+    elif kind == "dev_zero":
+        bad.symlink_to("/dev/zero")  # endless: read whole, it takes all memory
+    else:
+        monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "256")  # the smallest file limit: 64 MiB
+        with bad.open("wb") as f:
+            f.truncate((64 << 20) + 1)  # sparse: nothing on disk
+    with bounded(10, 200 << 20):
+        start = time.perf_counter()
+        err = one_line_error(capsys, "train", "--data", str(images), "--out", str(tmp_path / "r"),
+                             "--epochs", "1", "--quiet", *TINY_16PX, "model.image_size=16",
+                             "data.cache_dir=" + str(tmp_path / "cache"))
+        assert err.endswith(f"{bad}: {expected}") and time.perf_counter() - start < 5
+        with pytest.raises(DataError, match="expected a PNG, JPEG or other image|is at most"):
+            decode_image(bad, str(bad), 16, 3)  # a path given to the library: the same
+
+
+def write_ico_holding(path: Path, png: bytes) -> Path:
+    """An ICO of one entry (its one-byte width and height: 0, meaning 256) that is ``png``."""
+    directory = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32,
+                                                           len(png), 22)
+    path.write_bytes(directory + png)
+    return path
+
+
+def test_an_ico_is_refused_before_it_decodes_the_image_inside(tiny_run, tmp_path, capsys,
+                                                              monkeypatch):
+    png = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(png, "PNG")  # 25 MP, 3 KB; PIL's ICO decodes it on open
+    ico = write_ico_holding(tmp_path / "icon.png", png.getvalue())
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    err = one_line_error(capsys, "predict", str(tiny_run["export"]), str(ico), "--device", "cpu")
+    assert err.endswith(f"{ico}: not a readable image (not a PNG, JPEG, BMP, GIF, TIFF, WEBP or "
+                        "PPM image that PIL can open)")
+    assert decoded == []
+
+
+def test_a_tiff_that_pil_logs_about_is_still_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    tags = [struct.unpack_from("<H", data, ifd + 2 + 12 * i)[0] for i in range(count)]
+    struct.pack_into("<H", data, ifd + 2 + 12 * tags.index(277) + 8, 2048)  # SamplesPerPixel
+    tiff = tmp_path / "many-samples.tif"
+    tiff.write_bytes(data)
+    # As under the bitvit command, no handlers: logging's last resort prints to stderr.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    # PIL logs "More samples per pixel than can be decoded" as it refuses: folded into the line.
+    err = one_line_error(capsys, "predict", str(tiny_run["export"]), str(tiff), "--device", "cpu")
+    assert f"{tiff}: not a readable image (" in err
+    assert err.endswith("; PIL: More samples per pixel than can be decoded: 2048)")
 
 
 # --- predict goes on past unreadable images ---------------------------------------------------

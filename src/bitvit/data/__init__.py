@@ -21,7 +21,7 @@ fetching the data), ``tree`` (a folder or archive as files), ``cifar`` and ``fol
 readers), ``sources`` (form detection, decoding, the cache and ``auto`` statistics), ``cache``,
 ``normalization``, ``augment``, ``subsets`` and ``load`` (`load_data`).
 
-Layer 1, beside `bitvit.nn`. May import `bitvit.files` only.
+Layer 1, beside `bitvit.nn`. May import `bitvit.files` and `bitvit.system` only.
 """
 
 from bitvit.data.augment import augment, augments

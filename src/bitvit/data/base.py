@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,15 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one entry pe
 # through. BITVIT_MAX_IMAGE_PIXELS changes it.
 MAX_PIXELS_ENV = "BITVIT_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 16_000_000
-
+# The most bytes bitvit reads of one file of a data set (an image, a CIFAR-10 batch), refused
+# from its size before reading: 8 bytes per pixel of the pixel limit (an uncompressed 16-bit RGBA
+# TIFF at the limit fits; 128 MB by default), never under 64 MiB (CIFAR-10's batches are 31 MB,
+# and a small image may carry megabytes of metadata). A tar.gz bomb or /dev/zero stops there.
+BYTES_PER_PIXEL = 8
+MIN_FILE_BYTES = 64 << 20
+# The formats PIL may open (by content, not name): Image.open tries every plugin otherwise, and
+# some (ICO, ...) decode an embedded image before bitvit sees the size.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 class DataError(ValueError):
@@ -103,6 +112,30 @@ class DataSplits:
     # The normalization to use: data.mean/data.std with auto resolved (see resolve_statistics).
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+
+def max_image_pixels() -> int:
+    """The most pixels bitvit decodes in one image: $BITVIT_MAX_IMAGE_PIXELS, else 16 million."""
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive integer (pixels)")
+    return value
+
+
+def max_file_bytes() -> int:
+    """The most bytes bitvit reads of one file of a data set (see `MIN_FILE_BYTES`)."""
+    return max(MIN_FILE_BYTES, BYTES_PER_PIXEL * max_image_pixels())
+
+
+def file_limit_hint() -> str:
+    """How to raise `max_file_bytes`, for the messages that refuse a file by its size."""
+    return f" ({MAX_PIXELS_ENV} raises it: {BYTES_PER_PIXEL} bytes per pixel)"
 
 
 def _is_auto(v: Any) -> bool:

@@ -3,19 +3,29 @@ the model's size and channels."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-import os
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bitvit.data.base import DEFAULT_MAX_PIXELS, IMAGE_EXTS, MAX_PIXELS_ENV, DataError, ImageSet
+from bitvit.data.base import (
+    IMAGE_EXTS,
+    IMAGE_FORMATS,
+    MAX_PIXELS_ENV,
+    DataError,
+    ImageSet,
+    file_limit_hint,
+    max_file_bytes,
+    max_image_pixels,
+)
 from bitvit.data.subsets import _balanced_indices
 from bitvit.data.tree import _join, _parent, _Tree
-from bitvit.files import caught_warnings, warning_note
+from bitvit.files import FileRefused, caught_warnings, read_limited, warning_note
 
 log = logging.getLogger("bitvit.data")
 
@@ -91,18 +101,59 @@ def _decode_image(tree: _Tree, rel: str, image_size: int, channels: int) -> np.n
     return decode_image(tree.files[rel](), tree.where(rel), image_size, channels)
 
 
-def max_image_pixels() -> int:
-    """The most pixels bitvit decodes in one image: $BITVIT_MAX_IMAGE_PIXELS, else 16 million."""
-    text = os.environ.get(MAX_PIXELS_ENV)
-    if not text:
-        return DEFAULT_MAX_PIXELS
+FORMAT_NAMES = ", ".join(IMAGE_FORMATS[:-1]) + " or " + IMAGE_FORMATS[-1]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def pil_quiet() -> Iterator[list[str]]:
+    """Keep PIL's log records (warnings and up) off stderr in the block and collect their
+    messages: some plugins log a refusal (a TIFF's samples per pixel) besides raising, which
+    would print a line before bitvit's one. `pil_note` folds them into bitvit's message."""
+    pil = logging.getLogger("PIL")
+    handler, propagate = _Records(), pil.propagate
+    pil.addHandler(handler)
+    pil.propagate = False
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise DataError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive integer (pixels)")
-    return value
+        yield handler.messages
+    finally:
+        pil.removeHandler(handler)
+        pil.propagate = propagate
+
+
+def pil_note(messages: list[str], limit: int = 160) -> str:
+    """PIL's logged messages as one clause ("; PIL: ..."), "" when there were none."""
+    text = "; ".join(dict.fromkeys(" ".join(m.split()) for m in messages))
+    if not text:
+        return ""
+    return "; PIL: " + (text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy image of ``data`` (the header read, nothing decoded), in `IMAGE_FORMATS` only."""
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
+
+def _image_bytes(source: bytes | str | Path, where: str) -> bytes:
+    """The bytes of an image given as bytes or as a path: a regular file within
+    `max_file_bytes` (a FIFO would hang PIL's read, /dev/zero would never end)."""
+    if isinstance(source, bytes):
+        return source
+    try:
+        return read_limited(source, "PNG, JPEG or other image", max_file_bytes())
+    except FileRefused as e:
+        hint = file_limit_hint() if str(e).endswith(" bytes") else ""
+        raise DataError(f"{e}{hint}") from None
+    except OSError as e:
+        raise DataError(f"{where}: not a readable image ({e.strerror or e})") from None
 
 
 def decode_image(source: bytes | str | Path, where: str, image_size: int,
@@ -114,9 +165,10 @@ def decode_image(source: bytes | str | Path, where: str, image_size: int,
     are folded into that line, or dropped when the image decodes: they never print their own.
     """
     limit = max_image_pixels()
-    with caught_warnings() as caught:
+    data = _image_bytes(source, where)
+    with caught_warnings() as caught, pil_quiet() as logged:
         try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            with open_image(data) as img:
                 width, height = img.size  # from the header: nothing decoded yet
                 if width * height > limit:
                     raise DataError(f"{where}: {width}x{height} = {width * height:,} pixels, over "
@@ -126,8 +178,12 @@ def decode_image(source: bytes | str | Path, where: str, image_size: int,
                 return fit_image(img, image_size, channels)
         except DataError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-                SyntaxError) as e:
+        except UnidentifiedImageError:
+            # PIL's own text names a BytesIO object; say what bitvit reads instead.
+            raise DataError(f"{where}: not a readable image (not a {FORMAT_NAMES} image "
+                            f"that PIL can open"
+                            f"{pil_note(logged)}{warning_note(caught)})") from None
+        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             reason = str(e) or type(e).__name__
-            raise DataError(f"{where}: not a readable image ({reason}"
+            raise DataError(f"{where}: not a readable image ({reason}{pil_note(logged)}"
                             f"{warning_note(caught)})") from None

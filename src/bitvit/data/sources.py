@@ -4,7 +4,6 @@ normalization statistics."""
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from bitvit.data.base import (
 )
 from bitvit.data.cache import _load_cache, _load_stats, _save_cache, _save_stats
 from bitvit.data.cifar import _binary_classes, _python_classes, _read_binary, _read_python
-from bitvit.data.folder import _list_split, _read_folder
+from bitvit.data.folder import FORMAT_NAMES, _list_split, _read_folder, open_image, pil_quiet
 from bitvit.data.normalization import channel_statistics
 from bitvit.data.subsets import balanced_subset
 from bitvit.data.tree import _open_source, _parent, _read_tar, _Tree
@@ -122,12 +121,15 @@ def is_cifar10(tree: _Tree, form: tuple[str, str]) -> bool:
         first.setdefault(label, rel)
     for rel in first.values():
         try:
-            # Reads the header only; PIL's warnings (a huge image) are the decoder's to tell.
-            with caught_warnings(), Image.open(io.BytesIO(tree.files[rel]())) as img:
+            # Reads the header only; PIL's warnings and logs (a huge image) are the decoder's
+            # to tell.
+            with caught_warnings(), pil_quiet(), open_image(tree.files[rel]()) as img:
                 if img.size != (32, 32) or img.mode != "RGB":
                     return False
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-                SyntaxError) as e:
+        except UnidentifiedImageError:
+            raise DataError(f"{tree.where(rel)}: not a readable image (not a "
+                            f"{FORMAT_NAMES} image that PIL can open)") from None
+        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"{tree.where(rel)}: not a readable image ({e})") from None
     return True
 

@@ -10,7 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from bitvit.data.base import BIN_FILES, IMAGE_EXTS, PY_FILES, DataError, _file_digest
+from bitvit.data.base import (
+    BIN_FILES,
+    IMAGE_EXTS,
+    PY_FILES,
+    DataError,
+    _file_digest,
+    file_limit_hint,
+    max_file_bytes,
+)
+from bitvit.files import FileRefused, read_limited
+from bitvit.system import host_memory, human_bytes
 
 
 @dataclass
@@ -41,14 +51,61 @@ def _open_source(path: Path) -> tuple[_Tree | None, str]:
             for f in sorted(fnames):
                 full = Path(root) / f
                 rel = f if rel_root == "." else f"{rel_root}/{f}"
-                st = full.stat()
+                try:
+                    st = full.stat()  # through symlinks: what is read is what they point to
+                    mark = f"{st.st_size}\0{st.st_mtime_ns}"
+                except OSError:  # a dangling symlink: an error only if it is ever read
+                    mark = "?"
                 # Paths, sizes and mtimes: any edit, addition or removal changes the key.
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                files[rel] = full.read_bytes
+                h.update(f"{rel}\0{mark}\n".encode())
+                files[rel] = _file_reader(full)
         return _Tree(str(path), files, dirs), "dir:" + h.hexdigest()
     if path.is_file():
         return None, "file:" + _file_digest(path, "sha256")
     raise DataError(f"data path {path} is neither a file nor a directory")
+
+
+def _what(name: str) -> str:
+    """What a file of a data set should be, for messages that refuse it."""
+    return "PNG, JPEG or other image" if PurePosixPath(name).suffix.lower() in IMAGE_EXTS else \
+        "CIFAR-10 batch file"
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    """Reads ``path`` when called: a regular file (symlinks followed) of at most
+    `max_file_bytes`. A FIFO (which would hang), a device (/dev/zero: endless) or a larger file
+    is a one-line DataError naming it, unread, as an unreadable image is."""
+    def read() -> bytes:
+        try:
+            return read_limited(path, _what(path.name), max_file_bytes())
+        except FileRefused as e:
+            # Only a refusal by size has a limit to raise.
+            hint = file_limit_hint() if str(e).endswith(" bytes") else ""
+            raise DataError(f"{e}{hint}") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+    return read
+
+
+def _member_bytes(tar: tarfile.TarFile, m: tarfile.TarInfo, where: str, limit: int) -> bytes:
+    """A member's bytes, refused from its header's size over ``limit`` (a gzip bomb of zeros
+    would otherwise be inflated whole), and read no further than the limit all the same."""
+    refusal = f"bytes; a {_what(m.name)} is at most {limit:,} bytes{file_limit_hint()}"
+    if m.size > limit:
+        raise DataError(f"{where}: {m.size:,} {refusal}; not read")
+    f = tar.extractfile(m)
+    data = f.read(limit + 1) if f is not None else b""
+    if len(data) > limit:
+        raise DataError(f"{where}: more than {limit:,} {refusal}; read no further")
+    return data
+
+
+def _archive_budget() -> tuple[int, str] | None:
+    """The most bytes an archive's kept members may hold in memory: half of what is available
+    (a gzip of many zero-filled members, each within the file limit, inflates without bound)."""
+    available = host_memory()
+    return None if available is None else (available[0] // 2, available[1])
 
 
 def _read_tar(path: Path) -> _Tree:
@@ -56,6 +113,7 @@ def _read_tar(path: Path) -> _Tree:
     files: dict[str, Callable[[], bytes]] = {}
     dirs: set[str] = set()
     wanted = set(PY_FILES) | set(BIN_FILES)
+    limit, held, budget = max_file_bytes(), 0, _archive_budget()
     try:
         with tarfile.open(path, "r|*") as tar:
             for m in tar:
@@ -72,7 +130,13 @@ def _read_tar(path: Path) -> _Tree:
                 for i in range(1, len(parts)):
                     dirs.add("/".join(parts[:i]))
                 keep = parts[-1] in wanted or PurePosixPath(rel).suffix.lower() in IMAGE_EXTS
-                data = tar.extractfile(m).read() if keep else b""  # type: ignore[union-attr]
+                data = _member_bytes(tar, m, f"{path}:{rel}", limit) if keep else b""
+                held += len(data)
+                if budget is not None and held > budget[0]:
+                    raise DataError(
+                        f"{path}: its images and batches inflate past {human_bytes(budget[0])}, "
+                        f"half the memory available ({budget[1]}); extract the archive and give "
+                        "its folder (read one file at a time)")
                 files[rel] = (lambda b=data: b)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path} is not a readable tar archive (or is truncated): {e}") from None

@@ -1,0 +1,73 @@
+"""Layer 0: what this machine has: the memory available to this process. Imports nothing of
+bitvit. Read by training (a model refused before it is built) and data (an archive refused
+before it fills memory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; far beyond any machine too (the estimate of an absurd config)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+    for unit in units[:-1]:
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} {units[-1]}"
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """What this process's cgroup limit leaves (v2, then v1); None without a limit. The page
+    cache's inactive part counts as free, as the kernel reclaims it before failing."""
+    for limit_file, usage_file, inactive_key in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+             "/sys/fs/cgroup/memory/memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            text = Path(limit_file).read_text().strip()
+            if text == "max" or int(text) >= 1 << 60:  # "max" (v2) or v1's "no limit" value
+                continue
+            limit, usage = int(text), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        inactive = 0
+        try:
+            stat = Path(limit_file).with_name("memory.stat").read_text().splitlines()
+            inactive = next((int(v) for k, v in (line.split() for line in stat)
+                             if k == inactive_key), 0)
+        except (OSError, ValueError):
+            pass
+        return max(limit - usage + inactive, 0)
+    return None
+
+
+def host_memory() -> tuple[int, str] | None:
+    """(bytes available to this process, where that figure comes from); None when unknown."""
+    available, how = _meminfo_available(), "MemAvailable in /proc/meminfo"
+    if available is None:
+        try:
+            import psutil
+
+            available, how = int(psutil.virtual_memory().available), "psutil"
+        except ImportError:
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                how = "free pages (sysconf)"
+            except (AttributeError, OSError, ValueError):
+                available = None
+    headroom = _cgroup_headroom()
+    if headroom is not None and (available is None or headroom < available):
+        available, how = headroom, "this cgroup's memory limit less its usage"
+    return None if available is None else (available, how)
