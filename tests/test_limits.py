@@ -108,7 +108,7 @@ def test_the_estimate_counts_the_parameters_of_the_built_model(model, quant):
 
 @pytest.mark.parametrize("overrides, size", [
     (["model.dim=1000000000"], "model.dim=1000000000, model.depth=1,"),
-    (["model.dim=64", "model.depth=1000000"], "model.dim=64, model.depth=1000000,"),
+    (["model.dim=100000", "model.depth=1000"], "model.dim=100000, model.depth=1000,"),
 ])
 def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys,
                                                                       monkeypatch, overrides,

@@ -9,6 +9,7 @@ against a built model's ``numel``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 from bitvit.nn.model import ViTConfig
 
@@ -38,9 +39,18 @@ def _tokens(m: ViTConfig) -> int:
     return (m.image_size // m.patch_size) ** 2 + (m.pooling == "cls")
 
 
+def _hidden(m: ViTConfig) -> int:
+    """The MLP's width, ``int(dim * mlp_ratio)`` as `bitvit.nn.model.Block` computes it."""
+    try:
+        return int(m.dim * m.mlp_ratio)
+    except OverflowError:  # a dim or ratio beyond a float (10**400): in exact arithmetic, so
+        # that the estimate refuses the model rather than crash on it
+        return int(m.dim * Fraction(m.mlp_ratio))
+
+
 def linear_parameters(m: ViTConfig) -> dict[str, int]:
     """Parameters of the linears quantization may replace, by kind: patch, attn, mlp."""
-    d, hidden = m.dim, int(m.dim * m.mlp_ratio)
+    d, hidden = m.dim, _hidden(m)
     patch_in = m.in_channels * m.patch_size ** 2
     return {"patch": patch_in * d + d,
             "attn": m.depth * (d * 3 * d + 3 * d + d * d + d),
@@ -69,7 +79,7 @@ def _quantized_parameters(m: ViTConfig, method: str, where: str,
 def activation_floats(m: ViTConfig, training: bool) -> int:
     """Floats of activations per image: what autograd keeps for the backward pass when
     ``training``, else the largest a forward pass holds at once."""
-    d, hidden, tokens = m.dim, int(m.dim * m.mlp_ratio), _tokens(m)
+    d, hidden, tokens = m.dim, _hidden(m), _tokens(m)
     attention = m.heads * tokens  # one row of attention weights per token and head
     if not training:
         return tokens * (4 * d + hidden + attention)

@@ -31,6 +31,12 @@ Each point is one run folder under ``out``, named from its values in the order o
 ``-``). Runs are trained
 grid-major: every ``runs`` point at the first grid point (seed 0) before any at the second.
 
+Limits, each a one-line `SweepError` naming the file: at most ``MAX_SWEEP_RUNS`` (10,000) runs,
+counted from the lists' lengths (grid points times ``runs`` points, before duplicates are
+dropped) before any point is built; at most ``MAX_SWEEP_KEYS`` (100) keys; a run name of at
+most 255 bytes. Like a config, the file is YAML without anchors on lists or mappings (an alias
+bomb) and nested at most 100 deep (`bitvit.training.config.load_yaml`).
+
 ``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
 in metrics.csv) and runs whose ``bitvit train`` is alive (it holds the run folder's lock),
 resumes runs that have a checkpoint, and restarts the others from scratch, moving what they
@@ -46,10 +52,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,13 +67,26 @@ from bitvit import files
 from bitvit.nn.methods import FULL_PRECISION
 from bitvit.nn.quant import resolve_act_bits
 from bitvit.training import rundir
-from bitvit.training.config import Config, load_config, read_yaml_mapping
+from bitvit.training.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    read_yaml_mapping,
+    short_repr,
+)
 
 SWEEP_KEYS = {"title", "question", "base", "overrides", "full_epochs", "out", "runs_root", "runs",
               "grid"}
 RUNS_ROOT_ENV = "BITVIT_RUNS_ROOT"  # overrides a sweep file's runs_root
 SWEEP_COPY = "sweep.yaml"
 COMMANDS_FILE = "commands.txt"
+# A sweep file's size says little about its runs (nine keys of ten values are 10**9 of them):
+# the count is checked from the lists' lengths before any point is built. Each run is a training
+# run; a config has fewer keys than MAX_SWEEP_KEYS; a run's folder name is one path component.
+MAX_SWEEP_RUNS = 10_000
+MAX_SWEEP_KEYS = 100
+MAX_NAME_BYTES = 255
 
 
 class SweepError(ValueError):
@@ -105,29 +126,74 @@ class Sweep:
         return {self.name(p): p for p in self.points}
 
 
-def _expand(grid: Any, where: str) -> list[dict[str, Any]]:
-    """The cartesian product of a {section.key: value or [values]} mapping."""
+def _choices(grid: Any, where: str) -> dict[str, list[Any]]:
+    """A {section.key: value or [values]} mapping checked, each value as its list of choices."""
     if grid is None:
-        return [{}]
+        return {}
     if not isinstance(grid, dict):
         raise SweepError(f"{where}: expected a mapping of section.key to a list of values")
     for key in grid:
         if not isinstance(key, str) or "." not in key or not all(key.split(".")):
-            raise SweepError(f"{where}: key {key!r}: expected section.key (e.g. quant.method)")
-    choices = [v if isinstance(v, list) else [v] for v in grid.values()]
-    for key, values in zip(grid, choices, strict=True):
+            raise SweepError(f"{where}: key {short_repr(key)}: expected section.key "
+                             "(e.g. quant.method)")
+    choices = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+    for key, values in choices.items():
         if not values:
             raise SweepError(f"{where}: {key} has an empty list of values")
-    return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*choices)]
+    return choices
+
+
+def _product(choices: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of `_choices`: one {section.key: value} per point."""
+    return [dict(zip(choices, combo, strict=True))
+            for combo in itertools.product(*choices.values())]
+
+
+def _hashable(value: Any) -> Any:
+    """A value as a hashable key that is equal where the values are (YAML's lists, mappings
+    and sets), so that duplicate points are found in a set rather than a list."""
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", frozenset((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, set):
+        return frozenset(value)
+    return value
+
+
+def _points(path: Path, grid: dict[str, list[Any]], runs: list[dict[str, list[Any]]]
+            ) -> list[dict[str, Any]]:
+    """The sweep's points in training order, duplicates dropped; refused when more than
+    MAX_SWEEP_RUNS, counted from the lists' lengths before anything is built."""
+    count = math.prod(map(len, grid.values())) * sum(
+        math.prod(map(len, sub.values())) for sub in runs)
+    if count > MAX_SWEEP_RUNS:
+        raise SweepError(f"{path}: the grid and runs give {count:,} runs; a sweep file may give "
+                         f"at most {MAX_SWEEP_RUNS:,} (split it into several)")
+    arms = [(i, arm) for i, sub in enumerate(runs) for arm in _product(sub)]
+    # The grid is the outer loop (every arm gets seed 0 before any gets seed 1), so a sweep
+    # stopped early leaves every configuration with some seeds rather than some with none.
+    # A key a runs entry sets is not crossed with the grid: the entry's values replace the
+    # grid's for that key (e.g. one method's extra learning rate).
+    points: list[dict[str, Any]] = []
+    seen: set[tuple[int, Any]] = set()
+    for g in _product(grid):
+        for i, arm in arms:
+            point = {**{k: v for k, v in g.items() if k not in arm}, **arm}
+            key = (i, _hashable(point))
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
+    return points
 
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file (see the module docstring for its schema)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "sweep file", "keys base, out, grid (and runs)", SweepError)
-    unknown = sorted(set(raw) - SWEEP_KEYS)
+    unknown = sorted(set(raw) - SWEEP_KEYS, key=str)
     if unknown:
-        raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid keys: "
+        raise SweepError(f"{path}: unknown key {short_repr(unknown[0])}; valid keys: "
                          f"{', '.join(sorted(SWEEP_KEYS))}")
     for key in ("base", "out"):
         if not isinstance(raw.get(key), str):
@@ -138,25 +204,17 @@ def load_sweep(path: str | Path) -> Sweep:
     runs = raw.get("runs")
     if runs is not None and (not isinstance(runs, list) or not runs):
         raise SweepError(f"{path}: 'runs' must be a non-empty list of mappings")
-    grid = _expand(raw.get("grid"), f"{path}: grid")
-    arms = [{}] if runs is None else [
-        p for i, sub in enumerate(runs) for p in _expand(sub, f"{path}: runs[{i}]")]
-    # The grid is the outer loop (every arm gets seed 0 before any gets seed 1), so a sweep
-    # stopped early leaves every configuration with some seeds rather than some with none.
-    # A key a runs entry sets is not crossed with the grid: the entry's values replace the
-    # grid's for that key (e.g. one method's extra learning rate).
-    points: list[dict[str, Any]] = []
-    seen: list[tuple[int, dict[str, Any]]] = []
-    for g in grid:
-        for i, arm in enumerate(arms):
-            point = {**{k: v for k, v in g.items() if k not in arm}, **arm}
-            if (i, point) not in seen:
-                seen.append((i, point))
-                points.append(point)
+    grid = _choices(raw.get("grid"), f"{path}: grid")
+    subs = [{}] if runs is None else [
+        _choices(sub, f"{path}: runs[{i}]") for i, sub in enumerate(runs)]
     # Names list the runs' own keys first, then the grid's (e.g. method=sign_where=mlp_seed=0).
-    keys = list(dict.fromkeys([*(k for arm in arms for k in arm), *(raw.get("grid") or {})]))
+    keys = list(dict.fromkeys([*(k for sub in subs for k in sub), *grid]))
     if not keys:
         raise SweepError(f"{path}: no grid: give 'grid' and/or 'runs' with at least one key")
+    if len(keys) > MAX_SWEEP_KEYS:
+        raise SweepError(f"{path}: the grid and runs vary {len(keys):,} keys; a sweep file may "
+                         f"vary at most {MAX_SWEEP_KEYS}")
+    points = _points(path, grid, subs)
     full_epochs = raw.get("full_epochs")
     if full_epochs is not None and (not isinstance(full_epochs, int) or full_epochs < 1):
         raise SweepError(f"{path}: 'full_epochs' must be a positive integer")
@@ -169,11 +227,24 @@ def load_sweep(path: str | Path) -> Sweep:
                   points=points, keys=keys, title=str(raw.get("title") or path.stem),
                   question=str(raw.get("question") or ""), full_epochs=full_epochs,
                   runs_root=runs_root)
-    names = [sweep.name(p) for p in points]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise SweepError(f"{path}: the grid gives run {duplicates[0]} more than once")
+    _check_names(sweep)
     return sweep
+
+
+def _check_names(sweep: Sweep) -> None:
+    """Each run's folder name fits a file system (one at a time: a long value repeated in 10,000
+    names would be gigabytes) and is given once."""
+    names = []
+    for point in sweep.points:
+        name = sweep.name(point)
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise SweepError(f"{sweep.path}: run name {short_repr(name)} is "
+                             f"{len(name.encode()):,} bytes; a folder name is at most "
+                             f"{MAX_NAME_BYTES} (shorten the values)")
+        names.append(name)
+    duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
+    if duplicates:
+        raise SweepError(f"{sweep.path}: the grid gives run {duplicates[0]} more than once")
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -204,12 +275,19 @@ def run_name(point: dict[str, Any], keys: list[str] | None = None) -> str:
 
 
 def point_overrides(point: dict[str, Any]) -> list[str]:
-    """The point as section.key=value overrides (JSON values, which YAML parses back exactly)."""
-    return [f"{k}={json.dumps(v)}" for k, v in point.items()]
+    """The point as section.key=value overrides (JSON values, which YAML parses back exactly;
+    what JSON lacks, such as a YAML date, as its text, for the config to name)."""
+    return [f"{k}={json.dumps(v, default=str)}" for k, v in point.items()]
 
 
-def sweep_config(sweep: Sweep, point: dict[str, Any], extra: list[str] | None = None) -> Config:
-    return load_config(sweep.base, [*sweep.overrides, *(extra or []), *point_overrides(point)])
+def sweep_config(sweep: Sweep, point: dict[str, Any], extra: list[str] | None = None,
+                 base: dict[str, Any] | None = None) -> Config:
+    """A run's config: the base file, the sweep's overrides, ``extra``, the point's. ``base``:
+    the base file as read already (`plan_sweep` reads it once, not once per run)."""
+    overrides = [*sweep.overrides, *(extra or []), *point_overrides(point)]
+    if base is None:
+        return load_config(sweep.base, overrides)
+    return Config.from_dict(apply_overrides(base, overrides), sweep.base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,8 +476,10 @@ class PlannedRun:
 def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]:
     """Every run of the sweep with its state and the `bitvit train` command that does it."""
     plan = []
+    base = read_yaml_mapping(sweep.base, "config file", "sections model, quant, data, train",
+                             ConfigError)
     for name, point in sweep.run_dirs().items():
-        config = sweep_config(sweep, point, extra)
+        config = sweep_config(sweep, point, extra, base)
         run_dir = sweep.run_dir(name)
         state = run_state(run_dir, config)
         command = train_command(sweep, point, run_dir, config, state, extra)

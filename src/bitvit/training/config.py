@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,23 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming it."""
 
 
+# A user's value in a message: a 1 MiB string, or a list nested a hundred deep, must not make a
+# megabyte-long line (or, shared through aliases, a gigabyte-long one).
+MAX_SHOWN = 100  # characters
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 4, MAX_SHOWN, MAX_SHOWN, MAX_SHOWN
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 8
+
+
+def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` for a one-line message, cut to about ``limit`` characters."""
+    return _cut(_REPR.repr(value), limit)
+
+
+def _cut(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # train.device and --device: auto (cuda when available), cpu, cuda or cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -54,6 +72,23 @@ COUNT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >=
                "an integer >= 0")
 LIMIT: Rule = (lambda v: v is None or POSITIVE_INT[0](v), "null or an integer >= 1")
 UNIT: Rule = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+# Floats that multiply sizes (the MLP's width, warmup steps): huge ones overflow int() or the
+# memory estimate. The expected texts keep the older "> 0" / ">= 0" first.
+MAX_MLP_RATIO = 64
+MAX_WARMUP_EPOCHS = 1_000_000
+# Likewise sizes beyond any machine (10**400) overflow the float of the memory estimate's
+# message; 10**12 is past every memory, so the estimate still refuses what cannot fit.
+MAX_SIZE = 10**12
+SIZE: Rule = (lambda v: POSITIVE_INT[0](v) and v <= MAX_SIZE, "an integer >= 1 and <= 10**12")
+# Blocks are Python objects before they are tensors: a few bytes of export metadata claiming
+# depth 100000 would build for minutes however small its dim. ViTs in use have at most ~50.
+MAX_DEPTH = 1000
+DEPTH: Rule = (lambda v: POSITIVE_INT[0](v) and v <= MAX_DEPTH,
+               f"an integer >= 1 and <= {MAX_DEPTH}")
+MLP_RATIO: Rule = (lambda v: _number(v) and 0 < v <= MAX_MLP_RATIO,
+                   f"a number > 0 and <= {MAX_MLP_RATIO}")
+WARMUP: Rule = (lambda v: _number(v) and 0 <= v <= MAX_WARMUP_EPOCHS,
+                f"a number >= 0 and <= {MAX_WARMUP_EPOCHS}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
@@ -66,9 +101,11 @@ def _one_of(values: Iterable[Any]) -> Rule:
 
 RULES: dict[str, dict[str, Rule]] = {
     "model": {
-        **dict.fromkeys(("image_size", "in_channels", "patch_size", "dim", "depth", "heads",
-                         "num_classes"), POSITIVE_INT),
-        **dict.fromkeys(("mlp_ratio", "norm_eps"), POSITIVE),
+        **dict.fromkeys(("image_size", "in_channels", "patch_size", "dim", "heads",
+                         "num_classes"), SIZE),
+        "depth": DEPTH,
+        "mlp_ratio": MLP_RATIO,
+        "norm_eps": POSITIVE,
         **dict.fromkeys(("dropout", "attn_dropout", "drop_path"), FRACTION),
         **{key: _one_of(values) for key, values in ViTConfig.CHOICES.items()},
     },
@@ -83,8 +120,10 @@ RULES: dict[str, dict[str, Rule]] = {
         **dict.fromkeys(("limit_train", "limit_test"), LIMIT),
     },
     "train": {
-        **dict.fromkeys(("epochs", "batch_size", "eval_batch_size"), POSITIVE_INT),
-        **dict.fromkeys(("lr", "weight_decay", "warmup_epochs", "min_lr"), NON_NEGATIVE),
+        "epochs": POSITIVE_INT,
+        **dict.fromkeys(("batch_size", "eval_batch_size"), SIZE),
+        **dict.fromkeys(("lr", "weight_decay", "min_lr"), NON_NEGATIVE),
+        "warmup_epochs": WARMUP,
         "label_smoothing": FRACTION,
         "betas": (lambda v: isinstance(v, tuple | list) and len(v) == 2
                   and all(FRACTION[0](b) for b in v), "two numbers in [0, 1)"),
@@ -108,7 +147,7 @@ def check_values(section: str, values: Mapping[str, Any]) -> None:
     """Raise a one-line ConfigError naming the first key of ``section`` outside its range."""
     for key, (ok, expected) in RULES.get(section, {}).items():
         if key in values and not ok(values[key]):
-            raise ConfigError(f"{section}.{key}={values[key]!r}: expected {expected}")
+            raise ConfigError(f"{section}.{key}={short_repr(values[key])}: expected {expected}")
 
 
 @dataclass
@@ -161,7 +200,7 @@ class TrainConfig:
                    "precision": ("fp32", "bf16")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
-                raise ConfigError(f"train.{key}={getattr(self, key)!r}: expected one of "
+                raise ConfigError(f"train.{key}={short_repr(getattr(self, key))}: expected one of "
                                   f"{', '.join(valid)}")
         check_values("train", dataclasses.asdict(self))
 
@@ -200,8 +239,8 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping with sections {_names(cls)}")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"{source}: unknown section {sorted(unknown, key=str)[0]!r}; "
-                              f"valid sections: {_names(cls)}")
+            first = short_repr(sorted(unknown, key=str)[0])
+            raise ConfigError(f"{source}: unknown section {first}; valid sections: {_names(cls)}")
         sections = {}
         for f in dataclasses.fields(cls):
             section_cls = _field_type(cls, f.name)
@@ -234,7 +273,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a mapping with keys "
+            raise ConfigError(f"{source}: {key}={short_repr(value)}: expected a mapping with keys "
                               f"{_names(tp)}")
         return _build(tp, value, key, source)
     origin = typing.get_origin(tp)
@@ -249,10 +288,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError:
                 pass
-        raise ConfigError(f"{source}: {key}={value!r} is not a valid {_type_name(tp)}")
+        raise ConfigError(f"{source}: {key}={short_repr(value)} is not a valid {_type_name(tp)}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
+            raise ConfigError(f"{source}: {key}={short_repr(value)}: expected a list")
         inner = typing.get_args(tp)[0]
         return tuple(_coerce(v, inner, key, source) for v in value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
@@ -265,7 +304,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{source}: {key}={value!r}: expected {_type_name(tp)}")
+    raise ConfigError(f"{source}: {key}={short_repr(value)}: expected {_type_name(tp)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -277,14 +316,14 @@ def typed_value(section: str, key: str, value: Any, source: str = "config") -> A
     2 a float where the field is one); a one-line ConfigError for an unknown key or a wrong
     type. Ranges are checked when the whole config is built."""
     if section not in {f.name for f in dataclasses.fields(Config)}:
-        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: "
+        raise ConfigError(f"{source}: unknown section {short_repr(section)}; valid sections: "
                           f"{_names(Config)}")
     section_cls = _field_type(Config, section)
     hints = typing.get_type_hints(section_cls)
     valid = [f.name for f in dataclasses.fields(section_cls)]
     if key not in valid:
-        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
-                          f"{', '.join(valid)}")
+        raise ConfigError(f"{source}: unknown key {section}.{_cut(str(key))}; valid keys in "
+                          f"{section}: {', '.join(valid)}")
     return _coerce(value, hints[key], f"{section}.{key}", source)
 
 
@@ -294,8 +333,8 @@ def _build(section_cls: type, values: dict[str, Any], section: str, source: str)
     kwargs = {}
     for key, value in values.items():
         if key not in valid:
-            raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys in {section}: "
-                              f"{', '.join(valid)}")
+            raise ConfigError(f"{source}: unknown key {section}.{_cut(str(key))}; valid keys in "
+                              f"{section}: {', '.join(valid)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
     try:
         # Before construction: a dataclass's own checks may divide by these values.
@@ -321,7 +360,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[
             key, sep, text = item.partition("=")
         path = key.split(".")
         if not sep or len(path) < 2 or not all(path):
-            raise ConfigError(f"override {item!r}: expected section.key=value")
+            raise ConfigError(f"override {short_repr(item)}: expected section.key=value")
         if not isinstance(item, tuple):
             value = _override_value(key, text)
         values = raw.setdefault(path[0], {})
@@ -331,8 +370,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[
                 break
             inner = values.get(name)
             if inner is not None and not isinstance(inner, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth])} is not a "
-                                  "section")
+                raise ConfigError(f"override {short_repr(item)}: {'.'.join(path[:depth])} "
+                                  "is not a section")
             values[name] = values = dict(inner or {})
         if isinstance(values, dict):
             values[path[-1]] = value
@@ -340,14 +379,62 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[
 
 
 def _override_value(key: str, value: str) -> Any:
-    """An override's value parsed as YAML (safe: tags such as !!python/... are refused)."""
+    """An override's value parsed as YAML (`load_yaml`: tags such as !!python/... refused)."""
     if not value:
         return None
     try:
-        return yaml.safe_load(value)
+        return load_yaml(value)
+    except YamlRefused as e:
+        raise ConfigError(f"override {_cut(key)}={short_repr(value)}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"override {_cut(key)}={short_repr(value)}: nested too deeply") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}={value!r}: not a valid YAML value "
+        raise ConfigError(f"override {_cut(key)}={short_repr(value)}: not a valid YAML value "
                           f"({_yaml_reason(e)})") from None
+
+
+# Lists and mappings inside one another: a config is 3 deep. PyYAML's composer recurses once per
+# level, so 20,000 levels would be a RecursionError.
+MAX_YAML_DEPTH = 100
+
+
+class YamlRefused(yaml.YAMLError):
+    """Valid YAML that `load_yaml` will not read; str() is the reason, one line."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, less what lets a small text take unbounded time or memory.
+
+    An anchor on a list or mapping is refused, hence any alias of one: nested aliases multiply
+    (the "billion laughs": 384 bytes expand to 9**8 values, which a message or a comparison
+    then walks). Anchors and aliases of single values stay (studies/kd-cpu.yaml names its
+    teachers so): they repeat nothing that grows. Nesting is cut at MAX_YAML_DEPTH.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        line = event.start_mark.line + 1
+        if event.anchor is not None:
+            raise YamlRefused(f"YAML aliases of lists and mappings are not supported (anchor "
+                              f"&{_cut(event.anchor, 40)} at line {line}); write the values out")
+        if self._depth >= MAX_YAML_DEPTH:
+            raise YamlRefused(f"nested too deeply (more than {MAX_YAML_DEPTH} levels of lists "
+                              f"and mappings at line {line})")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` within bounds: `YamlRefused` for an anchor on a list or mapping
+    (an alias bomb) or nesting deeper than MAX_YAML_DEPTH."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
 
 
 def _yaml_reason(e: yaml.YAMLError) -> str:
@@ -373,7 +460,7 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
     or one that holds something else than a mapping."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(files.read_limited(path, f"YAML {what}").decode())
+        raw = load_yaml(files.read_limited(path, f"YAML {what}").decode())
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except IsADirectoryError:
@@ -384,8 +471,12 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str,
         raise error(f"{path}: not a text file; expected a YAML {what}") from None
     except OSError as e:  # unreadable: permissions, a device, ...
         raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except YamlRefused as e:
+        raise error(f"{path}: {e}") from None
+    except RecursionError:  # MAX_YAML_DEPTH stops it first, unless the stack is deep already
+        raise error(f"{path}: nested too deeply; expected a YAML {what}") from None
     except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({_cut(str(e).splitlines()[0])})") from None
     if raw is None:  # no document at all: empty, or only comments
         raise error(f"{path}: empty {what}; expected a mapping with {expected}")
     if not isinstance(raw, dict):
@@ -399,7 +490,7 @@ def resolve_device(name: str, key: str = "--device") -> torch.device:
     import torch
 
     if DEVICE_PATTERN.fullmatch(name) is None:
-        raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{key}={short_repr(name)}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
