@@ -471,3 +471,19 @@ def test_students_are_compared_on_one_distillation_setting_at_a_time(tmp_path):
     by_label = {s.group.label: s for s in compare_students(groups)}
     assert by_label["sign act-fp kd=soft teacher=bbbbbbbb"].teacher.value == pytest.approx(0.52)
     assert by_label["sign act-fp kd=soft teacher=aaaaaaaa"].teacher.value == pytest.approx(0.42)
+
+
+def test_a_dry_run_names_a_missing_teacher_and_the_runs_that_need_it(tmp_path):
+    sweep_file = tmp_path / "kd.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "base": str(Path("configs/paper.yaml").resolve()), "out": str(tmp_path / "out"),
+        "overrides": [f"train.distill.teacher={tmp_path / 'no-teacher'}"],
+        "grid": {"quant.method": ["b158", "bitnet"], "train.seed": [0, 1]}}))
+    lines: list[str] = []
+    run_sweep(load_sweep(sweep_file), dry_run=True, log=lines.append)
+    assert lines[-1] == (f"MISSING   teacher {tmp_path / 'no-teacher'}: the 4 run(s) distilled "
+                         "from it fail until it exists (train or copy it first)")
+    (tmp_path / "no-teacher").mkdir()
+    lines.clear()
+    run_sweep(load_sweep(sweep_file), dry_run=True, log=lines.append)
+    assert not any(line.startswith("MISSING") for line in lines)

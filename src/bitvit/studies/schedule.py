@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitvit import files
@@ -112,6 +113,7 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
     for r in plan:
         log(f"{r.state:9s} {r.run_dir}")
     log(f"{len(plan)} runs: {len(plan) - len(todo)} finished or running, {len(todo)} to train")
+    _say_missing_teachers(todo, log)
     if dry_run or not todo:
         return plan
     _record_sweep(sweep, argv)
@@ -136,6 +138,19 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
     else:
         _train_in_subprocesses(todo, sweep, parallel, log, extra)
     return plan
+
+
+def _say_missing_teachers(todo: list[PlannedRun], log: Any) -> None:
+    """Name each distillation teacher that is not there (weights live outside the repository,
+    so a fresh machine has none): the runs that need it would each fail at their start."""
+    needed: dict[str, int] = {}
+    for r in todo:
+        teacher = r.config.train.distill.teacher
+        if teacher and not Path(teacher).exists():
+            needed[teacher] = needed.get(teacher, 0) + 1
+    for teacher, n in needed.items():
+        log(f"MISSING   teacher {teacher}: the {n} run(s) distilled from it fail until it exists "
+            "(train or copy it first)")
 
 
 def _lock(r: PlannedRun, stack: contextlib.ExitStack, log: Any) -> int | None:
