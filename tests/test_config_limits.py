@@ -192,6 +192,10 @@ def test_run_names_and_keys_are_bounded(tmp_path):
     ("model.dim=" + "9" * 400, "model.dim=999"),
     ("train.batch_size=10000000000001", "expected an integer >= 1 and <= 10**12"),
     ("model.depth=100000", "model.depth=100000: expected an integer >= 1 and <= 1000"),
+    ("train.seed=" + "1" * 24, "expected an integer >= 0 and < 2**63"),
+    ("train.seed=-1", "train.seed=-1: expected an integer >= 0 and < 2**63"),
+    ("data.seed=" + "1" * 24, "expected an integer >= 0 and < 2**63"),
+    ("data.crop_padding=100000", "data.crop_padding=100000: expected at most model.image_size"),
 ])
 def test_sizes_that_would_overflow_are_refused_by_their_range(capsys, override, expected):
     err = one_line_error(capsys, "profile", PAPER, override)

@@ -90,6 +90,7 @@ MLP_RATIO: Rule = (lambda v: _number(v) and 0 < v <= MAX_MLP_RATIO,
 WARMUP: Rule = (lambda v: _number(v) and 0 <= v <= MAX_WARMUP_EPOCHS,
                 f"a number >= 0 and <= {MAX_WARMUP_EPOCHS}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+SEED: Rule = (lambda v: COUNT[0](v) and v < 2**63, "an integer >= 0 and < 2**63")  # torch's
 
 
 def _one_of(values: Iterable[Any]) -> Rule:
@@ -116,11 +117,13 @@ RULES: dict[str, dict[str, Rule]] = {
         "act_bits": (_one_of((8, 1, None, *ACT_BITS_NAMES))[0], "8, 1, null, none or default"),
     },
     "data": {
-        **dict.fromkeys(("val_size", "crop_padding", "seed"), COUNT),
+        **dict.fromkeys(("val_size", "crop_padding"), COUNT),
+        "seed": SEED,
         **dict.fromkeys(("limit_train", "limit_test"), LIMIT),
     },
     "train": {
         "epochs": POSITIVE_INT,
+        "seed": SEED,
         **dict.fromkeys(("batch_size", "eval_batch_size"), SIZE),
         **dict.fromkeys(("lr", "weight_decay", "min_lr"), NON_NEGATIVE),
         "warmup_epochs": WARMUP,
@@ -221,6 +224,9 @@ class Config:
             check_normalization(self.data.mean, self.data.std, self.model.in_channels)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.data.crop_padding > self.model.image_size:  # pads every batch: squares its size
+            raise ConfigError(f"data.crop_padding={self.data.crop_padding}: expected at most "
+                              f"model.image_size={self.model.image_size}")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
