@@ -141,6 +141,8 @@ def test_the_cache_is_keyed_by_model_shape_not_weights(fresh, monkeypatch, tmp_p
     "{not json", "[1, 2]", '{"version": 1, "entries": 3}', '{"version": 99, "entries": {}}',
     '{"version": 1, "entries": {"KEY": {"engine": "int", "speed": {"int": "fast"}}}}',
     '{"version": 1, "entries": {"KEY": {"engine": "fp", "speed": {"fp": 2.0}}}}',
+    '{"version": 1, "entries": {"KEY": {"engine": "int", "speed": {"int": 1, "fp": 1'
+    + "0" * 400 + ', "ort": 1}}}}',
 ])
 def test_a_corrupt_cache_is_measured_again_and_rewritten(fresh, monkeypatch, tmp_path,
                                                          content):

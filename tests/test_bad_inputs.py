@@ -258,3 +258,31 @@ def test_a_run_json_nested_too_deeply_is_read_as_missing(tiny_run, tmp_path, cap
     (run / "run.json").write_text(DEEP_JSON)
     assert rundir.read_info(run) == {}
     assert main(["compare", str(run)]) == 0
+
+
+@pytest.mark.parametrize(("var", "command"), [("BITVIT_ENGINE", "eval"),
+                                              ("BITVIT_ENGINE", "predict"),
+                                              ("BITVIT_INT_KERNEL", "eval")])
+def test_a_bad_engine_or_kernel_variable_is_one_line(exported, tmp_path, capsys, monkeypatch,
+                                                     var, command):
+    from bitvit.nn import kernels
+
+    monkeypatch.setattr(kernels, "_CHOICES", {})  # decided once per process: decide anew
+    monkeypatch.setenv(var, "bogus")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    args = [str(image)] if command == "predict" else []
+    err = one_line_error(capsys, command, str(exported), *args, "--device", "cpu",
+                         *(["--engine", "int"] if var == "BITVIT_INT_KERNEL" else []))
+    assert f"${var}='bogus': expected one of" in err
+
+
+def test_only_commands_that_own_run_folders_turn_sigterm_into_an_interrupt(exported, capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        main(["profile", str(exported)])  # stuck in native code, it must still die at a kill
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        signal.signal(signal.SIGTERM, before)

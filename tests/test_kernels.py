@@ -274,6 +274,8 @@ def test_benchmark_decides_and_is_cached(fresh, monkeypatch, speed, expected):
     '{"version": 2, "entries": {"KEY": {"kernel": "u8s8", "speed": {"int8": 2.0}}}}',
     # The previous layout (one int8 speedup), from before u8s8: measured again.
     '{"version": 1, "entries": {"KEY": {"kernel": "int8", "int8_speedup": 2.0}}}',
+    # A hand-edited speed past any float: measured again, not an OverflowError.
+    '{"version": 2, "entries": {"KEY": {"kernel": "int8", "speed": {"int8": 1' + "0" * 400 + '}}}}',
 ])
 def test_corrupt_or_old_cache_is_measured_again_and_rewritten(fresh, monkeypatch, content):
     cache = fresh / "kernels.json"

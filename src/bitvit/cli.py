@@ -37,6 +37,7 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.data import DataError
     from bitvit.deploy.export import ExportError
     from bitvit.deploy.profile_sources import ProfileError
+    from bitvit.files import EnvError
     from bitvit.studies.sweep import SweepError
     from bitvit.training.checkpoint import CheckpointError
     from bitvit.training.config import ConfigError
@@ -44,8 +45,9 @@ def _one_line_errors() -> tuple[type[BaseException], ...]:
     from bitvit.training.memory import MemoryLimitError
     from bitvit.training.rundir import RunBusyError, RunFolderError
 
-    return (CliError, CheckpointError, ConfigError, DataError, ExportError, MemoryLimitError,
-            ProfileError, RunBusyError, RunFolderError, SweepError, TrainingError)
+    return (CliError, CheckpointError, ConfigError, DataError, EnvError, ExportError,
+            MemoryLimitError, ProfileError, RunBusyError, RunFolderError, SweepError,
+            TrainingError)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -540,7 +542,11 @@ def _one_line_warnings(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill marks the run interrupted
+    if args.command in ("train", "sweep"):
+        # A polite kill marks the run interrupted. Only for the commands that own run folders:
+        # Python runs the handler between bytecodes, so a command stuck in one long native call
+        # (an ONNX graph) would never stop; the others' writes are atomic anyway.
+        signal.signal(signal.SIGTERM, _interrupt)
     # A background job of a non-interactive shell (`nohup bitvit sweep ... &`) starts with
     # SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing at all.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -27,6 +27,11 @@ log = logging.getLogger("bitvit.files")
 MAX_TEXT_BYTES = 1 << 20
 
 
+class EnvError(ValueError):
+    """An environment variable bitvit reads ($BITVIT_ENGINE, $BITVIT_INT_KERNEL) with a value it
+    does not take; one line naming it."""
+
+
 class FileRefused(ValueError):
     """A file bitvit will not read (not a regular file, or over its size limit); one line naming
     it. Callers re-raise the message as their own error type."""

@@ -48,7 +48,7 @@ from bitvit.deploy.onnx_runtime import (
     is_onnx_file,
     resolve_engine,
 )
-from bitvit.files import read_cache, resolve_cache_dir, save_cache, tilde
+from bitvit.files import EnvError, read_cache, resolve_cache_dir, save_cache, tilde
 from bitvit.nn.kernels import choose_kernel, cpu_isa, isa_summary
 from bitvit.training.config import Config, resolve_device
 
@@ -177,8 +177,9 @@ def _cached_speed(entry: object, candidates: list[str]) -> dict[str, float] | No
     if not isinstance(entry, dict) or not isinstance(entry.get("speed"), dict):
         return None
     speed = entry["speed"]
+    # A speed ratio of a sane measurement; 10**400 (a hand-edited file) would overflow float().
     ok = all(isinstance(speed.get(name), (int, float)) and not isinstance(speed[name], bool)
-             and speed[name] > 0 for name in candidates)
+             and 0 < speed[name] < 1e6 for name in candidates)
     return {name: float(speed[name]) for name in candidates} if ok else None
 
 
@@ -188,7 +189,7 @@ def _decide(path: str | Path, device: torch.device, compile: bool,
     override = os.environ.get(ENGINE_ENV)
     if override and override != ENGINE_AUTO:
         if override not in ENGINES:
-            raise ValueError(f"${ENGINE_ENV}={override!r}: expected one of {', '.join(ENGINES)}")
+            raise EnvError(f"${ENGINE_ENV}={override!r}: expected one of {', '.join(ENGINES)}")
         return EngineChoice(override, f"set by ${ENGINE_ENV}={override}", {}), {}
     if compile:
         return EngineChoice("int", "compile: the int engine, compiled (torch.compile applies to "

@@ -380,9 +380,11 @@ def kernel_name(device_type: str) -> str:
 
 
 def _decide(device_type: str) -> KernelChoice:
+    from bitvit.files import EnvError
+
     override = os.environ.get(KERNEL_ENV)
-    if override:
-        check_kernel(override, f"${KERNEL_ENV}")
+    if override and override not in KERNELS:
+        raise EnvError(f"${KERNEL_ENV}={override!r}: expected one of {', '.join(KERNELS)}")
     if device_type == "cuda":
         return KernelChoice("int8", "CUDA: torch._int_mm", torch.cuda.get_device_name())
     if device_type != "cpu":
@@ -390,7 +392,7 @@ def _decide(device_type: str) -> KernelChoice:
                             device_type)
     isa = isa_summary()
     if override == "u8s8" and not u8s8_available():
-        raise ValueError(f"${KERNEL_ENV}=u8s8: this PyTorch build lacks oneDNN's quantized "
+        raise EnvError(f"${KERNEL_ENV}=u8s8: this PyTorch build lacks oneDNN's quantized "
                          "linear (torch.ops.onednn.qlinear_pointwise)")
     if override:
         return KernelChoice(override, f"set by ${KERNEL_ENV}={override}", isa)
@@ -413,7 +415,9 @@ def _valid_entry(entry: Any) -> bool:
             and isinstance(entry.get("speed"), dict)):
         return False
     speed = entry["speed"]
-    return (all(isinstance(v, (int, float)) for v in speed.values())
+    # Ratios of a sane measurement: 10**400 in a hand-edited file would overflow the message.
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6
+                for v in speed.values())
             and (entry["kernel"] == "fp32" or entry["kernel"] in speed))
 
 
