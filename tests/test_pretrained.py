@@ -5,6 +5,7 @@ what cannot be expressed refused in one line, and a fine-tuning run through the 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -284,6 +285,10 @@ def test_timm_architecture_is_inferred_from_the_shapes(tmp_path):
     (_timm_like(fc_norm=True), "fc_norm beside a class token"),
     (_timm_like(**{"blocks.0.attn.extra": (1,)}), "blocks.0.attn.extra: a part bitvit's ViT "
                                                   "has no counterpart for"),
+    (_timm_like(**{"pos_embed": (64,)}), "not a timm ViT state dict bitvit can read"),
+    ({k: v for k, v in _timm_like().items() if k != "blocks.0.mlp.fc1.weight"},
+     "not a timm ViT state dict bitvit can read ('blocks.0.mlp.fc1.weight')"),
+    (_timm_like(**{"patch_embed.proj.weight": (0, 3, 4, 4)}), "bitvit can read"),
 ])
 def test_timm_features_bitvit_cannot_express_are_refused(tmp_path, state, expected):
     path = tmp_path / "m.safetensors"
@@ -292,6 +297,13 @@ def test_timm_features_bitvit_cannot_express_are_refused(tmp_path, state, expect
         bitvit.load_pretrained(path)
     assert expected in str(e.value) and str(path) in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_weights_file_that_is_a_fifo_is_refused_unread(tmp_path):
+    fifo = tmp_path / "m.safetensors"
+    os.mkfifo(fifo)  # safe_open would wait for a writer forever
+    with pytest.raises(CheckpointError, match="not a regular file; expected a weights file"):
+        bitvit.load_pretrained(fifo)
 
 
 def test_against_timm_itself_where_it_imports(tmp_path):

@@ -130,6 +130,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file through the weights-only loader."""
+    if not path.is_file():  # a FIFO would hang the reader, /dev/zero never end
+        raise PretrainedError(f"{path}: not a regular file; expected a weights file")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
@@ -325,10 +327,16 @@ def read_timm(path: Path) -> Pretrained:
             if fragment in key:
                 raise PretrainedError(f"{path}: {key}: {feature} is not supported by bitvit's "
                                       "ViT")
-    arch = _timm_arch(path, raw)
     src, out = dict(raw), {}
     key = "patch_embed.proj.weight"
-    out[key] = _patch_linear(_take(src, key, path), path, key)
+    try:  # shapes are read from the tensors: a hand-made file may have any (0, 1-D, missing)
+        arch = _timm_arch(path, raw)
+        out[key] = _patch_linear(_take(src, key, path), path, key)
+    except PretrainedError:
+        raise
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise PretrainedError(f"{path}: not a timm ViT state dict bitvit can read "
+                              f"({error_reason(e)})") from None
     for key in ("patch_embed.proj.bias", "pos_embed"):
         out[key] = _take(src, key, path)
     if arch["pooling"] == "cls":
