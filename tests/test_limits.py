@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -448,3 +449,22 @@ def test_every_config_and_study_in_the_repository_is_within_the_limit():
         assert path.stat().st_size < 2 ** 20 // 10, path
         assert isinstance(yaml.safe_load(path.read_text()), dict)
     assert os.path.getsize(ROOT / "configs/paper.yaml") > 0
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    from bitvit.data import DataError
+    from bitvit.data.folder import MAX_JPEG_SCANS, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(buf, "JPEG",
+                                                                      progressive=True)
+    normal = buf.getvalue()
+    assert 1 < normal.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    assert decode_image(normal, "normal.jpg", 32, 3).shape == (3, 32, 32)
+    # Each scan is a pass over the whole image: repeat the last one past the limit (a crafted
+    # 16 MP file of 100,000 scans took minutes to decode).
+    last = normal.rindex(b"\xff\xda")
+    bomb = normal[:last] + normal[last:-2] * (MAX_JPEG_SCANS + 1) + normal[-2:]
+    with pytest.raises(DataError, match=r"bomb.jpg: a JPEG of 1\d\d scans; bitvit decodes at "
+                                        rf"most {MAX_JPEG_SCANS}"):
+        decode_image(bomb, "bomb.jpg", 32, 3)

@@ -101,6 +101,9 @@ def _decode_image(tree: _Tree, rel: str, image_size: int, channels: int) -> np.n
     return decode_image(tree.files[rel](), tree.where(rel), image_size, channels)
 
 
+# Progressive JPEGs have about 10 scans; a crafted one has thousands within the pixel limit,
+# and decoding is a pass over the image per scan (10,000 scans: 14 s for 16 MP).
+MAX_JPEG_SCANS = 100
 FORMAT_NAMES = ", ".join(IMAGE_FORMATS[:-1]) + " or " + IMAGE_FORMATS[-1]
 
 
@@ -174,6 +177,11 @@ def decode_image(source: bytes | str | Path, where: str, image_size: int,
                     raise DataError(f"{where}: {width}x{height} = {width * height:,} pixels, over "
                                     f"bitvit's limit of {limit:,} ({MAX_PIXELS_ENV} raises it); "
                                     "not decoded")
+                scans = data.count(b"\xff\xda")  # JPEG start-of-scan markers
+                if img.format == "JPEG" and scans > MAX_JPEG_SCANS:
+                    raise DataError(f"{where}: a JPEG of {scans:,} scans; bitvit decodes at most "
+                                    f"{MAX_JPEG_SCANS} (each scan is a pass over the whole "
+                                    "image); not decoded")
                 img.load()
                 return fit_image(img, image_size, channels)
         except DataError:
