@@ -286,3 +286,11 @@ def test_only_commands_that_own_run_folders_turn_sigterm_into_an_interrupt(expor
         assert signal.getsignal(signal.SIGTERM) == before
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_path_with_a_newline_or_of_ten_thousand_characters_is_still_one_line(tmp_path,
+                                                                                capsys):
+    err = one_line_error(capsys, "eval", str(tmp_path / "run\nfolder"))
+    assert "run folder" in err
+    err = one_line_error(capsys, "eval", str(tmp_path / ("x" * 200)) * 50)
+    assert len(err) <= 2100 and err.endswith("...")

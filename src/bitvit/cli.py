@@ -318,7 +318,7 @@ def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
 
 def _unreadable(args: argparse.Namespace, file: Path | str, error: str) -> int:
     """Say that ``file`` could not be read: one line on stderr (and a JSON line); returns 1."""
-    print(f"bitvit predict: error: {error}", file=sys.stderr, flush=True)
+    print(f"bitvit predict: error: {_one_line(error)}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({"file": str(file), "error": error}), flush=True)
     return 1
@@ -555,16 +555,26 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(text: str) -> str:
+    """A message as one line of bounded length: a path or class name may hold a newline, or be
+    ten thousand characters long."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except _one_line_errors() as e:
-        print(f"bitvit {args.command}: error: {e}", file=sys.stderr)
+        print(f"bitvit {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only, no permission: the file and the reason
         from bitvit.files import describe
 
-        print(f"bitvit {args.command}: error: {describe(e)}", file=sys.stderr)
+        print(f"bitvit {args.command}: error: {_one_line(describe(e))}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as e:  # an allocation failed anywhere the command runs
         from bitvit.training.memory import is_out_of_memory, out_of_memory
