@@ -294,3 +294,15 @@ def test_a_path_with_a_newline_or_of_ten_thousand_characters_is_still_one_line(t
     assert "run folder" in err
     err = one_line_error(capsys, "eval", str(tmp_path / ("x" * 200)) * 50)
     assert len(err) <= 2100 and err.endswith("...")
+
+
+def test_log_warnings_print_as_the_commands_own_one_line_notices(exported, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.delenv("BITVIT_ENGINE", raising=False)  # auto: reads the engine cache
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path))
+    (tmp_path / "engines.json").write_text("{not json")
+    assert main(["eval", str(exported), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("bitvit eval: ") for line in err), err
+    assert any(line.startswith("bitvit eval: warning: engine cache") and "measuring again" in line
+               for line in err), err

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import warnings
 from typing import TYPE_CHECKING
 
 from bitvit import __version__
+from bitvit.files import one_line
 from bitvit.nn.methods import ACT_BITS_NAMES, FULL_PRECISION, METHOD_TABLE, WHERE_NAMES
 
 if TYPE_CHECKING:
@@ -318,7 +320,7 @@ def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
 
 def _unreadable(args: argparse.Namespace, file: Path | str, error: str) -> int:
     """Say that ``file`` could not be read: one line on stderr (and a JSON line); returns 1."""
-    print(f"bitvit predict: error: {_one_line(error)}", file=sys.stderr, flush=True)
+    print(f"bitvit predict: error: {one_line(error)}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({"file": str(file), "error": error}), flush=True)
     return 1
@@ -550,31 +552,28 @@ def main(argv: list[str] | None = None) -> int:
     # A background job of a non-interactive shell (`nohup bitvit sweep ... &`) starts with
     # SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing at all.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    from bitvit.files import LogAsNotice
+
+    logger, handler = logging.getLogger("bitvit"), LogAsNotice()
+    logger.addHandler(handler)
     with warnings.catch_warnings():  # restores the filters and the printer on the way out
         _one_line_warnings(args.command)
-        return _run(args)
-
-
-MAX_ERROR_CHARS = 2000
-
-
-def _one_line(text: str) -> str:
-    """A message as one line of bounded length: a path or class name may hold a newline, or be
-    ten thousand characters long."""
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+        try:
+            return _run(args)
+        finally:
+            logger.removeHandler(handler)
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except _one_line_errors() as e:
-        print(f"bitvit {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"bitvit {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only, no permission: the file and the reason
         from bitvit.files import describe
 
-        print(f"bitvit {args.command}: error: {_one_line(describe(e))}", file=sys.stderr)
+        print(f"bitvit {args.command}: error: {one_line(describe(e))}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as e:  # an allocation failed anywhere the command runs
         from bitvit.training.memory import is_out_of_memory, out_of_memory

@@ -42,6 +42,24 @@ class Notice(UserWarning):
     checkpoint, say); the command line prints it as one line."""
 
 
+def one_line(text: str, limit: int = 2000) -> str:
+    """A message as one line of bounded length: a path or class name may hold a newline, or be
+    ten thousand characters long."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class LogAsNotice(logging.Handler):
+    """bitvit's log warnings (a cache measured again, a constant channel) as `Notice` warnings,
+    so that the command line prints them as its other notices, not as bare lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warnings.warn(Notice(record.getMessage()), stacklevel=2)
+
+
 def parse_json(text: str | bytes) -> Any:
     """``json.loads``, with input nested past Python's recursion limit a ValueError like any
     other malformed JSON (a file of ``[[[[...`` must give one line, not a traceback)."""
