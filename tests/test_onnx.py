@@ -32,9 +32,15 @@ from bitvit.deploy.onnx_export import (  # noqa: E402 - after the skip: needs on
     _linear,
     _linears,
     export_onnx,
+    onnx_model,
     to_onnx,
 )
-from bitvit.deploy.onnx_runtime import OrtModel, load_onnx, metadata_of  # noqa: E402
+from bitvit.deploy.onnx_runtime import (  # noqa: E402
+    GRAPH_OPS,
+    OrtModel,
+    load_onnx,
+    metadata_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c", "d"]
@@ -545,3 +551,199 @@ def test_every_initializer_is_used(tmp_path: Path, method: str, act_quant: str):
     graph = onnx.load(tmp_path / "m.onnx").graph
     used = {name for node in graph.node for name in node.input}
     assert [i.name for i in graph.initializer if i.name not in used] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile or contradictory graphs: refused at load, or one line when they fail at run time.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_graph_ops_are_every_operator_the_exporter_writes():
+    """`GRAPH_OPS` (what a loaded file may use) covers every variant the exporter writes: every
+    method, act_bits, act_quant, pooling, final norm, GELU and sub_norm."""
+    used = set()
+    variants = [({}, "cls", "tokens", "exact"), ({"act_bits": 1, "sub_norm": True}, "mean",
+                                                "pooled", "tanh"),
+                ({"act_bits": None}, "cls", "none", "exact")]
+    for method in ("fp", *METHODS):
+        for quant, pooling, final_norm, gelu in variants:
+            config = _config(method, **({} if method == "fp" else quant))
+            config.model.pooling, config.model.final_norm, config.model.gelu = (pooling,
+                                                                                final_norm, gelu)
+            for act_quant in ("token", "tensor"):
+                proto = onnx_model(_model(config), act_quant)
+                used |= {(n.domain, n.op_type) for n in proto.graph.node}
+    assert used <= GRAPH_OPS, used - GRAPH_OPS
+    assert not {"Loop", "Scan", "If", "ConstantOfShape", "Tile", "Range"} & {
+        op for _, op in GRAPH_OPS}
+
+
+H = onnx.helper
+MEAN = H.make_node("ReduceMean", ["images"], ["r"], axes=[2, 3], keepdims=0)  # (N, 3)
+
+
+def _hostile(path: Path, nodes: list, inits: list, in_shape: tuple = ("N", 3, 16, 16),
+             out_type: int = onnx.TensorProto.FLOAT, out_shape: list | None = None) -> Path:
+    """A small graph from ``images`` to ``logits`` with a valid bitvit export's metadata."""
+    graph = H.make_graph(nodes, "g", [H.make_tensor_value_info(
+        "images", onnx.TensorProto.FLOAT, list(in_shape))], [H.make_tensor_value_info(
+            "logits", out_type, out_shape)], inits)
+    proto = H.make_model(graph, opset_imports=[H.make_opsetid("", 17)])
+    proto.ir_version = 9
+    H.set_model_props(proto, {"format": "bitvit-onnx", "format_version": "1",
+                              **model_metadata(_config("fp"), CLASSES)})
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def _const(name: str, value: object, dtype: type = np.int64) -> object:
+    return onnx.numpy_helper.from_array(np.array(value, dtype), name)
+
+
+def _head(width: int = len(CLASSES), channels: int = 3) -> tuple[list, list]:
+    """(N, channels) mean colours times a (channels, width) matrix: logits."""
+    return ([MEAN, H.make_node("MatMul", ["r", "w"], ["logits"])],
+            [_const("w", np.ones((channels, width)), np.float32)])
+
+
+def _loop(path: Path) -> Path:
+    """A Loop of 10^12 iterations (an identity body) between the mean and the head."""
+    body = H.make_graph([H.make_node("Identity", ["c"], ["c_out"]),
+                         H.make_node("Identity", ["x"], ["x_out"])], "body",
+                        [H.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                         H.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+                         H.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                        [H.make_tensor_value_info("c_out", onnx.TensorProto.BOOL, []),
+                         H.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, None)])
+    nodes, inits = _head()
+    nodes[1].input[0] = "looped"
+    return _hostile(path, [MEAN, H.make_node("Loop", ["m", "cond", "r"], ["looped"], body=body),
+                           nodes[1]], [*inits, _const("m", 10**12), _const("cond", True, bool)])
+
+
+def _alloc(path: Path) -> Path:
+    """ConstantOfShape of 10^5 x 10^5 floats (40 GB), added to the logits."""
+    nodes, inits = _head()
+    nodes[1].output[0] = "m"
+    return _hostile(path, [*nodes, H.make_node("ConstantOfShape", ["shape"], ["big"]),
+                           H.make_node("ReduceMean", ["big"], ["b"], keepdims=0),
+                           H.make_node("Add", ["m", "b"], ["logits"])],
+                    [*inits, _const("shape", [10**5, 10**5])])
+
+
+def _subgraph(path: Path) -> Path:
+    """An allowed operator carrying a graph attribute."""
+    nodes, inits = _head()
+    nodes[1].attribute.append(H.make_attribute("body", H.make_graph([], "empty", [], [])))
+    return _hostile(path, nodes, inits)
+
+
+def _external(path: Path) -> Path:
+    """The head's matrix read from another file (/etc/passwd)."""
+    nodes, inits = _head()
+    inits[0].ClearField("raw_data")
+    inits[0].data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "/etc/passwd"), ("length", "48")):
+        inits[0].external_data.add(key=key, value=value)
+    return _hostile(path, nodes, inits)
+
+
+@pytest.mark.parametrize("build,words", [
+    (_loop, "uses the operator 'Loop'"), (_alloc, "uses the operator 'ConstantOfShape'"),
+    (_subgraph, "holds a subgraph"), (_external, "external or sparse tensor data")])
+def test_graphs_the_exporter_never_writes_are_refused_before_a_session(tmp_path, monkeypatch,
+                                                                       build, words):
+    """Control flow (a Loop that would run for ever), data-sized allocations, subgraphs and
+    external data: refused from the file itself, before ONNX Runtime builds a session (which
+    folds constants) or runs anything."""
+    path = build(tmp_path / "hostile.onnx")
+
+    def no_session(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("ONNX Runtime was given the graph")
+
+    monkeypatch.setattr(ort, "InferenceSession", no_session)
+    with pytest.raises(ExportError) as err:
+        load_onnx(path)
+    assert str(err.value).startswith(f"{path}: ") and words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("in_shape,out_type,width,words", [
+    (("N", 3, 32, 32), onnx.TensorProto.FLOAT, 4, "input 'images' is float (N, 3, 32, 32); "
+     "expected float (N, 3, 16, 16)"),
+    (("N", 1, 16, 16), onnx.TensorProto.FLOAT, 4, "expected float (N, 3, 16, 16)"),
+    (("N", 3, "H", "W"), onnx.TensorProto.FLOAT, 4, "input 'images' is float (N, 3, H, W)"),
+    (("N", 3, 16, 16), onnx.TensorProto.INT64, 4, "output 'logits' is int64 (N, 4)"),
+    (("N", 3, 16, 16), onnx.TensorProto.FLOAT, 12, "output 'logits' is float (N, 12); "
+     "expected float (N, 4), one per class name"),
+    (("N", 3, 16, 16), onnx.TensorProto.FLOAT, 3, "output 'logits' is float (N, 3)")])
+def test_a_graph_that_contradicts_its_metadata_is_refused(tmp_path, capsys, in_shape, out_type,
+                                                          width, words):
+    """Input size or channels, the logits' type or their count against the class names: at load,
+    not as ORT's InvalidArgument, a TypeError, an IndexError or a silently wrong report."""
+    nodes, inits = _head(width, in_shape[1])
+    if out_type != onnx.TensorProto.FLOAT:
+        nodes[1].output[0] = "m"
+        nodes.append(H.make_node("Cast", ["m"], ["logits"], to=out_type))
+    path = _hostile(tmp_path / "liar.onnx", nodes, inits, in_shape, out_type)
+    with pytest.raises(ExportError) as err:
+        load_onnx(path)
+    assert str(err.value).startswith(f"{path}: ") and words in str(err.value), err.value
+    assert "\n" not in str(err.value)
+    write_pngs(tmp_path / "images", 2, 16)
+    capsys.readouterr()
+    assert main(["predict", str(path), str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and words in err
+
+
+def test_the_right_signature_loads_and_runs(tmp_path):
+    """The checks pass a graph that fits its metadata (a fixed batch, too)."""
+    for batch in ("N", 2):
+        path = _hostile(tmp_path / "fits.onnx", *_head(), in_shape=(batch, 3, 16, 16))
+        assert load_onnx(path, threads=1)(_images(2)).shape == (2, len(CLASSES))
+
+
+def test_run_time_errors_are_one_line_and_ort_prints_nothing(tmp_path, capfd):
+    """An error inside ONNX Runtime's run (a Reshape that cannot apply) is bitvit's one line
+    naming the file, with ORT's reason; ORT's own coloured log line is not printed."""
+    nodes, inits = _head()
+    nodes[1].output[0] = "m"
+    path = _hostile(tmp_path / "fails.onnx", [
+        *nodes, H.make_node("Reshape", ["images", "bad"], ["z"]),
+        H.make_node("ReduceMean", ["z"], ["zm"], keepdims=0),
+        H.make_node("Add", ["m", "zm"], ["logits"])], [*inits, _const("bad", [-1, 7])])
+    model = load_onnx(path, threads=1)
+    assert model(_images(7)).shape == (7, len(CLASSES))  # 7 images: 7 rows of 768
+    capfd.readouterr()
+    with pytest.raises(ExportError) as err:
+        model(_images(1))
+    message = str(err.value)
+    assert message.startswith(f"{path}: ONNX Runtime failed running the graph on 1 image")
+    assert "cannot be reshaped" in message or "Reshape" in message
+    assert "\n" not in message
+    assert capfd.readouterr().err == ""
+    write_pngs(tmp_path / "images", 1, 16)
+    assert main(["predict", str(path), str(tmp_path / "images")]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: ONNX Runtime failed" in err, err
+
+
+def test_logits_that_belie_the_declared_output_are_one_line(tmp_path):
+    """The run's logits are checked too: a session that returns the wrong width or type."""
+    model = load_onnx(_hostile(tmp_path / "m.onnx", *_head()), threads=1)
+
+    class Liar:
+        def __init__(self, logits: np.ndarray) -> None:
+            self.logits = logits
+
+        def run(self, *args: object) -> list[np.ndarray]:
+            return [self.logits]
+
+    for logits, words in ((np.zeros((2, 12), np.float32), "float32 (2, 12)"),
+                          (np.zeros((2, 4), np.int64), "int64 (2, 4)"),
+                          (np.zeros((3, 4), np.float32), "float32 (3, 4)")):
+        model.vit.session = Liar(logits)
+        with pytest.raises(ExportError, match=r"m\.onnx: the graph gave logits") as err:
+            model(_images(2))
+        assert words in str(err.value) and "expected float32 (2, 4)" in str(err.value)

@@ -5,6 +5,10 @@
 preprocessing that the file's ``metadata_props`` hold. `metadata_of` reads those with onnx
 alone; `resolve_engine` picks the ort engine for ``.onnx`` paths.
 
+A file is checked before ONNX Runtime sees it: at most `MAX_ONNX_BYTES`, only the operators
+bitvit's exporter writes (`GRAPH_OPS`: no control flow, no subgraphs, no external data), an
+input and output that fit its metadata; any error ONNX Runtime raises while running is one line.
+
 onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on use.
 """
 
@@ -23,6 +27,20 @@ ONNX_FORMAT_VERSION = "1"
 ENGINE_ORT = "ort"
 ENGINE_AUTO = "auto"
 INSTALL_HINT = "pip install -e \".[onnx]\" (or pip install 'bitvit[onnx]')"
+# protobuf's own limit for one message: a bigger graph needs external data, which bitvit never
+# writes (and which would let a file read any other file).
+MAX_ONNX_BYTES = (1 << 31) - 1
+ORT_SILENT = 4  # ORT's log severity FATAL: its errors become bitvit's one line, not its own
+# Every (domain, operator) `bitvit.deploy.onnx_export` writes ("" is ONNX's own domain), for
+# every method, act_bits and act_quant (tests/test_onnx.py exports them all and checks this).
+# Anything else is refused at load: control flow (Loop, Scan, If) can run for ever, and
+# allocation ops (ConstantOfShape, Tile, Range, ...) take their size from the data.
+GRAPH_OPS = frozenset({("", op) for op in (
+    "Abs", "Add", "Cast", "Concat", "Div", "DynamicQuantizeLinear", "Erf", "Expand",
+    "GreaterOrEqual", "Identity", "LayerNormalization", "MatMul", "MatMulInteger", "Max", "Mul",
+    "Neg", "QuantizeLinear", "ReduceMax", "ReduceMean", "ReduceMin", "Reshape", "Shape", "Slice",
+    "Softmax", "Squeeze", "Tanh", "Transpose", "Where")} | {("com.microsoft", op) for op in (
+        "DynamicQuantizeMatMul", "FusedMatMul", "MatMulIntegerToFloat")})
 
 
 class OnnxUnavailableError(ExportError):
@@ -59,6 +77,54 @@ def resolve_engine(path: str | Path, engine: str | None) -> str:
     return engine or ENGINE_AUTO
 
 
+def _reason(e: BaseException) -> str:
+    """A library error's first line, cut short: bitvit's message carries it."""
+    from bitvit.files import error_reason
+
+    return error_reason(e, 200)
+
+
+def _node(node: Any) -> str:
+    return f"node {node.name[:80]!r}" if node.name else "an unnamed node"
+
+
+def _read_graph(path: Path) -> bytes:
+    """The bytes of the .onnx file ``path``, a regular file within `MAX_ONNX_BYTES`."""
+    from bitvit.files import FileRefused, read_limited
+
+    try:
+        return read_limited(path, "bitvit ONNX export", MAX_ONNX_BYTES)
+    except FileRefused as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read ({e.strerror or _reason(e)})") from None
+
+
+def check_graph(data: bytes, label: str) -> None:
+    """Refuse a serialized graph that bitvit's exporter could not have written: an operator
+    outside `GRAPH_OPS`, a subgraph, external or sparse data. Read with onnx, before ONNX
+    Runtime builds a session (which already folds constants) or runs anything."""
+    onnx = import_optional("onnx")
+    try:
+        graph = onnx.load_model_from_string(data).graph
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
+        raise ExportError(f"{label}: not a readable ONNX model ({_reason(e)})") from None
+    graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    for node in graph.node:
+        op = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+        if op not in GRAPH_OPS:
+            raise ExportError(f"{label}: uses the operator {'.'.join(filter(None, op))!r} "
+                              f"({_node(node)}), which bitvit's ONNX export never writes; "
+                              "expected a graph written by `bitvit export --format onnx`")
+        if any(a.type in graph_types for a in node.attribute):
+            raise ExportError(f"{label}: {_node(node)} ({node.op_type}) holds a subgraph; a "
+                              "bitvit ONNX export has none")
+    if graph.sparse_initializer or any(t.data_location == onnx.TensorProto.EXTERNAL
+                                       for t in graph.initializer):
+        raise ExportError(f"{label}: holds external or sparse tensor data; a bitvit ONNX export "
+                          "keeps every tensor in the file")
+
+
 def _session(source: str | bytes, label: str, threads: int | None,
              profile: str | Path | None) -> Any:
     """An ONNX Runtime CPU session on a file or serialized graph, with bitvit's options."""
@@ -68,7 +134,7 @@ def _session(source: str | bytes, label: str, threads: int | None,
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: the session's warnings are not the user's
+    options.log_severity_level = ORT_SILENT  # its errors are raised and become bitvit's line
     # ORT's workers busy-wait between calls by default: they would take the cores from
     # whatever the process runs next (torch, another session), which costs more than it saves.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -78,20 +144,64 @@ def _session(source: str | bytes, label: str, threads: int | None,
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"{label}: not a readable ONNX model ({first[:200]})") from None
+        raise ExportError(f"{label}: not a readable ONNX model ({_reason(e)})") from None
+
+
+def _describe(arg: Any) -> str:
+    """An ORT NodeArg as ``float (N, 3, 32, 32)``; ``?`` for an unknown dimension."""
+    kind = arg.type.removeprefix("tensor(").removesuffix(")")
+    dims = "unknown shape" if arg.shape is None else ", ".join(
+        "?" if d is None else str(d) for d in arg.shape)
+    return f"{kind} ({dims})"
+
+
+def _check_signature(session: Any, label: str, preprocessing: Any,
+                     classes: list[str] | None) -> None:
+    """The graph must take what the metadata's preprocessing makes and give one float logit
+    per class name: else ORT fails on every batch, or eval and predict misread its output."""
+    (images,) = session.get_inputs()
+    logits = next(o for o in session.get_outputs() if o.name == "logits")
+    size = [] if preprocessing is None else [preprocessing.channels,
+                                             preprocessing.image_size, preprocessing.image_size]
+    shape = images.shape or []
+    if (images.type != "tensor(float)" or len(shape) != 4
+            or (size and list(shape[1:]) != size)):
+        raise ExportError(f"{label}: the graph's input 'images' is {_describe(images)}; expected "
+                          f"float (N, {', '.join(map(str, size or ['C', 'S', 'S']))})"
+                          + (" as its metadata's preprocessing makes" if size else ""))
+    shape = logits.shape or []
+    if (logits.type != "tensor(float)" or len(shape) != 2
+            or (classes is not None and shape[1] != len(classes))):
+        n = "classes" if classes is None else str(len(classes))
+        raise ExportError(f"{label}: the graph's output 'logits' is {_describe(logits)}; expected "
+                          f"float (N, {n})" + ("" if classes is None else
+                                               ", one per class name in its metadata"))
 
 
 class _Session(nn.Module):
-    """An ONNX Runtime session as a module: normalized float (N, C, S, S) -> logits."""
+    """An ONNX Runtime session as a module: normalized float (N, C, S, S) -> logits.
+    ``num_classes``: the logits' width (None: unchecked). Errors name ``label``."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, label: str, num_classes: int | None) -> None:
         super().__init__()
-        self.session = session
+        self.session, self.label, self.num_classes = session, label, num_classes
+        ort = import_optional("onnxruntime")
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = ORT_SILENT  # the error is raised, not logged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = self.session.run(["logits"], {"images": images})
+        try:
+            (logits,) = self.session.run(["logits"], {"images": images}, self.run_options)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
+            raise ExportError(f"{self.label}: ONNX Runtime failed running the graph on "
+                              f"{len(images)} image(s) ({_reason(e)})") from None
+        # The declared output can lie: the run's own shape and type must fit too.
+        if (logits.dtype != "float32" or logits.shape[:1] != images.shape[:1] or logits.ndim != 2
+                or self.num_classes not in (None, logits.shape[1])):
+            raise ExportError(f"{self.label}: the graph gave logits {logits.dtype} "
+                              f"{tuple(logits.shape)} for {len(images)} image(s); expected "
+                              f"float32 ({len(images)}, {self.num_classes or 'classes'})")
         return torch.from_numpy(logits).to(x.device)
 
 
@@ -114,17 +224,21 @@ class OrtModel(ExportedModel):
 
     def __init__(self, model: str | Path | bytes, threads: int | None = None,
                  profile: str | Path | None = None, name: str | Path | None = None) -> None:
+        import_optional("onnxruntime")  # first: the message names what is missing
         if isinstance(model, bytes):
             path = Path(name) if name is not None else None
             label = str(name) if name is not None else "ONNX model (in memory)"
+            data = model
         else:
             path = Path(model)
             label = str(path)
-            if not path.is_file():
-                raise ExportError(f"{path}: no such file"
-                                  + (" (a folder)" if path.is_dir() else ""))
-        session = _session(model if isinstance(model, bytes) else str(path), label, threads,
-                           profile)
+            if not path.exists():
+                raise ExportError(f"{path}: no such file")
+            if path.is_dir():
+                raise ExportError(f"{path}: no such file (a folder)")
+            data = _read_graph(path)  # read once: what is checked is what ORT runs
+        check_graph(data, label)
+        session = _session(data, label, threads, profile)
         meta = dict(session.get_modelmeta().custom_metadata_map)
         if meta.get("format") != ONNX_FORMAT:
             raise ExportError(f"{label}: not a bitvit ONNX export (metadata format "
@@ -141,7 +255,9 @@ class OrtModel(ExportedModel):
         config = classes = preprocessing = None
         if "config" in meta:
             config, classes, preprocessing = parse_model_metadata(Path(label), meta)
-        super().__init__(_Session(session), config, classes, preprocessing, path)
+        _check_signature(session, label, preprocessing, classes)
+        super().__init__(_Session(session, label, None if classes is None else len(classes)),
+                         config, classes, preprocessing, path)
         self.session = session
         self.metadata = meta
         self.act_quant = meta.get("act_quant")
