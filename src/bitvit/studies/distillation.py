@@ -92,7 +92,7 @@ def teacher_accuracy(group: Group, last_k: int = DEFAULT_LAST_K) -> TeacherAccur
         rows = rundir.read_metrics(path / "metrics.csv") if path.is_dir() else []
     except rundir.RunFolderError:
         rows = []
-    if rows:
+    if rows and all("test_acc" in row for row in rows):  # else: as if it had no folder
         return TeacherAccuracy(last_k_mean([row["test_acc"] for row in rows], last_k),
                                f"the mean of its run folder's last {last_k} epochs")
     recorded = distill.get("teacher_test_acc")

@@ -12,6 +12,7 @@ images. matplotlib is imported only when a figure is drawn.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,16 +59,30 @@ def _curves(runs: list[Run], column: str) -> tuple[Any, Any]:
     n = min(len(r.rows) for r in runs)
     scale = 100.0 if column.endswith("_acc") else 1.0
     values = np.array([[scale * row[column] for row in r.rows[:n]] for r in runs])
-    return np.arange(1, n + 1), values
+    # nan, inf (a diverged run, an edited file) or 1e308 past the scale: a gap in the curve,
+    # not an axis matplotlib cannot scale.
+    return np.arange(1, n + 1), _drawable(values)
+
+
+def _drawable(values: Any) -> Any:
+    """``values`` with the non-finite and the absurdly large (beyond 1e300) as nan: matplotlib
+    leaves them out of a curve, where an inf or a 1e308 would break the axis's scale."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        return np.where(np.isfinite(values) & (np.abs(values) < 1e300), values, np.nan)
 
 
 def _draw(ax: Any, runs: list[Run], column: str, band: bool = True, **style: Any) -> Any:
     """The mean over seeds, with the min-max band when ``band`` and there are several seeds."""
+    import numpy as np
+
     epochs, values = _curves(runs, column)
-    (line,) = ax.plot(epochs, values.mean(0), **style)
-    if band and len(runs) > 1:
-        ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(),
-                        alpha=0.13, linewidth=0)
+    with np.errstate(all="ignore"):  # an epoch with a nan is a gap, quietly
+        (line,) = ax.plot(epochs, _drawable(values.mean(0)), **style)
+        if band and len(runs) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(),
+                            alpha=0.13, linewidth=0)
     return line
 
 
@@ -261,6 +276,20 @@ def plot_panels(groups: list[Group], path: str | Path, title: str = "",
     return fig
 
 
+def _dot_mean(values: list[float]) -> float:
+    """The mean of a group's dots; nan where one is not finite or the mean would not be (or
+    would not fit an axis: beyond 1e300)."""
+    if not values or not all(math.isfinite(v) for v in values):
+        return math.nan
+    mean = sum(values) / len(values)
+    return mean if math.isfinite(mean) and abs(mean) < 1e300 else math.nan
+
+
+def _finite_or_low(mean: float) -> tuple[bool, float]:
+    """A sort key: groups with a mean by it, those without one (nan) first, at the bottom."""
+    return (not math.isnan(mean), 0.0 if math.isnan(mean) else mean)
+
+
 def plot_dots(groups: list[Group], path: str | Path, title: str = "",
               full_epochs: int | None = None, last_k: int = 5) -> Figure | None:
     """Every seed's headline test accuracy (%), the mean of its last ``last_k`` epochs, as a
@@ -269,8 +298,9 @@ def plot_dots(groups: list[Group], path: str | Path, title: str = "",
     dots of one group are one scatter collection. Returns the (closed) matplotlib Figure, or
     None, writing nothing, while no group has a run in its statistics (an empty ranking would
     only look broken; compare.md says why it is missing)."""
+    # Groups without a finite mean (a diverged run) go to the bottom, their mean n/a.
     shown = sorted((g for g in groups if _used(g)),
-                   key=lambda g: sum(g.values("last_test_acc", last_k)) / len(_used(g)))
+                   key=lambda g: _finite_or_low(_dot_mean(g.values("last_test_acc", last_k))))
     if not shown:
         return None
     plt = _pyplot()
@@ -281,15 +311,18 @@ def plot_dots(groups: list[Group], path: str | Path, title: str = "",
     means = []
     for y, g in enumerate(shown):
         values = [100 * v for v in g.values("last_test_acc", last_k)]
+        means.append(_dot_mean(values))
+        values = [v for v in values if math.isfinite(v) and abs(v) < 1e300]  # drawable dots
         # Seeds side by side vertically, so that equal values stay countable.
         offsets = [0.22 * (i - (len(values) - 1) / 2) / max(1, len(values) - 1)
                    for i in range(len(values))]
         color = "black" if g.is_fp else palette[methods.index(_method(g)) % len(palette)]
         ax.scatter(values, [y + o for o in offsets], s=30, color=color, alpha=0.85, zorder=3)
-        means.append(sum(values) / len(values))
         ax.plot([means[-1]] * 2, [y - 0.32, y + 0.32], color=color, linewidth=2.5, zorder=2)
     for i, ref in enumerate(g for g in shown if g.is_fp):
         fp_mean = means[shown.index(ref)]
+        if math.isnan(fp_mean):
+            continue
         ax.axvline(fp_mean, color="black", linestyle=LINESTYLES[1:][i % 3], alpha=0.5,
                    linewidth=1, label=f"{ref.label} mean {fp_mean:.1f}%")
     ax.set_yticks(range(len(shown)), [f"{g.label} (n={len(_used(g))})" for g in shown])
@@ -297,11 +330,11 @@ def plot_dots(groups: list[Group], path: str | Path, title: str = "",
     # The means as the right-hand tick labels: readable, never on top of a dot.
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
-    right.set_yticks(range(len(shown)), [f"{m:.1f}" for m in means])
+    right.set_yticks(range(len(shown)), ["n/a" if math.isnan(m) else f"{m:.1f}" for m in means])
     right.set_ylabel("mean (%)")
     ax.set_xlabel(f"test accuracy (%), mean of the last {last_k} epochs of each run")
     ax.grid(axis="x", alpha=0.3)
-    if any(g.is_fp for g in shown):
+    if ax.get_legend_handles_labels()[0]:  # fp's line, unless its mean is n/a
         ax.legend(loc="lower right", fontsize=8)
     _suptitle(fig, [r for g in shown for r in _used(g)], title, full_epochs,
               "a dot per seed; bar and right-hand number: the group's mean")

@@ -57,6 +57,7 @@ from bitvit.studies.runs import (
 from bitvit.studies.stats import (
     Difference,
     adjust_holm,
+    finite_mean,
     holm,
     positive_p_value,
     summarize,
@@ -108,7 +109,7 @@ def _untested(group: Group, ref: Group, metric: str, margin: float, alpha: float
     give one and the same kind of train accuracy (both running)."""
     a, b = group.values(metric, last_k), ref.values(metric, last_k)
     one_kind = len(train_acc_kinds(group.runs) | train_acc_kinds(ref.runs)) == 1
-    diff = math.fsum(a) / len(a) - math.fsum(b) / len(b) if a and b and one_kind else math.nan
+    diff = finite_mean(a) - finite_mean(b) if a and b and one_kind else math.nan
     nan = math.nan
     return Difference(diff, nan, nan, nan, nan, margin, nan, alpha, reason=reason)
 
@@ -190,9 +191,9 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
     """The test-loss turning point per group (does the loss rise partway, and when), from the
     finished runs: epoch and value of the lowest test loss, the rise after it, how many runs
     rise beyond their noise, and a one-sided t-test of the rise across seeds, Holm over groups."""
-    points = [[turning_point([row["test_loss"] for row in r.rows], k)
-               for r in g.runs if r.finished and r.rows] for g in groups]
-    rises = [[t.rise for t in ts if not math.isnan(t.rise)] for ts in points]
+    # A run without a finite test loss (diverged, or edited) has no turning point: left out.
+    points = [[turning_point(losses, k) for losses in _finished_losses(g)] for g in groups]
+    rises = [[t.rise for t in ts if math.isfinite(t.rise)] for ts in points]
     p = [positive_p_value(r) for r in rises]
     tests = sum(not math.isnan(x) for x in p)
     lines = ["", f"Test-loss turning point (finished runs): a run counts as rising when its "
@@ -224,6 +225,12 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
     return lines
 
 
+def _finished_losses(g: Group) -> list[list[float]]:
+    """The test losses of each finished run of ``g`` that has at least one finite one."""
+    losses = [[row["test_loss"] for row in r.rows] for r in g.runs if r.finished]
+    return [x for x in losses if any(math.isfinite(v) for v in x)]
+
+
 def loss_at_fp_lowest(groups: list[Group], loss_margin: float = 0.05,
                       alpha: float = 0.05) -> None:
     """Fill each compared group's ``fp_lowest``: the epoch where its full-precision group's mean
@@ -238,8 +245,11 @@ def loss_at_fp_lowest(groups: list[Group], loss_margin: float = 0.05,
         if not fp_runs:
             continue
         n = min(len(r.rows) for r in fp_runs)
-        curve = np.mean([[row["test_loss"] for row in r.rows[:n]] for r in fp_runs], axis=0)
-        epoch = int(np.argmin(curve)) + 1
+        with np.errstate(all="ignore"):  # nan, inf or 1e308 losses: that epoch is no candidate
+            curve = np.mean([[row["test_loss"] for row in r.rows[:n]] for r in fp_runs], axis=0)
+        if not np.isfinite(curve).any():
+            continue
+        epoch = int(np.argmin(np.where(np.isfinite(curve), curve, np.inf))) + 1
 
         def at(runs: list[Run], e: int = epoch) -> list[float]:
             return [r.rows[e - 1]["test_loss"] for r in runs if r.finished and len(r.rows) >= e]
@@ -437,8 +447,7 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
         lines.append(f"Sweep file: `{sweep.path}`; base config `{sweep.base}`"
                      + (f", overrides `{' '.join(sweep.overrides)}`" if sweep.overrides else "")
                      + f"; run folders in `{rel}/`.")
-        commands_file = out / COMMANDS_FILE
-        commands = (commands_file.read_text().splitlines() if commands_file.is_file() else [])
+        commands = _read_commands(out / COMMANDS_FILE)
         lines += ["", "Commands:", "", "```",
                   *(commands or [f"bitvit sweep {sweep.path}   # not run yet"]), "```", ""]
         planned = sweep.run_dirs()
@@ -465,6 +474,22 @@ def write_report(results: str | Path = "results", studies: str | Path | None = "
     path = results / "README.md"
     files.write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _read_commands(path: Path) -> list[str]:
+    """The lines of a sweep's commands.txt ([] without one), read within a limit: a huge or
+    special file (a FIFO, /dev/zero) is a one-line SweepError naming it, not unbounded memory."""
+    if not path.exists() and not path.is_symlink():
+        return []
+    try:
+        return files.read_limited(path, "commands.txt of sweep commands").decode().splitlines()
+    except files.FileRefused as e:  # names the file, its size and the limit
+        raise SweepError(str(e)) from None
+    except UnicodeDecodeError:
+        raise SweepError(f"{path}: not a text file; expected the commands.txt bitvit sweep "
+                         "writes") from None
+    except OSError as e:  # a folder, a dangling link, no permission
+        raise SweepError(f"{path}: cannot read the commands.txt ({e.strerror or e})") from None
 
 
 def _relative(path: Path, start: Path) -> str:

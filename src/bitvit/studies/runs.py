@@ -8,6 +8,7 @@ The data model the report, the figures and the learning-rate tables share, below
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from bitvit.nn.methods import FULL_PRECISION
 from bitvit.studies.stats import Difference, Summary, last_k_mean
 from bitvit.studies.sweep import SweepError, experiment_key, format_value
 from bitvit.training import rundir
-from bitvit.training.config import read_yaml_mapping
+from bitvit.training.config import Config, ConfigError, read_yaml_mapping
 
 # ---------------------------------------------------------------------------------------------
 # Reading runs
@@ -41,8 +42,11 @@ class Run:
     @property
     def wall_seconds(self) -> float:
         """Wall time over every invocation (the first run and each resume)."""
-        parts = [self.info, *self.info.get("resumed_from", [])]
-        return float(sum(p.get("wall_seconds") or 0.0 for p in parts))
+        history = self.info.get("resumed_from")
+        parts = [self.info, *(history if isinstance(history, list) else [])]
+        # Plain sum: finite values too large to add give inf (n/a), where math.fsum would raise.
+        return float(sum(_seconds(p.get("wall_seconds")) or 0.0 for p in parts
+                         if isinstance(p, dict)))
 
     @property
     def seed(self) -> Any:
@@ -53,17 +57,84 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
+    """The run folder ``path``: its config.yaml checked as any config is (types and ranges),
+    metrics.csv with the columns the studies read, run.json with each field of the wrong type
+    treated as missing. A bad file is a one-line SweepError naming it."""
     path = Path(path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise SweepError(f"{path}: not a run folder (no config.yaml)")
     config = read_yaml_mapping(config_path, "run config", "sections model, quant, data, train",
                                SweepError)
+    config = _checked_config(config_path, config)
     try:
         rows = rundir.read_metrics(path / "metrics.csv")
     except rundir.RunFolderError as e:  # already one line naming the file and the row
         raise SweepError(str(e)) from None
-    return Run(path, config, rundir.read_info(path), rows)
+    _check_columns(path / rundir.METRICS, rows)
+    return Run(path, config, _typed_info(rundir.read_info(path)), rows)
+
+
+def _checked_config(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``raw`` (config.yaml as written) after the checks any config gets (`Config.from_dict`):
+    an edited ``train.epochs: abc`` or a section that is not a mapping fails here, as one line,
+    and not later as a traceback. The raw mapping is kept, so that the experiment keys of older
+    run folders stay as they were; an empty section (``train:``) reads as {}."""
+    try:
+        Config.from_dict(raw, str(path))
+    except ConfigError as e:  # names the file and the key
+        raise SweepError(str(e)) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # defensive: one line
+        raise SweepError(f"{path}: not a valid run config ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
+    return {section: values if values is not None else {} for section, values in raw.items()}
+
+
+def _check_columns(path: Path, rows: list[dict[str, float]]) -> None:
+    """The columns every table and figure reads: test accuracy and loss, and a train accuracy
+    (eval mode or running); a one-line SweepError naming the file and the columns otherwise."""
+    if not rows:
+        return
+    missing = [c for c in ("test_acc", "test_loss") if c not in rows[0]]
+    if "train_acc" not in rows[0] and "train_eval_acc" not in rows[0]:
+        missing.append("train_acc (or train_eval_acc)")
+    if missing:
+        raise SweepError(f"{path}: no {_and(missing)} column{'s' * (len(missing) > 1)}; "
+                         f"expected the columns bitvit train writes "
+                         f"({', '.join(rundir.METRIC_COLUMNS)}, ...)")
+
+
+def _seconds(value: Any) -> float | None:
+    """A wall time in seconds: a finite number of at least 0 (not a bool); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past the float range
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _typed_info(info: dict[str, Any]) -> dict[str, Any]:
+    """run.json as the studies read it: a field of the wrong type is treated as missing, as
+    `rundir.read_info` treats an unreadable file (run.json is a record, not an input: an edited
+    one must not stop a comparison). ``resumed_from`` keeps its well-formed entries."""
+    history = info.get("resumed_from")
+    out = _typed_fields(info)
+    if isinstance(history, list):
+        # Older files nest each entry's own history in it; only the top-level list counts.
+        out["resumed_from"] = [_typed_fields(p) for p in history if isinstance(p, dict)]
+    return out
+
+
+def _typed_fields(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` without its history, and without status, device or wall_seconds of the wrong
+    type."""
+    out = {k: v for k, v in info.items() if k != "resumed_from"
+           and (k not in ("status", "device") or isinstance(v, str))}
+    if _seconds(out.get("wall_seconds")) is None:
+        out.pop("wall_seconds", None)
+    return out
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
@@ -101,10 +172,15 @@ def has_val(run: Run) -> bool:
 
 def best_test_acc(run: Run) -> float:
     """Test accuracy at the epoch of highest validation accuracy (the first such epoch: the
-    best/ checkpoint); without a validation split, the highest test accuracy (optimistic)."""
+    best/ checkpoint); without a validation split, the highest test accuracy (optimistic); nan
+    where a value it looks at is not finite."""
+    picked = [row["val_acc"] for row in run.rows] if has_val(run) else []
+    tests = [row["test_acc"] for row in run.rows]
+    if not all(math.isfinite(v) for v in picked + tests):  # max() of a nan depends on its place
+        return math.nan
     if has_val(run):
         return max(run.rows, key=lambda row: row["val_acc"])["test_acc"]
-    return max(row["test_acc"] for row in run.rows)
+    return max(tests)
 
 
 # What the table reports per run: metric -> function of (run, k of the last-k window).

@@ -19,25 +19,46 @@ class Summary:
 
 
 def summarize(values: Sequence[float]) -> Summary:
+    """n, mean, std, min and max of ``values``; with a non-finite value (a diverged run, an
+    edited metrics.csv) or values too large to average, every statistic but n is nan (n/a)."""
     import numpy as np
 
     a = np.asarray(values, dtype=float)
     if a.size == 0:
         return Summary(0, math.nan, math.nan, math.nan, math.nan)
-    std = float(a.std(ddof=1)) if a.size > 1 else math.nan
-    return Summary(int(a.size), float(a.mean()), std, float(a.min()), float(a.max()))
+    nan = Summary(int(a.size), math.nan, math.nan, math.nan, math.nan)
+    if not np.isfinite(a).all():
+        return nan
+    with np.errstate(all="ignore"):  # 1e308s overflow the mean or the variance: n/a, no warning
+        mean = float(a.mean())
+        std = float(a.std(ddof=1)) if a.size > 1 else math.nan
+    if not math.isfinite(mean) or a.size > 1 and not math.isfinite(std):
+        return nan
+    return Summary(int(a.size), mean, std, float(a.min()), float(a.max()))
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    """The mean of ``values``; nan when there are none, when one is not finite, or when they
+    are too large to sum (math.fsum raises on an intermediate overflow, and on inf - inf)."""
+    values = list(values)
+    if not values or not all(math.isfinite(v) for v in values):
+        return math.nan
+    try:
+        return math.fsum(values) / len(values)
+    except OverflowError:  # each value / n stays finite, and so does their sum
+        return math.fsum(v / len(values) for v in values)
 
 
 def last_k_mean(values: Sequence[float], k: int) -> float:
-    """The mean of the last ``k`` values (all of them when there are fewer); nan when none.
+    """The mean of the last ``k`` values (all of them when there are fewer); nan when none, or
+    when one of them is not finite (`finite_mean`).
 
     Test accuracy moves about a point between neighbouring epochs, so the last epoch alone is a
     noisy statistic of where a run ended; a few epochs' mean is steadier.
     """
     if k < 1:
         raise ValueError(f"k={k}: expected 1 or more")
-    window = list(values)[-k:]
-    return math.fsum(window) / len(window) if window else math.nan
+    return finite_mean(list(values)[-k:])
 
 
 @dataclass
@@ -101,26 +122,38 @@ def welch_difference(a: Sequence[float], b: Sequence[float], margin: float,
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     nan = math.nan
-    diff = float(a.mean() - b.mean()) if a.size and b.size else nan
+    with np.errstate(all="ignore"):  # inf - inf: nan, no warning
+        diff = float(a.mean() - b.mean()) if a.size and b.size else nan
     if a.size < 2 or b.size < 2:
         return Difference(diff, nan, nan, nan, nan, margin, nan, alpha,
                           reason=f"needs at least 2 seeds per group (has {a.size} and {b.size})")
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = math.sqrt(va + vb)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):  # a diverged or edited run
+        return Difference(nan, nan, nan, nan, nan, margin, nan, alpha,
+                          reason="a value is not finite (nan or inf)")
+    # Values near the float range (1e308) overflow the variances: untested, without warnings.
+    with np.errstate(all="ignore"):
+        va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+        se = float(np.sqrt(va + vb))
+        df = float((va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1)))
+    if not (math.isfinite(diff) and math.isfinite(se)):
+        return Difference(nan, nan, nan, nan, nan, margin, nan, alpha,
+                          reason="values too large to compare")
     scale = max(1.0, abs(float(a.mean())), abs(float(b.mean())))
     if se <= 1e-12 * scale:  # every seed gave the same number in both groups: no spread at all
         p = 1.0 if abs(diff) <= 1e-12 * scale else 0.0
         tost = 0.0 if abs(diff) < margin else 1.0
         return Difference(diff, diff, diff, math.inf, p, margin, tost, alpha, resolvable=0.0,
                           p_adjusted=p, tost_adjusted=tost)
-    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    if not math.isfinite(df):  # the squares of the variances overflow
+        return Difference(diff, nan, nan, nan, nan, margin, nan, alpha,
+                          reason="values too large to compare")
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     # TOST: H0 diff <= -margin (tested on a + margin > b) and H0 diff >= margin (a - margin < b).
     p_low = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
     p_high = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
     tost = float(max(p_low, p_high))
-    return Difference(diff, diff - half, diff + half, float(df), p, margin, tost, alpha,
+    return Difference(diff, diff - half, diff + half, df, p, margin, tost, alpha,
                       resolvable=float(stats.t.ppf(1 - alpha, df)) * se, p_adjusted=p,
                       tost_adjusted=tost)
 
@@ -192,10 +225,11 @@ def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
     lowest = float(a[i])
     if a.size < k + 2:
         return TurningPoint(i + 1, lowest, math.nan, math.nan, None)
-    window = a[-k:]
-    rise = float(window.mean()) - float(np.nanmin(a[:-k]))
-    steps = np.diff(window)
-    noise = float(steps.std(ddof=1)) if steps.size > 1 else math.nan
+    window, before = a[-k:], a[:-k][np.isfinite(a[:-k])]
+    with np.errstate(all="ignore"):  # inf and nan in the window: a nan rise or noise, quietly
+        rise = float(window.mean()) - float(before.min()) if before.size else math.nan
+        steps = np.diff(window)
+        noise = float(steps.std(ddof=1)) if steps.size > 1 else math.nan
     if not (math.isfinite(rise) and math.isfinite(noise)):
         return TurningPoint(i + 1, lowest, rise, noise, None)
     return TurningPoint(i + 1, lowest, rise, noise, i < a.size - k and rise > noise)
@@ -203,13 +237,18 @@ def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
 
 def positive_p_value(rises: Sequence[float]) -> float:
     """One-sided one-sample t-test across seeds, H0: mean <= 0 (small p: the values are above
-    zero: a test loss's rise, a student's lead over its teacher); nan with fewer than 2."""
+    zero: a test loss's rise, a student's lead over its teacher); nan with fewer than 2 finite
+    values."""
     import numpy as np
     from scipy import stats
 
-    a = np.asarray([r for r in rises if not math.isnan(r)], dtype=float)
+    a = np.asarray([r for r in rises if math.isfinite(r)], dtype=float)
     if a.size < 2:
         return math.nan
-    if a.std(ddof=1) <= 1e-12 * max(1.0, abs(float(a.mean()))):  # no spread: t is +-inf or 0/0
-        return 0.0 if a.mean() > 0 else 1.0
+    with np.errstate(all="ignore"):
+        spread, mean = float(a.std(ddof=1)), float(a.mean())
+    if not (math.isfinite(spread) and math.isfinite(mean)):  # values near 1e308: no test
+        return math.nan
+    if spread <= 1e-12 * max(1.0, abs(mean)):  # no spread: t is +-inf or 0/0
+        return 0.0 if mean > 0 else 1.0
     return float(stats.ttest_1samp(a, 0.0, alternative="greater").pvalue)

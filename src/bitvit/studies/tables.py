@@ -15,19 +15,20 @@ from bitvit.studies.stats import Difference, Summary
 
 def fmt(x: float, metric: str) -> str:
     """A number in its metric's units: accuracies in %, wall time in minutes, loss as is."""
-    if math.isnan(x):
-        return "n/a"
-    if metric in ("wall_seconds",):
-        return f"{x / 60:.1f} min"
     if metric == "epochs":
-        return f"{x:.0f}"
-    if "acc" in metric or metric == "gap":
-        return f"{100 * x:.2f}"
-    return f"{x:.4f}"
+        return "n/a" if not math.isfinite(x) else f"{x:.0f}"
+    percent = "acc" in metric or metric == "gap"
+    value = x / 60 if metric == "wall_seconds" else 100 * x if percent else x
+    if not math.isfinite(value):  # nan, inf, or a 1e308 that overflowed in the units
+        return "n/a"
+    # An edited file's 1e308 in four digits, not three hundred.
+    text = (f"{value:.4g}" if abs(value) >= 1e9 else f"{value:.1f}" if metric == "wall_seconds"
+            else f"{value:.2f}" if percent else f"{value:.4f}")
+    return f"{text} min" if metric == "wall_seconds" else text
 
 
 def mean_std(s: Summary, metric: str) -> str:
-    if s.n == 0:
+    if s.n == 0 or math.isnan(s.mean):  # no runs, or a non-finite value among them
         return "n/a"
     if metric == "epochs":  # a count, not a measurement: the range over seeds
         return f"{s.min:.0f}" if s.min == s.max else f"{s.min:.0f}–{s.max:.0f}"

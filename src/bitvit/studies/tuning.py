@@ -38,6 +38,7 @@ from bitvit.studies.stats import (
     welch_difference,
 )
 from bitvit.studies.sweep import Sweep, planned_key, sweep_config
+from bitvit.training.config import TrainConfig
 
 REFERENCE_LR = 1e-3  # the rate of every other study
 FIGURE = "lr.png"
@@ -122,6 +123,16 @@ def _test_last_k(run: Run, k: int) -> float:
     return last_k_mean([row["test_acc"] for row in run.rows], k)
 
 
+
+def _rate_of(config: dict[str, Any]) -> float:
+    """A run's rate from its config as written: a hand-written one may leave it to the default."""
+    return float((config.get("train") or {}).get("lr", TrainConfig().lr))
+
+
+def _seed_of(config: dict[str, Any]) -> Any:
+    return (config.get("train") or {}).get("seed", TrainConfig().seed)
+
+
 def choose_rates(runs: list[Run], last_k: int = DEFAULT_LAST_K,
                  planned: list[dict[str, Any]] | None = None, margin: float = 0.01,
                  reference: float = REFERENCE_LR) -> RateChoice:
@@ -136,22 +147,22 @@ def choose_rates(runs: list[Run], last_k: int = DEFAULT_LAST_K,
         key = _method_key(c)
         keys.setdefault(json.dumps(key, sort_keys=True, default=str), key)
     labels = dict(zip(keys, group_labels(list(keys.values())), strict=True))
-    lrs = sorted({float(c["train"]["lr"]) for c in configs})
-    seeds = sorted({c["train"]["seed"] for c in configs}, key=str)
+    lrs = sorted({_rate_of(c) for c in configs})
+    seeds = sorted({_seed_of(c) for c in configs}, key=str)
     expected = ({(json.dumps(_method_key(c), sort_keys=True, default=str),
-                  float(c["train"]["lr"]), c["train"]["seed"]) for c in configs}
+                  _rate_of(c), _seed_of(c)) for c in configs}
                 if planned is not None else None)
     # A method's grid is the rates planned for it (a sweep may give one method an extra rate).
     rates_of: dict[str, set[float]] = {name: set() for name in keys}
     for c in configs:
         name = json.dumps(_method_key(c), sort_keys=True, default=str)
-        rates_of[name].add(float(c["train"]["lr"]))
+        rates_of[name].add(_rate_of(c))
     methods = {name: MethodRates(labels[name], {lr: Cell(lr) for lr in sorted(rates_of[name])})
                for name in keys}
     for r in sorted(runs, key=lambda r: str(r.seed)):
         name = json.dumps(_method_key(r.config), sort_keys=True, default=str)
-        cell = methods[name].cells.setdefault(float(r.config["train"]["lr"]),
-                                              Cell(float(r.config["train"]["lr"])))
+        cell = methods[name].cells.setdefault(_rate_of(r.config),
+                                              Cell(_rate_of(r.config)))
         if r.finished and has_val(r):
             cell.seeds.append(r.seed)
             cell.val.append(_val_last_k(r, last_k))
