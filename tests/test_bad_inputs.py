@@ -306,3 +306,18 @@ def test_log_warnings_print_as_the_commands_own_one_line_notices(exported, tmp_p
     assert err and all(line.startswith("bitvit eval: ") for line in err), err
     assert any(line.startswith("bitvit eval: warning: engine cache") and "measuring again" in line
                for line in err), err
+
+
+def test_a_class_name_with_a_newline_keeps_predict_at_one_line_per_image(exported, tmp_path,
+                                                                          capsys):
+    with safe_open(str(exported), framework="pt") as f:
+        classes = json.loads(f.metadata()["classes"])
+    named = with_metadata(exported, tmp_path / "m.safetensors",
+                          classes=json.dumps(["first\nline", *classes[1:]]))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    assert main(["predict", str(named), str(image), "--top-k", str(len(classes)),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "first line" in out[0]

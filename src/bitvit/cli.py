@@ -314,7 +314,9 @@ def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
                 {"class": c, "probability": round(p, 6)} for c, p in tops[file]],
                 "engine": model.engine, "engine_reason": model.engine_reason}))
         else:
-            print(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in tops[file]))
+            # One line per file, whatever a path or a class name holds (JSON keeps them exact).
+            print(one_line(f"{file}: " + ", ".join(f"{c} {p:.3f}" for c, p in tops[file]),
+                           limit=10**6))
     return len(errors)
 
 
