@@ -208,9 +208,8 @@ def test_out_of_memory_in_eval_export_and_profile_is_one_line(tiny_run, tmp_path
 # --- images: the pixel limit, one class ---------------------------------------------------------
 
 
-def test_a_144_megapixel_png_is_refused_before_decoding(tiny_run, tmp_path, capsys, monkeypatch):
-    big = tmp_path / "big.png"
-    Image.new("1", (12000, 12000)).save(big)  # 144M pixels, 17 KB on disk
+def record_decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image PIL decodes from now on (the test's own list, filled as it runs)."""
     decoded = []
     real_load = ImageFile.ImageFile.load
 
@@ -219,6 +218,13 @@ def test_a_144_megapixel_png_is_refused_before_decoding(tiny_run, tmp_path, caps
         return real_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return decoded
+
+
+def test_a_144_megapixel_png_is_refused_before_decoding(tiny_run, tmp_path, capsys, monkeypatch):
+    big = tmp_path / "big.png"
+    Image.new("1", (12000, 12000)).save(big)  # 144M pixels, 17 KB on disk
+    decoded = record_decoded_sizes(monkeypatch)
     err = one_line_error(capsys, "predict", str(tiny_run["export"]), str(big), "--device", "cpu")
     assert err.endswith(f"{big}: 12000x12000 = 144,000,000 pixels, over bitvit's limit of "
                         "16,000,000 (BITVIT_MAX_IMAGE_PIXELS raises it); not decoded")
@@ -368,14 +374,7 @@ def test_an_ico_is_refused_before_it_decodes_the_image_inside(tiny_run, tmp_path
     png = io.BytesIO()
     Image.new("1", (5000, 5000)).save(png, "PNG")  # 25 MP, 3 KB; PIL's ICO decodes it on open
     ico = write_ico_holding(tmp_path / "icon.png", png.getvalue())
-    decoded = []
-    real_load = ImageFile.ImageFile.load
-
-    def load(self):
-        decoded.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    decoded = record_decoded_sizes(monkeypatch)
     err = one_line_error(capsys, "predict", str(tiny_run["export"]), str(ico), "--device", "cpu")
     assert err.endswith(f"{ico}: not a readable image (not a PNG, JPEG, BMP, GIF, TIFF, WEBP or "
                         "PPM image that PIL can open)")
