@@ -136,6 +136,30 @@ def test_checkpoints_written_before_checksums_still_load_silently(run, tmp_path,
     assert (run / "last/checksums.json").is_file()  # the new checkpoint records them
 
 
+def test_a_resume_with_another_torch_says_its_epochs_are_not_exact(run, capsys):
+    """Exact resume holds for one torch, device and thread count: another is said, once."""
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "torch": "1.0.0"}))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert capsys.readouterr().err == (
+        f"bitvit train: resuming {run} with torch 1.0.0 -> {torch.__version__}: the epochs from "
+        "here differ from an uninterrupted run's in rounding\n")
+    resumed = json.loads((run / "run.json").read_text())
+    assert resumed["resumed_from"][-1]["torch"] == "1.0.0"
+    assert resumed["torch"] == torch.__version__
+
+
+def test_resume_changes_names_each_setting_that_breaks_exactness():
+    from bitvit.training.record import resume_changes
+
+    now = {"torch": "2.13.0+cpu", "device": "cpu (x86_64, 2 threads)", "processes": 1}
+    assert resume_changes(now, now) == []
+    assert resume_changes({}, now) == []  # older run.json files: nothing to compare
+    assert resume_changes({**now, "device": "cpu (x86_64, 1 threads)", "processes": 4}, now) == [
+        "device cpu (x86_64, 1 threads) -> cpu (x86_64, 2 threads)", "processes 4 -> 1"]
+
+
 def test_a_checkpoint_file_named_without_a_folder_loads(run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(run / "last")  # `bitvit export model.safetensors` from inside last/
     assert main(["export", "model.safetensors", "--out", str(tmp_path / "m.safetensors")]) == 0

@@ -60,6 +60,18 @@ def run_record(device: torch.device, processes: int,
     }
 
 
+# What an exact resume needs unchanged (run.json keys): another torch, device or thread count,
+# or process count computes the same epochs with other rounding.
+EXACT_RESUME_KEYS = ("torch", "device", "processes")
+
+
+def resume_changes(previous: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """``"key OLD -> NEW"`` for each of `EXACT_RESUME_KEYS` that differs between the run's last
+    invocation (``previous``, its run.json) and this one (``info``, its `run_record`)."""
+    return [f"{k} {previous[k]} -> {info[k]}" for k in EXACT_RESUME_KEYS
+            if isinstance(previous.get(k), (str, int)) and previous[k] != info.get(k)]
+
+
 def failed_start(run_dir: Path, resume: str | Path | None, info: dict[str, Any],
                  error: str) -> None:
     """Write run.json for an invocation that failed while setting up (out of memory): ``info``
