@@ -704,6 +704,24 @@ def test_dot_plot_has_a_dot_per_seed_sorted_by_mean(tmp_path):
     assert "![every seed's test accuracy, last 5 epochs, per group](compare-dots.png)" in md
 
 
+def test_each_committed_study_ran_on_one_torch_device_and_process_count():
+    """Every attempt of every run of a committed study (run.json and its resumed_from) records
+    the same torch, device (with threads) and process count: another torch trains the same
+    config to other numbers (b158 seed 1's epoch 1 under torch 2.14.1), so a study mixing them
+    could not be reproduced from its commands.txt."""
+    studies = sorted(p for p in (ROOT / "results").glob("*/") if p.is_dir())
+    if not studies:
+        pytest.skip("no committed results")
+    for study in studies:
+        seen: dict[tuple, str] = {}
+        for info_file in sorted(study.glob("*/run.json")):
+            info = json.loads(info_file.read_text())
+            for attempt in [*info.get("resumed_from", []), info]:
+                setup = tuple(attempt.get(k) for k in ("torch", "device", "processes"))
+                seen.setdefault(setup, f"{info_file.parent.name} (started {attempt['start']})")
+        assert len(seen) == 1, f"{study.name} mixes {seen}"
+
+
 def test_committed_results_are_what_their_run_folders_give(tmp_path, monkeypatch):
     """results/README.md and each study's compare.md are regenerated from the committed run
     folders alone: a table edited by hand, or left stale after a run changed, fails here."""
