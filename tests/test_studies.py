@@ -277,11 +277,18 @@ def test_a_sweep_with_a_runs_root_trains_outside_and_copies_the_small_files(
     assert load_run(copy).finished and (tmp_path / "out/commands.txt").is_file()
     reference = (copy / "metrics.csv").read_text()
 
-    # The runs root is gone (a new machine): the sweep trains the run again, to the same numbers.
+    # The runs root is gone (a new machine): the committed finished run stands, untrained ...
     shutil.rmtree(tmp_path / "root")
-    assert [r.state for r in plan_sweep(load_sweep(path))] == ["new"]
+    [planned] = plan_sweep(load_sweep(path))
+    assert (planned.state, planned.run_dir) == ("finished", copy)
     assert main(["sweep", str(path)]) == 0
-    assert _without_seconds(copy / "metrics.csv") == _without_seconds_text(reference)
+    assert not (tmp_path / "root").exists() and (copy / "metrics.csv").read_text() == reference
+    # ... and one it holds unfinished (asked for a third epoch) trains again from epoch 1, to
+    # the same numbers.
+    assert [r.state for r in plan_sweep(load_sweep(path), ["train.epochs=3"])] == ["new"]
+    assert main(["sweep", str(path), "train.epochs=3"]) == 0
+    assert _without_seconds(copy / "metrics.csv")[:3] == _without_seconds_text(reference)
+    assert len(_without_seconds(copy / "metrics.csv")) == 4 and load_run(copy).finished
 
     # --sync copies without training; $BITVIT_RUNS_ROOT moves the root.
     (copy / "run.json").unlink()

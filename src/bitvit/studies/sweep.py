@@ -38,7 +38,8 @@ most 255 bytes. Like a config, the file is YAML without anchors on lists or mapp
 bomb) and nested at most 100 deep (`bitvit.training.config.load_yaml`).
 
 ``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
-in metrics.csv) and runs whose ``bitvit train`` is alive (it holds the run folder's lock),
+in metrics.csv; with a runs root, also a run whose folder there is gone while ``out`` holds its
+finished small files) and runs whose ``bitvit train`` is alive (it holds the run folder's lock),
 resumes runs that have a checkpoint, and restarts the others from scratch, moving what they
 hold aside to ``NAME.restart-TIME/`` (a sweep deletes nothing), so a sweep can be stopped and
 started again at will. Extra overrides given to the sweep apply to new runs; a resumed run
@@ -482,9 +483,20 @@ def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]
         config = sweep_config(sweep, point, extra, base)
         run_dir = sweep.run_dir(name)
         state = run_state(run_dir, config)
+        if state == "new" and _finished_copy(sweep, name, config):
+            run_dir, state = sweep.out / name, "finished"
         command = train_command(sweep, point, run_dir, config, state, extra)
         plan.append(PlannedRun(name, run_dir, point, config, state, command))
     return plan
+
+
+def _finished_copy(sweep: Sweep, name: str, config: Config) -> bool:
+    """With a runs root whose folder for ``name`` is gone (another machine): whether ``out``
+    holds the small files of that run finished. Its results stand; only its weights are lost
+    (train it again by hand to have them)."""
+    copy = sweep.out / name
+    return (sweep.runs_root is not None and copy.is_dir()
+            and run_state(copy, config) == "finished")
 
 
 # What `bitvit train --resume DIR` cannot change (it takes only --data, --teacher and --epochs,
