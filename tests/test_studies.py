@@ -297,6 +297,30 @@ def test_a_sweep_with_a_runs_root_trains_outside_and_copies_the_small_files(
     assert load_sweep(path).run_dir("seed=0") == tmp_path / "elsewhere/out/seed=0"
 
 
+def test_a_sweep_names_the_other_torch_its_earlier_runs_were_trained_under(
+        real_env, tmp_path, monkeypatch):
+    tiny = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8",
+            "data.limit_train=300", "data.limit_test=100", "train.batch_size=50"]
+    path = write_sweep(tmp_path / "s.yaml", overrides=[*tiny, "train.epochs=1"],
+                       grid={"train.seed": [0, 1]})
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(path)]) == 0
+    lines: list[str] = []
+    run_sweep(load_sweep(path), ["train.epochs=2"], dry_run=True, log=lines.append)
+    assert not any(line.startswith("TORCH") for line in lines)  # the same torch: nothing said
+    info_file = tmp_path / "out/seed=1/run.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "torch": "1.0.0"}))
+    lines.clear()
+    run_sweep(load_sweep(path), ["train.epochs=2"], dry_run=True, log=lines.append)
+    import torch
+
+    assert lines[-1] == (f"TORCH     1 run(s) of this sweep were trained under torch 1.0.0, this "
+                         f"is {torch.__version__}: runs trained now will not reproduce theirs")
+    lines.clear()
+    run_sweep(load_sweep(path), dry_run=True, log=lines.append)  # nothing to train: not said
+    assert not any(line.startswith("TORCH") for line in lines)
+
+
 def test_sync_needs_a_runs_root(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", grid={"train.seed": [0]})
     assert main(["sweep", str(path), "--sync"]) == 2
