@@ -245,3 +245,18 @@ def test_onnx_ab_agrees_times_and_refuses_different_models(tmp_path):
     proc = run_onnx_ab("time", str(token), str(other), "--repeats", "1", "--threads", "1")
     assert proc.returncode == 1 and "DISAGREE" in proc.stdout and "B/A" not in proc.stdout
     assert run_onnx_ab("time", str(token), str(other), "--repeats", "0").returncode == 2
+
+
+def test_ort_arena_times_the_capped_session_against_the_uncapped_one(tmp_path):
+    """The two sessions give the same logits and the record says so, by batch, with the cap."""
+    pytest.importorskip("onnxruntime")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "arena.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ort_arena.py"),
+                           "--repeats", "2", "--batches", "1,4", "--threads", "1", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines == proc.stdout.splitlines() and "; cap " in lines[2]
+    rows = [line.split() for line in lines[4:]]
+    assert [r[0] for r in rows] == ["1", "4"] and all(float(r[3]) > 0 for r in rows)

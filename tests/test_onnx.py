@@ -729,6 +729,50 @@ def test_run_time_errors_are_one_line_and_ort_prints_nothing(tmp_path, capfd):
     assert err.count("\n") == 1 and f"{path}: ONNX Runtime failed" in err, err
 
 
+def test_a_graph_that_grows_past_the_memory_cap_fails_its_run_in_one_line(tmp_path):
+    """Allowed operators can still ask for any amount of memory at run time (an Expand to
+    8,000 x 8,000 floats, 256 MB): ONNX Runtime's arena stops at half the memory available, so
+    the run fails in one line and the process goes on. Here in a process that sees 256 MiB
+    available (a 128 MiB cap); the small graph beside it runs under the same cap."""
+    import subprocess
+    import sys
+
+    nodes, inits = _head()
+    nodes[1].output[0] = "m"
+    grows = _hostile(tmp_path / "grows.onnx", [
+        *nodes, H.make_node("ReduceMean", ["r"], ["s"], keepdims=0),
+        H.make_node("Expand", ["s", "shape"], ["big"]),
+        H.make_node("ReduceMean", ["big"], ["b"], keepdims=0),
+        H.make_node("Add", ["m", "b"], ["logits"])], [*inits, _const("shape", [8000, 8000])])
+    small = _hostile(tmp_path / "small.onnx", *_head())
+    script = f"""
+import torch
+from bitvit import system
+system.host_memory = lambda: (256 << 20, "test")
+from bitvit.deploy.export import ExportError
+from bitvit.deploy.onnx_runtime import arena_cap, load_onnx
+x = torch.zeros(2, 3, 16, 16)
+print(load_onnx({str(small)!r}, threads=1)(x).shape, arena_cap())
+try:
+    load_onnx({str(grows)!r}, threads=1)(x)
+except ExportError as e:
+    print(e)
+print(load_onnx({str(small)!r}, threads=1)(x).shape)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines() == [
+        f"torch.Size([2, {len(CLASSES)}]) {128 << 20}",
+        f"{grows}: running the graph on 2 image(s) needs more memory than ONNX Runtime may take "
+        "here (128.0 MiB, half of what was available when it started); fewer images at once "
+        "need less",
+        f"torch.Size([2, {len(CLASSES)}])"]
+    from bitvit.deploy.onnx_runtime import arena_cap
+
+    assert arena_cap() is None or arena_cap() >= 1 << 26  # this process: capped too
+
+
 def test_logits_that_belie_the_declared_output_are_one_line(tmp_path):
     """The run's logits are checked too: a session that returns the wrong width or type."""
     model = load_onnx(_hostile(tmp_path / "m.onnx", *_head()), threads=1)

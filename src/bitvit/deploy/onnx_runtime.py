@@ -8,6 +8,7 @@ alone; `resolve_engine` picks the ort engine for ``.onnx`` paths.
 A file is checked before ONNX Runtime sees it: at most `MAX_ONNX_BYTES`, only the operators
 bitvit's exporter writes (`GRAPH_OPS`: no control flow, no subgraphs, no external data), an
 input and output that fit its metadata; any error ONNX Runtime raises while running is one line.
+While running, ONNX Runtime's memory stops at `arena_cap` (half of what was available).
 
 onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on use.
 """
@@ -41,6 +42,14 @@ GRAPH_OPS = frozenset({("", op) for op in (
     "Neg", "QuantizeLinear", "ReduceMax", "ReduceMean", "ReduceMin", "Reshape", "Shape", "Slice",
     "Softmax", "Squeeze", "Tanh", "Transpose", "Where")} | {("com.microsoft", op) for op in (
         "DynamicQuantizeMatMul", "FusedMatMul", "MatMulIntegerToFloat")})
+
+
+# ONNX Runtime's CPU arena, shared by every session of this process, stops at this share of the
+# memory available when the first session starts (`bitvit.system.host_memory`): a graph whose
+# tensors grow past it (an Expand to 10^5 x 10^5 floats) fails its run in one line instead of
+# taking the machine's memory. bitvit's own graphs need a few times one batch's activations.
+ARENA_SHARE = 0.5
+_arena: dict[str, int | None] = {}  # "cap": bytes once registered (None: memory unknown)
 
 
 class OnnxUnavailableError(ExportError):
@@ -125,6 +134,26 @@ def check_graph(data: bytes, label: str) -> None:
                           "keeps every tensor in the file")
 
 
+def arena_cap() -> int | None:
+    """The bytes ONNX Runtime may take in this process (its sessions' shared CPU arena),
+    registered on the first call; None where the memory available is unknown (no cap)."""
+    if "cap" not in _arena:
+        from bitvit import system
+
+        ort = import_optional("onnxruntime")
+        memory = system.host_memory()
+        cap = None if memory is None else max(int(memory[0] * ARENA_SHARE), 1 << 26)
+        if cap is not None:
+            try:
+                ort.create_and_register_allocator(ort.OrtMemoryInfo(
+                    "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+                    ort.OrtArenaCfg(cap, -1, -1, -1))  # -1: ORT's defaults but the cap
+            except Exception:  # noqa: BLE001 - registered already (by its host): no cap of ours
+                cap = None
+        _arena["cap"] = cap
+    return _arena["cap"]
+
+
 def _session(source: str | bytes, label: str, threads: int | None,
              profile: str | Path | None) -> Any:
     """An ONNX Runtime CPU session on a file or serialized graph, with bitvit's options."""
@@ -138,6 +167,8 @@ def _session(source: str | bytes, label: str, threads: int | None,
     # ORT's workers busy-wait between calls by default: they would take the cores from
     # whatever the process runs next (torch, another session), which costs more than it saves.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if arena_cap() is not None:
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if profile is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile)
@@ -194,6 +225,13 @@ class _Session(nn.Module):
         try:
             (logits,) = self.session.run(["logits"], {"images": images}, self.run_options)
         except Exception as e:  # noqa: BLE001 - ORT raises its own pybind classes
+            if "Available memory of" in str(e) and (cap := _arena.get("cap")) is not None:
+                from bitvit.system import human_bytes
+
+                raise ExportError(
+                    f"{self.label}: running the graph on {len(images)} image(s) needs more "
+                    f"memory than ONNX Runtime may take here ({human_bytes(cap)}, half of what "
+                    "was available when it started); fewer images at once need less") from None
             raise ExportError(f"{self.label}: ONNX Runtime failed running the graph on "
                               f"{len(images)} image(s) ({_reason(e)})") from None
         # The declared output can lie: the run's own shape and type must fit too.
