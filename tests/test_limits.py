@@ -4,7 +4,8 @@ model that cannot fit in memory (refused from its config before anything is buil
 allocation that fails (run.json marked failed), images over the pixel limit (refused from their
 header), files of a data set (regular, within a size limit: no tar.gz bomb, FIFO or /dev/zero),
 images only in the common formats (no ICO decoding its insides first), a data set of one class,
-and predict going on past unreadable images."""
+predict going on past unreadable images, and weights files larger than the memory (a sparse
+file, a zip bomb) refused unread."""
 
 from __future__ import annotations
 
@@ -467,3 +468,75 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
     with pytest.raises(DataError, match=r"bomb.jpg: a JPEG of 1\d\d scans; bitvit decodes at "
                                         rf"most {MAX_JPEG_SCANS}"):
         decode_image(bomb, "bomb.jpg", 32, 3)
+
+
+# --- weights files are read whole: one larger than the memory is refused unread -------------
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def twenty_mib(monkeypatch):
+    """This process sees 20 MiB of memory available (for the weights readers' check only)."""
+    from bitvit import system
+
+    monkeypatch.setattr(system, "host_memory", lambda: (20 * MIB, "test"))
+
+
+def with_sparse_tensor(src: Path, dst: Path, size: int = 30 * MIB) -> Path:
+    """A copy of the safetensors file ``src`` with one more tensor of ``size`` bytes stored as a
+    hole: the file claims the size (as a hostile one may) and takes no disk."""
+    data = src.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header["zz_hole"] = {"dtype": "U8", "shape": [size], "data_offsets": [len(body),
+                                                                          len(body) + size]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with dst.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + body)
+        f.truncate(8 + len(text) + len(body) + size)
+    return dst
+
+
+def test_a_sparse_checkpoint_export_or_pretrained_file_is_refused_unread(tiny_run, tmp_path,
+                                                                         twenty_mib, capsys):
+    """A file claiming more bytes than the memory holds would be read until the kernel kills
+    the process: each reader refuses it first, naming it (training checkpoint, export, a
+    pretrained safetensors file)."""
+    from safetensors.torch import save_file
+
+    why = "30.0 MiB to read, more than the 20.0 MiB of memory available (test)"
+    checkpoint = with_sparse_tensor(tiny_run["run"] / "last/model.safetensors",
+                                    tmp_path / "loose/model.safetensors")
+    assert one_line_error(capsys, "eval", str(checkpoint)) == (
+        f"bitvit eval: error: {checkpoint}: {why}")
+    export = with_sparse_tensor(tiny_run["export"], tmp_path / "export.safetensors")
+    assert one_line_error(capsys, "predict", str(export), str(tiny_run["images"])) == (
+        f"bitvit predict: error: {export}: {why}")
+    save_file({"x": torch.zeros(4)}, str(tmp_path / "plain.safetensors"))
+    timm = with_sparse_tensor(tmp_path / "plain.safetensors", tmp_path / "timm.safetensors")
+    assert one_line_error(capsys, "train", "--init-from", str(timm), "--data",
+                          str(tiny_run["images"]), "--out", str(tmp_path / "run"),
+                          *TINY_16PX) == f"bitvit train: error: {timm}: {why}"
+
+
+def test_a_training_state_that_inflates_past_the_memory_is_refused_unread(tiny_run, tmp_path,
+                                                                          twenty_mib, capsys):
+    """state.pt is a zip: a small one can declare entries of any size unpacked."""
+    import zipfile
+
+    from bitvit.files import stored_bytes
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    state = run / "last/state.pt"
+    state.unlink()
+    (run / "last/checksums.json").unlink()  # as a checkpoint from before the checksums
+    with zipfile.ZipFile(state, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(30 * MIB))
+    assert state.stat().st_size < MIB and stored_bytes(state) == 30 * MIB
+    err = one_line_error(capsys, "train", "--resume", str(run), "--epochs", "2", "--quiet")
+    assert err == (f"bitvit train: error: {state}: 30.0 MiB to read, more than the 20.0 MiB of "
+                   "memory available (test)")

@@ -155,6 +155,20 @@ def _unpickler_reason(text: str) -> str:
     return f"torch's safe loader refuses its contents{detail}; not loaded"
 
 
+def stored_bytes(path: str | Path) -> int:
+    """What reading ``path`` whole takes: its size, or for a zip (torch.save's format) the
+    larger of that and its entries' declared sizes unpacked (a small zip can inflate to any
+    size). Raises OSError for a file that cannot be looked at."""
+    import zipfile
+
+    size = os.stat(path).st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return max(size, sum(info.file_size for info in archive.infolist()))
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        return size  # not a zip: safetensors, a legacy torch file
+
+
 def sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, read in chunks (pretrained weights run to gigabytes)."""
     h = hashlib.sha256()

@@ -1,6 +1,6 @@
 """Layer 0: what this machine has: the memory available to this process. Imports nothing of
-bitvit. Read by training (a model refused before it is built) and data (an archive refused
-before it fills memory)."""
+bitvit. Read by training (a model refused before it is built), data (an archive refused
+before it fills memory) and the weights readers (a file refused before it is read)."""
 
 from __future__ import annotations
 
@@ -71,3 +71,14 @@ def host_memory() -> tuple[int, str] | None:
     if headroom is not None and (available is None or headroom < available):
         available, how = headroom, "this cgroup's memory limit less its usage"
     return None if available is None else (available, how)
+
+
+def memory_shortfall(size: int) -> str | None:
+    """Why ``size`` bytes, read whole into memory, would not fit the memory available to this
+    process: a phrase for an error that names the file; None when they fit or it is unknown.
+    Weights files are read whole, and a sparse file claims any size for free."""
+    memory = host_memory()
+    if memory is None or size <= memory[0]:
+        return None
+    return (f"{human_bytes(size)} to read, more than the {human_bytes(memory[0])} of memory "
+            f"available ({memory[1]})")

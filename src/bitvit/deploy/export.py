@@ -49,6 +49,7 @@ from bitvit.files import atomic_file
 from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import BitLinear
+from bitvit.system import memory_shortfall
 from bitvit.training import memory
 from bitvit.training.checkpoint import build_model, load_checkpoint
 from bitvit.training.config import Config, ConfigError
@@ -360,6 +361,8 @@ def is_export(path: str | Path) -> bool:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if why := memory_shortfall(files.stored_bytes(path)):  # read whole: a sparse file lies
+        raise ExportError(f"{path}: {why}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from bitvit import files
 from bitvit.files import error_reason
 from bitvit.nn.model import VisionTransformer, ViTConfig
+from bitvit.system import memory_shortfall
 
 # The ViTConfig keys a pretrained model fixes: its architecture. image_size and num_classes it
 # also has, but a run may change them (position embeddings resampled, a new head).
@@ -132,6 +133,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file through the weights-only loader."""
     if not path.is_file():  # a FIFO would hang the reader, /dev/zero never end
         raise PretrainedError(f"{path}: not a regular file; expected a weights file")
+    if why := memory_shortfall(files.stored_bytes(path)):  # read whole: refused unread
+        raise PretrainedError(f"{path}: {why}")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:

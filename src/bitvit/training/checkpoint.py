@@ -30,6 +30,7 @@ from bitvit import files
 from bitvit.files import error_reason
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import quantize_
+from bitvit.system import memory_shortfall
 from bitvit.training import memory
 from bitvit.training.config import Config, ConfigError, load_config
 from bitvit.training.rundir import (  # noqa: F401 - checkpoint_folder: read by older callers
@@ -124,6 +125,7 @@ def load_checkpoint(path: str | Path, best: bool = False) -> Checkpoint:
     if run_config.is_file():  # a run folder: its checkpoint must be of its config's model
         check_same_model(file, config, load_config(run_config), str(run_config))
     memory.check_inference_fits(config, str(file))
+    _check_fits(file)
     model = build_model(config)
     try:
         with files.caught_warnings() as caught:
@@ -198,6 +200,7 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     one-line CheckpointError."""
     folder = intact_folder(folder, (MODEL_FILE, STATE_FILE), "resume")
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
+    _check_fits(model_file)
     try:
         weights = load_file(str(model_file))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
@@ -217,6 +220,13 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
         raise CheckpointError(f"{state_file}: training state does not fit this run's model and "
                               f"optimizer ({error_reason(e)})") from None
+
+
+def _check_fits(file: Path) -> None:
+    """Weights and training state are read whole: a file (or a zip's unpacked entries) larger
+    than the memory available is refused in one line before it is read."""
+    if why := memory_shortfall(files.stored_bytes(file)):
+        raise CheckpointError(f"{file}: {why}")
 
 
 def _stored_config(model_file: Path) -> Config:
@@ -245,6 +255,7 @@ def _read_state(state_file: Path) -> dict[str, Any]:
     if magic != _ZIP_MAGIC:
         what = ": a bare pickle stream" if magic[:1] == _PICKLE_PROTO else ""
         raise CheckpointError(f"{unreadable} (not torch.save's zip archive{what}; not loaded)")
+    _check_fits(state_file)
     try:
         with files.caught_warnings() as caught:
             state = torch.load(state_file, map_location="cpu", weights_only=True)

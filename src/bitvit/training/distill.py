@@ -217,7 +217,10 @@ def _read_cache(path: Path, key: dict[str, str], shape: tuple[int, int]) -> torc
     missing, stale or unreadable is computed again and rewritten)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}) != key:
+            if (f.metadata() or {}) != key or "logits" not in f.keys():  # noqa: SIM118
+                return None
+            logits = f.get_slice("logits")  # its header first: a damaged one may claim any size
+            if tuple(logits.get_shape()) != shape or logits.get_dtype() != "F32":
                 return None
             table = f.get_tensor("logits")
     except (SafetensorError, OSError, ValueError, RuntimeError):  # missing or damaged
