@@ -260,3 +260,22 @@ def test_ort_arena_times_the_capped_session_against_the_uncapped_one(tmp_path):
     assert lines == proc.stdout.splitlines() and "; cap " in lines[2]
     rows = [line.split() for line in lines[4:]]
     assert [r[0] for r in rows] == ["1", "4"] and all(float(r[3]) > 0 for r in rows)
+
+
+def test_inference_memory_measures_every_engine_in_its_own_process(tmp_path):
+    """Each engine's row: the file, the torch tensors counted exactly (the b158 codes a quarter
+    of fp32's weights: one byte against four), and positive resident memory."""
+    pytest.importorskip("onnxruntime")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "memory.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_memory.py"),
+                           "--presets", "paper", "--batches", "2", "--threads", "1", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines == proc.stdout.splitlines() and "resident memory" in lines[1]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[5:]}
+    assert list(rows) == ["fp32", "int", "fp", "ort-token", "ort-fp32"]
+    assert rows["ort-token"][1] == "n/a" and rows["fp32"][3] == "1.00"
+    assert float(rows["int"][1]) < 0.3 * float(rows["fp32"][1])
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows.values())
