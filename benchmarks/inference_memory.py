@@ -14,9 +14,10 @@ reads the peak (VmHWM; ``peak``: load plus the inference's working memory). Engi
 - ``ort-token``: bitvit's exact per-token ONNX graph of the b158 model under ONNX Runtime;
 - ``ort-fp32``: the unquantized model's fp32 ONNX graph under ONNX Runtime.
 
-Weights are random (memory does not depend on training), the same for every engine. Memory does
-not depend on what else the machine runs, so this needs no quiet machine; the thread count
-does change working memory (per-thread buffers), so it is part of the record.
+Weights are random (memory does not depend on training), the same for every engine. A process's
+memory is taken not to depend on what else the machine runs (unlike its speed), so it was
+measured beside other work; the thread count does change working memory (per-thread buffers), so
+it is part of the record.
 
     PYTHONPATH=src python benchmarks/inference_memory.py [--presets paper,strong]
         [--batches 1,256] [--threads 2] [--out benchmarks/results/inference-memory.txt]

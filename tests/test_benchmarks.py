@@ -258,6 +258,7 @@ def test_ort_arena_times_the_capped_session_against_the_uncapped_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = out.read_text().splitlines()
     assert lines == proc.stdout.splitlines() and "; cap " in lines[2]
+    assert "; cap 0 B;" not in lines[2]  # the cap took effect
     rows = [line.split() for line in lines[4:]]
     assert [r[0] for r in rows] == ["1", "4"] and all(float(r[3]) > 0 for r in rows)
 

@@ -487,3 +487,41 @@ def test_a_dry_run_names_a_missing_teacher_and_the_runs_that_need_it(tmp_path):
     lines.clear()
     run_sweep(load_sweep(sweep_file), dry_run=True, log=lines.append)
     assert not any(line.startswith("MISSING") for line in lines)
+
+
+def test_a_teacher_logits_cache_of_another_shape_or_type_is_not_read(tmp_path, monkeypatch):
+    """The cache's header is checked before its table is read: another shape or dtype (a
+    sparse file may claim any size) is computed again, never loaded."""
+    from safetensors.torch import save_file
+
+    from bitvit.training import distill
+
+    key = {"teacher": "abc"}
+    path = tmp_path / "teacher-logits.safetensors"
+    save_file({"logits": torch.zeros(4, 3)}, str(path), metadata=key)
+    assert distill._read_cache(path, key, (4, 3)).shape == (4, 3)
+    assert distill._read_cache(path, {"teacher": "other"}, (4, 3)) is None
+    read = []
+    real_open = distill.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, name):
+            if name == "get_tensor":
+                read.append(name)
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(distill, "safe_open", Spy)
+    assert distill._read_cache(path, key, (5, 3)) is None
+    save_file({"logits": torch.zeros(4, 3, dtype=torch.float16)}, str(path), metadata=key)
+    assert distill._read_cache(path, key, (4, 3)) is None
+    assert read == []  # neither table was read

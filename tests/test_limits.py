@@ -537,6 +537,46 @@ def test_a_training_state_that_inflates_past_the_memory_is_refused_unread(tiny_r
     with zipfile.ZipFile(state, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data/0", bytes(30 * MIB))
     assert state.stat().st_size < MIB and stored_bytes(state) == 30 * MIB
+    why = "30.0 MiB to read, more than the 20.0 MiB of memory available (test)"
     err = one_line_error(capsys, "train", "--resume", str(run), "--epochs", "2", "--quiet")
-    assert err == (f"bitvit train: error: {state}: 30.0 MiB to read, more than the 20.0 MiB of "
-                   "memory available (test)")
+    assert err == f"bitvit train: error: {state}: {why}"
+    # The same zip as a Hugging Face folder's torch weights.
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/config.json").write_text(json.dumps({
+        "model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16, "image_size": 16, "patch_size": 8, "num_channels": 3}))
+    bomb = shutil.copy(state, tmp_path / "hf/pytorch_model.bin")
+    assert one_line_error(capsys, "train", "--init-from", str(tmp_path / "hf"), "--data",
+                          str(tiny_run["images"]), "--out", str(tmp_path / "new"),
+                          *TINY_16PX) == f"bitvit train: error: {bomb}: {why}"
+
+
+def test_stored_bytes_reads_no_zip_directory_past_its_bound_and_never_raises_on_odd_zips(
+        tmp_path):
+    """The guard must not fill memory itself (a sparse zip whose end record claims a 64 MiB
+    directory is refused from that record), nor fail as a traceback on a zip that zipfile
+    cannot read (an entry of extract version 9.9 counts its file size), nor wait on a FIFO."""
+    import zipfile
+
+    from bitvit.files import FileRefused, stored_bytes
+
+    sparse = tmp_path / "sparse.pt"
+    with sparse.open("wb") as f:
+        f.write(b"PK\x03\x04")
+        f.truncate(64 * MIB)
+        f.seek(64 * MIB)
+        f.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, 64 * MIB, 0, 0))
+    with pytest.raises(FileRefused, match=r"sparse\.pt: a zip whose directory claims "
+                                          r"67,108,864 bytes; a weights file's is at most"):
+        stored_bytes(sparse)
+    odd = tmp_path / "odd.pt"
+    with zipfile.ZipFile(odd, "w") as archive:
+        archive.writestr("data", b"x" * 100)
+    data = bytearray(odd.read_bytes())
+    at = data.rfind(b"PK\x01\x02")
+    data[at + 6:at + 8] = struct.pack("<H", 99)  # version needed to extract: 9.9
+    odd.write_bytes(bytes(data))
+    assert stored_bytes(odd) == len(data)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(FileRefused, match="not a regular file"):
+        stored_bytes(tmp_path / "fifo")

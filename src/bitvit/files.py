@@ -155,18 +155,59 @@ def _unpickler_reason(text: str) -> str:
     return f"torch's safe loader refuses its contents{detail}; not loaded"
 
 
-def stored_bytes(path: str | Path) -> int:
+# A torch.save zip's central directory holds one short record per tensor: a directory past
+# this is not a weights file's, and parsing it would itself take memory (a ZipInfo per record).
+MAX_ZIP_DIRECTORY = 16 << 20
+_EOCD, _ZIP64_LOCATOR, _ZIP64_EOCD = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
+
+
+def stored_bytes(path: str | Path, what: str = "weights file") -> int:
     """What reading ``path`` whole takes: its size, or for a zip (torch.save's format) the
     larger of that and its entries' declared sizes unpacked (a small zip can inflate to any
-    size). Raises OSError for a file that cannot be looked at."""
+    size). `FileRefused` (one line naming the file) for anything but a readable regular file,
+    or a zip whose directory is larger than `MAX_ZIP_DIRECTORY`; a zip too damaged to read
+    counts its size (its loader then says what is wrong)."""
     import zipfile
 
-    size = os.stat(path).st_size
     try:
-        with zipfile.ZipFile(path) as archive:
-            return max(size, sum(info.file_size for info in archive.infolist()))
-    except (zipfile.BadZipFile, ValueError, EOFError):
-        return size  # not a zip: safetensors, a legacy torch file
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not wait for a writer
+    except OSError as e:
+        raise FileRefused(f"{path}: cannot read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused(f"{path}: not a regular file ({_kind(st.st_mode)}); expected a "
+                              f"{what}")
+        if f.read(4) != b"PK\x03\x04":
+            return st.st_size  # not a zip: safetensors, a legacy torch file
+        directory = _zip_directory_bytes(f, st.st_size)
+        if directory > MAX_ZIP_DIRECTORY:
+            raise FileRefused(f"{path}: a zip whose directory claims {directory:,} bytes; a "
+                              f"{what}'s is at most {MAX_ZIP_DIRECTORY:,}")
+        try:
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                return max(st.st_size, sum(info.file_size for info in archive.infolist()))
+        except Exception:  # noqa: BLE001 - zipfile raises many types (NotImplementedError too)
+            return st.st_size
+
+
+def _zip_directory_bytes(f: Any, size: int) -> int:
+    """The central directory's size as the end record says (zip64's where it defers), read
+    from the file's last 64 KiB; 0 where there is none (zipfile then finds it damaged)."""
+    f.seek(max(size - (1 << 16) - 22, 0))
+    tail = f.read()
+    at = tail.rfind(_EOCD)
+    if at < 0 or len(tail) < at + 22:
+        return 0
+    directory = int.from_bytes(tail[at + 12:at + 16], "little")
+    locator = tail[at - 20:at] if at >= 20 else b""
+    if directory == 0xFFFFFFFF and locator[:4] == _ZIP64_LOCATOR:
+        f.seek(int.from_bytes(locator[8:16], "little"))
+        record = f.read(56)
+        if record[:4] == _ZIP64_EOCD and len(record) == 56:
+            directory = int.from_bytes(record[40:48], "little")
+    return directory
 
 
 def sha256(path: str | Path) -> str:

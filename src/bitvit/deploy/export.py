@@ -361,7 +361,11 @@ def is_export(path: str | Path) -> bool:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if why := memory_shortfall(files.stored_bytes(path)):  # read whole: a sparse file lies
+    try:  # read whole: a file larger than the memory (a sparse one costs nothing) is refused
+        why = memory_shortfall(files.stored_bytes(path, "bitvit export"))
+    except files.FileRefused as e:
+        raise ExportError(str(e)) from None
+    if why:
         raise ExportError(f"{path}: {why}")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -8,13 +8,15 @@ alone; `resolve_engine` picks the ort engine for ``.onnx`` paths.
 A file is checked before ONNX Runtime sees it: at most `MAX_ONNX_BYTES`, only the operators
 bitvit's exporter writes (`GRAPH_OPS`: no control flow, no subgraphs, no external data), an
 input and output that fit its metadata; any error ONNX Runtime raises while running is one line.
-While running, ONNX Runtime's memory stops at `arena_cap` (half of what was available).
+While running, the tensors ONNX Runtime allocates stop at `arena_cap` (most of the memory that
+was available; weights aside).
 
 onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on use.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,15 @@ GRAPH_OPS = frozenset({("", op) for op in (
 
 
 # ONNX Runtime's CPU arena, shared by every session of this process, stops at this share of the
-# memory available when the first session starts (`bitvit.system.host_memory`): a graph whose
-# tensors grow past it (an Expand to 10^5 x 10^5 floats) fails its run in one line instead of
-# taking the machine's memory. bitvit's own graphs need a few times one batch's activations.
-ARENA_SHARE = 0.5
+# memory available when the first session starts (`bitvit.system.host_memory`), at least
+# `ARENA_FLOOR`: a graph whose tensors grow past it while running (an Expand to 10^5 x 10^5
+# floats) fails its run in one line instead of taking the machine's memory. The cap is there to
+# stop runaway growth, not to ration memory a batch could use. Weights (initializers) and
+# ORT's per-thread buffers are outside it.
+ARENA_SHARE = 0.8
+ARENA_FLOOR = 1 << 26
 _arena: dict[str, int | None] = {}  # "cap": bytes once registered (None: memory unknown)
+_arena_lock = threading.Lock()
 
 
 class OnnxUnavailableError(ExportError):
@@ -137,21 +143,22 @@ def check_graph(data: bytes, label: str) -> None:
 def arena_cap() -> int | None:
     """The bytes ONNX Runtime may take in this process (its sessions' shared CPU arena),
     registered on the first call; None where the memory available is unknown (no cap)."""
-    if "cap" not in _arena:
-        from bitvit import system
+    with _arena_lock:  # once per process: two threads opening sessions register one arena
+        if "cap" not in _arena:
+            from bitvit import system
 
-        ort = import_optional("onnxruntime")
-        memory = system.host_memory()
-        cap = None if memory is None else max(int(memory[0] * ARENA_SHARE), 1 << 26)
-        if cap is not None:
-            try:
-                ort.create_and_register_allocator(ort.OrtMemoryInfo(
-                    "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
-                    ort.OrtArenaCfg(cap, -1, -1, -1))  # -1: ORT's defaults but the cap
-            except Exception:  # noqa: BLE001 - registered already (by its host): no cap of ours
-                cap = None
-        _arena["cap"] = cap
-    return _arena["cap"]
+            ort = import_optional("onnxruntime")
+            memory = system.host_memory()
+            cap = None if memory is None else max(int(memory[0] * ARENA_SHARE), ARENA_FLOOR)
+            if cap is not None:
+                try:
+                    ort.create_and_register_allocator(ort.OrtMemoryInfo(
+                        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                        ort.OrtMemType.DEFAULT), ort.OrtArenaCfg(cap, -1, -1, -1))  # -1: defaults
+                except Exception:  # noqa: BLE001 - an ORT build without env allocators: no cap
+                    cap = None
+            _arena["cap"] = cap
+        return _arena["cap"]
 
 
 def _session(source: str | bytes, label: str, threads: int | None,
@@ -230,8 +237,9 @@ class _Session(nn.Module):
 
                 raise ExportError(
                     f"{self.label}: running the graph on {len(images)} image(s) needs more "
-                    f"memory than ONNX Runtime may take here ({human_bytes(cap)}, half of what "
-                    "was available when it started); fewer images at once need less") from None
+                    f"memory than ONNX Runtime may take here ({human_bytes(cap)}: "
+                    f"{ARENA_SHARE:.0%} of what was available when its first session started, at "
+                    f"least {human_bytes(ARENA_FLOOR)}); fewer images at once need less") from None
             raise ExportError(f"{self.label}: ONNX Runtime failed running the graph on "
                               f"{len(images)} image(s) ({_reason(e)})") from None
         # The declared output can lie: the run's own shape and type must fit too.

@@ -133,7 +133,11 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or from a torch file through the weights-only loader."""
     if not path.is_file():  # a FIFO would hang the reader, /dev/zero never end
         raise PretrainedError(f"{path}: not a regular file; expected a weights file")
-    if why := memory_shortfall(files.stored_bytes(path)):  # read whole: refused unread
+    try:  # read whole: a file larger than the memory (a sparse one, a zip bomb) is refused
+        why = memory_shortfall(files.stored_bytes(path))
+    except files.FileRefused as e:
+        raise PretrainedError(str(e)) from None
+    if why:
         raise PretrainedError(f"{path}: {why}")
     try:
         if path.suffix == ".safetensors":

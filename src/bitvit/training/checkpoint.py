@@ -225,7 +225,11 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
 def _check_fits(file: Path) -> None:
     """Weights and training state are read whole: a file (or a zip's unpacked entries) larger
     than the memory available is refused in one line before it is read."""
-    if why := memory_shortfall(files.stored_bytes(file)):
+    try:
+        why = memory_shortfall(files.stored_bytes(file, "bitvit checkpoint file"))
+    except files.FileRefused as e:
+        raise CheckpointError(str(e)) from None
+    if why:
         raise CheckpointError(f"{file}: {why}")
 
 

@@ -219,13 +219,14 @@ def _read_cache(path: Path, key: dict[str, str], shape: tuple[int, int]) -> torc
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}) != key or "logits" not in f.keys():  # noqa: SIM118
                 return None
-            logits = f.get_slice("logits")  # its header first: a damaged one may claim any size
+            # Shape and type from the header, before the table is read: a cache of another
+            # size (or a sparse file claiming any) is never loaded.
+            logits = f.get_slice("logits")
             if tuple(logits.get_shape()) != shape or logits.get_dtype() != "F32":
                 return None
-            table = f.get_tensor("logits")
+            return f.get_tensor("logits")
     except (SafetensorError, OSError, ValueError, RuntimeError):  # missing or damaged
         return None
-    return table if tuple(table.shape) == shape and table.dtype == torch.float32 else None
 
 
 # ---------------------------------------------------------------------------------------------

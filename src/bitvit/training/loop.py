@@ -400,9 +400,8 @@ def _open_run_folder(s: Session, resume: str | Path | None,
     previous = rundir.read_info(s.run_dir) if resume is not None else {}
     if previous:
         info["resumed_from"] = rundir.resume_history(previous)
-        if changes := record.resume_changes(previous, info):
-            print(f"bitvit train: resuming {s.run_dir} with {'; '.join(changes)}: the epochs from "
-                  "here differ from an uninterrupted run's in rounding", file=sys.stderr)
+        if notice := record.resume_notice(s.run_dir, previous, info):
+            print(notice, file=sys.stderr)
     # Which weights the run started from: the file and its SHA-256 (kept when resumed).
     init_from = s.source.record() if s.source is not None else previous.get("init_from")
     if init_from:

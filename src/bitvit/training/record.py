@@ -72,6 +72,14 @@ def resume_changes(previous: dict[str, Any], info: dict[str, Any]) -> list[str]:
             if isinstance(previous.get(k), (str, int)) and previous[k] != info.get(k)]
 
 
+def resume_notice(run_dir: Path, previous: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """The line `bitvit train --resume` prints when `resume_changes` finds any."""
+    if changes := resume_changes(previous, info):
+        return (f"bitvit train: resuming {run_dir} with {'; '.join(changes)}: the epochs from "
+                "here differ from an uninterrupted run's in rounding")
+    return None
+
+
 def failed_start(run_dir: Path, resume: str | Path | None, info: dict[str, Any],
                  error: str) -> None:
     """Write run.json for an invocation that failed while setting up (out of memory): ``info``
