@@ -1,10 +1,11 @@
 """What capping ONNX Runtime's memory costs: one bitvit graph, two sessions, interleaved.
 
-bitvit's sessions share a CPU arena registered once per process and capped at half the memory
-available (`bitvit.deploy.onnx_runtime.arena_cap`, ``session.use_env_allocators``). This opens
-the same exported graph (the paper preset, random weights, as `benchmarks/onnx_ab.py` exports
-it) as bitvit opens it (capped) and with the same options but the session's own arena (ONNX
-Runtime's default, no cap), and times session.run uncapped, capped, uncapped, ... at each
+bitvit's sessions share a CPU arena registered once per process and capped at 80% of the memory
+available when the first session starts (`bitvit.deploy.onnx_runtime.arena_cap`,
+``session.use_env_allocators``). This opens the same exported graph (the paper preset, random
+weights, as `benchmarks/onnx_ab.py` exports it) as bitvit opens it (capped) and with the same
+options but the session's own arena (ONNX Runtime's default, no cap), and times session.run
+uncapped, capped, uncapped, ... at each
 batch: median images/s and capped/uncapped (below 1: the cap costs speed).
 
     PYTHONPATH=src python benchmarks/ort_arena.py [--act-quant token] [--threads 2]
