@@ -263,6 +263,22 @@ def test_ort_arena_times_the_capped_session_against_the_uncapped_one(tmp_path):
     assert [r[0] for r in rows] == ["1", "4"] and all(float(r[3]) > 0 for r in rows)
 
 
+def test_rescale_slabs_times_the_int_engine_both_ways(tmp_path):
+    """Both ways give the same logits, and the record has a ratio per preset and batch."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "slabs.txt"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rescale_slabs.py"),
+                           "--presets", "paper", "--repeats", "2", "--batches", "1,4",
+                           "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines == proc.stdout.splitlines()
+    rows = [line.split() for line in lines[4:]]
+    assert [r[:2] for r in rows] == [["paper", "1"], ["paper", "4"]]
+    assert all(float(r[4]) > 0 for r in rows)
+
+
 def test_inference_memory_measures_every_engine_in_its_own_process(tmp_path):
     """Each engine's row: the file, the torch tensors counted exactly (the b158 codes a quarter
     of fp32's weights: one byte against four), and positive resident memory."""

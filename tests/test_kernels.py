@@ -587,3 +587,22 @@ def test_compiled_train_step_under_u8s8_equals_int8(monkeypatch, onednn):
     (loss_a, state_a), (loss_b, state_b) = steps["int8"], steps["u8s8"]
     assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b, strict=True))
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+def test_rescale_in_slabs_gives_the_one_pass_values(monkeypatch, with_bias, dtype):
+    """Slabs of rows (the last one ragged) compute every element as the single expression does:
+    bit for bit, from either kernel's products."""
+    import bitvit.nn.quant as quant
+
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.randint(-30000, 30000, (203, 37), generator=gen).to(dtype)
+    row_scale = torch.rand(203, 1, generator=gen) * 50 + 0.5
+    col_scale = torch.rand(37, generator=gen) + 0.1
+    bias = torch.randn(37, generator=gen) if with_bias else None
+    ratio = col_scale.reshape(1, -1) / row_scale
+    one_pass = torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
+    monkeypatch.setattr(quant, "RESCALE_SLAB", 37 * 10)  # 10 rows a slab: 21 slabs
+    slabbed = rescale(acc, row_scale, col_scale, bias)
+    assert slabbed.dtype == torch.float32 and torch.equal(slabbed, one_pass)
