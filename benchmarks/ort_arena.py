@@ -5,8 +5,8 @@ available when the first session starts (`bitvit.deploy.onnx_runtime.arena_cap`,
 ``session.use_env_allocators``). This opens the same exported graph (the paper preset, random
 weights, as `benchmarks/onnx_ab.py` exports it) as bitvit opens it (capped) and with the same
 options but the session's own arena (ONNX Runtime's default, no cap), and times session.run
-uncapped, capped, uncapped, ... at each
-batch: median images/s and capped/uncapped (below 1: the cap costs speed).
+uncapped, capped, uncapped, ... at each batch: median images/s and capped/uncapped (below 1:
+the cap costs speed).
 
     PYTHONPATH=src python benchmarks/ort_arena.py [--act-quant token] [--threads 2]
         [--repeats 30] [--batches 1,32,256] [--out benchmarks/results/ort-arena.txt]

@@ -260,25 +260,26 @@ def rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
     integers exactly; both give identical values. ``row_scale`` (M, 1) is the activation scale
     s (x ~ q / s), ``col_scale`` (1,) or (N,) the weight scale. Eagerly it runs a slab of rows
     at a time into one output: the (M, N) ratio, and the fp32 copy of int32 products that torch
-    makes on the CPU, would each be as large as the output (a batch of 256 images peaked at
-    1.5x fp32's memory); a slab's are small, and every element is computed as in one pass.
-    Under torch.compile it is one expression, which the compiler fuses.
+    makes on the CPU, would each be as large as the output (the strong preset's batch of 256
+    peaked at 1.5x fp32's memory); a slab's are small, and every element is computed as in one
+    pass. Under torch.compile it is one expression, which the compiler fuses.
     """
     col = col_scale.reshape(1, -1)
     rows = acc.shape[0]
-    step = max(1, RESCALE_SLAB // max(1, acc.shape[1]))
-    if rows <= step or torch.compiler.is_compiling():
-        ratio = col / row_scale
-        return torch.mul(acc, ratio) if bias is None else torch.addcmul(bias, acc, ratio)
+    step = rows if torch.compiler.is_compiling() else max(1, RESCALE_SLAB // max(1, acc.shape[1]))
+    if rows <= step:
+        return _scale_rows(acc, col / row_scale, bias)
     out = torch.empty(acc.shape, dtype=torch.float32, device=acc.device)
     for start in range(0, rows, step):
         part = slice(start, start + step)
-        ratio = col / row_scale[part]
-        if bias is None:
-            torch.mul(acc[part], ratio, out=out[part])
-        else:
-            torch.addcmul(bias, acc[part], ratio, out=out[part])
+        _scale_rows(acc[part], col / row_scale[part], bias, out=out[part])
     return out
+
+
+def _scale_rows(acc: torch.Tensor, ratio: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    return (torch.mul(acc, ratio, out=out) if bias is None
+            else torch.addcmul(bias, acc, ratio, out=out))
 
 
 class _Int8Linear(torch.autograd.Function):
