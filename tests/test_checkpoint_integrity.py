@@ -153,11 +153,24 @@ def test_a_resume_with_another_torch_says_its_epochs_are_not_exact(run, capsys):
 def test_resume_changes_names_each_setting_that_breaks_exactness():
     from bitvit.training.record import resume_changes
 
-    now = {"torch": "2.13.0+cpu", "device": "cpu (x86_64, 2 threads)", "processes": 1}
+    now = {"torch": "2.13.0+cpu", "device": "cpu (x86_64, 2 threads)",
+           "cpu": "AMD EPYC (AVX-512 VNNI)", "processes": 1}
     assert resume_changes(now, now) == []
     assert resume_changes({}, now) == []  # older run.json files: nothing to compare
     assert resume_changes({**now, "device": "cpu (x86_64, 1 threads)", "processes": 4}, now) == [
         "device cpu (x86_64, 1 threads) -> cpu (x86_64, 2 threads)", "processes 4 -> 1"]
+    # Same torch and threads on another CPU: its fp32 kernels round otherwise.
+    xeon = "Intel(R) Xeon(R) Platinum 8480+ (AVX-512 VNNI + AMX)"
+    assert resume_changes({**now, "cpu": xeon}, now) == [
+        f"cpu {xeon} -> AMD EPYC (AVX-512 VNNI)"]
+
+
+def test_run_json_names_the_cpu_and_its_isa():
+    from bitvit.nn.kernels import cpu_isa, isa_summary
+    from bitvit.training.record import run_record
+
+    info = run_record(torch.device("cpu"), 1, ["bitvit", "train"])
+    assert info["cpu"] == f"{cpu_isa()['model_name']} ({isa_summary()})"
 
 
 def test_a_checkpoint_file_named_without_a_folder_loads(run, tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bitvit.nn.kernels import cpu_isa, isa_summary
 from bitvit.training import rundir
 
 
@@ -38,6 +39,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def cpu_name(device: torch.device) -> str | None:
+    """The CPU a CPU run computes on: its model name and the ISA its kernels use. fp32 kernels
+    round differently on other CPUs (a bitnet epoch 1 gave train loss 1.82397 on a Xeon Sapphire
+    Rapids and 1.82376 on an AMD EPYC Zen 4, same torch and threads), so exactness needs it."""
+    if device.type != "cpu":
+        return None
+    isa = cpu_isa()
+    return f"{isa['model_name']} ({isa_summary(isa)})"
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -49,6 +60,7 @@ def run_record(device: torch.device, processes: int,
         "command": command if command is not None else sys.argv,
         "git_commit": git_commit(),
         "device": device_name(device),
+        "cpu": cpu_name(device),
         "processes": processes,
         "torch": torch.__version__,
         # With status "running", pid and host tell a live run from a killed one (bitvit sweep).
@@ -61,8 +73,8 @@ def run_record(device: torch.device, processes: int,
 
 
 # What an exact resume needs unchanged (run.json keys): another torch, device or thread count,
-# or process count computes the same epochs with other rounding.
-EXACT_RESUME_KEYS = ("torch", "device", "processes")
+# CPU, or process count computes the same epochs with other rounding.
+EXACT_RESUME_KEYS = ("torch", "device", "cpu", "processes")
 
 
 def resume_changes(previous: dict[str, Any], info: dict[str, Any]) -> list[str]:
