@@ -26,7 +26,7 @@ from bitvit.studies.report import (
     compare_markdown,
     write_report,
 )
-from bitvit.studies.runs import find_run_dirs, group_runs, load_run
+from bitvit.studies.runs import devices, find_run_dirs, group_runs, load_run
 from bitvit.studies.schedule import SMALL_FILES, _train_in_process, run_sweep
 from bitvit.studies.stats import summarize, welch_difference
 from bitvit.studies.sweep import (
@@ -644,6 +644,12 @@ def test_the_figure_says_device_and_budget(tmp_path, monkeypatch):
     fake_run(study / "method=fp_seed=3", ["train.seed=3"], [0.3, 0.5], device="cuda (H100)")
     runs = [load_run(p) for p in find_run_dirs([study])]
     groups = compare_groups(group_runs(runs))
+    assert devices(runs) == ["cpu (test, 2 threads)", "cuda (H100)"]
+    # The CPU, where run.json names it, since fp32 rounds otherwise on another.
+    runs[0].info["cpu"] = "AMD EPYC (AVX-512 VNNI)"
+    assert devices(runs) == ["cpu (test, 2 threads)", "cpu (test, 2 threads) on AMD EPYC "
+                             "(AVX-512 VNNI)", "cuda (H100)"]
+    runs[0].info.pop("cpu")
 
     def title(fig) -> str:
         return "\n".join(t.get_text() for t in fig.texts)

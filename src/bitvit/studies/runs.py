@@ -307,8 +307,10 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
 
 
 def devices(runs: list[Run]) -> list[str]:
-    """The devices the runs trained on (run.json ``device``), each once."""
-    return sorted({str(r.info.get("device", "unknown device")) for r in runs})
+    """The devices the runs trained on (run.json ``device``, with its ``cpu`` where recorded:
+    fp32 rounds otherwise on another CPU), each once."""
+    return sorted({str(r.info.get("device", "unknown device"))
+                   + (f" on {r.info['cpu']}" if r.info.get("cpu") else "") for r in runs})
 
 
 def provenance(runs: list[Run], full_epochs: int | None = None,
