@@ -165,6 +165,33 @@ def test_resume_changes_names_each_setting_that_breaks_exactness():
         f"cpu {xeon} -> AMD EPYC (AVX-512 VNNI)"]
 
 
+def test_run_json_commit_says_dirty_when_the_source_folder_has_changes(tmp_path):
+    import subprocess
+
+    from bitvit.training.record import git_commit
+
+    src = tmp_path / "repo/src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg/f.py").write_text("x = 1\n")
+    (tmp_path / "repo/notes.txt").write_text("a\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path / "repo"), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(src) == head
+    (tmp_path / "repo/notes.txt").write_text("b\n")  # outside the source: still clean
+    assert git_commit(src) == head
+    (src / "pkg/f.py").write_text("x = 2\n")
+    assert git_commit(src) == f"{head}-dirty"
+    assert git_commit(tmp_path) is None  # not a git checkout
+
+
 def test_run_json_names_the_cpu_and_its_isa():
     from bitvit.nn.kernels import cpu_isa, isa_summary
     from bitvit.training.record import run_record

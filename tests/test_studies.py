@@ -37,6 +37,7 @@ from bitvit.studies.sweep import (
     run_name,
     sweep_config,
 )
+from bitvit.training import rundir
 from bitvit.training.config import load_config, save_config
 from bitvit.training.rundir import METRIC_COLUMNS, write_metrics
 
@@ -577,6 +578,8 @@ def test_a_running_run_whose_process_died_is_resumed_at_once(tmp_path):
     assert state() == "running"
     _age(run)
     assert state() == "resume"
+    with rundir.locked(run):  # as the sweep looks again before it trains: the lock it just
+        assert state() == "resume"  # wrote is not the run's activity
 
 
 RECORDING_CLI = """

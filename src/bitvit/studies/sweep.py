@@ -449,13 +449,15 @@ def _pid_started_after(pid: int, start: Any, slack: float = 5.0) -> bool:
 
 
 def _recently_active(run_dir: Path, min_seconds: float = 1800.0) -> bool:
-    """Whether a run folder changed within max(min_seconds, 3 x its longest epoch)."""
+    """Whether a run folder changed within max(min_seconds, 3 x its longest epoch). The lock
+    file does not count: the sweep itself rewrites it when it takes the lock to look."""
     try:
         longest = max((r.get("seconds", 0.0) for r in rundir.read_metrics(run_dir)),
                       default=0.0)
     except (ValueError, KeyError):
         longest = 0.0
-    newest = max(f.stat().st_mtime for f in run_dir.iterdir())
+    newest = max((f.stat().st_mtime for f in run_dir.iterdir() if f.name != rundir.LOCK),
+                 default=0.0)
     return time.time() - newest < max(min_seconds, 3 * longest)
 
 

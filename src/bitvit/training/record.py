@@ -16,15 +16,20 @@ import torch
 from bitvit.nn.kernels import cpu_isa, isa_summary
 from bitvit.training import rundir
 
+# The folder above the package: src/ in a checkout.
+SOURCE = Path(__file__).resolve().parents[2]
 
-def git_commit() -> str | None:
+
+def git_commit(source: Path = SOURCE) -> str | None:
+    """The commit of the code in ``source``, with ``-dirty`` when that folder has uncommitted
+    changes; None outside git."""
     try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+        # The pathspec is relative to -C's folder: "." is the source folder itself.
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
