@@ -534,6 +534,18 @@ def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeyp
     assert "boom" in (sweep.out / "seed=1/train.log").read_text()
 
 
+def test_a_run_config_bitvit_did_not_write_is_one_error_naming_it(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                                   grid={"train.seed": [0]}))
+    run = fake_run(sweep.out / "seed=0", [], [0.5], epochs=2)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for quant in (5, {**saved["quant"], "method": "b158", "act_bits": 4}):
+        (run / "config.yaml").write_text(yaml.safe_dump({**saved, "quant": quant}))
+        with pytest.raises(SweepError, match=f"^{run / 'config.yaml'}: not a run config "
+                                             "bitvit wrote \\("):
+            plan_sweep(sweep)
+
+
 def test_a_run_that_is_training_right_now_is_left_alone(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
                                    grid={"train.seed": [0]}))

@@ -395,9 +395,13 @@ def run_state(run_dir: Path, config: Config) -> str:
         return "new"
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
-        saved = experiment_key(read_yaml_mapping(saved_path, "run config", "sections model, "
-                                                "quant, data, train", SweepError),
-                               IGNORED_KEYS | {"train.epochs"})
+        saved_dict = read_yaml_mapping(saved_path, "run config", "sections model, quant, data, "
+                                       "train", SweepError)
+        try:
+            saved = experiment_key(saved_dict, IGNORED_KEYS | {"train.epochs"})
+        except (ValueError, TypeError, AttributeError) as e:  # a section that is no mapping
+            raise SweepError(f"{saved_path}: not a run config bitvit wrote ({e}); move the "
+                             "folder away or change 'out'") from None
         wanted = experiment_key(config.to_dict(), IGNORED_KEYS | {"train.epochs"})
         differing = [k for k in sorted(set(saved) | set(wanted))
                      if not same_setting(k, saved.get(k), wanted.get(k))]
