@@ -322,6 +322,26 @@ def test_a_sweep_names_the_other_torch_its_earlier_runs_were_trained_under(
     assert not any(line.startswith("TORCH") for line in lines)
 
 
+def test_sync_drops_an_earlier_attempts_files_the_restarted_run_has_not_written(tmp_path):
+    from bitvit.studies.schedule import sync_results
+
+    path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=3"],
+                       runs_root=str(tmp_path / "root"), grid={"train.seed": [0]})
+    sweep = load_sweep(path)
+    copy = fake_run(sweep.out / "seed=0", [], [0.4, 0.5], status="running", epochs=3)
+    run = sweep.run_dir("seed=0")  # the restart, before its first epoch ends
+    run.mkdir(parents=True)
+    for name in ("config.yaml", "run.json"):
+        shutil.copy(copy / name, run / name)
+    (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()),
+                                              "start": "2026-12-06T20:00:00+00:00"}))
+    (copy / "curves.png").write_bytes(b"old")
+    assert sync_results(sweep) == ["seed=0"]
+    assert sorted(p.name for p in copy.iterdir()) == ["config.yaml", "run.json"]
+    assert (copy / "run.json").read_bytes() == (run / "run.json").read_bytes()
+    assert load_run(copy).rows == []
+
+
 def test_sync_needs_a_runs_root(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", grid={"train.seed": [0]})
     assert main(["sweep", str(path), "--sync"]) == 2

@@ -60,8 +60,10 @@ def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
 def sync_results(sweep: Sweep) -> list[str]:
     """With a runs root: copy each run folder's small files (`SMALL_FILES`) into ``out/NAME``,
     so that results/ holds what a report needs while the weights stay outside the work tree.
-    A run folder that is gone (another machine) leaves its earlier copy alone. Returns the
-    names copied."""
+    The copy mirrors the run folder: a small file the run folder lacks is an earlier attempt's
+    (a restart after the runs root was lost) and is removed, so that no report mixes the two;
+    git keeps what was committed. A run folder that is gone (another machine) leaves its
+    earlier copy alone. Returns the names copied."""
     if sweep.runs_root is None:
         return []
     copied = []
@@ -75,6 +77,8 @@ def sync_results(sweep: Sweep) -> list[str]:
             data = (src / f).read_bytes()
             if not (dst / f).is_file() or (dst / f).read_bytes() != data:
                 files.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
+        for f in set(SMALL_FILES) - set(present):
+            (dst / f).unlink(missing_ok=True)
         copied.append(name)
     return copied
 
