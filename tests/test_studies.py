@@ -298,7 +298,7 @@ def test_a_sweep_with_a_runs_root_trains_outside_and_copies_the_small_files(
     assert load_sweep(path).run_dir("seed=0") == tmp_path / "elsewhere/out/seed=0"
 
 
-def test_a_sweep_names_the_other_torch_its_earlier_runs_were_trained_under(
+def test_a_sweep_names_the_other_torch_or_cpu_its_earlier_runs_were_trained_under(
         real_env, tmp_path, monkeypatch):
     tiny = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8",
             "data.limit_train=300", "data.limit_test=100", "train.batch_size=50"]
@@ -320,6 +320,19 @@ def test_a_sweep_names_the_other_torch_its_earlier_runs_were_trained_under(
     lines.clear()
     run_sweep(load_sweep(path), dry_run=True, log=lines.append)  # nothing to train: not said
     assert not any(line.startswith("TORCH") for line in lines)
+
+    # Another CPU, where run.json names it (fp32 rounds otherwise there), is said the same way.
+    from bitvit.training.record import cpu_name
+
+    here = cpu_name(torch.device("cpu"))
+    assert json.loads((tmp_path / "out/seed=0/run.json").read_text())["cpu"] == here
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()),
+                                     "torch": torch.__version__, "cpu": "Other CPU (AVX2)"}))
+    lines.clear()
+    run_sweep(load_sweep(path), ["train.epochs=2"], dry_run=True, log=lines.append)
+    assert not any(line.startswith("TORCH") for line in lines)
+    assert lines[-1] == (f"CPU       1 run(s) of this sweep were trained on Other CPU (AVX2), "
+                         f"this is {here}: runs trained now will not reproduce theirs")
 
 
 def test_sync_drops_an_earlier_attempts_files_the_restarted_run_has_not_written(tmp_path):

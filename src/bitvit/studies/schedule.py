@@ -118,7 +118,7 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
         log(f"{r.state:9s} {r.run_dir}")
     log(f"{len(plan)} runs: {len(plan) - len(todo)} finished or running, {len(todo)} to train")
     _say_missing_teachers(todo, log)
-    _say_other_torch(sweep, plan, todo, log)
+    _say_other_setup(sweep, plan, todo, log)
     if dry_run or not todo:
         return plan
     _record_sweep(sweep, argv)
@@ -158,24 +158,31 @@ def _say_missing_teachers(todo: list[PlannedRun], log: Any) -> None:
             "(train or copy it first)")
 
 
-def _say_other_torch(sweep: Sweep, plan: list[PlannedRun], todo: list[PlannedRun],
+def _say_other_setup(sweep: Sweep, plan: list[PlannedRun], todo: list[PlannedRun],
                      log: Any) -> None:
-    """Name each torch other than this one that the sweep's earlier runs were trained under
-    (their run folders, and their copies in ``out``): the same config trains to other numbers
-    under another torch, so what trains now will neither reproduce those runs nor resume them
-    exactly (install that torch to keep one)."""
+    """Name each torch other than this one, and each CPU other than this one (run.json ``cpu``,
+    where recorded), that the sweep's earlier runs were trained under (their run folders, and
+    their copies in ``out``): the same config trains to other numbers under another torch or
+    on another CPU, so what trains now will neither reproduce those runs nor resume them
+    exactly (install that torch, or use that kind of machine, to keep one)."""
     import torch
+
+    from bitvit.training.record import cpu_name
 
     if not todo:
         return
-    others: dict[str, int] = {}
-    for r in plan:
-        for version in {rundir.read_info(d).get("torch") for d in (r.run_dir, sweep.out / r.name)}:
-            if isinstance(version, str) and version != torch.__version__:
-                others[version] = others.get(version, 0) + 1
-    for version, n in sorted(others.items()):
-        log(f"TORCH     {n} run(s) of this sweep were trained under torch {version}, this is "
-            f"{torch.__version__}: runs trained now will not reproduce theirs")
+    here = {"torch": torch.__version__, "cpu": cpu_name(torch.device("cpu"))}
+    words = {"torch": ("TORCH", "under torch"), "cpu": ("CPU", "on")}
+    for key, this in here.items():
+        others: dict[str, int] = {}
+        for r in plan:
+            for value in {rundir.read_info(d).get(key) for d in (r.run_dir, sweep.out / r.name)}:
+                if isinstance(value, str) and value != this:
+                    others[value] = others.get(value, 0) + 1
+        tag, how = words[key]
+        for value, n in sorted(others.items()):
+            log(f"{tag:9s} {n} run(s) of this sweep were trained {how} {value}, this is "
+                f"{this}: runs trained now will not reproduce theirs")
 
 
 def _lock(r: PlannedRun, stack: contextlib.ExitStack, log: Any) -> int | None:
