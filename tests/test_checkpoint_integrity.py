@@ -192,6 +192,20 @@ def test_run_json_commit_says_dirty_when_the_source_folder_has_changes(tmp_path)
     assert git_commit(tmp_path) is None  # not a git checkout
 
 
+def test_a_resume_that_fails_to_start_keeps_the_runs_init_from(tmp_path):
+    from bitvit.training import rundir
+    from bitvit.training.record import failed_start, run_record
+
+    source = {"path": "/models/vit.safetensors", "sha256": "ab" * 32}
+    rundir.write_info(tmp_path, {**run_record(torch.device("cpu"), 1, ["bitvit", "train"]),
+                                 "status": "interrupted", "init_from": source})
+    failed_start(tmp_path, tmp_path, run_record(torch.device("cpu"), 1, ["bitvit", "train"]),
+                 "out of memory")
+    info = rundir.read_info(tmp_path)
+    assert (info["status"], info["init_from"]) == ("failed", source)
+    assert info["resumed_from"][-1]["init_from"] == source
+
+
 def test_run_json_names_the_cpu_and_its_isa():
     from bitvit.nn.kernels import cpu_isa, isa_summary
     from bitvit.training.record import run_record

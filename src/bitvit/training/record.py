@@ -108,6 +108,8 @@ def failed_start(run_dir: Path, resume: str | Path | None, info: dict[str, Any],
     previous = rundir.read_info(run_dir) if resume is not None else {}
     if previous:
         info["resumed_from"] = rundir.resume_history(previous)
+        if previous.get("init_from"):  # which weights the run started from, as a resume keeps
+            info["init_from"] = previous["init_from"]
     info.update(status="failed", error=error, end=now())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
