@@ -127,6 +127,23 @@ def test_auto_without_onnxruntime_measures_the_torch_engines(fresh, monkeypatch)
     assert "onnxruntime none" in key
 
 
+def test_an_ort_that_cannot_be_built_is_left_out_of_the_cache_not_measured_again(
+        fresh, monkeypatch):
+    pytest.importorskip("onnxruntime")
+
+    def no_onnx(*args, **kwargs):
+        raise auto.OnnxUnavailableError("onnx: broken install")
+
+    monkeypatch.setattr(auto, "ort_model", no_onnx)
+    calls = _measured(monkeypatch, {"int": 1.0, "fp": 0.7})
+    model = bitvit.load(fresh)
+    assert calls == [["int", "fp"]] and model.engine == "int"
+    assert "ort not a candidate: its ONNX graph could not be built" in model.engine_reason
+    (entry,) = _cache(fresh.parent)["entries"].values()
+    assert entry["unavailable"] == ["ort"]
+    assert bitvit.load(fresh).engine == "int" and len(calls) == 1  # cached, not measured again
+
+
 def test_the_cache_is_keyed_by_model_shape_not_weights(fresh, monkeypatch, tmp_path):
     calls = _measured(monkeypatch, {"int": 1.0, "fp": 2.0, "ort": 0.5})
     bitvit.load(fresh)

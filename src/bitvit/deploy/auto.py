@@ -177,6 +177,11 @@ def _cached_speed(entry: object, candidates: list[str]) -> dict[str, float] | No
     if not isinstance(entry, dict) or not isinstance(entry.get("speed"), dict):
         return None
     speed = entry["speed"]
+    # A candidate that could not be built when measured (ort without a working onnx) stays out
+    # rather than sending every load to measure again.
+    unavailable = entry.get("unavailable", [])
+    if isinstance(unavailable, list):
+        candidates = [name for name in candidates if name not in unavailable]
     # A speed ratio of a sane measurement; 10**400 (a hand-edited file) would overflow float().
     ok = all(isinstance(speed.get(name), (int, float)) and not isinstance(speed[name], bool)
              and 0 < speed[name] < 1e6 for name in candidates)
@@ -210,11 +215,13 @@ def _decide(path: str | Path, device: torch.device, compile: bool,
     fastest = max(speed, key=speed.__getitem__)  # the first of equals: int, fp, ort
     if built:
         entries[key] = {"engine": fastest, "speed": speed, "batches": list(BATCHES),
+                        "unavailable": [name for name in candidates if name not in built],
                         "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         where = save_cache(file, CACHE_VERSION, entries, "engine cache")
     listed = ", ".join(f"{n} {v:.2f}x" for n, v in sorted(speed.items(), key=lambda kv: -kv[1]))
-    missing = ("; ort not a candidate: onnx/onnxruntime not installed"
-               if device.type == "cpu" and ENGINE_ORT not in speed else "")
+    missing = ("" if device.type != "cpu" or ENGINE_ORT in speed
+               else "; ort not a candidate: onnx/onnxruntime not installed" if not ort_version
+               else "; ort not a candidate: its ONNX graph could not be built (onnx unusable)")
     reason = (f"fastest of {listed} the int engine's speed (batches "
               f"{' and '.join(map(str, BATCHES))}; {where}{missing})")
     return EngineChoice(fastest, reason, speed), built
