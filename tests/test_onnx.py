@@ -648,6 +648,16 @@ def _external(path: Path) -> Path:
     return _hostile(path, nodes, inits)
 
 
+def test_metadata_of_a_file_that_is_no_onnx_model_is_one_error_naming_it(tmp_path):
+    pytest.importorskip("onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ExportError, match=f"^{garbage}: not a readable ONNX model \\("):
+        metadata_of(garbage)
+    with pytest.raises(ExportError, match=f"^{tmp_path}"):  # a folder: refused unread
+        metadata_of(tmp_path)
+
+
 @pytest.mark.parametrize("build,words", [
     (_loop, "uses the operator 'Loop'"), (_alloc, "uses the operator 'ConstantOfShape'"),
     (_subgraph, "holds a subgraph"), (_external, "external or sparse tensor data")])

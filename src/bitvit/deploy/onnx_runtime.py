@@ -332,12 +332,13 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OrtModel:
 
 
 def metadata_of(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file, read with onnx (no session)."""
+    """The ``metadata_props`` of an ONNX file, read with onnx (no session), within the same
+    limits as `OrtModel` (a regular file of at most `MAX_ONNX_BYTES`)."""
     onnx = import_optional("onnx")
+    data = _read_graph(Path(path))
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and OSError alike
-        raise ExportError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0]})"
-                          ) from None
+        proto = onnx.load_model_from_string(data)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and the like
+        raise ExportError(f"{path}: not a readable ONNX model ({_reason(e)})") from None
     return {p.key: p.value for p in proto.metadata_props}
 
