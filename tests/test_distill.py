@@ -173,7 +173,9 @@ def test_cached_teacher_logits_equal_the_teacher_run_per_batch(real_env, tmp_pat
     order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(1))
     for idx in order.split(50):
         batch = Batch(splits.train.images[idx], splits.train.labels[idx], idx)
-        assert torch.equal(cached.logits(batch), per_batch(batch))
+        # Equal to fp32 rounding: a batch of other images rounds otherwise on some CPUs (the
+        # GEMM's blocking follows the batch on an AMD EPYC Zen 4; not on a Xeon Sapphire Rapids).
+        torch.testing.assert_close(cached.logits(batch), per_batch(batch), rtol=1e-5, atol=1e-6)
     # Kept in the run folder and read back, not computed again (a resume, say) ...
     cached.save_cache(tmp_path)
     assert (tmp_path / TEACHER_LOGITS).is_file()
