@@ -10,6 +10,7 @@ import pickle
 import tarfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -550,6 +551,25 @@ def test_download(tmp_path, server, monkeypatch):
 
     with pytest.raises(DataError, match="could not download"):
         download_cifar10(cache, f"{base}/missing.tar.gz", md5)
+
+    # No endless or oversized body fills the disk; a malformed address is one line too.
+    import bitvit.data.download as download
+
+    monkeypatch.setattr(download, "MAX_DOWNLOAD_BYTES", len(body) - 1)
+    with pytest.raises(DataError, match=f"download of {base}/c.tar.gz is {len(body)} bytes, "
+                                        f"over {len(body) - 1} "):
+        download_cifar10(cache, f"{base}/c.tar.gz", md5)
+    monkeypatch.setattr(download, "_check_room", lambda *a: None)  # as a body without a length
+    with pytest.raises(DataError, match=f"passed {len(body) - 1} bytes .*stopped, not using it"):
+        download_cifar10(cache, f"{base}/c.tar.gz", md5)
+    assert not list(cache.iterdir())
+    monkeypatch.undo()
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: SimpleNamespace(free=10))
+    with pytest.raises(DataError, match=f"needs {len(body)} bytes but {cache} has 10 free"):
+        download_cifar10(cache, f"{base}/c.tar.gz", md5)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="^could not download http://127.0.0.1:8x/c.tar.gz: "):
+        download_cifar10(cache, "http://127.0.0.1:8x/c.tar.gz", md5)
 
     # Address and checksum from the environment; a second call reuses the file.
     monkeypatch.setenv("BITVIT_CIFAR10_URL", f"{base}/c.tar.gz")

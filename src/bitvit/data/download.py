@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import logging
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -16,6 +17,10 @@ from bitvit.data.base import DEFAULT_DATA, OFFICIAL_MD5, OFFICIAL_URL, DataError
 from bitvit.files import resolve_cache_dir
 
 log = logging.getLogger("bitvit.data")
+
+# The official tarball is 170,498,071 bytes: a mirror, or another file named by its MD5, has room
+# to spare, but an endless stream stops here instead of filling the disk before the MD5 check.
+MAX_DOWNLOAD_BYTES = 1 << 30
 
 
 def find_data(path: str | None) -> Path:
@@ -63,10 +68,14 @@ def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None =
         log.info("downloading %s", url)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             expected = resp.headers.get("Content-Length")
+            _check_room(url, folder, None if expected is None else int(expected))
             while chunk := resp.read(1 << 20):
+                got += len(chunk)
+                if got > MAX_DOWNLOAD_BYTES:
+                    raise DataError(f"download of {url} passed {MAX_DOWNLOAD_BYTES} bytes "
+                                    "(CIFAR-10 is 170 MB); stopped, not using it")
                 out.write(chunk)
                 h.update(chunk)
-                got += len(chunk)
         if expected is not None and got != int(expected):
             raise DataError(f"download of {url} truncated: got {got} of {expected} bytes")
         if h.hexdigest() != md5:
@@ -76,10 +85,23 @@ def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None =
     except http.client.IncompleteRead as e:
         raise DataError(f"download of {url} truncated: got {got + len(e.partial)} bytes, "
                         f"expected {e.expected} more") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"could not download {url}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _check_room(url: str, folder: Path, size: int | None) -> None:
+    """Refuse, before reading, a download its Content-Length says is over `MAX_DOWNLOAD_BYTES`
+    or larger than the free space of ``folder``'s disk."""
+    if size is None:
+        return
+    if size > MAX_DOWNLOAD_BYTES:
+        raise DataError(f"download of {url} is {size} bytes, over {MAX_DOWNLOAD_BYTES} "
+                        "(CIFAR-10 is 170 MB); not downloading it")
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise DataError(f"download of {url} needs {size} bytes but {folder} has {free} free")
