@@ -203,6 +203,33 @@ def test_restricted_unpickler_refuses_malicious_pickle(tmp_path):
         safe_unpickle(b"garbage")
 
 
+def test_a_cifar_pickle_that_asks_for_memory_it_does_not_hold_is_refused(tmp_path):
+    from bitvit.data.cifar import _numpy_reconstruct
+
+    class Bomb:  # a 200-byte pickle naming an 18 GB array
+        def __reduce__(self):
+            return (_numpy_reconstruct(), (np.ndarray, (6_000_000, 3072), b"B"))
+
+    with pytest.raises(DataError, match="refusing numpy _reconstruct of shape "
+                                        "\\(6000000, 3072\\)"):
+        safe_unpickle(pickle.dumps({b"data": Bomb(), b"labels": []}, protocol=2), "x")
+    real = np.arange(12, dtype=np.uint8).reshape(3, 4)  # numpy's own pickles still load
+    assert np.array_equal(safe_unpickle(pickle.dumps(real, protocol=2)), real)
+
+    d = write_python(tmp_path / "py", make_arrays())
+    (d / "data_batch_1").write_bytes(pickle.dumps(
+        {b"data": np.zeros((1, 3072), np.uint8), b"labels": [b"cat"]}, protocol=2))
+    with pytest.raises(DataError) as e:
+        read_images(d, 32, 3)
+    assert one_line(e).endswith("data_batch_1: key labels must be a list of integer class "
+                                "indices")
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": 5}, protocol=2))
+    with pytest.raises(DataError) as e:
+        read_images(d, 32, 3)
+    assert one_line(e).endswith("batches.meta: label_names must be a list of class names, got "
+                                "int")
+
+
 # ------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------

@@ -25,6 +25,17 @@ def _numpy_reconstruct() -> Callable[..., Any]:
     return _reconstruct
 
 
+def _empty_reconstruct(cls: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's `_reconstruct` for the empty array its pickles start from (shape (0,)), which
+    ``__setstate__`` then fills from the pickle's own bytes. Any other shape would allocate
+    memory the file never held: a 200-byte pickle could ask for gigabytes."""
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)
+            and 0 in shape):
+        raise _Refused(f"refusing numpy _reconstruct of shape {str(shape)[:40]}: numpy's "
+                       "pickles reconstruct an empty array and fill it from the file")
+    return _numpy_reconstruct()(cls, shape, dtype)
+
+
 def _numpy_scalar() -> Callable[..., Any]:
     try:
         from numpy._core.multiarray import scalar  # numpy >= 2
@@ -53,7 +64,7 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             if name == "_reconstruct":
-                return _numpy_reconstruct()
+                return _empty_reconstruct
             if name == "scalar":
                 return _numpy_scalar()
         if module == "numpy" and name == "ndarray":
@@ -93,7 +104,11 @@ def _python_classes(tree: _Tree, root: str) -> list[str]:
     meta = safe_unpickle(_need(tree, root, "batches.meta"), meta_where)
     if not isinstance(meta, dict):
         raise DataError(f"{meta_where}: expected a dict with label_names")
-    return [_text(c) for c in _key(meta, "label_names", meta_where)]
+    names = _key(meta, "label_names", meta_where)
+    if not isinstance(names, (list, tuple)):
+        raise DataError(f"{meta_where}: label_names must be a list of class names, got "
+                        f"{type(names).__name__}")
+    return [_text(c) for c in names]
 
 
 def _read_python(tree: _Tree, root: str, image_size: int,
@@ -113,7 +128,11 @@ def _read_python(tree: _Tree, root: str, image_size: int,
                 raise DataError(f"{where}: key data must be a uint8 array of shape (N, 3072), "
                                 f"got {getattr(data, 'dtype', type(data).__name__)} "
                                 f"{getattr(data, 'shape', '')}")
-            lab = np.asarray(lab, dtype=np.int64)
+            try:
+                lab = np.asarray(lab, dtype=np.int64)
+            except (ValueError, TypeError, OverflowError):
+                raise DataError(f"{where}: key labels must be a list of integer class "
+                                "indices") from None
             if lab.shape != (data.shape[0],):
                 raise DataError(f"{where}: key labels has {lab.size} entries for "
                                 f"{data.shape[0]} images")
