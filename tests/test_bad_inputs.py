@@ -42,6 +42,14 @@ def test_override_that_is_not_valid_yaml(capsys, tmp_path, override, command):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("digits, words", [(400, "is too large for a float"),
+                                            (5000, "a value YAML cannot read")])
+def test_an_override_of_a_number_too_large_is_one_line(capsys, digits, words):
+    config = str(Path(__file__).parents[1] / "configs/paper.yaml")
+    err = one_line_error(capsys, "profile", config, "train.lr=1" + "0" * digits)
+    assert "train.lr=" in err and words in err
+
+
 def test_overrides_mixed_with_options_are_applied(tiny_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     out = tmp_path / "run"

@@ -519,6 +519,11 @@ def test_bad_metadata(exported, tmp_path):
                           "bad export metadata")
     assert_one_line_error(rewrite(exported, tmp_path / "e.safetensors", layers="[1]"),
                           "do not match")
+    with safe_open(str(exported), framework="pt") as f:
+        preprocessing = json.loads(f.metadata()["preprocessing"])
+    huge = json.dumps({**preprocessing, "mean": [10 ** 400] * 3})  # past float's range
+    assert_one_line_error(rewrite(exported, tmp_path / "f.safetensors", preprocessing=huge),
+                          "bad export metadata \\(OverflowError")
 
 
 def test_tensors_not_matching_config(exported, tmp_path):

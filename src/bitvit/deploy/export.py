@@ -244,7 +244,8 @@ def parse_model_metadata(path: Path, meta: dict[str, str]) -> tuple[Config, list
         config = Config.from_dict(files.parse_json(meta["config"]), source=str(path))
         classes = files.parse_json(meta["classes"])
         preprocessing = Preprocessing.from_dict(files.parse_json(meta["preprocessing"]))
-    except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, ConfigError, ValueError,
+            OverflowError) as e:  # OverflowError: an integer past float's range in a list
         raise ExportError(f"{path}: bad export metadata ({type(e).__name__}: {e})") from None
     if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
             or len(classes) != config.model.num_classes):

@@ -301,7 +301,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         inner = typing.get_args(tp)[0]
         return tuple(_coerce(v, inner, key, source) for v in value)
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range (1 and 400 zeros)
+            raise ConfigError(f"{source}: {key}={short_repr(value)} is too large for a "
+                              "float") from None
     if tp is float and isinstance(value, str) and YAML11_FLOAT.fullmatch(value):
         return float(value)  # 1e-6: a number, though YAML 1.1 (PyYAML) reads it as a string
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -440,7 +444,10 @@ class _StrictLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)`` within bounds: `YamlRefused` for an anchor on a list or mapping
     (an alias bomb) or nesting deeper than MAX_YAML_DEPTH."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except ValueError as e:  # int() of an integer of more than sys.get_int_max_str_digits()
+        raise YamlRefused(f"a value YAML cannot read ({_cut(str(e), 100)})") from None
 
 
 def _yaml_reason(e: yaml.YAMLError) -> str:
