@@ -167,6 +167,8 @@ def test_deit_distillation_token_is_refused_in_one_line(tmp_path, capsys, cls_na
                                "bitvit's ViT has no counterpart for"),
     ({"num_hidden_layers": 3}, "missing vit.encoder.layer.2."),
     ({"intermediate_size": 64}, "blocks.0.mlp.fc1.weight has shape (48, 32), expected (64, 32)"),
+    ({"hidden_size": 0}, "hidden_size=0: expected a positive int"),
+    ({"image_size": [[32]]}, "image_size=[32]: expected int (square only)"),
 ])
 def test_hugging_face_configs_bitvit_cannot_read(tmp_path, hf_vit, change, expected):
     folder = tmp_path / "bad"
@@ -177,6 +179,32 @@ def test_hugging_face_configs_bitvit_cannot_read(tmp_path, hf_vit, change, expec
     with pytest.raises(CheckpointError) as e:
         bitvit.load_pretrained(folder)
     assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hugging_face_labels_that_are_not_decimal_indices_are_left_out(tmp_path, hf_vit):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((hf_vit / "model.safetensors").read_bytes())
+    config = json.loads((hf_vit / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "id2label": {"\u00b2": "x"}}))
+    from bitvit.nn.pretrained import read_pretrained
+
+    assert read_pretrained(folder).classes is None  # "²".isdigit(), but no int("²")
+
+
+def test_hugging_face_weights_whose_shapes_do_not_stack_are_one_line(tmp_path, hf_vit):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_vit / "config.json").read_text())
+    state = load_file(str(hf_vit / "model.safetensors"))
+    key = next(k for k in state if k.endswith("attention.attention.key.weight"))
+    state[key] = state[key][:-1]  # a key projection one row short of query's and value's
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        bitvit.load_pretrained(folder)
+    assert "\n" not in str(e.value) and str(folder / "model.safetensors") in str(e.value)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -206,7 +206,13 @@ def read_huggingface(folder: Path) -> Pretrained:
             f"{weights}: {distill}: DeiT's distillation token (a second class token every block "
             "attends to) is not supported by bitvit's ViT (DeiT checkpoints without it are "
             "published as model_type vit, and load)")
-    state = _hf_state(weights, raw, prefix, arch)
+    try:  # shapes are read from the tensors: q, k and v of other widths, say, do not stack
+        state = _hf_state(weights, raw, prefix, arch)
+    except PretrainedError:
+        raise
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise PretrainedError(f"{weights}: not a Hugging Face ViT bitvit can read "
+                              f"({error_reason(e)})") from None
     # The classifier's size is its weight's (id2label names the classes, when it fits).
     head = state.get("head.weight")
     arch["num_classes"] = None if head is None else head.shape[0]
@@ -220,12 +226,16 @@ def read_huggingface(folder: Path) -> Pretrained:
 
 def _hf_value(path: Path, cfg: dict[str, Any], key: str, kind: type) -> Any:
     value = cfg.get(key, HF_DEFAULTS[key])
-    if kind in (int, float) and isinstance(value, list) and len(set(value)) == 1:
+    if (kind in (int, float) and isinstance(value, list) and value
+            and all(type(x) is type(value[0]) and x == value[0] for x in value)):
         value = value[0]  # image_size and patch_size may be [h, w]
     ok = (isinstance(value, kind) if kind is not float else isinstance(value, int | float))
     if not ok or isinstance(value, bool) != (kind is bool):
-        raise PretrainedError(f"{path}: {key}={value!r}: expected {kind.__name__}"
+        raise PretrainedError(f"{path}: {key}={files.one_line(repr(value), 80)}: expected "
+                              f"{kind.__name__}"
                               + (" (square only)" if isinstance(value, list) else ""))
+    if kind is int and value <= 0:  # every size of the architecture: 0 would divide by zero
+        raise PretrainedError(f"{path}: {key}={value}: expected a positive int")
     return value
 
 
@@ -248,7 +258,7 @@ def _hf_arch(path: Path, cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]
                               f"({', '.join(HF_GELU)})")
     labels = cfg.get("id2label")
     classes = None
-    if isinstance(labels, dict) and all(str(k).isdigit() for k in labels):
+    if isinstance(labels, dict) and all(str(k).isdecimal() for k in labels):  # not "²"
         classes = [str(labels[k]) for k in sorted(labels, key=int)]
     arch = {"image_size": v["image_size"], "in_channels": v["num_channels"],
             "patch_size": v["patch_size"], "dim": v["hidden_size"],
@@ -341,7 +351,7 @@ def read_timm(path: Path) -> Pretrained:
         out[key] = _patch_linear(_take(src, key, path), path, key)
     except PretrainedError:
         raise
-    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+    except (KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
         raise PretrainedError(f"{path}: not a timm ViT state dict bitvit can read "
                               f"({error_reason(e)})") from None
     for key in ("patch_embed.proj.bias", "pos_embed"):
