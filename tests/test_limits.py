@@ -332,6 +332,23 @@ def test_an_archive_that_inflates_past_half_the_memory_is_refused(tmp_path, monk
     assert len(tree._read_tar(archive).files) == 4
 
 
+def test_images_that_would_not_fit_in_memory_decoded_are_refused_before_decoding(
+        tmp_path, monkeypatch):
+    from bitvit import system
+    from bitvit.data import DataError
+    from bitvit.data.sources import read_images
+
+    images = write_image_folder(tmp_path / "images")  # 4 training images of each of 2 classes
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(system, "host_memory", lambda: (100_000, "a test's 100 kB"))
+    with pytest.raises(DataError) as e:  # 8 x 3 x 64 x 64, twice: 196,608 bytes
+        read_images(images, 64, 3)
+    assert str(e.value).startswith(f"{images}: 8 images at 64x64x3 take 192.0 KiB to decode, "
+                                   "more than the 97.7 KiB of memory available (a test's "
+                                   "100 kB); make model.image_size smaller")
+    assert read_images(images, 16, 3)[0].images.shape[-1] == 16  # 12 KiB: decoded
+
+
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse"])
 def test_an_image_that_is_not_a_regular_file_within_the_limit_is_refused_unread(tmp_path,
                                                                                 capsys,

@@ -138,6 +138,21 @@ def file_limit_hint() -> str:
     return f" ({MAX_PIXELS_ENV} raises it: {BYTES_PER_PIXEL} bytes per pixel)"
 
 
+def check_decoded_fits(count: int, image_size: int, channels: int, where: str) -> None:
+    """Refuse, before decoding, ``count`` images that would not fit in the memory available:
+    each is decoded into an array of its own and then stacked into one, so twice their bytes
+    (CIFAR-10 at 224 px is 18 GB)."""
+    from bitvit import system
+
+    need = 2 * count * channels * image_size * image_size
+    memory = system.host_memory()
+    if memory is not None and need > memory[0]:
+        raise DataError(f"{where}: {count} images at {image_size}x{image_size}x{channels} take "
+                        f"{system.human_bytes(need)} to decode, more than the "
+                        f"{system.human_bytes(memory[0])} of memory available ({memory[1]}); "
+                        "make model.image_size smaller or set data.limit_train")
+
+
 def _is_auto(v: Any) -> bool:
     return isinstance(v, str) and v == AUTO
 

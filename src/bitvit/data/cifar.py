@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bitvit.data.base import CIFAR_RECORD, PY_TRAIN, DataError, ImageSet
+from bitvit.data.base import CIFAR_RECORD, PY_TRAIN, DataError, ImageSet, check_decoded_fits
 from bitvit.data.folder import fit_image
 from bitvit.data.tree import _join, _need, _Tree
 
@@ -174,6 +174,7 @@ def _official_set(images: np.ndarray, labels: np.ndarray, classes: list[str], im
         raise DataError(f"{where}: labels must be in 0..{len(classes) - 1} "
                         f"({len(classes)} class names), got {labels.min()}..{labels.max()}")
     if image_size != 32 or channels != 3:
+        check_decoded_fits(len(images), image_size, channels, where)
         # Same PIL path as image folders, so every form gives the same pixels.
         images = np.stack([fit_image(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))),
                                 image_size, channels) for im in images])

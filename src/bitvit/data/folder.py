@@ -19,6 +19,7 @@ from bitvit.data.base import (
     MAX_PIXELS_ENV,
     DataError,
     ImageSet,
+    check_decoded_fits,
     file_limit_hint,
     max_file_bytes,
     max_image_pixels,
@@ -92,6 +93,7 @@ def _read_folder(tree: _Tree, root: str, image_size: int, channels: int,
         if limit and limit < len(entries):
             idx = _balanced_indices(labels, limit, seed)
             entries, labels = [entries[i] for i in idx], labels[idx]
+        check_decoded_fits(len(entries), image_size, channels, tree.where(root or "."))
         images = np.stack([_decode_image(tree, rel, image_size, channels) for rel, _ in entries])
         out.append(ImageSet(torch.from_numpy(images), torch.from_numpy(labels), list(classes)))
     return out[0], out[1]
