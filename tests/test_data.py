@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import logging
 import os
 import pickle
@@ -233,6 +234,21 @@ def test_a_cifar_pickle_that_asks_for_memory_it_does_not_hold_is_refused(tmp_pat
 # ------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------
+
+
+def test_a_cache_file_bitvit_did_not_write_is_a_miss(tmp_path):
+    from bitvit.data.cache import _load_cache, _load_stats
+
+    npz = tmp_path / "c.npz"
+    np.save(npz.open("wb"), np.zeros(3))  # a bare .npy where the .npz should be
+    assert _load_cache(npz, "key") is None
+    np.savez(npz.open("wb"), key=np.array("key"), classes=np.array(5))  # 0-d classes
+    assert _load_cache(npz, "key") is None
+    stats = tmp_path / "s.json"
+    stats.write_text("[" * 100_000 + "]" * 100_000)
+    assert _load_stats(stats, "key", 3) is None
+    stats.write_text(json.dumps({"key": "key", "mean": [10 ** 400] * 3, "std": [1, 1, 1]}))
+    assert _load_stats(stats, "key", 3) is None
 
 
 def _cache_files(tmp_path):

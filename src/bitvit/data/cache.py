@@ -16,7 +16,7 @@ import torch
 
 from bitvit.data.base import ImageSet, Stats
 from bitvit.data.normalization import check_normalization
-from bitvit.files import atomic_file, read_limited
+from bitvit.files import atomic_file, parse_json, read_limited
 
 log = logging.getLogger("bitvit.data")
 
@@ -39,7 +39,8 @@ def _load_cache(file: Path, key: str) -> tuple[ImageSet, ImageSet] | None:
                 sets.append(ImageSet(torch.from_numpy(images), torch.from_numpy(labels),
                                      list(classes)))
         return sets[0], sets[1]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile,
+            zlib.error) as e:  # TypeError: a bare .npy in its place, a 0-d class list
         log.warning("cache %s unreadable (%s); rebuilding it", file, e)
         return None
 
@@ -66,13 +67,13 @@ def _load_stats(file: Path, key: str, channels: int) -> Stats | None:
     if not file.exists():
         return None
     try:
-        d = json.loads(read_limited(file, "statistics cache"))
+        d = parse_json(read_limited(file, "statistics cache"))  # nesting bounded
         mean, std = tuple(map(float, d["mean"])), tuple(map(float, d["std"]))
         if d["key"] != key or len(mean) != channels or len(std) != channels:
             raise ValueError("key or channel mismatch")
         check_normalization(mean, std, channels)
         return mean, std
-    except (OSError, ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:  # DataError too
         log.warning("statistics cache %s unreadable (%s); computing them again", file, e)
         return None
 
