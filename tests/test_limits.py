@@ -332,6 +332,25 @@ def test_an_archive_that_inflates_past_half_the_memory_is_refused(tmp_path, monk
     assert len(tree._read_tar(archive).files) == 4
 
 
+@pytest.mark.parametrize("kind", ["pax", "GNU long-name"])
+def test_a_tar_header_that_would_inflate_is_refused_before_it_is_read(tmp_path, monkeypatch,
+                                                                     kind):
+    from bitvit.data import DataError, tree
+
+    archive = tmp_path / "header.tar.gz"
+    fmt = tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT
+    with tarfile.open(archive, "w:gz", format=fmt) as tar:
+        member = tarfile.TarInfo("ds/train/a/" + "x" * 3000 + ".png")  # a 3 kB name: a header
+        member.size = 4
+        tar.addfile(member, io.BytesIO(bytes(4)))
+    assert len(tree._read_tar(archive).files) == 1  # within the limit: read
+    monkeypatch.setattr(tree, "MAX_TAR_HEADER_BYTES", 1000)
+    with pytest.raises(DataError) as e:
+        tree._read_tar(archive)
+    assert str(e.value).startswith(f"{archive}: a {kind} header of ")
+    assert str(e.value).endswith("over the 1000 B any real archive needs; refused unread")
+
+
 def test_images_that_would_not_fit_in_memory_decoded_are_refused_before_decoding(
         tmp_path, monkeypatch):
     from bitvit import system

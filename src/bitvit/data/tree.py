@@ -108,6 +108,32 @@ def _archive_budget() -> tuple[int, str] | None:
     return None if available is None else (available[0] // 2, available[1])
 
 
+# tarfile reads a pax or GNU long-name header whole before bitvit sees its member: real ones
+# hold a few hundred bytes, but one claiming 8 GB of zeros gzips into 8 MB.
+MAX_TAR_HEADER_BYTES = 1 << 20
+
+
+class _HeaderTooLarge(Exception):
+    """An extended tar header over `MAX_TAR_HEADER_BYTES` (`_read_tar` names the archive)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an extended header over `MAX_TAR_HEADER_BYTES` before reading it."""
+
+    def _bounded(self, kind: str) -> None:
+        if self.size > MAX_TAR_HEADER_BYTES:
+            raise _HeaderTooLarge(f"a {kind} header of {human_bytes(self.size)}, over the "
+                                  f"{human_bytes(MAX_TAR_HEADER_BYTES)} any real archive needs")
+
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        self._bounded("pax")
+        return super()._proc_pax(tarfile)  # type: ignore[misc]
+
+    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        self._bounded("GNU long-name")
+        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+
 def _read_tar(path: Path) -> _Tree:
     """Read an archive in one streaming pass, keeping only the bytes of files we may need."""
     files: dict[str, Callable[[], bytes]] = {}
@@ -115,7 +141,7 @@ def _read_tar(path: Path) -> _Tree:
     wanted = set(PY_FILES) | set(BIN_FILES)
     limit, held, budget = max_file_bytes(), 0, _archive_budget()
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r|*", tarinfo=_BoundedTarInfo) as tar:
             for m in tar:
                 name = PurePosixPath(m.name.lstrip("/"))
                 parts = [p for p in name.parts if p not in (".", "")]
@@ -140,6 +166,8 @@ def _read_tar(path: Path) -> _Tree:
                 files[rel] = (lambda b=data: b)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path} is not a readable tar archive (or is truncated): {e}") from None
+    except _HeaderTooLarge as e:
+        raise DataError(f"{path}: {e}; refused unread") from None
     return _Tree(str(path), files, dirs, archive=True)
 
 
