@@ -37,12 +37,13 @@ from bitvit.training.checkpoint import (
     save_training_checkpoint,
     training_state,
 )
-from bitvit.training.config import Config, ConfigError, load_config, resolve_device, save_config
+from bitvit.training.config import Config, ConfigError, load_config, save_config
 from bitvit.training.distill import Distillation, TeacherLoader, load_teacher
 from bitvit.training.distill import set_up as set_up_distillation
 from bitvit.training.evaluation import predict_logits
 from bitvit.training.losses import Batch, Loss, make_loss
 from bitvit.training.pretrained import Source, init_model, read_source, source_config
+from bitvit.training.processes import Processes, all_finite, all_summed, processes
 from bitvit.training.rundir import (
     TRAIN_EVAL_COLUMNS,
     read_metrics,
@@ -199,23 +200,6 @@ def flush_subnormals() -> Iterator[None]:
 
 
 @dataclass
-class Processes:
-    """This process among those of the run (one, or several under ``torchrun``)."""
-
-    world: int
-    rank: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def writer(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
 class Session:
     """Everything an epoch needs, built once by `_set_up`."""
 
@@ -241,7 +225,7 @@ class Session:
 
 def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
            command: list[str] | None, teacher_loader: TeacherLoader | None) -> RunResult:
-    procs = _processes(config)
+    procs = processes(config)
     try:
         s = _set_up(config, run_dir, resume, procs, teacher_loader)
     except (RuntimeError, MemoryError) as e:
@@ -287,23 +271,6 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
 # ---------------------------------------------------------------------------------------------
 # Setting up
 # ---------------------------------------------------------------------------------------------
-
-
-def _processes(config: Config) -> Processes:
-    """This process's rank and device; joins the process group under ``torchrun``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    procs = Processes(world, int(os.environ.get("RANK", "0")),
-                      resolve_device(config.train.device, "train.device"))
-    if procs.distributed:
-        if procs.device.type == "cuda":
-            procs.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(procs.device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if procs.device.type == "cuda" else "gloo")
-    if config.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the "
-                          f"{world} processes")
-    return procs
 
 
 def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Processes,
@@ -438,7 +405,7 @@ def _train_epoch(s: Session, epoch: int, quiet: bool) -> dict[str, float]:
             logits = s.net(normalize(batch.images, data.mean, data.std))
             loss = s.loss(logits, batch)
         loss_value = loss.item()
-        if not _all_finite(loss_value, procs.distributed, procs.device):
+        if not all_finite(loss_value, procs.distributed, procs.device):
             what = (f"loss is {loss_value}" if not math.isfinite(loss_value)
                     else "another process's loss is not finite")
             raise _non_finite(f"{what} at epoch {epoch}, step {step + 1}", epoch, s.run_dir)
@@ -454,7 +421,7 @@ def _train_epoch(s: Session, epoch: int, quiet: bool) -> dict[str, float]:
     if bar is not None:
         bar.close()
     if procs.distributed:
-        dist.all_reduce(sums)
+        sums = all_summed(sums, procs.device)
     return {"epoch": epoch, "train_loss": (sums[0] / sums[2]).item(),
             "train_acc": (sums[1] / sums[2]).item()}
 
@@ -535,17 +502,6 @@ def _non_finite(what: str, epoch: int, run_dir: Path) -> TrainingError:
     return TrainingError(f"{what}: stopping; {kept}")
 
 
-def _all_finite(value: float, distributed: bool, device: torch.device) -> bool:
-    """Whether every process's loss is finite, so that all of them stop at the same step
-    (a process stopping alone would leave the others waiting in the gradient all-reduce)."""
-    finite = math.isfinite(value)
-    if not distributed:
-        return finite
-    flag = torch.tensor([float(finite)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _evaluate_sharded(s: Session, data: ImageSet) -> tuple[float, float]:
     """(loss, accuracy) over the whole set; each process takes every world-th image."""
     world, rank = s.procs.world, s.procs.rank
@@ -556,7 +512,7 @@ def _evaluate_sharded(s: Session, data: ImageSet) -> tuple[float, float]:
                          (logits.argmax(1) == shard.labels).sum().item(), len(shard.labels)],
                         dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(sums)
+        sums = all_summed(sums, s.procs.device)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
