@@ -182,6 +182,17 @@ def test_planned_auto_normalization_matches_the_numbers_a_run_recorded(tmp_path)
     assert choice.method("fp").chosen == 0.001
 
 
+def test_a_method_without_the_reference_rate_gives_no_ranking_and_no_error(tmp_path):
+    runs = grid(tmp_path, {
+        "fp": {0.0003: (0.46, 0.45), 0.001: (0.48, 0.47)},
+        "b158": {0.0003: (0.49, 0.48), 0.003: (0.47, 0.46)},  # never at the reference 1e-3
+    })
+    choice = choose_rates(runs, last_k=2, planned=[r.config for r in runs])
+    assert choice.complete and choice.ranking_chosen == []
+    assert {m.label: m.chosen for m in choice.methods} == {"fp": 0.001, "b158": 0.0003}
+    rates_markdown(choice, runs)  # renders: no KeyError
+
+
 def test_a_rate_planned_for_one_method_only_leaves_the_others_complete(tmp_path):
     # fp's best rate was the grid's lowest, so it alone got a lower one (as lr-cpu did).
     runs = grid(tmp_path, {

@@ -180,7 +180,8 @@ def choose_rates(runs: list[Run], last_k: int = DEFAULT_LAST_K,
                       if math.isclose(c.val_summary.mean, best, rel_tol=0, abs_tol=1e-12)]
             m.chosen = min(m.tied)
     choice = RateChoice(sorted(methods.values(), key=lambda m: m.label), lrs, last_k, reference)
-    if choice.complete and reference in lrs:
+    # Rankings compare every method at the reference rate: each must have run it.
+    if choice.complete and all(reference in m.cells for m in choice.methods):
         _rank(choice, margin)
     return choice
 

@@ -278,7 +278,7 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     """Data, model, optimizer and schedule, the teacher, and the resumed state. Writes nothing,
     so that a bad config, data path or teacher leaves no run folder behind."""
     tc = config.train
-    if resume is None and procs.writer and rundir.has_checkpoint(run_dir):
+    if resume is None and rundir.has_checkpoint(run_dir):  # every rank: none may go on alone
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
     source = None
