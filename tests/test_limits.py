@@ -94,6 +94,8 @@ def test_an_empty_config_is_an_error_naming_it(tmp_path, capsys, text):
               num_classes=2),
     ViTConfig(image_size=32, patch_size=8, dim=48, depth=3, heads=4, mlp_ratio=2.5,
               num_classes=7, pooling="mean"),
+    ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=3,
+              qkv_bias=False, final_norm="none"),
 ])
 @pytest.mark.parametrize("quant", ["fp", "b158", "sign"])
 def test_the_estimate_counts_the_parameters_of_the_built_model(model, quant):

@@ -295,6 +295,9 @@ def test_head_untouched_and_fp_is_a_no_op():
     quantize_(model, "sign")
     assert type(model.head) is nn.Linear
     torch.testing.assert_close(model.head.weight, head)
+    wrapped = nn.ModuleDict({"vit": VisionTransformer(ViTConfig(depth=1, dim=32, heads=4))})
+    quantize_(wrapped, "b158")  # inside a wrapper the classifier is still the head
+    assert type(wrapped["vit"].head) is nn.Linear
 
 
 def test_filter_fn_and_errors():
@@ -308,6 +311,8 @@ def test_filter_fn_and_errors():
         quantize_(VisionTransformer(ViTConfig(depth=1, dim=32, heads=4)), "b158", where="heads")
     with pytest.raises(ValueError, match="act_bits"):
         quantize_(VisionTransformer(ViTConfig(depth=1, dim=32, heads=4)), "b158", act_bits=4)
+    with pytest.raises(ValueError, match="act_bits True"):  # True == 1, yet not 1 bit
+        quantize_(VisionTransformer(ViTConfig(depth=1, dim=32, heads=4)), "b158", act_bits=True)
 
 
 @pytest.mark.parametrize("method,act_bits", [

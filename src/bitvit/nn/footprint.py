@@ -53,14 +53,15 @@ def linear_parameters(m: ViTConfig) -> dict[str, int]:
     d, hidden = m.dim, _hidden(m)
     patch_in = m.in_channels * m.patch_size ** 2
     return {"patch": patch_in * d + d,
-            "attn": m.depth * (d * 3 * d + 3 * d + d * d + d),
+            "attn": m.depth * (d * 3 * d + (3 * d if m.qkv_bias else 0) + d * d + d),
             "mlp": m.depth * (d * hidden + hidden + hidden * d + d)}
 
 
 def parameter_count(m: ViTConfig) -> int:
     """The number of parameters of `VisionTransformer(m)` (quantization adds none)."""
     d = m.dim
-    norms = m.depth * 4 * d + 2 * d  # two LayerNorms per block and the final one
+    # Two LayerNorms per block and the final one (none with final_norm "none").
+    norms = m.depth * 4 * d + (2 * d if m.final_norm != "none" else 0)
     embeddings = _tokens(m) * d + (d if m.pooling == "cls" else 0)
     head = d * m.num_classes + m.num_classes
     return sum(linear_parameters(m).values()) + norms + embeddings + head

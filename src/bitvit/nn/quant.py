@@ -52,7 +52,7 @@ def resolve_act_bits(method: str, act_bits: int | str | None) -> int | None:
         return None
     if isinstance(act_bits, str) and act_bits.isdigit():
         act_bits = int(act_bits)
-    if act_bits not in ACT_BITS:
+    if isinstance(act_bits, bool) or act_bits not in ACT_BITS:  # True == 1, but not 1 bit
         raise ValueError(f"unknown act_bits {act_bits!r}: expected 8, 1, none or default")
     return act_bits
 
@@ -455,7 +455,7 @@ def _selected(name: str, where: str, include_patch_embed: bool) -> bool:
 
 
 def _is_head(name: str) -> bool:
-    return name.split(".")[0] == "head"
+    return "head" in name.split(".")  # the classifier, also inside a wrapper (vit.head)
 
 
 def quantize_(
