@@ -539,3 +539,21 @@ def test_non_finite_parameters_are_never_saved(real_env, tmp_path, monkeypatch):
     assert torch.load(run / "last/state.pt", weights_only=True)["epoch"] == 1
     assert all(v.isfinite().all() for v in load_file(str(run / "last/model.safetensors")).values())
     assert len(metrics(run)) == 1
+
+
+def test_extending_a_cosine_run_says_its_schedule_changes(tmp_path, capsys):
+    from bitvit.training.config import save_config
+
+    for schedule in ("cosine", "constant"):
+        save_config(load_config(None, [f"train.schedule={schedule}", "train.epochs=30"]),
+                    tmp_path / "config.yaml")
+        capsys.readouterr()
+        assert config_for_resume(tmp_path, epochs=100).train.epochs == 100
+        assert config_for_resume(tmp_path, epochs=30).train.epochs == 30  # a plain resume
+        err = capsys.readouterr().err
+        if schedule == "constant":
+            assert err == ""
+        else:
+            assert err == (f"bitvit train: extending {tmp_path} from 30 to 100 epochs under "
+                           "train.schedule=cosine: its lr now decays over 100 epochs, so the run "
+                           "is not what 100 epochs from the start give\n")

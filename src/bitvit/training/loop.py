@@ -548,6 +548,12 @@ def config_for_resume(run_dir: str | Path, epochs: int | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: missing; --resume needs a run folder written by bitvit train")
     config = load_config(path)
+    if epochs is not None and epochs != config.train.epochs and config.train.schedule != "constant":
+        # The cosine is spread over the run's length: the epochs trained so far followed the old.
+        print(f"bitvit train: extending {run_dir} from {config.train.epochs} to {epochs} epochs "
+              f"under train.schedule={config.train.schedule}: its lr now decays over {epochs} "
+              f"epochs, so the run is not what {epochs} epochs from the start give",
+              file=sys.stderr)
     if epochs is not None:
         config.train = replace(config.train, epochs=epochs)
     return config
