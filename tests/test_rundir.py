@@ -333,3 +333,30 @@ def test_atomic_writes_take_the_users_permissions_even_from_private_writers(tmp_
         os.umask(old)
     assert (private.stat().st_mode & 0o777) == 0o644
     assert (weights.stat().st_mode & 0o777) == 0o644
+
+
+def test_a_swapped_checkpoint_reaches_the_disk_before_the_old_one_goes(tmp_path, monkeypatch):
+    from bitvit import files
+    from bitvit.training import rundir
+
+    target = tmp_path / "last"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old")
+    synced: list[tuple[str, bool]] = []  # (name, whether the previous folder still existed)
+    real_sync = files.sync_path
+
+    def sync(path: Path) -> None:
+        synced.append((path.name, rundir.displaced(target).exists() or target.exists()))
+        real_sync(path)
+
+    monkeypatch.setattr(files, "sync_path", sync)
+
+    def write(folder: Path) -> None:
+        for name in ("model.safetensors", "state.pt"):
+            (folder / name).write_bytes(b"new")
+
+    rundir.swap_folder(target, write)
+    assert sorted(synced[:2]) == [("model.safetensors", True), ("state.pt", True)]
+    assert synced[2:] == [(".last.tmp", True), (tmp_path.name, True)]  # files, folder, rename
+    assert (target / "model.safetensors").read_bytes() == b"new"
+    assert not rundir.displaced(target).exists()

@@ -317,6 +317,24 @@ def _umask() -> int:
     return mask
 
 
+def sync_path(path: Path) -> None:
+    """fsync a file, or a folder (its entries: a rename in it); a folder that cannot be
+    opened for it (not on every OS) is left as is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Write ``path`` as a whole or not at all: ``write(tmp)`` fills a temporary file beside it,
     which is synced and renamed over ``path``. On any failure the temporary is removed and an OS

@@ -95,6 +95,8 @@ def swap_folder(target: Path, write: Callable[[Path], Any]) -> None:
 
     ``target`` is complete before and after; a failure while writing removes the temporary
     folder, leaves ``target`` as it was and raises OSError naming the file under ``target``.
+    Its files and the renames reach the disk before the previous folder is removed, so that a
+    power loss, not only a kill, leaves one complete checkpoint.
     """
     tmp = target.with_name(f".{target.name}.tmp")
     old = displaced(target)
@@ -102,6 +104,9 @@ def swap_folder(target: Path, write: Callable[[Path], Any]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        for f in tmp.iterdir():
+            files.sync_path(f)
+        files.sync_path(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.filename and str(e.filename).startswith(str(tmp)):
@@ -111,6 +116,7 @@ def swap_folder(target: Path, write: Callable[[Path], Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
     tmp.rename(target)
+    files.sync_path(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
