@@ -232,6 +232,16 @@ def test_profile_of_an_export_matches_the_file(tmp_path, capsys, float_dtype):
     direct = profile_model(model, TINY, ternary_packing="2bit", packed_float_dtype=float_dtype)
     for key in ("params", "zero_weights", "macs", "add_macs", "bytes_packed"):
         assert p.totals[key] == direct.totals[key], key
+    # Profiled from Python as docs/deployment.md shows: the cls-only last block that `load`
+    # installs counts as the whole block, and stays installed.
+    loaded = export.load(file, engine="int")
+    last = loaded.vit.blocks[-1]
+    from_python = profile_model(loaded.vit, loaded.config, ternary_packing="2bit",
+                                packed_float_dtype=float_dtype)
+    assert [r.name for r in from_python.rows] == [r.name for r in p.rows]
+    for key in ("params", "macs", "add_macs", "bytes_packed"):
+        assert from_python.totals[key] == p.totals[key], key
+    assert loaded.vit.blocks[-1] is last
     with safe_open(str(file), framework="pt") as f:
         stored = sum(f.get_tensor(k).nbytes for k in f.keys())  # noqa: SIM118 - not iterable
     assert p.totals["bytes_packed"] == stored

@@ -99,7 +99,6 @@ def _load_exported(path: Path) -> ProfileSource:
     """An exported model: its packed codes, unpacked by `bitvit.deploy.export.load` on the int
     engine (whose resident bytes the profile counts), and the engine auto would run it with."""
     from bitvit.deploy.auto import choose_engine
-    from bitvit.deploy.engine import ClsTokenBlock
     from bitvit.deploy.export import load, read_export_metadata
 
     try:
@@ -110,11 +109,6 @@ def _load_exported(path: Path) -> ProfileSource:
     meta = read_export_metadata(path)  # already checked by load
     packings = {layer.get("packing") for layer in parse_json(meta["layers"]).values()}
     ternary = sorted(packings & set(TERNARY_PACKINGS))
-    # The profile counts the architecture's per-image cost, as for a config or a checkpoint:
-    # the whole last block, not the cls-only one that inference runs (ClsTokenBlock).
-    blocks = loaded.vit.blocks
-    if len(blocks) and isinstance(blocks[-1], ClsTokenBlock):
-        blocks[-1] = blocks[-1].full_block()
     # The inference layers keep in/out_features, method, act_bits and their int8 codes.
     return ProfileSource(loaded.vit, loaded.config, f"the exported codes in {path}",
                          ternary[0] if ternary else None, meta["float_dtype"], choice.name,
