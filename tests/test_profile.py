@@ -290,6 +290,10 @@ def test_resident_bytes_are_what_the_loaded_model_holds(tmp_path, method, quant)
     assert p.totals["bytes_held_by_module"] == held
     if method != "fp" and p.int_kernel == "int8":  # 1 byte per quantized weight, not 2 (or a
         assert held < 4 * p.totals["params"] - 2 * p.totals["quantized_weights"]  # fp32 copy)
+    # The fp engine's layers hold an fp32 copy of their weights beside the codes, no kernel's.
+    fp_engine = bitvit.load(file, engine="fp")
+    p_fp = profile_model(fp_engine.vit, fp_engine.config, packed_float_dtype=src.float_dtype)
+    assert p_fp.totals["bytes_resident"] == _storage_bytes(fp_engine)
 
 
 def test_a_model_without_torch_layers_is_refused_with_what_to_load():

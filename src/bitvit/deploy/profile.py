@@ -372,7 +372,9 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     row.bytes_packed = (math.ceil(n / CODES_PER_BYTE[spec.packing(ternary_packing)])
                         + PACKED_SCALE_BYTES * n_scales + packed_float_bytes * n_bias)
     code_bytes = RESIDENT_CODE_BYTES
-    if act_bits in (8, 1):  # an integer product: the kernel's own copy of the codes too
+    if getattr(m, "engine", None) == "fp":  # the fp engine's cached fp32 weight, no kernel
+        code_bytes += 4
+    elif act_bits in (8, 1):  # an integer product: the kernel's own copy of the codes too
         code_bytes += KERNEL_CODE_BYTES.get(kernel, 0)
     row.bytes_resident = code_bytes * n + 4 * n_scales + float_bytes * n_bias
     row.zero_macs = tokens * row.zero_weights
