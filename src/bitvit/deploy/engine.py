@@ -25,6 +25,9 @@ what `bitvit profile` counts as resident).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -241,6 +244,24 @@ class ClsTokenBlock(nn.Module):
         block.norm1, block.attn, block.norm2 = self.norm1, self.attn, self.norm2
         block.mlp, block.drop_path = self.mlp, self.drop_path
         return block
+
+
+@contextmanager
+def whole_last_block(model: nn.Module) -> Iterator[None]:
+    """The whole block in place of a loaded export's cls-only last block (`ClsTokenBlock`, what
+    inference runs) for the ``with``, then the cls-only one again: a profile counts the
+    architecture's per-image cost, as for a config or a checkpoint."""
+    blocks = getattr(model, "blocks", None)
+    if not (isinstance(blocks, nn.ModuleList) and len(blocks)
+            and isinstance(blocks[-1], ClsTokenBlock)):
+        yield
+        return
+    cls_only = blocks[-1]
+    blocks[-1] = cls_only.full_block()
+    try:
+        yield
+    finally:
+        blocks[-1] = cls_only
 
 
 def cls_token_last_block(vit: VisionTransformer) -> VisionTransformer:

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from bitvit.deploy.engine import ClsTokenBlock
+from bitvit.deploy.engine import whole_last_block
 from bitvit.nn.kernels import PackedCodes, check_kernel, choose_kernel
 from bitvit.nn.methods import CODES_PER_BYTE, FULL_PRECISION, METHOD_TABLE
 from bitvit.nn.model import ViTConfig
@@ -184,24 +182,6 @@ def _add_ops(ops: dict[str, int], key: str, n: int) -> None:
         ops[key] = ops.get(key, 0) + n
 
 
-@contextmanager
-def _whole_last_block(model: nn.Module) -> Iterator[None]:
-    """The profile counts the architecture's per-image cost, as for a config or a checkpoint:
-    a loaded export's cls-only last block (`ClsTokenBlock`, what inference runs) stands in for
-    the whole block while the tokens are counted, then is put back."""
-    blocks = getattr(model, "blocks", None)
-    if not (isinstance(blocks, nn.ModuleList) and len(blocks)
-            and isinstance(blocks[-1], ClsTokenBlock)):
-        yield
-        return
-    cls_only = blocks[-1]
-    blocks[-1] = cls_only.full_block()
-    try:
-        yield
-    finally:
-        blocks[-1] = cls_only
-
-
 def _token_counts(model: nn.Module, vit: ViTConfig) -> tuple[dict[str, int], dict[str, int]]:
     """Rows each linear sees and tokens each attention attends over, for one image."""
     linear_tokens: dict[str, int] = {}
@@ -275,7 +255,7 @@ def profile_model(
     vit = config.model if isinstance(config, Config) else config
     fp = float_precision
     float_bytes = 4 if fp == "fp32" else 2
-    with _whole_last_block(model):
+    with whole_last_block(model):
         linear_tokens, attn_tokens = _token_counts(model, vit)
 
     rows: list[LayerProfile] = []
