@@ -329,3 +329,29 @@ def test_a_class_name_with_a_newline_keeps_predict_at_one_line_per_image(exporte
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and "first line" in out[0]
+
+
+def test_an_export_never_overwrites_its_checkpoint_nor_takes_the_other_suffix(tiny_run,
+                                                                             tmp_path, capsys):
+    run = tiny_run["run"]
+    model = run / "last/model.safetensors"
+    before = model.read_bytes()
+    for out in (model, run / "last/state.pt"):
+        err = one_line_error(capsys, "export", str(run), "--out", str(out))
+        assert f"{out}: is part of the checkpoint it exports" in err
+    assert model.read_bytes() == before
+    err = one_line_error(capsys, "export", str(run), "--out", str(tmp_path / "m.onnx"))
+    assert "--format safetensors writes a name not ending in .onnx" in err
+    err = one_line_error(capsys, "export", str(run), "--format", "onnx", "--out",
+                         str(tmp_path / "m.safetensors"))
+    assert "--format onnx writes .onnx" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_best_with_a_checkpoint_and_a_limit_below_one_are_one_line(tiny_run, capsys):
+    run = tiny_run["run"]
+    for src in (run / "last", run / "last/model.safetensors"):
+        err = one_line_error(capsys, "export", str(src), "--best", "--out", "x.safetensors")
+        assert "best" in err and str(src) in err
+    err = one_line_error(capsys, "eval", str(run), "--limit-test", "0", "--device", "cpu")
+    assert "limit_test=0: expected a positive number of test images (--limit-test)" in err

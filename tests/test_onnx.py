@@ -443,6 +443,14 @@ def test_without_config_metadata_runs_but_cannot_read_images(tmp_path: Path):
     assert ort_model.config is None and ort_model(_images(2)).shape == (2, len(CLASSES))
     with pytest.raises(ExportError, match="bare.onnx: has no config"):
         ort_model.logits(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    # evaluate asks for the mean and std such a graph does not carry (no AttributeError).
+    from bitvit import evaluate
+    from bitvit.data import ImageSet
+
+    data = ImageSet(torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+                    torch.zeros(2, dtype=torch.long), list(CLASSES))
+    with pytest.raises(TypeError, match="needs its mean and std"):
+        evaluate(ort_model, data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,6 +250,14 @@ def test_profile_of_an_export_matches_the_file(tmp_path, capsys, float_dtype):
     capsys.readouterr()
     assert main(["profile", str(file), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["bytes_packed"] == stored
+    # Another packing, or best/, is not what the file holds: one line, not silently ignored.
+    assert main(["profile", str(file), "--ternary-packing", "base3"]) == 2
+    assert capsys.readouterr().err.endswith("packs its codes as 2bit; profile its checkpoint to "
+                                            "compare\n")
+    assert main(["profile", str(file), "--ternary-packing", "2bit", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(file), "--best"]) == 2
+    assert "--best applies to run folders" in capsys.readouterr().err
 
 
 def test_packed_floats_default_to_the_export_default():

@@ -199,10 +199,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from bitvit.deploy.export import export_checkpoint
+    from bitvit.deploy.export import check_export_target, export_checkpoint
     from bitvit.training.checkpoint import CheckpointError, resolve_checkpoint
 
     src = resolve_checkpoint(args.src, args.best)
+    check_export_target(args.out, args.format, src)
     if args.format == "onnx":
         return _run_export_onnx(args, src)
     if args.act_quant is not None:
@@ -362,8 +363,8 @@ def _add_profile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--best", action="store_true", help="a run folder's best/ checkpoint")
     p.add_argument("--float-precision", choices=("fp32", "fp16"), default="fp32",
                    help="precision of float ops and of the baseline (default fp32)")
-    p.add_argument("--ternary-packing", choices=("base3", "2bit"), default="base3",
-                   help="packed ternary codes: 5 per byte (base3, default) or 4 per byte")
+    p.add_argument("--ternary-packing", choices=("base3", "2bit"),
+                   help="ternary codes 5 per byte (base3, default) or 4 (an export: its own)")
     p.set_defaults(func=_run_profile)
 
 
@@ -373,8 +374,12 @@ def _run_profile(args: argparse.Namespace) -> int:
 
     src = load_for_profile(args.source, args.overrides, args.quant, args.where, args.act_bits,
                            args.best)
+    if src.ternary_packing and args.ternary_packing not in (None, src.ternary_packing):
+        raise CliError(f"--ternary-packing {args.ternary_packing}: {args.source} packs its "
+                       f"codes as {src.ternary_packing}; profile its checkpoint to compare")
     profile = profile_model(src.model, src.config, args.float_precision,
-                            src.ternary_packing or args.ternary_packing, src.weights_source,
+                            src.ternary_packing or args.ternary_packing or "base3",
+                            src.weights_source,
                             source=str(args.source), packed_float_dtype=src.float_dtype)
     profile.engine, profile.engine_reason = src.engine, src.engine_reason
     print(profile.to_json() if args.json else profile.format_table())

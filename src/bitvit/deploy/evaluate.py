@@ -60,8 +60,9 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
         model, config, classes, path = source, None, None, None
     if isinstance(model, ExportedModel):
         config, classes, path = model.config, model.classes, model.path
-        mean = mean or model.preprocessing.mean
-        std = std or model.preprocessing.std
+        if model.preprocessing is not None:  # an ONNX graph without bitvit's metadata has none
+            mean = mean or model.preprocessing.mean
+            std = std or model.preprocessing.std
     elif config is not None:
         mean, std = mean or config.data.mean, std or config.data.std
     test, mean, std = _test_set(data, config, limit_test, mean, std)
@@ -119,6 +120,10 @@ def _test_set(data: str | Path | ImageSet | None, config: Any, limit_test: int |
         raise TypeError("evaluate: a model without a stored config needs data as an ImageSet "
                         "and its mean and std")
     else:
+        if limit_test is not None and (isinstance(limit_test, bool) or not isinstance(
+                limit_test, int) or limit_test < 1):
+            raise DataError(f"evaluate: limit_test={limit_test!r}: expected a positive number "
+                             "of test images (--limit-test)")
         # Only the test split: no validation carve-out, and the run's test subset by default.
         data_cfg = replace(config.data, path=str(data) if data is not None else config.data.path,
                            limit_test=limit_test if limit_test is not None

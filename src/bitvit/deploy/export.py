@@ -50,7 +50,7 @@ from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
 from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import BitLinear
 from bitvit.system import memory_shortfall
-from bitvit.training import memory
+from bitvit.training import memory, rundir
 from bitvit.training.checkpoint import build_model, load_checkpoint
 from bitvit.training.config import Config, ConfigError
 
@@ -552,3 +552,18 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise ExportError(f"{p}: no such image file or folder")
     return files
+
+
+def check_export_target(out: str | Path, fmt: str, src: Path) -> None:
+    """Refuse (`ExportError`) an ``out`` that would overwrite the checkpoint ``src`` being
+    exported, or whose suffix says the other format (``fmt``: safetensors or onnx), since
+    `bitvit eval` and `predict` read a file by its suffix."""
+    target, source = Path(out).resolve(), Path(src).resolve()
+    if target == source or (target.parent == source.parent
+                            and target.name in (rundir.STATE_FILE, rundir.CHECKSUMS)):
+        raise ExportError(f"{out}: is part of the checkpoint it exports ({src}); write the "
+                          "export elsewhere")
+    if (Path(out).suffix.lower() == ".onnx") != (fmt == "onnx"):
+        wanted = ".onnx" if fmt == "onnx" else "a name not ending in .onnx (.safetensors)"
+        raise ExportError(f"{out}: --format {fmt} writes {wanted}; `bitvit eval` and "
+                          "`predict` read a file by its suffix")

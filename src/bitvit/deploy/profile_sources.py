@@ -56,6 +56,8 @@ def load_for_profile(
 
     p = Path(path)
     flags = {"method": quant, "where": where, "act_bits": act_bits}
+    if best and (p.suffix.lower() in (".yaml", ".yml") or is_export(p)):
+        raise ProfileError(f"{p}: --best applies to run folders (their best/ checkpoint)")
     if p.suffix.lower() in (".yaml", ".yml"):
         quant_overrides = [(f"quant.{k}", ACT_BITS_NAMES.get(v, v) if k == "act_bits" else v)
                            for k, v in flags.items() if v is not None]

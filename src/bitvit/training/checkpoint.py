@@ -86,13 +86,17 @@ def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
     p = Path(path)
     if p.is_dir():
         sub = "best" if best else "last"
-        for folder in (p / sub, p):
+        # --best names a run's best/: a checkpoint folder given with it is not read as the best.
+        for folder in (p / sub,) if best else (p / sub, p):
             if any((f / MODEL_FILE).is_file() for f in (folder, displaced(folder))):
                 return intact_folder(folder, (MODEL_FILE,)) / MODEL_FILE
         hint = " (best/ exists only for runs with a validation split)" if best else ""
         raise CheckpointError(f"{p}: no {sub}/{MODEL_FILE} in this folder{hint}")
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file or run folder")
+    if best:
+        raise CheckpointError(f"{p}: a checkpoint file has no best/; best (--best) applies to "
+                              "run folders")
     return intact_folder(p.parent, (p.name,)) / p.name
 
 
