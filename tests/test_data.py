@@ -379,6 +379,14 @@ def test_validation_split_is_disjoint_and_seeded():
     assert _id_of(split_validation(s, 50, seed=8)[1]) != _id_of(val)
     with pytest.raises(DataError, match="val_size"):
         split_validation(s, 300, seed=0)
+    # 15 images: classes 5-9 have one each, and a validation set of 10 would take them whole.
+    small = s.subset(torch.from_numpy(np.flatnonzero(
+        np.isin(np.arange(300), [*range(10), *range(10, 15)]))))
+    assert torch.bincount(small.labels, minlength=10).tolist() == [2] * 5 + [1] * 5
+    with pytest.raises(DataError, match=r"^data.val_size=10 takes every training image of 5 "
+                                        r"class\(es\) \("):
+        split_validation(small, 10, seed=0)
+    assert len(split_validation(small, 5, seed=0)[1]) == 5  # one of each of 5 classes: fine
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,6 +25,13 @@ def split_validation(s: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet
     val_idx = _balanced_indices(s.labels.numpy(), n, seed, stream=1)
     keep = np.ones(len(s), dtype=bool)
     keep[val_idx] = False
+    # Round-robin takes a small class whole once n reaches its share: it would not be trained.
+    emptied = sorted(set(s.labels.tolist()) - set(s.labels[torch.from_numpy(keep)].tolist()))
+    if emptied:
+        names = ", ".join(s.classes[c] for c in emptied[:3]) + (", ..." if len(emptied) > 3
+                                                              else "")
+        raise DataError(f"data.val_size={n} takes every training image of {len(emptied)} "
+                        f"class(es) ({names}); make data.val_size smaller or give more images")
     return s.subset(torch.from_numpy(np.flatnonzero(keep))), s.subset(torch.from_numpy(val_idx))
 
 
