@@ -487,7 +487,8 @@ def test_export_options_are_checked(checkpoint, tmp_path, capsys):
             (["--act-quant", "tensor"], "--act-quant applies to --format onnx"),
             (["--format", "onnx", "--packing", "2bit"], "--packing applies to --format"),
             (["--format", "onnx", "--float-dtype", "fp32"], "--float-dtype applies")):
-        assert main(["export", str(checkpoint), "--out", str(tmp_path / "x"), *argv]) == 2
+        out = tmp_path / ("x.onnx" if "onnx" in argv else "x")
+        assert main(["export", str(checkpoint), "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err
     assert main(["export", str(checkpoint), "--format", "onnx", "--out",
