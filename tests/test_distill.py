@@ -429,6 +429,11 @@ def test_the_report_compares_each_student_with_its_twin_and_its_teacher(tmp_path
     one = compare_groups(group_runs([r for r in runs if r.seed == 0]))
     early = "\n".join(distillation_markdown(compare_students(one), compare_settings(one)))
     assert "not yet" in early and "over the 0" not in early
+    # A run folder at the teacher's path that is another run (here: extended, ending at 0.6)
+    # is not the teacher the students learned from: their record stands in, and says so.
+    _kd_run(teacher, "fp", [0.40, 0.50, 0.50, 0.50, 0.50, 0.60], 0)
+    moved = compare_students(groups)[0]
+    assert moved.teacher.value == 0.5 and "another run" in moved.teacher.source
     # Without the teacher's run folder the students' recorded accuracy stands in, and says so.
     shutil.rmtree(teacher)
     alone = compare_students(groups)[0]

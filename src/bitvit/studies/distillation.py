@@ -92,12 +92,17 @@ def teacher_accuracy(group: Group, last_k: int = DEFAULT_LAST_K) -> TeacherAccur
         rows = rundir.read_metrics(path / "metrics.csv") if path.is_dir() else []
     except rundir.RunFolderError:
         rows = []
-    if rows and all("test_acc" in row for row in rows):  # else: as if it had no folder
+    recorded = distill.get("teacher_test_acc")
+    # The folder at that path now must be the teacher the students learned from: its last
+    # epoch's test accuracy is what they recorded of its final weights (metrics.csv rounds).
+    same = (recorded is None or not rows or "test_acc" not in rows[-1]
+            or abs(rows[-1]["test_acc"] - float(recorded)) <= 5e-5)
+    if rows and all("test_acc" in row for row in rows) and same:  # else: as if no folder
         return TeacherAccuracy(last_k_mean([row["test_acc"] for row in rows], last_k),
                                f"the mean of its run folder's last {last_k} epochs")
-    recorded = distill.get("teacher_test_acc")
+    other = "" if same else " (the run folder at its path now ends elsewhere: another run)"
     return TeacherAccuracy(math.nan if recorded is None else float(recorded),
-                           "its final weights, as the students recorded it")
+                           f"its final weights, as the students recorded it{other}")
 
 
 def compare_students(groups: list[Group], margin: float = 0.01, alpha: float = 0.05,
