@@ -347,8 +347,7 @@ def atomic_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
     tmp = _temporary(path, os.getpid())
     try:
         write_file(tmp, write)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
+        sync_path(tmp)
         # Some writers (safetensors) create their file private: a shipped model must be readable
         # as any file the user writes is.
         os.chmod(tmp, 0o666 & ~_umask())

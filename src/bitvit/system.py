@@ -73,12 +73,12 @@ def host_memory() -> tuple[int, str] | None:
     return None if available is None else (available, how)
 
 
-def memory_shortfall(size: int) -> str | None:
+def memory_shortfall(size: int, doing: str = "to read") -> str | None:
     """Why ``size`` bytes, read whole into memory, would not fit the memory available to this
     process: a phrase for an error that names the file; None when they fit or it is unknown.
     Weights files are read whole, and a sparse file claims any size for free."""
     memory = host_memory()
     if memory is None or size <= memory[0]:
         return None
-    return (f"{human_bytes(size)} to read, more than the {human_bytes(memory[0])} of memory "
+    return (f"{human_bytes(size)} {doing}, more than the {human_bytes(memory[0])} of memory "
             f"available ({memory[1]})")

@@ -145,12 +145,9 @@ def check_decoded_fits(count: int, image_size: int, channels: int, where: str) -
     from bitvit import system
 
     need = 2 * count * channels * image_size * image_size
-    memory = system.host_memory()
-    if memory is not None and need > memory[0]:
+    if (why := system.memory_shortfall(need, "to decode")) is not None:
         raise DataError(f"{where}: {count} images at {image_size}x{image_size}x{channels} take "
-                        f"{system.human_bytes(need)} to decode, more than the "
-                        f"{system.human_bytes(memory[0])} of memory available ({memory[1]}); "
-                        "make model.image_size smaller or set data.limit_train")
+                        f"{why}; make model.image_size smaller or set data.limit_train")
 
 
 def _is_auto(v: Any) -> bool:
