@@ -210,9 +210,16 @@ def test_test_loss_at_full_precisions_best_epoch(tmp_path):
     expected = welch_difference([1.35, 1.37, 1.39], [1.40, 1.41, 1.42], margin=0.05)
     assert d.diff == pytest.approx(-0.04) and d.p_value == pytest.approx(expected.p_value)
     assert b158.vs_fp["final_test_loss"].diff > 0  # higher at the end, lower at fp's best
-    head = text.index("Test loss at full precision's best epoch")
+    # Each run's own minimum (b158 at epoch 2, fp at epoch 3), a family of its own.
+    own = b158.own_lowest
+    expected = welch_difference([1.30, 1.32, 1.34], [1.40, 1.41, 1.42], margin=0.05)
+    assert own.diff == pytest.approx(-0.09) and own.p_value == pytest.approx(expected.p_value)
+    assert own.family == 1 and own.p_adjusted == pytest.approx(expected.p_value)
+    head = text.index("Test loss at the lowest point, against full precision's")
     assert "Holm-adjusted over the 1 group of this table" in text[head:]
-    assert "| b158 | 3 | -0.0400 [" in text[head:]
+    assert "picked on fp's own test curve, which favours fp" in text[head:]
+    assert "| b158 | fp's best epoch (3) | -0.0400 [" in text[head:]
+    assert "| b158 | each run's own lowest | -0.0900 [" in text[head:]
 
 
 def test_resolvable_margin_is_the_welch_90_percent_half_width():

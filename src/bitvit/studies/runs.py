@@ -236,9 +236,10 @@ class Group:
     stats: dict[str, Summary] = field(default_factory=dict)
     vs_fp: dict[str, Difference] = field(default_factory=dict)
     reference: str | None = None  # label of the full-precision group it is compared with
-    # (epoch of fp's lowest mean test loss, this group's test loss there - fp's); see
-    # bitvit.studies.report.loss_at_fp_lowest
+    # (epoch of fp's lowest mean test loss, this group's test loss there - fp's), and each
+    # run's own lowest test loss - fp's; see bitvit.studies.report.loss_at_fp_lowest
     fp_lowest: tuple[int, Difference] | None = None
+    own_lowest: Difference | None = None
 
     @property
     def is_fp(self) -> bool:
