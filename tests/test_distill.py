@@ -532,3 +532,23 @@ def test_a_teacher_logits_cache_of_another_shape_or_type_is_not_read(tmp_path, m
     save_file({"logits": torch.zeros(4, 3, dtype=torch.float16)}, str(path), metadata=key)
     assert distill._read_cache(path, key, (4, 3)) is None
     assert read == []  # neither table was read
+
+
+def test_torchrun_with_a_test_split_smaller_than_the_processes(real_env, tmp_path, teacher):
+    """Two processes, one test image: the second process's share of the test split is empty.
+    Its evaluation and the teacher's test accuracy still join the sums (they failed before)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "student"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "bitvit", "train", "--config", PAPER, "--quant", "b158", "--epochs", "1",
+            "--quiet", "--limit-train", "100", *TINY, "data.limit_test=1",
+            "--teacher", str(teacher), "--out", str(out)]
+    res = subprocess.run([sys.executable, *args], env={**real_env, "OMP_NUM_THREADS": "1"},
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [row] = rows(out)
+    assert row["test_acc"] in {"0", "0.0", "1", "1.0"}
+    info = json.loads((out / "run.json").read_text())
+    assert info["processes"] == 2 and info["teacher"]["test_acc"] in {0.0, 1.0}

@@ -178,17 +178,18 @@ def _shard_logits(teacher: Teacher, images: torch.Tensor, batch_size: int,
                   device: torch.device, world: int, rank: int) -> torch.Tensor:
     """The teacher's logits for ``images``: each process computes every world-th image, and
     every process gets the whole table (on ``device``)."""
-    n = len(images)
+    n, k = len(images), len(teacher.classes)
+    # (0, k) where this process's share is empty (fewer images than processes).
     mine = predict_logits(teacher.model, images[rank::world], teacher.mean, teacher.std,
-                          batch_size, device).to(device)
+                          batch_size, device).reshape(-1, k).to(device)
     if world == 1:
         return mine
     rows = -(-n // world)  # all_gather wants equal shapes: every share padded to the longest
-    padded = torch.zeros(rows, mine.shape[1], device=device)
+    padded = torch.zeros(rows, k, device=device)
     padded[:len(mine)] = mine
     shares = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(shares, padded)
-    table = torch.empty(n, mine.shape[1], device=device)
+    table = torch.empty(n, k, device=device)
     for r, share in enumerate(shares):
         table[r::world] = share[:len(range(r, n, world))]
     return table
@@ -198,9 +199,12 @@ def _test_accuracy(teacher: Teacher, splits: DataSplits, batch_size: int,
                    device: torch.device, world: int, rank: int) -> float:
     """The teacher's accuracy on the student's test split (each process every world-th image)."""
     images, labels = splits.test.images[rank::world], splits.test.labels[rank::world]
-    logits = predict_logits(teacher.model, images, teacher.mean, teacher.std, batch_size, device)
-    counts = torch.tensor([(logits.argmax(1) == labels).sum().item(), len(labels)],
-                          dtype=torch.float64, device=device)
+    correct = 0  # a test split smaller than the processes: some get no image
+    if len(labels):
+        logits = predict_logits(teacher.model, images, teacher.mean, teacher.std, batch_size,
+                                device)
+        correct = (logits.argmax(1) == labels).sum().item()
+    counts = torch.tensor([correct, len(labels)], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()

@@ -506,11 +506,13 @@ def _evaluate_sharded(s: Session, data: ImageSet) -> tuple[float, float]:
     """(loss, accuracy) over the whole set; each process takes every world-th image."""
     world, rank = s.procs.world, s.procs.rank
     shard = ImageSet(data.images[rank::world], data.labels[rank::world], data.classes)
-    logits = predict_logits(s.model, shard.images, s.config.data.mean, s.config.data.std,
-                            s.config.train.eval_batch_size, s.procs.device)
-    sums = torch.tensor([F.cross_entropy(logits, shard.labels, reduction="sum").item(),
-                         (logits.argmax(1) == shard.labels).sum().item(), len(shard.labels)],
-                        dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # a set smaller than the processes: some get none
+    if len(shard.labels):
+        logits = predict_logits(s.model, shard.images, s.config.data.mean, s.config.data.std,
+                                s.config.train.eval_batch_size, s.procs.device)
+        sums[:] = torch.tensor([F.cross_entropy(logits, shard.labels, reduction="sum").item(),
+                                (logits.argmax(1) == shard.labels).sum().item(),
+                                len(shard.labels)])
     if world > 1:
         sums = all_summed(sums, s.procs.device)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
