@@ -126,3 +126,22 @@ def test_small_multiples_draw_unfinished_runs_too(tmp_path):
     assert list(acc["b158 all act8 (n=2)"].get_ydata()) == pytest.approx([10, 39.5, 40.5])
     assert "1 run unfinished: 2 of 3 epochs (a shortened budget of 100); drawn thin, a dot " \
         "per epoch" in figure_text(fig)
+
+
+def test_a_distilled_groups_train_loss_is_not_drawn_beside_cross_entropy(tmp_path):
+    """A student's train_loss is its distillation objective: on the loss axis only its test
+    loss is drawn, and the title says why; its twin keeps both curves."""
+    out = tmp_path / "study"
+    kd = ["quant.method=b158", f"train.distill.teacher={tmp_path / 'teacher'}",
+          f"train.distill.teacher_sha256={'ab' * 32}", "train.distill.teacher_test_acc=0.5"]
+    for seed in (0, 1):
+        fake_run(out / f"b158_seed={seed}", ["quant.method=b158", f"train.seed={seed}"],
+                 [0.3, 0.4])
+        fake_run(out / f"kd_seed={seed}", [*kd, f"train.seed={seed}"], [0.35, 0.45])
+    fig = plot_groups(groups_of(out), tmp_path / "a.png", "Distillation")
+    loss, acc = lines_by_label(fig.axes[1]), lines_by_label(fig.axes[0])
+    [student] = [label[:-len(", test")] for label in loss if "kd=" in label]
+    assert f"{student}, test" in loss and f"{student}, train" not in loss
+    assert f"{student}, train" in acc  # its accuracy on the labels is comparable
+    assert {"b158 (n=2), train", "b158 (n=2), test"} <= set(loss)
+    assert "a distilled group's train loss (its distillation objective" in figure_text(fig)

@@ -159,6 +159,8 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
                 continue
             for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
                 for split, dash in (("train", "-"), ("test", "--")):
+                    if split == "train" and metric == "loss" and _distilled(g):
+                        continue
                     _draw(ax, runs, f"{split}_{metric}", color=color, linestyle=dash,
                           label=f"{label}, {split}", **style)
             handles.append(Line2D([], [], color=color, label=label, **style))
@@ -169,14 +171,22 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
     # Below the panels, so that the entries never cover the curves.
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=9,
                frameon=False)
+    distilled = ("; a distilled group's train loss (its distillation objective, not "
+                 "cross-entropy) is not drawn" if any(map(_distilled, shown)) else "")
     _suptitle(fig, [r for g in shown for r in _finished(g)], title, full_epochs,
-              f"mean over seeds, {BAND}; train solid, test dashed",
+              f"mean over seeds, {BAND}; train solid, test dashed{distilled}",
               unfinished=_all_unfinished(groups))
     rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     _save(fig, path, 120)
     plt.close(fig)
     return fig
+
+
+def _distilled(g: Group) -> bool:
+    """Whether the group's runs learned from a teacher: their train_loss is the distillation
+    objective (with its T^2-scaled KL term), on no common axis with cross-entropy."""
+    return g.key.get("train.distill.teacher_sha256") is not None
 
 
 def _method(g: Group) -> str:
