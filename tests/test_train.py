@@ -557,3 +557,17 @@ def test_extending_a_cosine_run_says_its_schedule_changes(tmp_path, capsys):
             assert err == (f"bitvit train: extending {tmp_path} from 30 to 100 epochs under "
                            "train.schedule=cosine: its lr now decays over 100 epochs, so the run "
                            "is not what 100 epochs from the start give\n")
+
+
+def test_the_lr_column_is_the_rate_each_epochs_last_step_used(real_env, tmp_path):
+    """Warmup over epoch 1 then cosine, 2 steps an epoch: the rates of steps 1 and 3 (0-based),
+    not those after them (the next epoch's first)."""
+    from bitvit.training.loop import lr_factor
+
+    run = tmp_path / "run"
+    train(tiny("train.epochs=2", "train.schedule=cosine", "train.warmup_epochs=1",
+               "train.min_lr=0.0001", limit_train=100), out=run, quiet=True)
+    got = [float(row["lr"]) for row in metrics(run)]
+    expected = [0.001 * lr_factor(step, 4, 2, "cosine", 0.1) for step in (1, 3)]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got[0] < 0.001 and got[0] != pytest.approx(0.001 * lr_factor(2, 4, 2, "cosine", 0.1))

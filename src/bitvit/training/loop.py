@@ -398,6 +398,7 @@ def _train_epoch(s: Session, epoch: int, quiet: bool) -> dict[str, float]:
     s.net.train()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     bar = _progress(s.steps_per_epoch, epoch, tc.epochs, quiet or not procs.writer)
+    lr = s.optimizer.param_groups[0]["lr"]
     for step in range(s.steps_per_epoch):
         idx = order[step * per_rank:(step + 1) * per_rank].to(procs.device)
         batch = Batch(augment(images[idx], data, generator), labels[idx], idx)
@@ -409,6 +410,7 @@ def _train_epoch(s: Session, epoch: int, quiet: bool) -> dict[str, float]:
             what = (f"loss is {loss_value}" if not math.isfinite(loss_value)
                     else "another process's loss is not finite")
             raise _non_finite(f"{what} at epoch {epoch}, step {step + 1}", epoch, s.run_dir)
+        lr = s.optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves on)
         _step(s, loss)
         n = len(batch.labels)
         correct = (logits.argmax(1) == batch.labels).sum().item()
@@ -423,7 +425,7 @@ def _train_epoch(s: Session, epoch: int, quiet: bool) -> dict[str, float]:
     if procs.distributed:
         sums = all_summed(sums, procs.device)
     return {"epoch": epoch, "train_loss": (sums[0] / sums[2]).item(),
-            "train_acc": (sums[1] / sums[2]).item()}
+            "train_acc": (sums[1] / sums[2]).item(), "lr": lr}
 
 
 def _step(s: Session, loss: torch.Tensor) -> None:
@@ -437,15 +439,13 @@ def _step(s: Session, loss: torch.Tensor) -> None:
 
 
 def _evaluate_epoch(s: Session) -> dict[str, float]:
-    """Test (and validation, and eval-mode train) loss and accuracy, and the lr."""
+    """Test (and validation, and eval-mode train) loss and accuracy."""
     sets = {"test": s.splits.test, "val": s.splits.val,
             "train_eval": s.train_eval if TRAIN_EVAL_COLUMNS[0] in s.columns else None}
     row = {}
     for split, data in sets.items():
         if data is not None:
             row[f"{split}_loss"], row[f"{split}_acc"] = _evaluate_sharded(s, data)
-        if split == "test":
-            row["lr"] = s.scheduler.get_last_lr()[0]
     return row
 
 
