@@ -125,6 +125,15 @@ def test_pack_rejects_bad_codes():
         pack_binary(torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="integer"):
         pack_ternary(torch.tensor([1.0]))
+    # Wide integers that an int16 cast would wrap into range (65537 -> 1, -65537 -> -1).
+    for wide in (torch.tensor([65536, 65537, -65537], dtype=torch.int32),
+                 torch.tensor([2**40 + 1], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="ternary codes"):
+            pack_ternary(wide)
+        with pytest.raises(ValueError, match="ternary codes"):
+            pack_ternary_2bit(wide)
+        with pytest.raises(ValueError, match="binary codes"):
+            pack_binary(wide)
 
 
 def test_unpack_rejects_bad_bytes():

@@ -14,13 +14,14 @@ def _digits(codes: torch.Tensor, allowed: str, per_byte: int) -> torch.Tensor:
     """Flattened codes as non-negative integers, padded to whole groups of ``per_byte``."""
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    flat = codes.reshape(-1).to(torch.int16)
+    flat = codes.reshape(-1)
+    # Checked before the cast to int16, which would wrap 65537 to 1.
     if allowed == "ternary":
         if flat.numel() and ((flat < -1) | (flat > 1)).any():
             raise ValueError("ternary codes must be in {-1, 0, 1}")
-        digits = flat + 1  # 0, 1, 2
+        digits = flat.to(torch.int16) + 1  # 0, 1, 2
     else:
-        if flat.numel() and (flat.abs() != 1).any():
+        if flat.numel() and ((flat != 1) & (flat != -1)).any():
             raise ValueError("binary codes must be in {-1, 1}")
         digits = (flat > 0).to(torch.int16)  # 0, 1
     pad = -flat.numel() % per_byte
