@@ -4,7 +4,7 @@ those that compute an export's exact function.
 The candidates:
 
 - ``int``: torch, the integer kernels (`bitvit.deploy.engine`, with `bitvit.nn.kernels`'s choice);
-- ``fp``: torch, the exact fake-quant arithmetic (training's eval mode);
+- ``fp``: torch, the fake-quant arithmetic of training's plain path (`bitvit.deploy.engine`);
 - ``ort``: ONNX Runtime on the export's exact per-token graph (`bitvit.deploy.onnx_export`,
   ``act_quant="token"``), built in memory from the safetensors file; only on the CPU, and only
   where onnx and onnxruntime are installed. The per-tensor graph is never a candidate: it is

@@ -5,8 +5,13 @@
 
 - ``"int"``: activations are quantized per token to int8 (8-bit layers) or to their sign (1-bit
   layers), multiplied exactly by the weight codes, then rescaled once in fp32 and the bias
-  added. The integer products are exact, so this computes the fake-quantized layer's function
-  up to fp32 rounding order.
+  added. The integer products are exact. For 8-bit layers of the methods `BitLinear` trains on
+  its int8 path (b158, b158c, twn, bitnet) this is training's own arithmetic, bit for bit per
+  layer; elsewhere it is the fake-quantized layer's function up to fp32 rounding order. With
+  1-bit activations that rounding can matter: where a +-1 x code dot product is exactly 0 the
+  int engine gives 0, fake quant a residue of either sign, and the next 1-bit layer's sign()
+  makes that a full-size difference. Biases absorb such ties (after training they are nonzero);
+  a layer without bias, or with zero biases as initialized, shows them.
 - The integer product's kernel is chosen per machine (`bitvit.nn.kernels.choose_kernel`, once per
   process), the fastest in a cached micro-benchmark: ``int8`` (`torch._int_mm`, int32
   accumulation; VNNI/AMX CPUs, CUDA), ``u8s8`` (oneDNN's u8 x s8 product; AVX2 CPUs without
@@ -14,8 +19,9 @@
   integer below 2**24). All three give bit-identical outputs. ``$BITVIT_INT_KERNEL=int8|fp32|
   u8s8`` overrides the benchmark. The ``fp32`` kernel caches the codes as fp32 (4 more bytes per
   weight), ``u8s8`` prepacked (1 more byte per weight); `bitvit profile` counts them as resident.
-- ``"fp"``: the fake-quant computation `BitLinear` uses for training, on a cached dequantized
-  weight (``codes * scale``): the comparison baseline (and what runs under bf16 autocast).
+- ``"fp"``: the fake-quant computation of `BitLinear`'s plain path (methods off its int8 path,
+  1-bit activations, bf16 autocast), on a cached dequantized weight (``codes * scale``): the
+  comparison baseline (and what runs under bf16 autocast).
 
 Layers whose activations stay full precision (``act_bits=None``: the weights-only binary study)
 use the dequantized weight under both engines: there is no integer product to take. The int

@@ -407,7 +407,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
 
     (`bitvit.load`, `bitvit.deploy.auto.load`, adds the ort engine and auto, its default.)
     Quantized layers become `bitvit.deploy.engine.InferenceLinear` (``engine``: ``int`` for the
-    integer kernels, ``fp`` for the exact fake-quant arithmetic of training's eval mode); the
+    integer kernels, ``fp`` for the fake-quant arithmetic of training's plain path); the
     other parameters are loaded back in fp32. Use ``model(x)`` on normalized images,
     ``model.logits(images_uint8)`` on raw ones, ``model.classes``, ``model.preprocessing``.
     ``compile``: run the ViT under ``torch.compile`` (`bitvit.deploy.engine.compile_model`: compiled

@@ -164,8 +164,10 @@ def absmax_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8: q = clamp(round(x * s), -128, 127), s = 127 / max|x|.
 
     Returns ``(q, s)`` with q int8 and s float32 of shape (..., 1); x is approximately q / s,
-    with an error per element of at most max|x| / 254. Training and the inference engine share
-    this function, so both round every element alike.
+    with an error per element of at most max(max|x|, EPS) / 254: max|x| is clamped to at least
+    EPS, as BitNet does, so a token whose values all lie below EPS is quantized on EPS's grid
+    (below about EPS / 254 it becomes 0). Training and the inference engine share this
+    function, so both round every element alike.
     """
     q, s = absmax_codes(x)
     return q.to(torch.int8), s
