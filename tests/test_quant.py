@@ -213,10 +213,10 @@ def test_clipped_ste_for_one_bit_activations():
     assert x.grad[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("method", ["b158", "b158c", "twn"])
+@pytest.mark.parametrize("method", ["b158", "b158c", "twn", "bitnet"])
 def test_int8_path_matches_fake_quant_path(method):
     """The fast int8 forward is the same function, with the same gradients, as plain fake quant
-    (per-tensor and per-output-channel scales alike)."""
+    (per-tensor and per-output-channel scales, ternary and binary codes alike)."""
     torch.manual_seed(3)
     layer = BitLinear(64, 48, method=method)
     x = torch.randn(4, 9, 64, requires_grad=True)
