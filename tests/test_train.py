@@ -571,3 +571,37 @@ def test_the_lr_column_is_the_rate_each_epochs_last_step_used(real_env, tmp_path
     expected = [0.001 * lr_factor(step, 4, 2, "cosine", 0.1) for step in (1, 3)]
     assert got == pytest.approx(expected, rel=1e-5)
     assert got[0] < 0.001 and got[0] != pytest.approx(0.001 * lr_factor(2, 4, 2, "cosine", 0.1))
+
+
+def test_a_resume_keeps_the_runs_own_config(real_env, tmp_path, capsys):
+    """The Python API's resume refuses a config the run did not train with (it trained epoch 3
+    under it and rewrote config.yaml as if the whole run had); neither API nor CLI shortens a
+    run. The run's own config, extended, still resumes."""
+    run = tmp_path / "run"
+    train(tiny("train.epochs=2", limit_train=100), out=run, quiet=True)
+    saved = (run / "config.yaml").read_text()
+    for override, key in (("train.seed=7", "train.seed"), ("train.lr=0.5", "train.lr"),
+                          ("data.limit_train=50", "data.limit_train")):
+        changed = tiny("train.epochs=3", override, limit_train=100)
+        with pytest.raises(ConfigError, match=rf"the run trained with {re.escape(key)}="):
+            train(changed, resume=run, quiet=True)
+    with pytest.raises(ConfigError, match="holds 2 epochs; train.epochs=1"):
+        train(config_for_resume(run, epochs=1), resume=run, quiet=True)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot shorten a run" in err
+    assert (run / "config.yaml").read_text() == saved and len(metrics(run)) == 2
+    # The config the run was started from (data statistics still auto), now 3 epochs: resumes.
+    result = train(tiny("train.epochs=3", limit_train=100), resume=run, quiet=True)
+    assert result.status == "finished" and len(metrics(run)) == 3
+
+
+def test_a_seed_at_the_top_of_its_range_trains(real_env, tmp_path):
+    """train.seed and data.seed take [0, 2**63): the per-epoch seeds mixed from the top one
+    overflowed torch's seed (a traceback, the run failed)."""
+    top = 2**63 - 1
+    run = tmp_path / "run"
+    result = train(tiny("train.epochs=1", f"train.seed={top}", f"data.seed={top}",
+                        limit_train=100), out=run, quiet=True)
+    assert result.status == "finished" and len(metrics(run)) == 1

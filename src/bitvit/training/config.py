@@ -521,3 +521,40 @@ def resolve_device(name: str, key: str = "--device") -> torch.device:
 def save_config(config: Config, path: str | Path) -> None:
     """Write the config as YAML, atomically (a resumed run rewrites its config.yaml)."""
     files.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# What a resume may change: where things are and how fast they run, and the epochs (to extend
+# a run). The run fills in the rest of these itself (data statistics, the teacher's sha256 and
+# accuracy), so a config that leaves them open (auto, null) asks for nothing.
+RESUME_MAY_CHANGE = frozenset({
+    "train.epochs", "train.device", "train.compile", "train.eval_batch_size", "data.path",
+    "data.cache_dir", "data.download", "data.download_url", "data.download_md5",
+    "train.distill.teacher"})
+RUN_FILLS_IN = frozenset({"data.mean", "data.std", "train.distill.teacher_sha256",
+                          "train.distill.teacher_test_acc"})
+
+
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, Mapping):
+            flat |= _flat(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return flat
+
+
+def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> None:
+    """Refuse a resume asking for a setting the run did not train with: it would continue
+    under the new one and write it into config.yaml as if the whole run had had it."""
+    old, new = _flat(saved.to_dict()), _flat(asked.to_dict())
+    for key in sorted(old.keys() | new.keys()):
+        if key in RESUME_MAY_CHANGE or (key in RUN_FILLS_IN and new.get(key) in (None, "auto")):
+            continue
+        if old.get(key) != new.get(key):
+            raise ConfigError(
+                f"{run_dir}: the run trained with {key}={short_repr(old.get(key))} but the resume "
+                f"asks {key}={short_repr(new.get(key))}; a resume continues the run as it was "
+                "(it may change only train.epochs, the device and where the data and teacher "
+                "are): pass its saved config (bitvit.load_config(RUN/config.yaml)) or train a new "
+                "run")

@@ -37,7 +37,13 @@ from bitvit.training.checkpoint import (
     save_training_checkpoint,
     training_state,
 )
-from bitvit.training.config import Config, ConfigError, load_config, save_config
+from bitvit.training.config import (
+    Config,
+    ConfigError,
+    check_resume_config,
+    load_config,
+    save_config,
+)
 from bitvit.training.distill import Distillation, TeacherLoader, load_teacher
 from bitvit.training.distill import set_up as set_up_distillation
 from bitvit.training.evaluation import predict_logits
@@ -94,8 +100,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float) -
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
     """Reseed dropout (global RNG) and return the generator for augmentation, per epoch."""
-    torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
-    return torch.Generator().manual_seed(seed * 7_919 + epoch * 104_729 + rank)
+    # Folded below 2**63, which torch takes: a seed near the top of train.seed's range would
+    # overflow it; the seeds of every run so far are far below and unchanged.
+    torch.manual_seed((seed * 1_000_003 + epoch * 1_009 + rank) % 2**63)
+    return torch.Generator().manual_seed((seed * 7_919 + epoch * 104_729 + rank) % 2**63)
 
 
 def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int) -> torch.Tensor:
@@ -278,6 +286,8 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     """Data, model, optimizer and schedule, the teacher, and the resumed state. Writes nothing,
     so that a bad config, data path or teacher leaves no run folder behind."""
     tc = config.train
+    if resume is not None:  # the Python API takes any config: it must be the run's own
+        check_resume_config(load_config(run_dir / rundir.CONFIG), config, run_dir)
     if resume is None and rundir.has_checkpoint(run_dir):  # every rank: none may go on alone
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
@@ -324,6 +334,9 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     if resume is not None:
         s.start_epoch, s.best_acc = load_training_state(run_dir / rundir.LAST, model, optimizer,
                                                         scheduler, config)
+        if tc.epochs < s.start_epoch - 1:  # would rewrite config.yaml to fewer than it holds
+            raise ConfigError(f"{run_dir}: holds {s.start_epoch - 1} epochs; train.epochs="
+                              f"{tc.epochs} (--epochs) cannot shorten a run, only extend it")
         s.rows = [r for r in read_metrics(run_dir / rundir.METRICS)
                   if r["epoch"] < s.start_epoch]
     s.columns = rundir.metric_columns(splits.val is not None, s.rows)
