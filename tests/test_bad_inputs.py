@@ -339,6 +339,13 @@ def test_an_export_never_overwrites_its_checkpoint_nor_takes_the_other_suffix(ti
     for out in (model, run / "last/state.pt"):
         err = one_line_error(capsys, "export", str(run), "--out", str(out))
         assert f"{out}: is part of the checkpoint it exports" in err
+    # Nor any other file of a run folder: its config, metrics, record, figure.
+    files = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv",
+                                                           "run.json", "curves.png")}
+    for name in files:
+        err = one_line_error(capsys, "export", str(run), "--out", str(run / name))
+        assert f"{run / name}: is a file of the run folder {run}" in err
+    assert all((run / name).read_bytes() == data for name, data in files.items())
     assert model.read_bytes() == before
     err = one_line_error(capsys, "export", str(run), "--out", str(tmp_path / "m.onnx"))
     assert "--format safetensors writes a name not ending in .onnx" in err

@@ -196,6 +196,9 @@ def test_run_names_and_keys_are_bounded(tmp_path):
     ("train.seed=-1", "train.seed=-1: expected an integer >= 0 and < 2**63"),
     ("data.seed=" + "1" * 24, "expected an integer >= 0 and < 2**63"),
     ("data.crop_padding=100000", "data.crop_padding=100000: expected at most model.image_size"),
+    # 256 * 0.001 = 0.256: a zero-wide MLP (profile divided by zero, training a traceback).
+    ("model.mlp_ratio=0.001", "model.mlp_ratio=0.001: the MLP would be int(model.dim * "
+                              "mlp_ratio) = 0 wide; expected at least 0.00390625"),
 ])
 def test_sizes_that_would_overflow_are_refused_by_their_range(capsys, override, expected):
     err = one_line_error(capsys, "profile", PAPER, override)

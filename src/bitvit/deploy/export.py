@@ -554,6 +554,15 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _run_folder_holding(path: Path) -> Path | None:
+    """The run folder whose own file ``path`` is (config.yaml, metrics.csv, run.json, curves.png,
+    anything in last/ or best/), else None. A new file beside them is no run's."""
+    for run, entry in ((path.parent, path.name), (path.parent.parent, path.parent.name)):
+        if entry in rundir.RUN_ENTRIES and (run / rundir.CONFIG).is_file():
+            return run
+    return None
+
+
 def check_export_target(out: str | Path, fmt: str, src: Path) -> None:
     """Refuse (`ExportError`) an ``out`` that would overwrite the checkpoint ``src`` being
     exported, or whose suffix says the other format (``fmt``: safetensors or onnx), since
@@ -563,6 +572,10 @@ def check_export_target(out: str | Path, fmt: str, src: Path) -> None:
                             and target.name in (rundir.STATE_FILE, rundir.CHECKSUMS)):
         raise ExportError(f"{out}: is part of the checkpoint it exports ({src}); write the "
                           "export elsewhere")
+    run = _run_folder_holding(target)
+    if run is not None:
+        raise ExportError(f"{out}: is a file of the run folder {run} (a run's config, metrics, "
+                          "record or checkpoint); write the export elsewhere")
     if (Path(out).suffix.lower() == ".onnx") != (fmt == "onnx"):
         wanted = ".onnx" if fmt == "onnx" else "a name not ending in .onnx (.safetensors)"
         raise ExportError(f"{out}: --format {fmt} writes {wanted}; `bitvit eval` and "

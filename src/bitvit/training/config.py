@@ -224,6 +224,10 @@ class Config:
             check_normalization(self.data.mean, self.data.std, self.model.in_channels)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if int(self.model.dim * self.model.mlp_ratio) < 1:  # the MLP's width, as the model takes it
+            raise ConfigError(f"model.mlp_ratio={self.model.mlp_ratio:g}: the MLP would be "
+                              f"int(model.dim * mlp_ratio) = 0 wide; expected at least "
+                              f"{1 / self.model.dim:g} for model.dim={self.model.dim}")
         if self.data.crop_padding > self.model.image_size:  # pads every batch: squares its size
             raise ConfigError(f"data.crop_padding={self.data.crop_padding}: expected at most "
                               f"model.image_size={self.model.image_size}")
