@@ -501,3 +501,25 @@ def test_no_placements_table_without_two_placements(tmp_path):
         shutil.rmtree(study / f"xnor_mlp_seed={seed}")
     groups, text = compare([study], last_k=1)
     assert compare_placements(groups) == [] and "Placements" not in text
+
+
+def test_compare_and_report_refuse_margins_and_folders_that_mean_nothing(tmp_path, capsys,
+                                                                          monkeypatch):
+    study = _study(tmp_path, train_eval=True, val=False)
+    for args, expected in ((["--margin", "-1"], "--margin -1.0: expected an accuracy fraction"),
+                           (["--margin", "nan"], "--margin nan: expected an accuracy fraction"),
+                           (["--margin", "1"], "--margin 1.0: expected an accuracy fraction"),
+                           (["--loss-margin", "inf"], "--loss-margin inf: expected a loss"),
+                           (["--loss-margin", "0"], "--loss-margin 0.0: expected a loss"),
+                           (["--full-epochs", "0"], "--full-epochs 0: expected 1 or more")):
+        assert main(["compare", str(study), *args]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--results", "missing"]) == 2
+    assert "missing: no such results folder" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "results").mkdir()
+    assert main(["report", "--margin", "0"]) == 2  # checked before anything is written
+    assert "--margin 0.0: expected an accuracy fraction" in capsys.readouterr().err
+    assert not list((tmp_path / "results").iterdir())
