@@ -69,6 +69,17 @@ def test_overrides_mixed_with_options_are_applied(tiny_run, tmp_path, capsys, mo
         main(["train", "train.lr=0.1", "--epochs", "1", "--no-such-option"])
     assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in (
         capsys.readouterr().err)
+    # argparse's own errors are one line too (it printed its usage block first), with a pointer
+    # to the help.
+    for argv, expected in ((["train", "--epochs", "abc"], "bitvit train: error: argument "
+                            "--epochs: invalid int value: 'abc' (see bitvit train --help)"),
+                           (["predict", "m.safetensors", "x.png", "--engine", "foo"],
+                            "argument --engine: invalid choice: 'foo'"),
+                           (["nope"], "bitvit: error: argument command: invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
 
 
 def test_overrides_after_options_in_sweep_and_profile(tmp_path, capsys):

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from bitvit import __version__
 from bitvit.files import one_line
@@ -492,8 +492,15 @@ def _report(args: argparse.Namespace) -> int:
 # --- main ---------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, not after the usage block (subcommands' parsers are _Parsers too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bitvit",
         description="Train, study and deploy ternary and binary Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"bitvit {__version__}")
@@ -514,12 +521,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; ``section.key=value`` overrides may come anywhere among options.
-
+    """Parse the command line; ``section.key=value`` overrides may come anywhere among options:
     argparse stops filling a positional list at the first option, so overrides after one come
-    back as unknown arguments: they are appended to ``overrides`` in order (where a malformed
-    one is refused as it would be before the first option).
-    """
+    back as unknown arguments, appended to ``overrides`` in order."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     rest = []
