@@ -244,6 +244,18 @@ def test_a_cache_file_bitvit_did_not_write_is_a_miss(tmp_path):
     assert _load_cache(npz, "key") is None
     np.savez(npz.open("wb"), key=np.array("key"), classes=np.array(5))  # 0-d classes
     assert _load_cache(npz, "key") is None
+    # Well-formed arrays, but a label past the 2 classes (training hit "Target 6 is out of
+    # bounds"), or below 0.
+    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    for bad in ([0, 6], [-1, 1]):
+        np.savez(npz.open("wb"), key=np.array("key"), classes=np.array(["a", "b"]),
+                 train_images=images, train_labels=np.array(bad, dtype=np.int64),
+                 test_images=images, test_labels=np.array([0, 1], dtype=np.int64))
+        assert _load_cache(npz, "key") is None
+    np.savez(npz.open("wb"), key=np.array("key"), classes=np.array(["a", "b"]),
+             train_images=images, train_labels=np.array([1, 0], dtype=np.int64),
+             test_images=images, test_labels=np.array([0, 1], dtype=np.int64))
+    assert _load_cache(npz, "key") is not None
     stats = tmp_path / "s.json"
     stats.write_text("[" * 100_000 + "]" * 100_000)
     assert _load_stats(stats, "key", 3) is None

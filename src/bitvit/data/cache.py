@@ -36,6 +36,8 @@ def _load_cache(file: Path, key: str) -> tuple[ImageSet, ImageSet] | None:
                 if (images.dtype != np.uint8 or images.ndim != 4 or labels.dtype != np.int64
                         or labels.shape != (images.shape[0],)):
                     raise ValueError(f"bad {split} arrays")
+                if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+                    raise ValueError(f"{split} labels outside 0..{len(classes) - 1}")
                 sets.append(ImageSet(torch.from_numpy(images), torch.from_numpy(labels),
                                      list(classes)))
         return sets[0], sets[1]
