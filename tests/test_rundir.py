@@ -151,8 +151,9 @@ def test_a_second_training_into_a_locked_folder_is_refused_at_once(images, refer
 # --- restarts move aside; recoverable runs resume ----------------------------------------------
 
 
+@pytest.mark.parametrize("resume", [False, True])
 def test_rerun_after_a_kill_in_the_first_checkpoint_starts_again(images, reference, tmp_path,
-                                                                  monkeypatch, capsys):
+                                                                  monkeypatch, capsys, resume):
     train_module = importlib.import_module("bitvit.training.loop")
     run = tmp_path / "run"
     real_swap = train_module.swap_folder
@@ -170,7 +171,10 @@ def test_rerun_after_a_kill_in_the_first_checkpoint_starts_again(images, referen
     old_rows = rows(run)
 
     capsys.readouterr()
-    assert main(train_args(images, run)) == 0  # the original command, as the user reruns it
+    if resume:  # --resume, as the user may reach for it: nothing to continue, so it restarts
+        assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    else:  # the original command, as the user reruns it
+        assert main(train_args(images, run)) == 0
     err = capsys.readouterr().err
     [aside] = tmp_path.glob("run.restart-*")
     assert err == (f"bitvit train: {run} held a run without a checkpoint; moved it to {aside} "

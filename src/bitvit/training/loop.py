@@ -168,6 +168,10 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
     flushed to zero while it runs (`flush_subnormals`).
     """
     run_dir = Path(resume) if resume is not None else Path(out or _default_run_dir(config))
+    if resume is not None and rundir.holds_run(run_dir) and not rundir.has_checkpoint(run_dir):
+        # Killed in its first epoch, before last/ was written: nothing to continue, so it
+        # starts again (the folder moved aside), as the command that began it would.
+        resume = None
 
     def run() -> RunResult:
         with flush_subnormals():
