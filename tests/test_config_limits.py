@@ -217,3 +217,15 @@ def test_the_estimate_does_not_overflow_on_sizes_beyond_a_float():
     huge = ViTConfig(dim=10**400, heads=1, mlp_ratio=4.0)
     assert estimate(huge, 1, True).total > 10**800
     assert estimate(ViTConfig(mlp_ratio=1e308), 1, False).total > 10**300
+
+
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("train:\n  lr: 0.001\n  epochs: 3\n  lr: 0.1\n")
+    err = one_line_error(capsys, "profile", str(config))
+    assert err.endswith(f"{config}: key 'lr' given twice in one mapping (line 4)")
+    sweep = write_sweep(tmp_path / "sweep.yaml", "  train.seed: [0, 1]\n  train.seed: [2]\n")
+    err = one_line_error(capsys, "sweep", "--dry-run", str(sweep))
+    assert f"{sweep}: key 'train.seed' given twice in one mapping (line 5)" in err
+    # The same key in two mappings is two settings.
+    assert config_module.load_yaml("a: {x: 1}\nb: {x: 2}\n") == {"a": {"x": 1}, "b": {"x": 2}}

@@ -445,9 +445,21 @@ class _StrictLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # PyYAML keeps the last of a repeated key: one of two settings would vanish unsaid.
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise YamlRefused(f"key {_cut(key.value, 40)!r} given twice in one mapping "
+                                      f"(line {key.start_mark.line + 1})")
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)`` within bounds: `YamlRefused` for an anchor on a list or mapping
-    (an alias bomb) or nesting deeper than MAX_YAML_DEPTH."""
+    (an alias bomb), nesting deeper than MAX_YAML_DEPTH or a key given twice in a mapping."""
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except ValueError as e:  # int() of an integer of more than sys.get_int_max_str_digits()
