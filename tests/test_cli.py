@@ -17,7 +17,7 @@ import bitvit.deploy.export
 from bitvit.cli import main
 from bitvit.deploy.export import ExportError, export_model
 from bitvit.training.checkpoint import CheckpointError, build_model
-from bitvit.training.config import Config, load_config
+from bitvit.training.config import Config, ConfigError, load_config
 from bitvit.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,9 @@ def test_evaluate_bad_sources_and_options(tiny_run, real_env, tmp_path):
         bitvit.evaluate(model)
     with pytest.raises(TypeError, match="compile applies when evaluate loads the model"):
         bitvit.evaluate(bitvit.load(tiny_run["export"]), compile=True)
+    for size in (0, -1, 2.5, True):  # a raw range() error and an IndexError before
+        with pytest.raises(ConfigError, match=rf"batch_size={size!r}: expected an integer >= 1"):
+            bitvit.evaluate(tiny_run["export"], batch_size=size)
 
 
 def test_eval_compile_reaches_a_checkpoint(tiny_run, real_env, capsys, monkeypatch):

@@ -523,7 +523,8 @@ def test_bad_files_and_paths(tmp_path, monkeypatch):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(DataError, match="no CIFAR-10 batches"):
         read_images(tmp_path / "emptydir", 32, 3)
-    with pytest.raises(DataError, match="channels must be 1 or 3"):
+    with pytest.raises(DataError, match=r"model.in_channels=2: images are read with 1 "
+                                        r"\(grayscale\) or 3 \(RGB\) channels; expected 1 or 3"):
         read_images(tmp_path / "imgs", 32, 2)
     with pytest.raises(DataError, match="does not exist"):
         find_data(str(tmp_path / "nope"))

@@ -52,7 +52,8 @@ def _read_source(path: Path, image_size: int, channels: int,
     """`read_images`, plus with ``statistics`` the source's normalization (`resolve_statistics`)
     from the cache, or resolved and cached beside the decoded arrays."""
     if channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, got {channels}")
+        raise DataError(f"model.in_channels={channels}: images are read with 1 (grayscale) or "
+                        f"3 (RGB) channels; expected 1 or 3")
     if not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     if not path.exists():

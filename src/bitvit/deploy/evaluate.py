@@ -14,7 +14,7 @@ from torch import nn
 
 from bitvit.data import DataError, ImageSet, load_data, normalize
 from bitvit.training.checkpoint import CheckpointError, load_checkpoint
-from bitvit.training.config import resolve_device
+from bitvit.training.config import ConfigError, resolve_device
 from bitvit.training.evaluation import evaluate_model
 
 
@@ -49,6 +49,9 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     from bitvit.deploy.engine import compile_model
     from bitvit.deploy.export import ExportedModel
 
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ConfigError(f"evaluate: batch_size={batch_size!r}: expected an integer >= 1")
     if isinstance(source, (str, Path)):
         model, config, classes, path = _load(source, best, engine, compile, device)
     else:
