@@ -117,6 +117,8 @@ def test_a_runs_entry_replaces_the_grid_values_of_the_keys_it_sets(tmp_path):
     ({"grid": {"quant.method": []}}, "empty list"),
     ({"runs": [{"quant.method": "fp"}, {"quant.method": "fp"}]}, "more than once"),
     ({}, "no grid"),
+    ({"grid": {"train.seed": [0]}, "full_epochs": True}, "'full_epochs' must be a positive"),
+    ({"grid": {"train.seed": [0]}, "out": ""}, "'out' must be a path"),
 ])
 def test_bad_sweep_files(tmp_path, fields, message):
     with pytest.raises(SweepError, match=message):

@@ -197,7 +197,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{path}: unknown key {short_repr(unknown[0])}; valid keys: "
                          f"{', '.join(sorted(SWEEP_KEYS))}")
     for key in ("base", "out"):
-        if not isinstance(raw.get(key), str):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():  # '' would be the cwd
             raise SweepError(f"{path}: {key!r} must be a path (relative to the working directory)")
     overrides = raw.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
@@ -217,7 +217,7 @@ def load_sweep(path: str | Path) -> Sweep:
                          f"vary at most {MAX_SWEEP_KEYS}")
     points = _points(path, grid, subs)
     full_epochs = raw.get("full_epochs")
-    if full_epochs is not None and (not isinstance(full_epochs, int) or full_epochs < 1):
+    if full_epochs is not None and (type(full_epochs) is not int or full_epochs < 1):  # not true
         raise SweepError(f"{path}: 'full_epochs' must be a positive integer")
     runs_root = raw.get("runs_root")
     if runs_root is not None and not isinstance(runs_root, str):
