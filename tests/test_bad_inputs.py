@@ -98,6 +98,11 @@ def test_overrides_after_options_in_sweep_and_profile(tmp_path, capsys):
                                      "grid": {"quant.method": ["fp"]}}))
     err = one_line_error(capsys, "sweep", str(sweep), "--dry-run", "model.heads=3")
     assert "model.heads=3 must divide model.dim" in err
+    # A bad value in the grid names the sweep file (on its base), not the base alone.
+    sweep.write_text(yaml.safe_dump({"base": str(config), "out": str(tmp_path / "runs"),
+                                     "grid": {"model.dim": ["abc"]}}))
+    err = one_line_error(capsys, "sweep", str(sweep), "--dry-run")
+    assert err.startswith(f"bitvit sweep: error: {sweep} (base {config}): model.dim=")
 
 
 # --- config and sweep files -----------------------------------------------------------------------

@@ -516,10 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``section.key=value`` overrides may come anywhere among options:
     argparse stops filling a positional list at the first option, so overrides after one come
@@ -559,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         # A polite kill marks the run interrupted. Only for the commands that own run folders:
         # Python runs the handler between bytecodes, so a command stuck in one long native call
         # (an ONNX graph) would never stop; the others' writes are atomic anyway.
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     # A background job of a non-interactive shell (`nohup bitvit sweep ... &`) starts with
     # SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing at all.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -286,9 +286,11 @@ def sweep_config(sweep: Sweep, point: dict[str, Any], extra: list[str] | None = 
     """A run's config: the base file, the sweep's overrides, ``extra``, the point's. ``base``:
     the base file as read already (`plan_sweep` reads it once, not once per run)."""
     overrides = [*sweep.overrides, *(extra or []), *point_overrides(point)]
+    # Named as the sweep file on its base: a bad value may come from either.
+    source = f"{sweep.path} (base {sweep.base})"
     if base is None:
-        return load_config(sweep.base, overrides)
-    return Config.from_dict(apply_overrides(base, overrides), sweep.base)
+        base = read_yaml_mapping(sweep.base, "config file", "sections model, quant, data, train")
+    return Config.from_dict(apply_overrides(base, overrides), source)
 
 
 # ---------------------------------------------------------------------------------------------
