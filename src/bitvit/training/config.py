@@ -571,6 +571,6 @@ def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> No
             raise ConfigError(
                 f"{run_dir}: the run trained with {key}={short_repr(old.get(key))} but the resume "
                 f"asks {key}={short_repr(new.get(key))}; a resume continues the run as it was "
-                "(it may change only train.epochs, the device and where the data and teacher "
-                "are): pass its saved config (bitvit.load_config(RUN/config.yaml)) or train a new "
-                "run")
+                "(it may change only train.epochs, the device, compile, the eval batch size and "
+                "where the data and teacher are): pass its saved config "
+                "(bitvit.load_config(RUN/config.yaml)) or train a new run")
