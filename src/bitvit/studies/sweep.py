@@ -72,6 +72,7 @@ from bitvit.training.config import (
     Config,
     ConfigError,
     apply_overrides,
+    flat_keys,
     load_config,
     read_yaml_mapping,
     short_repr,
@@ -310,19 +311,13 @@ DISTILL = "train.distill."
 
 
 def _flatten(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """{section: {key: value, sub: {key: value}}} -> {section.key: value, section.sub.key: ...}."""
-    flat: dict[str, Any] = {}
-
-    def walk(mapping: dict[str, Any], prefix: str) -> None:
-        for k, v in mapping.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-
-    for section, values in config_dict.items():
-        walk(values or {}, f"{section}.")
-    return flat
+    """`flat_keys` of a config's sections, an empty section (None in YAML) as no keys; a
+    section that is no mapping is a TypeError."""
+    sections = {section: values or {} for section, values in config_dict.items()}
+    for section, values in sections.items():
+        if not isinstance(values, dict):
+            raise TypeError(f"section {section!r} is not a mapping")
+    return flat_keys(sections)
 
 
 def experiment_key(config_dict: dict[str, dict[str, Any]], ignore: set[str] = IGNORED_KEYS

@@ -550,11 +550,13 @@ RUN_FILLS_IN = frozenset({"data.mean", "data.std", "train.distill.teacher_sha256
                           "train.distill.teacher_test_acc"})
 
 
-def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{section: {key: value, sub: {key: value}}} -> {section.key: value, section.sub.key: ...}
+    (tuples as lists, as YAML gives them)."""
     flat: dict[str, Any] = {}
     for k, v in mapping.items():
         if isinstance(v, Mapping):
-            flat |= _flat(v, f"{prefix}{k}.")
+            flat |= flat_keys(v, f"{prefix}{k}.")
         else:
             flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return flat
@@ -563,7 +565,7 @@ def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> None:
     """Refuse a resume asking for a setting the run did not train with: it would continue
     under the new one and write it into config.yaml as if the whole run had had it."""
-    old, new = _flat(saved.to_dict()), _flat(asked.to_dict())
+    old, new = flat_keys(saved.to_dict()), flat_keys(asked.to_dict())
     for key in sorted(old.keys() | new.keys()):
         if key in RESUME_MAY_CHANGE or (key in RUN_FILLS_IN and new.get(key) in (None, "auto")):
             continue
