@@ -153,14 +153,15 @@ def _product(choices: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def _hashable(value: Any) -> Any:
     """A value as a hashable key that is equal where the values are (YAML's lists, mappings
-    and sets), so that duplicate points are found in a set rather than a list."""
+    and sets), so that duplicate points are found in a set rather than a list. The type is part
+    of the key: 0, 0.0 and false are equal in Python but are three runs."""
     if isinstance(value, list | tuple):
         return (type(value).__name__, tuple(_hashable(v) for v in value))
     if isinstance(value, dict):
         return ("dict", frozenset((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, set):
-        return frozenset(value)
-    return value
+        return ("set", frozenset(_hashable(v) for v in value))
+    return (type(value).__name__, value)
 
 
 def _points(path: Path, grid: dict[str, list[Any]], runs: list[dict[str, list[Any]]]
