@@ -152,6 +152,13 @@ def test_the_cache_is_keyed_by_model_shape_not_weights(fresh, monkeypatch, tmp_p
     deeper = _export(tmp_path / "deeper.safetensors", depth=3)
     bitvit.load(deeper)
     assert len(calls) == 2 and len(_cache(tmp_path)["entries"]) == 2
+    # Every setting an engine computes otherwise is part of the key.
+    base = auto.model_key(_config())
+    for key, value in (("norm_eps", 1e-6), ("final_norm", "none"), ("qkv_bias", False),
+                       ("gelu", "tanh"), ("pooling", "mean")):
+        changed = Config.from_dict({**_config().to_dict(), "model": {
+            **_config().to_dict()["model"], key: value}})
+        assert auto.model_key(changed) != base, key
 
 
 @pytest.mark.parametrize("content", [
@@ -160,6 +167,8 @@ def test_the_cache_is_keyed_by_model_shape_not_weights(fresh, monkeypatch, tmp_p
     '{"version": 1, "entries": {"KEY": {"engine": "fp", "speed": {"fp": 2.0}}}}',
     '{"version": 1, "entries": {"KEY": {"engine": "int", "speed": {"int": 1, "fp": 1'
     + "0" * 400 + ', "ort": 1}}}}',
+    '{"version": 1, "entries": {"KEY": {"engine": "int", "speed": {"int": 1.0}, '
+    '"unavailable": ["int", "fp", "ort"]}}}',
 ])
 def test_a_corrupt_cache_is_measured_again_and_rewritten(fresh, monkeypatch, tmp_path,
                                                          content):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_16PX, one_line_error
+from conftest import TINY_16PX, one_line_error, write_image_folder
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from bitvit.cli import main
 from bitvit.deploy.export import _digest
 from bitvit.training.checkpoint import write_checksums
+from bitvit.training.rundir import read_metrics
 
 
 @pytest.fixture
@@ -257,6 +258,18 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, ("true",))
+
+
+def test_resume_refuses_data_with_other_classes(tiny_run, tmp_path, capsys, monkeypatch):
+    # The same number of classes, other names: the head's rows would mean other labels.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    other = write_image_folder(tmp_path / "other", classes=("cat", "emu"))
+    err = one_line_error(capsys, "train", "--resume", str(run), "--epochs", "2", "--quiet",
+                         "--data", str(other))
+    assert "trained on the classes ['cat', 'dog'] but the data has ['cat', 'emu']" in err
+    assert len(read_metrics(run / "metrics.csv")) == 1
 
 
 def test_resume_refuses_a_state_with_a_code_payload(tiny_run, tmp_path, capsys, monkeypatch):

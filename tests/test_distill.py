@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,8 +197,9 @@ def test_cached_teacher_logits_equal_the_teacher_run_per_batch(real_env, tmp_pat
                                      torch.device("cpu")).logits, distill.TeacherOnBatch)
 
 
+@pytest.mark.parametrize("config_given", [False, True])
 def test_interrupted_and_resumed_distillation_equals_uninterrupted(real_env, tmp_path, teacher,
-                                                                   monkeypatch):
+                                                                   monkeypatch, config_given):
     # Augmentation and dropout: the teacher runs per batch on the augmented images.
     config = tiny("quant.method=b158", "train.epochs=3", "model.dropout=0.1",
                   "data.random_crop=true", "data.horizontal_flip=true",
@@ -217,9 +219,16 @@ def test_interrupted_and_resumed_distillation_equals_uninterrupted(real_env, tmp
     with pytest.raises(Killed):
         train(config, out=killed, quiet=True)
     monkeypatch.setattr(loop, "_record_epoch", record)
-    # The resumed run reads the teacher's test accuracy from its config.yaml.
+    # The resumed run reads the teacher's test accuracy from its config.yaml, and checks the
+    # teacher against its recorded sha256 even when the API is given the starting config.
     monkeypatch.setattr(distill, "_test_accuracy", lambda *a: pytest.fail("measured again"))
-    result = train(config_for_resume(killed), resume=killed, quiet=True)
+    other = fake_teacher(tmp_path / "other.safetensors")
+    swapped = replace(config, train=replace(config.train, distill=replace(
+        config.train.distill, teacher=str(other))))
+    with pytest.raises(ConfigError, match="the teacher changed"):
+        train(swapped, resume=killed, quiet=True)
+    result = train(config if config_given else config_for_resume(killed), resume=killed,
+                   quiet=True)
     assert result.status == "finished"
     assert rows(full) == rows(killed) and len(rows(full)) == 3
     assert_same_weights(full, killed)

@@ -394,6 +394,17 @@ def test_export_rejects_bad_options(tmp_path):
         export_model(model, small_config("fp"), CLASSES, tmp_path / "m.safetensors")
 
 
+def test_a_compiled_model_exports_as_itself(tmp_path):
+    # torch.compile's wrapper prefixes every parameter name with _orig_mod. (nothing compiles
+    # until it is called).
+    config = small_config("b158")
+    model = small_model(config)
+    plain = export_model(model, config, CLASSES, tmp_path / "plain.safetensors")
+    wrapped = export_model(torch.compile(model), config, CLASSES, tmp_path / "c.safetensors")
+    a, b = load_file(str(plain)), load_file(str(wrapped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_export_is_atomic(tmp_path):
     config = small_config("b158")
     model = small_model(config)

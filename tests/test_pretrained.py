@@ -283,6 +283,20 @@ def _timm_like(dim: int = 64, cls: bool = True, fc_norm: bool = False,
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
+def test_heads_other_than_the_timm_convention_are_said(tmp_path):
+    # No shape holds the heads: any number loads, so one other than dim / 64 is said.
+    path = tmp_path / "d128.safetensors"
+    save_file(_timm_like(dim=128), str(path))
+    for heads, said in ((4, True), (2, False), (None, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, config = bitvit.load_pretrained(path, **({} if heads is None else {"heads": heads}))
+        assert config.heads == (heads or 2)
+        notes = [str(w.message) for w in caught if "does not record heads" in str(w.message)]
+        assert notes == ([f"{path}: model.heads=4 is the config's: {path} does not record heads "
+                          "(its convention gives 2); make sure 4 is the source's"] if said else [])
+
+
 def test_timm_architecture_is_inferred_from_the_shapes(tmp_path):
     path = tmp_path / "gap.safetensors"
     # No class token, fc_norm, no qkv bias, no head: timm's global average pooling ViT.

@@ -165,12 +165,15 @@ def machine_key(device: torch.device, ort_version: str | None) -> str:
 
 
 def model_key(config: Config) -> str:
-    """The model's shape: its architecture and quantization (not its weights)."""
+    """The model's shape: its architecture and quantization (not its weights). Every key an
+    engine computes differently is in it (ONNX Runtime fuses the exact and tanh GELUs
+    otherwise, say); the training-only ones (dropout) are not."""
     m, q = config.model, config.quant
     return (f"ViT {m.image_size}px {m.in_channels}ch patch {m.patch_size} dim {m.dim} depth "
             f"{m.depth} heads {m.heads} mlp {m.mlp_ratio:g} {m.pooling} pooling "
-            f"{m.num_classes} classes | {q.method} where {q.where} act_bits {q.act_bits} "
-            f"patch_embed {q.include_patch_embed} sub_norm {q.sub_norm}")
+            f"{m.num_classes} classes norm_eps {m.norm_eps:g} final_norm {m.final_norm} "
+            f"qkv_bias {m.qkv_bias} gelu {m.gelu} | {q.method} where {q.where} act_bits "
+            f"{q.act_bits} patch_embed {q.include_patch_embed} sub_norm {q.sub_norm}")
 
 
 def _cached_speed(entry: object, candidates: list[str]) -> dict[str, float] | None:
@@ -183,8 +186,9 @@ def _cached_speed(entry: object, candidates: list[str]) -> dict[str, float] | No
     if isinstance(unavailable, list):
         candidates = [name for name in candidates if name not in unavailable]
     # A speed ratio of a sane measurement; 10**400 (a hand-edited file) would overflow float().
-    ok = all(isinstance(speed.get(name), (int, float)) and not isinstance(speed[name], bool)
-             and 0 < speed[name] < 1e6 for name in candidates)
+    ok = bool(candidates) and all(
+        isinstance(speed.get(name), (int, float)) and not isinstance(speed[name], bool)
+        and 0 < speed[name] < 1e6 for name in candidates)
     return {name: float(speed[name]) for name in candidates} if ok else None
 
 

@@ -270,6 +270,7 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
     if len(classes) != config.model.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with "
                          f"{config.model.num_classes} classes")
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every name
     layers = _quantized_layers(model)
     expected = _quantized_layers(_skeleton(config))
     if {n: _layer_info(m, packing) for n, m in layers.items()} != {

@@ -436,7 +436,7 @@ def _the_vit(model: nn.Module) -> VisionTransformer:
 
 
 def onnx_model(model: nn.Module, act_quant: str = "token",
-               metadata: dict[str, str] | None = None, opset: int = OPSET) -> Any:
+               metadata: dict[str, str] | None = None) -> Any:
     """``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as an ONNX
     ``ModelProto`` in memory, checked with ``onnx.checker`` (see `to_onnx`, which writes it).
     ``proto.SerializeToString()`` is what ``onnxruntime.InferenceSession`` and
@@ -457,7 +457,7 @@ def onnx_model(model: nn.Module, act_quant: str = "token",
             "images", onnx.TensorProto.FLOAT, [BATCH, c.in_channels, c.image_size, c.image_size])],
         [h.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, [BATCH, c.num_classes])],
         g.initializers, value_info=g.value_info)
-    opsets = [h.make_opsetid("", opset)]
+    opsets = [h.make_opsetid("", OPSET)]  # the graph is written for this opset alone
     if any(n.domain == "com.microsoft" for n in g.nodes):
         opsets.append(h.make_opsetid("com.microsoft", 1))
     proto = h.make_model(graph, opset_imports=opsets, producer_name="bitvit",
@@ -474,7 +474,7 @@ def onnx_model(model: nn.Module, act_quant: str = "token",
 
 
 def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
-            metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
+            metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` (a `VisionTransformer`, quantized or not, or an `ExportedModel`) as ONNX.
 
     ``act_quant``: ``token`` (per-token absmax int8, BitNet's arithmetic) or ``tensor``
@@ -487,7 +487,7 @@ def to_onnx(model: nn.Module, path: str | Path, act_quant: str = "token",
     from bitvit.files import atomic_file
 
     onnx = import_optional("onnx")
-    proto = onnx_model(model, act_quant, metadata, opset)
+    proto = onnx_model(model, act_quant, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_file(path, lambda tmp: onnx.save_model(proto, str(tmp)))

@@ -32,7 +32,7 @@ from bitvit.nn.model import VisionTransformer
 from bitvit.nn.quant import quantize_
 from bitvit.system import memory_shortfall
 from bitvit.training import memory
-from bitvit.training.config import Config, ConfigError, load_config
+from bitvit.training.config import Config, ConfigError, load_config, short_repr
 from bitvit.training.rundir import (  # noqa: F401 - checkpoint_folder: read by older callers
     CHECKSUMS,
     CONFIG,
@@ -118,13 +118,7 @@ def load_checkpoint(path: str | Path, best: bool = False) -> Checkpoint:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{file}: not a bitvit training checkpoint (format "
                               f"{meta.get('format')!r}; exported models load with bitvit.load)")
-    try:
-        config = Config.from_dict(files.parse_json(meta["config"]), source=str(file))
-        classes = files.parse_json(meta["classes"])
-        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-            raise ValueError("classes is not a list of names")
-    except (KeyError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"{file}: bad checkpoint metadata ({error_reason(e)})") from None
+    config, classes = _stored(file, meta)
     run_config = Path(path) / CONFIG
     if run_config.is_file():  # a run folder: its checkpoint must be of its config's model
         check_same_model(file, config, load_config(run_config), str(run_config))
@@ -197,11 +191,12 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, config: Config | None = None) -> tuple[int, float]:
+                        scheduler: Any, config: Config | None = None,
+                        classes: list[str] | None = None) -> tuple[int, float]:
     """Restore model, optimizer, scheduler and RNG from a checkpoint folder (or its intact
     previous copy, see `intact_folder`); return next epoch and the best validation accuracy so
-    far. With ``config`` (the run's), the checkpoint must be of its model. Bad files give a
-    one-line CheckpointError."""
+    far. With ``config`` (the run's), the checkpoint must be of its model; with ``classes``
+    (the data's), of those classes in that order. Bad files give a one-line CheckpointError."""
     folder = intact_folder(folder, (MODEL_FILE, STATE_FILE), "resume")
     model_file, state_file = folder / MODEL_FILE, folder / STATE_FILE
     _check_fits(model_file)
@@ -210,8 +205,14 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
         raise CheckpointError(f"{model_file}: corrupt checkpoint, expected safetensors weights "
                               f"written by bitvit train ({error_reason(e)})") from None
+    stored_config, stored_classes = _stored(model_file, read_metadata(model_file))
     if config is not None:
-        check_same_model(model_file, _stored_config(model_file), config, "the run's config.yaml")
+        check_same_model(model_file, stored_config, config, "the run's config.yaml")
+    if classes is not None and list(classes) != stored_classes:
+        # Same count, other classes (or order): the head's rows would mean other labels.
+        raise CheckpointError(f"{model_file}: trained on the classes {short_repr(stored_classes)}"
+                              f" but the data has {short_repr(list(classes))}; resume on the "
+                              "run's own data")
     load_state(model, weights, model_file)
     state = _read_state(state_file)
     try:
@@ -237,14 +238,18 @@ def _check_fits(file: Path) -> None:
         raise CheckpointError(f"{file}: {why}")
 
 
-def _stored_config(model_file: Path) -> Config:
-    """The config in a checkpoint's metadata (a one-line CheckpointError if it has none)."""
-    meta = read_metadata(model_file)
+def _stored(model_file: Path, meta: dict[str, str]) -> tuple[Config, list[str]]:
+    """The config and class names in a checkpoint's metadata (a one-line CheckpointError if it
+    has none)."""
     try:
-        return Config.from_dict(files.parse_json(meta["config"]), source=str(model_file))
+        config = Config.from_dict(files.parse_json(meta["config"]), source=str(model_file))
+        classes = files.parse_json(meta["classes"])
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError("classes is not a list of names")
     except (KeyError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{model_file}: bad checkpoint metadata "
                               f"({error_reason(e)})") from None
+    return config, classes
 
 
 # torch.save writes a zip archive; a bare pickle stream (pickle.dump, or torch's legacy format,

@@ -562,9 +562,11 @@ def flat_keys(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> None:
+def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> Config:
     """Refuse a resume asking for a setting the run did not train with: it would continue
-    under the new one and write it into config.yaml as if the whole run had had it."""
+    under the new one and write it into config.yaml as if the whole run had had it. Returns
+    the config to go on under: the one asked, with what the run filled in where it leaves
+    them open (so a swapped teacher is still checked against the sha256 the run recorded)."""
     old, new = flat_keys(saved.to_dict()), flat_keys(asked.to_dict())
     for key in sorted(old.keys() | new.keys()):
         if key in RESUME_MAY_CHANGE or (key in RUN_FILLS_IN and new.get(key) in (None, "auto")):
@@ -576,3 +578,12 @@ def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> No
                 "(it may change only train.epochs, the device, compile, the eval batch size and "
                 "where the data and teacher are): pass its saved config "
                 "(bitvit.load_config(RUN/config.yaml)) or train a new run")
+    raw = asked.to_dict()
+    for key in RUN_FILLS_IN:
+        if new.get(key) in (None, "auto"):
+            *sections, name = key.split(".")
+            inner = raw
+            for section in sections:
+                inner = inner[section]
+            inner[name] = old.get(key)
+    return Config.from_dict(raw, str(run_dir))

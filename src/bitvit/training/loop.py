@@ -291,7 +291,7 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     so that a bad config, data path or teacher leaves no run folder behind."""
     tc = config.train
     if resume is not None:  # the Python API takes any config: it must be the run's own
-        check_resume_config(load_config(run_dir / rundir.CONFIG), config, run_dir)
+        config = check_resume_config(load_config(run_dir / rundir.CONFIG), config, run_dir)
     if resume is None and rundir.has_checkpoint(run_dir):  # every rank: none may go on alone
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
@@ -337,7 +337,7 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
                 distillation=distillation, source=source)
     if resume is not None:
         s.start_epoch, s.best_acc = load_training_state(run_dir / rundir.LAST, model, optimizer,
-                                                        scheduler, config)
+                                                        scheduler, config, splits.classes)
         if tc.epochs < s.start_epoch - 1:  # would rewrite config.yaml to fewer than it holds
             raise ConfigError(f"{run_dir}: holds {s.start_epoch - 1} epochs; train.epochs="
                               f"{tc.epochs} (--epochs) cannot shorten a run, only extend it")

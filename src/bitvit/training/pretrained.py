@@ -170,9 +170,15 @@ def load_run_config(path: str | Path | None, overrides: Iterable[Override] = ())
 
 def init_model(model: torch.nn.Module, source: Source, config: Config) -> list[str]:
     """Load ``source``'s weights into ``model`` (built from ``config``, quantized or not);
-    returns what had to change (position embeddings resampled, a new head), one line each."""
+    returns what had to change (position embeddings resampled, a new head) and a guessed key
+    the config set otherwise (a timm file's heads), one line each."""
     state, notes = fit_state(source.state, source.model, config.model, model.state_dict())
     load_state(model, state, source.path)
+    for key in sorted(source.guessed):  # the weights fit any value: a wrong one goes unnoticed
+        ours, guess = getattr(config.model, key), source.model[key]
+        if ours != guess:
+            notes.append(f"model.{key}={ours} is the config's: {source.path} does not record "
+                         f"{key} (its convention gives {guess}); make sure {ours} is the source's")
     return notes
 
 
