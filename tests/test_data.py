@@ -214,6 +214,12 @@ def test_a_cifar_pickle_that_asks_for_memory_it_does_not_hold_is_refused(tmp_pat
     with pytest.raises(DataError, match="refusing numpy _reconstruct of shape "
                                         "\\(6000000, 3072\\)"):
         safe_unpickle(pickle.dumps({b"data": Bomb(), b"labels": []}, protocol=2), "x")
+    class Call:  # numpy.ndarray called itself: any shape, memory the file never held
+        def __reduce__(self):
+            return (np.ndarray, ((6_000_000, 3072), "B"))
+
+    with pytest.raises(DataError, match="refusing a call of numpy.ndarray"):
+        safe_unpickle(pickle.dumps({b"data": Call(), b"labels": []}, protocol=2), "x")
     real = np.arange(12, dtype=np.uint8).reshape(3, 4)  # numpy's own pickles still load
     assert np.array_equal(safe_unpickle(pickle.dumps(real, protocol=2)), real)
 

@@ -353,6 +353,130 @@ def test_a_tar_header_that_would_inflate_is_refused_before_it_is_read(tmp_path, 
     assert str(e.value).endswith("over the 1000 B any real archive needs; refused unread")
 
 
+@pytest.mark.parametrize("mode", ["w:bz2", "w:xz"])
+def test_an_archive_that_inflates_past_any_image_data_is_refused(tmp_path, monkeypatch, mode):
+    from bitvit.data import tree
+
+    # A skipped member is inflated all the same: bzip2 and xz turn kB into TB (gzip cannot
+    # pass the limit: it is deflate's own ceiling).
+    archive = tmp_path / f"bomb.tar.{mode[2:]}"
+    with tarfile.open(archive, mode) as tar:
+        member = tarfile.TarInfo("ds/NOTES.bin")
+        member.size = 8 << 20
+        tar.addfile(member, io.BytesIO(bytes(member.size)))
+    monkeypatch.setattr(tree, "MIN_INFLATED_BYTES", 1 << 20)
+    with pytest.raises(DataError) as e:
+        tree._read_tar(archive)
+    size = archive.stat().st_size
+    assert str(e.value) == (
+        f"{archive}: a {size:,}-byte archive inflates past "
+        f"{tree.human_bytes(max(1 << 20, 1032 * size))}, more than 1032x its size, which no "
+        "image data compresses to (a decompression bomb); refused unread")
+
+
+@pytest.mark.parametrize("mode", ["w:bz2", "w:xz", "w", "w:gz"])
+def test_every_tar_compression_reads_as_the_folder(tmp_path, monkeypatch, mode):
+    from bitvit.data.sources import read_images
+
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "images")
+    archive = tmp_path / "images.tar"
+    with tarfile.open(archive, mode) as tar:
+        tar.add(folder, arcname="images")
+    (a, _), (b, _) = read_images(folder, 16, 3), read_images(archive, 16, 3)
+    assert torch.equal(a.images, b.images) and a.classes == b.classes
+
+
+def test_links_in_a_folder_and_in_its_tar_read_alike(tmp_path, monkeypatch):
+    from bitvit.data.sources import read_images
+
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "images", ("cat", "dog", "emu"))
+    first = sorted((folder / "train/cat").iterdir())[0]
+    os.link(first, folder / "train/cat/hard.png")
+    (folder / "train/dog/soft.png").symlink_to(f"../cat/{first.name}")
+    for split in ("train", "test"):  # a class folder that is a link to another folder
+        (folder / split / "emu").rename(folder / f"kept-{split}")
+        (folder / split / "emu").symlink_to(f"../kept-{split}")
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="images")  # links as links
+    (a, _), (b, _) = read_images(folder, 16, 3), read_images(archive, 16, 3)
+    assert a.classes == b.classes == ["cat", "dog", "emu"]
+    assert len(a.labels) == 4 * 3 + 2
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+    (folder / "train/cat/loop").symlink_to(folder / "train")
+    with pytest.raises(DataError, match="a link to a folder it is inside"):
+        read_images(folder, 16, 3)
+    (folder / "train/cat/loop").unlink()
+    (folder / "train/dog/soft.png").unlink()
+    (folder / "train/dog/soft.png").symlink_to(first)  # absolute: out of the archive
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="images")
+    with pytest.raises(DataError) as e:
+        read_images(archive, 16, 3)
+    assert str(e.value) == (f"{archive}:images/train/dog/soft.png: a link to {first}, which "
+                            "the archive does not hold")
+
+
+def test_crafted_tar_headers_are_one_line(tmp_path, monkeypatch):
+    from bitvit.data import tree
+
+    cases = {  # tarfile raises ValueError or reads a map of any length for these
+        "pax": {"GNU.sparse.size": "abc"},
+        "sparse-1.0": {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                       "GNU.sparse.name": "x.png", "GNU.sparse.realsize": "10"},
+    }
+    for name, headers in cases.items():
+        archive = tmp_path / f"{name}.tar"
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            member = tarfile.TarInfo("ds/train/a/0.png")
+            member.size, member.pax_headers = 4, headers
+            tar.addfile(member, io.BytesIO(bytes(4)))
+        with pytest.raises(DataError) as e:
+            tree._read_tar(archive)
+        assert str(e.value).startswith(str(archive)) and "\n" not in str(e.value), name
+    sparse = tarfile.TarInfo("ds/train/a/0.png")  # GNU's old sparse type ('S')
+    sparse.type, sparse.size = tarfile.GNUTYPE_SPARSE, 0
+    (tmp_path / "old.tar").write_bytes(sparse.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(DataError, match="a sparse member .* which no data set needs"):
+        tree._read_tar(tmp_path / "old.tar")
+
+
+def test_every_member_name_counts_against_the_memory(tmp_path, monkeypatch):
+    from bitvit.data import tree
+
+    archive = tmp_path / "names.tar.gz"  # empty members, skipped: only their names are held
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in range(100):
+            tar.addfile(tarfile.TarInfo(f"ds/{i:04d}.txt"), io.BytesIO())
+    monkeypatch.setattr(tree, "host_memory", lambda: (20_000, "a test's 20 kB"))
+    with pytest.raises(DataError, match="inflate past 9.8 KiB, half the memory available"):
+        tree._read_tar(archive)
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path, monkeypatch):
+    from bitvit.data.sources import read_images
+
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "images")
+    first = sorted((folder / "train/cat").iterdir())[0]
+    os.rename(first, os.path.join(os.fsencode(first.parent), b"\xe9t\xe9.png"))
+    assert len(read_images(folder, 16, 3)[0].labels) == 8
+
+
+def test_the_pixel_limit_may_be_raised_past_pils_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.setenv("BITVIT_MAX_IMAGE_PIXELS", "300000000")
+    big = tmp_path / "big.png"
+    Image.new("1", (20000, 10000)).save(big)  # 200M pixels: past PIL's 179M refusal
+    data = big.read_bytes()
+    with pytest.raises(DataError) as e:  # within bitvit's raised limit: PIL goes on to decode
+        decode_image(data[:len(data) // 2], "big.png", 16, 3)
+    assert "decompression bomb" not in str(e.value) and "not a readable image" in str(e.value)
+
+
 def test_images_that_would_not_fit_in_memory_decoded_are_refused_before_decoding(
         tmp_path, monkeypatch):
     from bitvit import system

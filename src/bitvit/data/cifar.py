@@ -25,6 +25,18 @@ def _numpy_reconstruct() -> Callable[..., Any]:
     return _reconstruct
 
 
+class _NdarrayType:
+    """What a pickle's ``numpy.ndarray`` stands for: an argument of `_empty_reconstruct` only.
+    Called itself (``ndarray(shape, dtype)``), it would allocate any shape the file names."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused("refusing a call of numpy.ndarray: numpy's pickles reconstruct an empty "
+                       "array and fill it from the file")
+
+
+_NDARRAY = _NdarrayType()
+
+
 def _empty_reconstruct(cls: Any, shape: Any, dtype: Any) -> Any:
     """numpy's `_reconstruct` for the empty array its pickles start from (shape (0,)), which
     ``__setstate__`` then fills from the pickle's own bytes. Any other shape would allocate
@@ -33,7 +45,9 @@ def _empty_reconstruct(cls: Any, shape: Any, dtype: Any) -> Any:
             and 0 in shape):
         raise _Refused(f"refusing numpy _reconstruct of shape {str(shape)[:40]}: numpy's "
                        "pickles reconstruct an empty array and fill it from the file")
-    return _numpy_reconstruct()(cls, shape, dtype)
+    if cls is not _NDARRAY:
+        raise _Refused("refusing numpy _reconstruct of anything but numpy.ndarray")
+    return _numpy_reconstruct()(np.ndarray, shape, dtype)
 
 
 def _numpy_scalar() -> Callable[..., Any]:
@@ -68,7 +82,7 @@ class _CifarUnpickler(pickle.Unpickler):
             if name == "scalar":
                 return _numpy_scalar()
         if module == "numpy" and name == "ndarray":
-            return np.ndarray
+            return _NDARRAY
         if module == "numpy" and name == "dtype":
             return np.dtype
         if module == "_codecs" and name == "encode":

@@ -143,7 +143,12 @@ def pil_note(messages: list[str], limit: int = 160) -> str:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """PIL's lazy image of ``data`` (the header read, nothing decoded), in `IMAGE_FORMATS` only."""
+    """PIL's lazy image of ``data`` (the header read, nothing decoded), in `IMAGE_FORMATS` only.
+    bitvit's pixel limit is checked by its callers; PIL's own (about 179 MP) must not cap it
+    lower when $BITVIT_MAX_IMAGE_PIXELS raises it."""
+    limit = max_image_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL warns past it and refuses past twice it
     return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
 
 
