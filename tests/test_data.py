@@ -10,6 +10,7 @@ import os
 import pickle
 import tarfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -621,6 +622,19 @@ def test_download(tmp_path, server, monkeypatch):
 
     with pytest.raises(DataError, match="could not download"):
         download_cifar10(cache, f"{base}/missing.tar.gz", md5)
+    n = len(hits)
+    with pytest.raises(DataError, match="MD5 '0123' .*: expected 32 hexadecimal digits"):
+        download_cifar10(cache, f"{base}/c.tar.gz", "0123")
+    assert len(hits) == n  # refused before fetching
+
+    # What a killed download left is removed by the next, once nobody has written it for long.
+    stale, fresh = cache / ".download-killed.tmp", cache / ".download-running.tmp"
+    stale.write_bytes(b"x"), fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    with pytest.raises(DataError, match="could not download"):
+        download_cifar10(cache, f"{base}/missing.tar.gz", md5)
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()
 
     # No endless or oversized body fills the disk; a malformed address is one line too.
     import bitvit.data.download as download

@@ -3,12 +3,15 @@ download of the official CIFAR-10 tarball into the cache folder."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -51,8 +54,12 @@ def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None =
     """
     url = url or os.environ.get("BITVIT_CIFAR10_URL") or OFFICIAL_URL
     md5 = (md5 or os.environ.get("BITVIT_CIFAR10_MD5") or OFFICIAL_MD5).lower()
+    if not re.fullmatch("[0-9a-f]{32}", md5):  # before 170 MB are fetched, not after
+        raise DataError(f"MD5 {md5[:80]!r} (data.download_md5 / $BITVIT_CIFAR10_MD5): expected "
+                        "32 hexadecimal digits")
     folder = resolve_cache_dir(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_downloads(folder)
     dest = folder / "cifar-10-python.tar.gz"
     if dest.exists():
         if _file_digest(dest, "md5") == md5:
@@ -92,6 +99,19 @@ def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None =
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+# A download in progress writes its temporary file every few seconds; one untouched for this
+# long was left by a killed process (up to MAX_DOWNLOAD_BYTES of disk).
+STALE_DOWNLOAD_SECONDS = 600
+
+
+def _remove_stale_downloads(folder: Path) -> None:
+    for tmp in folder.glob(".download-*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > STALE_DOWNLOAD_SECONDS:
+                tmp.unlink()
+                log.info("removed %s, left by a download that did not finish", tmp)
 
 
 def _check_room(url: str, folder: Path, size: int | None) -> None:

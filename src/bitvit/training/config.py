@@ -120,6 +120,8 @@ RULES: dict[str, dict[str, Rule]] = {
         **dict.fromkeys(("val_size", "crop_padding"), COUNT),
         "seed": SEED,
         **dict.fromkeys(("limit_train", "limit_test"), LIMIT),
+        "download_md5": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(
+            "[0-9a-fA-F]{32}", v) is not None), "null or 32 hex digits"),
     },
     "train": {
         "epochs": POSITIVE_INT,
