@@ -272,6 +272,20 @@ def test_resume_refuses_data_with_other_classes(tiny_run, tmp_path, capsys, monk
     assert len(read_metrics(run / "metrics.csv")) == 1
 
 
+def test_a_kept_head_of_other_classes_is_said(tiny_run, tmp_path, capsys, monkeypatch):
+    # Starting from a run of cat/dog on cat/emu: the head fits, but its second row was "dog".
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    other = write_image_folder(tmp_path / "other", classes=("cat", "emu"))
+    for data, said in ((other, True), (tiny_run["images"], False)):
+        capsys.readouterr()
+        assert main(["train", "--init-from", str(tiny_run["run"]), "--data", str(data),
+                     "--out", str(tmp_path / f"run-{said}"), "--epochs", "1", "--quiet",
+                     "quant.method=b158", "train.batch_size=4"]) == 0
+        note = ("the head is the source's, whose rows are the classes ['cat', 'dog'], not the "
+                "data's ['cat', 'emu']: each starts as another class's")
+        assert (note in capsys.readouterr().err) == said
+
+
 def test_resume_refuses_a_state_with_a_code_payload(tiny_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     evil = tmp_path / "evil"

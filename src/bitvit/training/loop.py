@@ -313,7 +313,7 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     torch.manual_seed(tc.seed)
     model = build_model(config)
     if source is not None:  # e.g. quantization-aware training from a full-precision model
-        for note in init_model(model, source, config):
+        for note in init_model(model, source, config, splits.classes):
             if procs.writer:
                 print(f"bitvit train: {note}", file=sys.stderr)
     model.to(procs.device)

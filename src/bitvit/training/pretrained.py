@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -48,6 +49,7 @@ from bitvit.training.config import (
     apply_overrides,
     load_config,
     read_yaml_mapping,
+    short_repr,
     typed_value,
 )
 
@@ -66,6 +68,7 @@ class Source:
     guessed: frozenset[str] = frozenset()
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    classes: list[str] | None = None  # what its head's rows are, where the source says
 
     def record(self) -> dict[str, str]:
         """What run.json records of it."""
@@ -86,12 +89,16 @@ def read_source(path: str | Path) -> Source:
         c = ckpt.config
         numbers = not isinstance(c.data.mean, str) and not isinstance(c.data.std, str)
         return Source(ckpt.path, "bitvit", dataclasses.asdict(c.model), ckpt.model.state_dict(),
-                      mean=c.data.mean if numbers else None, std=c.data.std if numbers else None)
+                      mean=c.data.mean if numbers else None, std=c.data.std if numbers else None,
+                      classes=ckpt.classes)
     try:
         pre = read_pretrained(p)
     except PretrainedError as e:
         raise CheckpointError(str(e)) from None
-    return Source(pre.path, pre.kind, pre.arch, pre.state, pre.guessed, pre.mean, pre.std)
+    # Hugging Face names the rows of a head trained without labels LABEL_0, LABEL_1...
+    named = pre.classes is not None and not all(re.fullmatch(r"LABEL_\d+", c) for c in pre.classes)
+    return Source(pre.path, pre.kind, pre.arch, pre.state, pre.guessed, pre.mean, pre.std,
+                  pre.classes if named else None)
 
 
 def _same(key: str, ours: Any, theirs: Any, dim: int) -> bool:
@@ -168,12 +175,20 @@ def load_run_config(path: str | Path | None, overrides: Iterable[Override] = ())
     return source_config(Config.from_dict(raw, str(path or "config")), source)
 
 
-def init_model(model: torch.nn.Module, source: Source, config: Config) -> list[str]:
+def init_model(model: torch.nn.Module, source: Source, config: Config,
+               classes: list[str] | None = None) -> list[str]:
     """Load ``source``'s weights into ``model`` (built from ``config``, quantized or not);
-    returns what had to change (position embeddings resampled, a new head) and a guessed key
-    the config set otherwise (a timm file's heads), one line each."""
+    returns what had to change (position embeddings resampled, a new head), a guessed key the
+    config set otherwise (a timm file's heads), and a kept head whose classes are not
+    ``classes`` (the data's), one line each."""
     state, notes = fit_state(source.state, source.model, config.model, model.state_dict())
     load_state(model, state, source.path)
+    if (classes is not None and source.classes is not None and "head.weight" in source.state
+            and source.model["num_classes"] == config.model.num_classes
+            and list(source.classes) != list(classes)):
+        notes.append(f"the head is the source's, whose rows are the classes "
+                     f"{short_repr(list(source.classes))}, not the data's "
+                     f"{short_repr(list(classes))}: each starts as another class's")
     for key in sorted(source.guessed):  # the weights fit any value: a wrong one goes unnoticed
         ours, guess = getattr(config.model, key), source.model[key]
         if ours != guess:
