@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import logging
 import os
@@ -441,6 +442,22 @@ def test_grayscale_and_odd_sized_images(tmp_path):
     assert one.images.shape == (9, 1, 8, 8) and one.images.dtype == torch.uint8
     s = load_data(DataConfig(path=str(src), mean=(0.5,), std=(0.25,)), image_size=8, channels=1)
     assert s.train.images.shape[1] == 1
+
+
+def test_16_bit_images_read_as_their_high_byte_in_every_mode_pil_gives(tmp_path):
+    from bitvit.data import decode_image
+
+    a = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # high bytes 0..255
+    png, ppm = io.BytesIO(), b"P5 16 16 65535\n" + a.astype(">u2").tobytes()
+    Image.fromarray(a).save(png, format="PNG")  # PIL: mode I;16; a 16-bit PPM: mode I
+    for data in (png.getvalue(), ppm):
+        got = decode_image(data, "x", 16, 1)[0]
+        assert np.array_equal(got, (a >> 8).astype(np.uint8))
+    floats = io.BytesIO()
+    Image.fromarray(a.astype(np.float32) / 65535).save(floats, format="TIFF")
+    with pytest.raises(DataError, match="^f.tif: a floating-point image with values 0..0.996109, which "
+                                        "has no fixed range"):
+        decode_image(floats.getvalue(), "f.tif", 16, 1)
 
 
 # ------------------------------------------------------------------------------------------

@@ -47,6 +47,21 @@ def fit_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
+def _eight_bit(img: Image.Image, where: str) -> Image.Image:
+    """A 32-bit integer image (PIL's mode for 16-bit PPMs and TIFFs) as 16-bit ones are read
+    (the high byte) when its values fit 16 bits; PIL's own conversion would clip every value
+    over 255 to white. Float images, and integers past 16 bits, have no range to scale from."""
+    if img.mode not in ("I", "F"):
+        return img
+    a = np.asarray(img)
+    low, high = (a.min(), a.max()) if a.size else (0, 0)
+    if img.mode == "I" and low >= 0 and high <= 65535:
+        return Image.fromarray((a >> 8).astype(np.uint8))
+    kind = "32-bit integer" if img.mode == "I" else "floating-point"
+    raise DataError(f"{where}: a {kind} image with values {low:g}..{high:g}, which has no "
+                    "fixed range; bitvit reads 8- and 16-bit images (convert it to one)")
+
+
 def _list_split(tree: _Tree, root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes (sorted folder names) and (file, label) entries of one split, sorted."""
     base = _join(root, split)
@@ -190,7 +205,7 @@ def decode_image(source: bytes | str | Path, where: str, image_size: int,
                                     f"{MAX_JPEG_SCANS} (each scan is a pass over the whole "
                                     "image); not decoded")
                 img.load()
-                return fit_image(img, image_size, channels)
+                return fit_image(_eight_bit(img, where), image_size, channels)
         except DataError:
             raise
         except UnidentifiedImageError:
