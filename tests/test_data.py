@@ -455,8 +455,8 @@ def test_16_bit_images_read_as_their_high_byte_in_every_mode_pil_gives(tmp_path)
         assert np.array_equal(got, (a >> 8).astype(np.uint8))
     floats = io.BytesIO()
     Image.fromarray(a.astype(np.float32) / 65535).save(floats, format="TIFF")
-    with pytest.raises(DataError, match="^f.tif: a floating-point image with values 0..0.996109, which "
-                                        "has no fixed range"):
+    with pytest.raises(DataError, match="^f.tif: a floating-point image with values "
+                                        "0..0.996109, which has no fixed range"):
         decode_image(floats.getvalue(), "f.tif", 16, 1)
 
 

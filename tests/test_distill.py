@@ -449,6 +449,22 @@ def test_the_report_compares_each_student_with_its_twin_and_its_teacher(tmp_path
     assert alone.teacher.value == 0.5 and "recorded" in alone.teacher.source
 
 
+def test_a_relative_teacher_path_is_found_wherever_compare_runs(tmp_path, monkeypatch):
+    # The committed studies record the teacher relative to the repository they ran in.
+    repo = tmp_path / "repo"
+    _kd_run(repo / "results/teacher", "fp", [0.40, 0.42, 0.44, 0.46, 0.48, 0.50], 0)
+    kd = ["train.distill.teacher=results/teacher", f"train.distill.teacher_sha256={'ab' * 32}",
+          "train.distill.teacher_test_acc=0.5"]
+    runs = [load_run(_kd_run(repo / f"results/kd/{name}-{seed}", "b158", [0.4] * 6, seed,
+                             kd if name == "kd" else ()))
+            for name in ("kd", "plain") for seed in (0, 1)]
+    for cwd in (repo, tmp_path):
+        monkeypatch.chdir(cwd)
+        [student] = compare_students(compare_groups(group_runs(runs)))
+        assert student.teacher.value == pytest.approx(0.46)  # its folder's last 5 epochs
+        assert "run folder" in student.teacher.source
+
+
 def test_students_are_compared_on_one_distillation_setting_at_a_time(tmp_path):
     """Two teachers: the kinds are compared under the same teacher and the teachers under the
     same kind, each setting its own Holm family; a pair that differs in both is never made."""

@@ -145,3 +145,24 @@ def test_a_distilled_groups_train_loss_is_not_drawn_beside_cross_entropy(tmp_pat
     assert f"{student}, train" in acc  # its accuracy on the labels is comparable
     assert {"b158 (n=2), train", "b158 (n=2), test"} <= set(loss)
     assert "a distilled group's train loss (its distillation objective" in figure_text(fig)
+
+
+def test_the_train_accuracy_drawn_is_the_one_the_tables_compare(tmp_path):
+    """Runs that record eval-mode train accuracy draw it, not the running train-mode average."""
+    import csv
+
+    out = tmp_path / "study"
+    for seed in (0, 1):
+        run = fake_run(out / f"fp_seed={seed}", [f"train.seed={seed}"], [0.3, 0.4])
+        with (run / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            row["train_eval_loss"], row["train_eval_acc"] = "1.0", "0.9"
+        with (run / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    fig = plot_groups(groups_of(out), tmp_path / "a.png", "Study")
+    acc = lines_by_label(fig.axes[0])
+    assert list(acc["fp (n=2), train"].get_ydata()) == pytest.approx([90, 90])
+    assert "accuracy in eval mode where every run recorded it" in figure_text(fig)

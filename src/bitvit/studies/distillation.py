@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def _same(a: Any, b: Any) -> bool:
 def teacher_accuracy(group: Group, last_k: int = DEFAULT_LAST_K) -> TeacherAccuracy:
     """The group's teacher on the test split (see the module's note on which number)."""
     distill = group.runs[0].config["train"]["distill"] if group.runs else {}
-    path = Path(str(distill.get("teacher")))
+    path = _teacher_folder(str(distill.get("teacher")), group.runs[0].path if group.runs else None)
     try:
         rows = rundir.read_metrics(path / "metrics.csv") if path.is_dir() else []
     except rundir.RunFolderError:
@@ -103,6 +104,20 @@ def teacher_accuracy(group: Group, last_k: int = DEFAULT_LAST_K) -> TeacherAccur
     other = "" if same else " (the run folder at its path now ends elsewhere: another run)"
     return TeacherAccuracy(math.nan if recorded is None else float(recorded),
                            f"its final weights, as the students recorded it{other}")
+
+
+def _teacher_folder(teacher: str, student: Path | None) -> Path:
+    """The teacher's path as the students recorded it; a relative one is relative to where the
+    sweep ran (the repository, for the committed studies), so it is looked for above the
+    student's folder first, then in the working directory: the table is the same wherever
+    `bitvit compare` runs."""
+    path = Path(teacher)
+    if path.is_absolute() or student is None:
+        return path
+    for above in Path(os.path.abspath(student)).parents:
+        if (above / path).is_dir():
+            return above / path
+    return path
 
 
 def compare_students(groups: list[Group], margin: float = 0.01, alpha: float = 0.05,

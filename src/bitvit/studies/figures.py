@@ -16,7 +16,15 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitvit.studies.runs import Group, Run, data_size, epochs_done, provenance, unfinished_line
+from bitvit.studies.runs import (
+    Group,
+    Run,
+    data_size,
+    epochs_done,
+    provenance,
+    train_acc_column,
+    unfinished_line,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -161,8 +169,8 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
                 for split, dash in (("train", "-"), ("test", "--")):
                     if split == "train" and metric == "loss" and _distilled(g):
                         continue
-                    _draw(ax, runs, f"{split}_{metric}", color=color, linestyle=dash,
-                          label=f"{label}, {split}", **style)
+                    _draw(ax, runs, _column(runs, f"{split}_{metric}"), color=color,
+                          linestyle=dash, label=f"{label}, {split}", **style)
             handles.append(Line2D([], [], color=color, label=label, **style))
     _finish_axes(ax_acc, "accuracy (%)")
     _finish_axes(ax_loss, "loss")
@@ -174,13 +182,22 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
     distilled = ("; a distilled group's train loss (its distillation objective, not "
                  "cross-entropy) is not drawn" if any(map(_distilled, shown)) else "")
     _suptitle(fig, [r for g in shown for r in _finished(g)], title, full_epochs,
-              f"mean over seeds, {BAND}; train solid, test dashed{distilled}",
+              f"mean over seeds, {BAND}; train solid (accuracy in eval mode where every run "
+              f"recorded it, as in the tables), test dashed{distilled}",
               unfinished=_all_unfinished(groups))
     rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     _save(fig, path, 120)
     plt.close(fig)
     return fig
+
+
+def _column(runs: list[Run], column: str) -> str:
+    """The train accuracy the tables compare (`train_acc_column`): eval mode on a fixed subset
+    where every run recorded it, not the running train-mode average beside it."""
+    if column == "train_acc" and all(train_acc_column(r) == "train_eval_acc" for r in runs):
+        return "train_eval_acc"
+    return column
 
 
 def _distilled(g: Group) -> bool:

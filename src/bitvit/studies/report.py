@@ -55,13 +55,14 @@ from bitvit.studies.runs import (
     train_acc_kinds,
 )
 from bitvit.studies.stats import (
+    REFERENCE_EPOCHS,
     Difference,
     adjust_holm,
     finite_mean,
     holm,
     positive_p_value,
     summarize,
-    turning_point,
+    turning_points,
     welch_difference,
 )
 from bitvit.studies.sweep import (
@@ -190,32 +191,40 @@ def _sentence(parts: list[str]) -> str:
 
 def turning_markdown(groups: list[Group], k: int) -> list[str]:
     """The test-loss turning point per group (does the loss rise partway, and when), from the
-    finished runs: epoch and value of the lowest test loss, the rise after it, how many runs
-    rise beyond their noise, and a one-sided t-test of the rise across seeds, Holm over groups."""
+    finished runs: epoch and value of the lowest test loss, the rise after it (from the epoch
+    the other seeds pick, `turning_points`), how many runs rise beyond their noise, and a
+    one-sided t-test of the rise across seeds, Holm over groups."""
     # A run without a finite test loss (diverged, or edited) has no turning point: left out.
-    points = [[turning_point(losses, k) for losses in _finished_losses(g)] for g in groups]
+    points = [turning_points(_finished_losses(g), k) for g in groups]
     rises = [[t.rise for t in ts if math.isfinite(t.rise)] for ts in points]
     p = [positive_p_value(r) for r in rises]
     tests = sum(not math.isnan(x) for x in p)
-    lines = ["", f"Test-loss turning point (finished runs): a run counts as rising when its "
-             f"lowest test loss comes before its last {k} epochs and the mean of those {k} "
-             f"epochs exceeds that lowest loss by more than the run's epoch-to-epoch noise, the "
-             f"standard deviation (ddof 1) of the successive differences of its test loss "
-             f"within those {k} epochs; runs of fewer than {k + 2} epochs are too short to "
-             f"tell (n/a). Rise: the mean of the last {k} epochs minus the lowest test loss "
-             f"before them (negative while the loss still falls). p: one-sided one-sample "
-             f"t-test across seeds that the rise is > 0, "
+    w = REFERENCE_EPOCHS
+    lines = ["", f"Test-loss turning point (finished runs). Rise: the mean test loss of a run's "
+             f"last {k} epochs minus its mean over the {w} epochs around the epoch where the "
+             f"group's *other* runs' mean test loss is lowest (moved, if it overlaps them, to end "
+             f"before those {k}; "
+             f"picked on the other runs, so that the minimum of a run's own noise does not make "
+             f"a flat curve rise; one run alone cannot tell, n/a). A run counts as rising when "
+             f"that epoch comes before its last {k} and the rise exceeds the run's "
+             f"epoch-to-epoch noise, the standard deviation (ddof 1) of the successive "
+             f"differences of its test loss within those {k} epochs; runs of fewer than "
+             f"{k + w} epochs are too short to tell. The lowest test loss and its epoch are each "
+             f"run's own. p: one-sided one-sample t-test across seeds that the rise is > 0, "
              + (f"raw and Holm-adjusted over the {tests} tests of this table." if tests else
                 "possible with 2 or more finished runs per group (none yet)."), "",
              f"| group | runs | epoch of lowest test loss | lowest test loss | rise (last {k} − "
-             f"lowest before) | runs rising | p (rise > 0) | Holm p |", "|---" * 8 + "|"]
+             f"around the others' lowest) | runs rising | p (rise > 0) | Holm p |",
+             "|---" * 8 + "|"]
     for g, ts, r, raw, adj in zip(groups, points, rises, p, holm(p), strict=True):
         e = summarize([t.epoch for t in ts])
         epoch = ("n/a" if e.n == 0 else f"{e.mean:.0f} (1 seed)" if e.n == 1
                  else f"{e.mean:.1f} ± {e.std:.1f}")
         told = [t.rises for t in ts if t.rises is not None]
-        # Undecided: too short, or (k < 3, a non-finite loss) no noise to compare with.
-        why = "too short" if all(math.isnan(t.rise) for t in ts if t.rises is None) else "undecided"
+        # Undecided: one run, too short, or (k < 3, a non-finite loss) no noise to compare with.
+        why = ("one run" if len(ts) == 1 else
+               "too short" if all(math.isnan(t.rise) for t in ts if t.rises is None)
+               else "undecided")
         count = f"{sum(told)} of {len(told)}" if told else "n/a"
         if len(told) < len(ts):
             count += f" ({len(ts) - len(told)} {why})" if told else f" ({why})"

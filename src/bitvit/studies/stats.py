@@ -191,28 +191,59 @@ def adjust_holm(differences: Sequence[Difference]) -> None:
         d.p_adjusted, d.tost_adjusted, d.family = p, q, len(tested)
 
 
+# The reference a run's rise is measured from: the mean of this many epochs around the lowest
+# point (fewer would make the rise as noisy as one epoch).
+REFERENCE_EPOCHS = 3
+
+
 @dataclass(frozen=True)
 class TurningPoint:
     """Where one run's test loss is lowest, and whether it rises clearly after that."""
 
-    epoch: int  # 1-based epoch of the lowest loss (the first, on ties)
+    epoch: int  # 1-based epoch of the run's own lowest loss (the first, on ties)
     lowest: float
-    rise: float  # mean of the last k losses - lowest before them (< 0: still falling); nan: short
+    reference: int | None  # 1-based epoch where the group's *other* runs' mean loss is lowest
+    rise: float  # mean of the last k losses - mean around ``reference``; nan: cannot tell
     noise: float  # std (ddof 1) of the successive differences within the last k epochs
-    rises: bool | None  # None: cannot tell (too short, k < 3, or a non-finite loss)
+    rises: bool | None  # None: cannot tell (one run, too short, k < 3, a non-finite loss)
 
 
-def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
-    """A run rises when its lowest loss comes before its last ``k`` epochs and the mean of those
-    k epochs exceeds it by more than the epoch-to-epoch noise of that window (the std of its
-    k - 1 successive differences), so that a flat, jittery tail does not count as a rise.
+def turning_points(runs: Sequence[Sequence[float]], k: int) -> list[TurningPoint]:
+    """Each run's turning point, its rise measured from where the *other* runs' mean test loss
+    is lowest (leave one out). Measured from the run's own lowest point, a flat, jittery curve
+    would rise on average (the minimum of noise lies below its level: 87% of flat runs of 100
+    epochs "rose"); from an epoch chosen on the other seeds, the rise is unbiased. A group of
+    one run has no other runs: its rise cannot be told."""
+    return [turning_point(losses, k, _lowest_of_mean(
+        [r for j, r in enumerate(runs) if j != i], len(losses))) for i, losses in enumerate(runs)]
 
-    The rise is measured from the lowest loss *before* the window, so a loss still falling gives
-    a negative rise: a t-test of the rises across seeds is then not pushed towards "rises" by
-    jitter, as it would be from the lowest over all epochs (never above the window's mean).
 
-    Runs of fewer than k + 2 epochs are too short to tell: the minimum needs an epoch before it
-    (a fall) and must lie before the window.
+def _lowest_of_mean(runs: Sequence[Sequence[float]], n: int) -> int | None:
+    """0-based epoch (< n) of the lowest mean loss over ``runs`` (non-finite values left out)."""
+    import numpy as np
+
+    if not runs:
+        return None
+    a = np.full((len(runs), n), np.nan)
+    for row, r in zip(a, runs, strict=True):
+        values = np.asarray(r[:n], dtype=float)
+        row[:values.size] = np.where(np.isfinite(values), values, np.nan)
+    seen = np.isfinite(a).any(axis=0)
+    if not seen.any():
+        return None
+    with np.errstate(all="ignore"):
+        mean = np.where(seen, np.nanmean(np.where(seen, a, 0.0), axis=0), np.inf)
+    return int(np.argmin(mean))
+
+
+def turning_point(losses: Sequence[float], k: int, reference: int | None) -> TurningPoint:
+    """A run rises when ``reference`` (0-based; see `turning_points`) comes before its last
+    ``k`` epochs and the mean of those k epochs exceeds the mean of the `REFERENCE_EPOCHS`
+    around the reference (moved to end before the window) by more than the epoch-to-epoch noise
+    of the window (the std of its k - 1 successive differences), so that a flat, jittery tail
+    does not count as a rise. A loss still falling gives a negative rise.
+
+    Runs of fewer than k + `REFERENCE_EPOCHS` epochs are too short to tell.
     """
     import numpy as np
 
@@ -223,16 +254,18 @@ def turning_point(losses: Sequence[float], k: int) -> TurningPoint:
         raise ValueError("turning_point: expected at least one finite loss")
     i = int(np.nanargmin(np.where(np.isfinite(a), a, np.nan)))
     lowest = float(a[i])
-    if a.size < k + 2:
-        return TurningPoint(i + 1, lowest, math.nan, math.nan, None)
-    window, before = a[-k:], a[:-k][np.isfinite(a[:-k])]
-    with np.errstate(all="ignore"):  # inf and nan in the window: a nan rise or noise, quietly
-        rise = float(window.mean()) - float(before.min()) if before.size else math.nan
+    if reference is None or a.size < k + REFERENCE_EPOCHS:
+        return TurningPoint(i + 1, lowest, None if reference is None else reference + 1,
+                            math.nan, math.nan, None)
+    start = min(max(reference - REFERENCE_EPOCHS // 2, 0), a.size - k - REFERENCE_EPOCHS)
+    window = a[-k:]
+    with np.errstate(all="ignore"):  # inf and nan: a nan rise or noise, quietly
+        rise = float(window.mean()) - float(a[start:start + REFERENCE_EPOCHS].mean())
         steps = np.diff(window)
         noise = float(steps.std(ddof=1)) if steps.size > 1 else math.nan
-    if not (math.isfinite(rise) and math.isfinite(noise)):
-        return TurningPoint(i + 1, lowest, rise, noise, None)
-    return TurningPoint(i + 1, lowest, rise, noise, i < a.size - k and rise > noise)
+    told = math.isfinite(rise) and math.isfinite(noise)
+    return TurningPoint(i + 1, lowest, reference + 1, rise, noise,
+                        (reference < a.size - k and rise > noise) if told else None)
 
 
 def positive_p_value(rises: Sequence[float]) -> float:
