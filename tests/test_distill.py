@@ -577,3 +577,20 @@ def test_torchrun_with_a_test_split_smaller_than_the_processes(real_env, tmp_pat
     assert row["test_acc"] in {"0", "0.0", "1", "1.0"}
     info = json.loads((out / "run.json").read_text())
     assert info["processes"] == 2 and info["teacher"]["test_acc"] in {0.0, 1.0}
+
+
+def test_a_logits_table_read_from_a_folder_moved_aside_is_written_again(tmp_path):
+    # A run killed in epoch 1 restarts aside: the table it read went with the old files.
+    table = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    key = {"teacher_sha256": "ab" * 32, "data_sha256": "cd" * 32}
+    run = tmp_path / "run"
+    run.mkdir()
+    read = distill.Distillation(None, 0.5, distill.CachedTeacher(table),  # type: ignore[arg-type]
+                                {"table": table, "key": key, "read": True})
+    read.save_cache(run)
+    assert torch.equal(load_file(str(run / TEACHER_LOGITS))["logits"], table)
+    before = (run / TEACHER_LOGITS).stat().st_mtime_ns
+    again = distill.Distillation(None, 0.5, distill.CachedTeacher(table),  # type: ignore[arg-type]
+                                 {"table": table, "key": key, "read": True})
+    again.save_cache(run)  # still there: not rewritten
+    assert (run / TEACHER_LOGITS).stat().st_mtime_ns == before

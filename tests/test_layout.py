@@ -157,6 +157,7 @@ def test_weight_decay_groups_come_from_the_model():
     ("data.limit_test=-5", "data.limit_test=-5: expected null or an integer >= 1"),
     ("data.seed=-1", "data.seed=-1: expected an integer >= 0"),
     ("data.download_md5=abc", "data.download_md5='abc': expected null or 32 hex digits"),
+    ("train.min_lr=0.1", "train.min_lr=0.1: expected at most train.lr=0.001"),
     ("quant.method=ternary", "quant.method='ternary': expected one of fp, b158"),
     ("quant.where=head", "quant.where='head': expected one of all, mlp, attn, none"),
     ("quant.act_bits=4", "quant.act_bits=4: expected 8, 1, null, none or default"),

@@ -193,6 +193,19 @@ def test_out_of_memory_in_an_epoch_marks_the_run_failed(tiny_run, tmp_path, caps
     assert info["status"] == "failed" and "out of memory" in info["error"]
 
 
+def test_a_gpu_out_of_memory_does_not_report_the_hosts_memory():
+    from bitvit.training import memory
+
+    gpu = memory.out_of_memory(torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB "
+        "of which 1.00 GiB is free.\nmore"), "training epoch 3")
+    assert str(gpu) == ("out of memory while training epoch 3 (CUDA out of memory. Tried to "
+                        "allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB of which 1.00 "
+                        "GiB is free.)")
+    cpu = memory.out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"), "x")
+    assert "available (" in str(cpu)
+
+
 @pytest.mark.parametrize("error", [RuntimeError(ALLOCATOR), torch.OutOfMemoryError("CUDA out of "
                                    "memory. Tried to allocate 2.00 GiB"), MemoryError()])
 def test_out_of_memory_in_eval_export_and_profile_is_one_line(tiny_run, tmp_path, capsys,

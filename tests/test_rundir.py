@@ -151,7 +151,7 @@ def test_a_second_training_into_a_locked_folder_is_refused_at_once(images, refer
 # --- restarts move aside; recoverable runs resume ----------------------------------------------
 
 
-@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("resume", [False, True, "."])
 def test_rerun_after_a_kill_in_the_first_checkpoint_starts_again(images, reference, tmp_path,
                                                                   monkeypatch, capsys, resume):
     train_module = importlib.import_module("bitvit.training.loop")
@@ -171,13 +171,18 @@ def test_rerun_after_a_kill_in_the_first_checkpoint_starts_again(images, referen
     old_rows = rows(run)
 
     capsys.readouterr()
-    if resume:  # --resume, as the user may reach for it: nothing to continue, so it restarts
+    if resume == ".":  # from inside the folder: "." has no name to put a sibling beside
+        monkeypatch.chdir(run)
+        assert main(["train", "--resume", ".", "--quiet"]) == 0
+        monkeypatch.chdir(tmp_path)
+    elif resume:  # --resume, as the user may reach for it: nothing to continue, so it restarts
         assert main(["train", "--resume", str(run), "--quiet"]) == 0
     else:  # the original command, as the user reruns it
         assert main(train_args(images, run)) == 0
     err = capsys.readouterr().err
     [aside] = tmp_path.glob("run.restart-*")
-    assert err == (f"bitvit train: {run} held a run without a checkpoint; moved it to {aside} "
+    shown = "." if resume == "." else run
+    assert err == (f"bitvit train: {shown} held a run without a checkpoint; moved it to {aside} "
                    "and starting again\n")
     assert rows(run) == rows(reference)
     assert rows(aside) == old_rows and (aside / ".last.tmp/model.safetensors").is_file()
@@ -185,6 +190,20 @@ def test_rerun_after_a_kill_in_the_first_checkpoint_starts_again(images, referen
     # A folder with a checkpoint is another matter: it is resumed, never restarted.
     assert "already holds a run; pass --resume" in one_line_error(capsys,
                                                                  train_args(images, run))
+
+
+def test_a_folder_of_other_files_is_refused_not_moved(images, tmp_path, capsys):
+    # A user's project with its own config.yaml is no run killed in its first epoch.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("mine: true\n")
+    (project / "notes.txt").write_text("notes")
+    err = one_line_error(capsys, train_args(images, project))
+    assert err.endswith(f"{project}: holds files that are not a bitvit run (config.yaml...); "
+                        "choose a new or empty --out")
+    assert sorted(p.name for p in project.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (project / "config.yaml").read_text() == "mine: true\n"
+    assert list(tmp_path.glob("project.restart-*")) == []
 
 
 def write_sweep(path: Path, images: Path, out: Path, seeds: list[int]) -> Path:

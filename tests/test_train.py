@@ -557,6 +557,10 @@ def test_extending_a_cosine_run_says_its_schedule_changes(tmp_path, capsys):
             assert err == (f"bitvit train: extending {tmp_path} from 30 to 100 epochs under "
                            "train.schedule=cosine: its lr now decays over 100 epochs, so the run "
                            "is not what 100 epochs from the start give\n")
+    # Fewer epochs than the run holds: no notice (set-up refuses it, in one line).
+    (tmp_path / "metrics.csv").write_text("epoch,test_acc\n1,0.1\n2,0.2\n3,0.3\n")
+    config_for_resume(tmp_path, epochs=2)
+    assert capsys.readouterr().err == ""
 
 
 def test_the_lr_column_is_the_rate_each_epochs_last_step_used(real_env, tmp_path):

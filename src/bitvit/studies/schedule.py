@@ -255,7 +255,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                 if fd is None or not _claim(r, sweep, extra, log):
                     stack.close()
                     continue
-                logfile = stack.enter_context((r.run_dir / "train.log").open("a"))
+                logfile = stack.enter_context((r.run_dir / rundir.TRAIN_LOG).open("a"))
                 cmd = [*_python_bitvit(), *r.command[1:]]
                 # The child trains under the lock this process holds: it inherits it.
                 proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,

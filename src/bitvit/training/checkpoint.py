@@ -220,7 +220,9 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            # As many as are visible now (another CUDA_VISIBLE_DEVICES may show fewer).
+            for i, rng in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, i)
         return int(state["epoch"]) + 1, float(state["best_acc"])
     except Exception as e:  # noqa: BLE001 - wrong types or shapes raise many kinds
         raise CheckpointError(f"{state_file}: training state does not fit this run's model and "

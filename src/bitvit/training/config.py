@@ -208,6 +208,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={short_repr(getattr(self, key))}: expected one of "
                                   f"{', '.join(valid)}")
         check_values("train", dataclasses.asdict(self))
+        if self.min_lr > self.lr:  # the cosine's floor: above the rate, it would raise it
+            raise ConfigError(f"train.min_lr={self.min_lr:g}: expected at most train.lr="
+                              f"{self.lr:g}")
 
 
 @dataclass

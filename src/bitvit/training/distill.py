@@ -265,8 +265,12 @@ class Distillation:
                            else f"once for the training split ({rundir.TEACHER_LOGITS})")}
 
     def save_cache(self, run_dir: Path) -> None:
-        """Write the logits table computed at set-up (not when it was read from the folder)."""
+        """Write the logits table computed at set-up, or read from a folder that no longer
+        holds it (a run restarted aside: its file went with the rest)."""
         if self.cache is None:
+            return
+        if self.cache.get("read") and (run_dir / rundir.TEACHER_LOGITS).is_file():
+            self.cache = None
             return
         table, key = self.cache["table"].cpu().contiguous(), self.cache["key"]
         files.atomic_file(run_dir / rundir.TEACHER_LOGITS,
@@ -295,6 +299,7 @@ def set_up(teacher: Teacher, config: Config, splits: DataSplits, run_dir: Path,
     shape = (len(images), len(teacher.classes))
     table = _read_cache(run_dir / rundir.TEACHER_LOGITS, key, shape)
     if table is not None:
-        return Distillation(teacher, test_acc, CachedTeacher(table.to(device)))
+        return Distillation(teacher, test_acc, CachedTeacher(table.to(device)),
+                            {"table": table, "key": key, "read": True})
     table = _shard_logits(teacher, images, batch_size, device, world, rank)
     return Distillation(teacher, test_acc, CachedTeacher(table), {"table": table, "key": key})

@@ -173,6 +173,11 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
         # starts again (the folder moved aside), as the command that began it would.
         resume = None
 
+    if resume is None and (entry := rundir.foreign_entry(run_dir)) is not None:
+        # Before the lock file: nothing is written among the user's own files.
+        raise ConfigError(f"{run_dir}: holds files that are not a bitvit run ({entry}...); "
+                          "choose a new or empty --out")
+
     def run() -> RunResult:
         with flush_subnormals():
             return _train(config, run_dir, resume, quiet, command, teacher_loader)
@@ -390,8 +395,8 @@ def _open_run_folder(s: Session, resume: str | Path | None,
     init_from = s.source.record() if s.source is not None else previous.get("init_from")
     if init_from:
         info["init_from"] = init_from
+    rundir.write_info(s.run_dir, info)  # first: what marks the folder as a run's
     save_config(s.config, s.run_dir / rundir.CONFIG)
-    rundir.write_info(s.run_dir, info)
     if s.distillation is not None:
         s.distillation.save_cache(s.run_dir)
     return info
@@ -567,9 +572,12 @@ def config_for_resume(run_dir: str | Path, epochs: int | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: missing; --resume needs a run folder written by bitvit train")
     config = load_config(path)
-    if epochs is not None and epochs != config.train.epochs and config.train.schedule != "constant":
+    done = len(read_metrics(Path(run_dir) / rundir.METRICS))
+    if (epochs is not None and epochs != config.train.epochs and epochs >= done
+            and config.train.schedule != "constant"):  # fewer than done: refused at set-up
         # The cosine is spread over the run's length: the epochs trained so far followed the old.
-        print(f"bitvit train: extending {run_dir} from {config.train.epochs} to {epochs} epochs "
+        verb = "extending" if epochs > config.train.epochs else "shortening"
+        print(f"bitvit train: {verb} {run_dir} from {config.train.epochs} to {epochs} epochs "
               f"under train.schedule={config.train.schedule}: its lr now decays over {epochs} "
               f"epochs, so the run is not what {epochs} epochs from the start give",
               file=sys.stderr)

@@ -101,6 +101,7 @@ def out_of_memory(e: BaseException, doing: str) -> MemoryLimitError:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     reason = lines[0] if lines else type(e).__name__
     reason = reason if len(reason) <= 200 else reason[:197] + "..."
-    memory = host_memory()
+    # A GPU allocator's message says its own capacity; the host's memory is not what ran out.
+    memory = None if re.search(r"\b(CUDA|GPU)\b", reason) else host_memory()
     available = f"; {human_bytes(memory[0])} available ({memory[1]})" if memory else ""
     return MemoryLimitError(f"out of memory while {doing} ({reason}){available}")

@@ -78,7 +78,8 @@ def run_record(device: torch.device, processes: int,
 
 
 # What an exact resume needs unchanged (run.json keys): another torch, device or thread count,
-# CPU, or process count computes the same epochs with other rounding.
+# or CPU computes the same epochs with other rounding; another process count also draws other
+# augmentation and dropout (each process has its own stream).
 EXACT_RESUME_KEYS = ("torch", "device", "cpu", "processes")
 
 
@@ -93,7 +94,9 @@ def resume_notice(run_dir: Path, previous: dict[str, Any], info: dict[str, Any])
     """The line `bitvit train --resume` prints when `resume_changes` finds any."""
     if changes := resume_changes(previous, info):
         return (f"bitvit train: resuming {run_dir} with {'; '.join(changes)}: the epochs from "
-                "here differ from an uninterrupted run's in rounding")
+                "here differ from an uninterrupted run's in rounding"
+                + (" and in their random draws (augmentation, dropout: one stream per process)"
+                   if any(c.startswith("processes ") for c in changes) else ""))
     return None
 
 

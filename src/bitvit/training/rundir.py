@@ -31,6 +31,7 @@ CURVES = "curves.png"
 LAST = "last"
 BEST = "best"
 LOCK = ".lock"
+TRAIN_LOG = "train.log"  # a sweep's child writes its output here, before the run starts
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"  # optimizer, scheduler, RNG and epoch, beside MODEL_FILE
 # A distillation teacher's logits for the training split, when they are the same every epoch
@@ -39,7 +40,7 @@ TEACHER_LOGITS = "teacher_logits.safetensors"
 CHECKSUMS = "checksums.json"  # the sha256 of MODEL_FILE and STATE_FILE, written with them
 # metrics.csv is a row per epoch; far below this even for thousands of epochs.
 MAX_METRICS_BYTES = 16 << 20
-# What a run writes; a folder holding any of these (but no checkpoint) restarts aside.
+# What a run writes.
 RUN_ENTRIES = (METRICS, CONFIG, RUN_JSON, CURVES, LAST, BEST, f".{LAST}.tmp", f".{LAST}.old",
                f".{BEST}.tmp", f".{BEST}.old", TEACHER_LOGITS)
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
@@ -131,9 +132,26 @@ def has_checkpoint(run_dir: Path) -> bool:
     return all((last / f).is_file() for f in (MODEL_FILE, STATE_FILE))
 
 
+# What makes a folder a run's: its record (written first) or a checkpoint. A config.yaml or a
+# metrics.csv alone may be a user's own file.
+RUN_MARKS = (RUN_JSON, LAST, BEST, f".{LAST}.tmp", f".{LAST}.old", f".{BEST}.tmp",
+             f".{BEST}.old")
+
+
 def holds_run(run_dir: Path) -> bool:
-    """Whether the folder holds anything a run writes (a lock file alone is not a run)."""
-    return any((Path(run_dir) / name).exists() for name in RUN_ENTRIES)
+    """Whether the folder holds a run (a lock file alone is not one)."""
+    return any((Path(run_dir) / name).exists() for name in RUN_MARKS)
+
+
+def foreign_entry(run_dir: Path) -> str | None:
+    """The first entry of a folder that holds no run but other files (a new run would mix with
+    them, and a restart would move them aside); None for a run's folder, an empty or a new
+    one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or holds_run(run_dir):
+        return None
+    return next((p.name for p in sorted(run_dir.iterdir()) if p.name not in (LOCK, TRAIN_LOG)),
+                None)
 
 
 def is_empty(run_dir: Path) -> bool:
@@ -144,7 +162,7 @@ def is_empty(run_dir: Path) -> bool:
 def move_aside(run_dir: Path) -> Path:
     """Move everything in ``run_dir`` but its lock to a new sibling ``NAME.restart-TIME/``, so
     that the run can start again in ``run_dir`` without deleting anything; return that folder."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # "." has no name to put a sibling beside
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = run_dir.with_name(f"{run_dir.name}.restart-{stamp}")
     n = 1
