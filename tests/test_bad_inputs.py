@@ -286,6 +286,26 @@ def test_a_kept_head_of_other_classes_is_said(tiny_run, tmp_path, capsys, monkey
         assert (note in capsys.readouterr().err) == said
 
 
+def test_resume_refuses_other_images_of_the_same_classes(tiny_run, tmp_path, capsys,
+                                                       monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run["images"], other)
+    first = sorted((other / "train/cat").iterdir())[0]
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(first)  # one image differs
+    err = one_line_error(capsys, "train", "--resume", str(run), "--epochs", "2", "--quiet",
+                         "--data", str(other))
+    assert f"{run}: the data at {other} are not the images the run trained on" in err
+    assert len(read_metrics(run / "metrics.csv")) == 1
+    moved = tmp_path / "moved"  # the same images elsewhere: resumes
+    shutil.copytree(tiny_run["images"], moved)
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet", "--data",
+                 str(moved)]) == 0
+    assert len(read_metrics(run / "metrics.csv")) == 2
+
+
 def test_resume_refuses_a_state_with_a_code_payload(tiny_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BITVIT_CACHE", str(tiny_run["cache"]))
     evil = tmp_path / "evil"

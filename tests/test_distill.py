@@ -183,7 +183,10 @@ def test_cached_teacher_logits_equal_the_teacher_run_per_batch(real_env, tmp_pat
     shard_logits = distill._shard_logits
     monkeypatch.setattr(distill, "_shard_logits", lambda *a: pytest.fail("computed again"))
     again = distill.set_up(loaded, config, splits, tmp_path, torch.device("cpu"))
-    assert again.cache is None and torch.equal(again.logits.table, cached.logits.table)
+    assert again.cache["read"] and torch.equal(again.logits.table, cached.logits.table)
+    before = (tmp_path / TEACHER_LOGITS).stat().st_mtime_ns
+    again.save_cache(tmp_path)  # still there: not written again
+    assert (tmp_path / TEACHER_LOGITS).stat().st_mtime_ns == before
     # ... but only for these images: other training images compute (and keep) their own.
     monkeypatch.setattr(distill, "_shard_logits", shard_logits)
     other = tiny("quant.method=b158", f"train.distill.teacher={teacher}", "data.seed=1")

@@ -134,6 +134,20 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, c
     assert "its model (model.dim=" in err and "of memory but" in err
 
 
+def test_processes_on_one_host_share_its_memory(monkeypatch):
+    from bitvit.training import memory
+    from bitvit.training.config import load_config
+
+    config = load_config(None, TINY_16PX)
+    need = memory.estimate(config.model, config.train.batch_size // 2, True, "b158", "all", True)
+    monkeypatch.setattr(memory, "host_memory", lambda: (int(need.total * 1.5), "a test's"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    memory.check_training_fits(config, torch.device("cpu"), 1)  # one process: fits
+    with pytest.raises(memory.MemoryLimitError, match="a test's, shared by 2 processes on this "
+                                                      "host"):
+        memory.check_training_fits(config, torch.device("cpu"), 2)
+
+
 def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypatch):
     from bitvit import system as memory  # where the memory available is read
 

@@ -113,6 +113,17 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    def sha256(self) -> str:
+        """The splits' images and labels as a run uses them (a resume on other data, or on the
+        same data split otherwise, gives another)."""
+        h = hashlib.sha256()
+        for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
+            if split is not None:
+                h.update(f"{name} {tuple(split.images.shape)}\n".encode())
+                h.update(split.images.cpu().contiguous().numpy())  # no copy: the buffer
+                h.update(split.labels.cpu().contiguous().numpy())
+        return h.hexdigest()
+
 
 def max_image_pixels() -> int:
     """The most pixels bitvit decodes in one image: $BITVIT_MAX_IMAGE_PIXELS, else 16 million."""

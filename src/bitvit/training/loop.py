@@ -375,9 +375,15 @@ def _open_run_folder(s: Session, resume: str | Path | None,
                      command: list[str] | None) -> dict[str, Any]:
     """run.json's record, written with config.yaml when this process writes."""
     info = {**record.run_record(s.procs.device, s.procs.world, command),
-            "data": str(s.splits.source)}
+            "data": str(s.splits.source), "data_sha256": s.splits.sha256()}
     if s.distillation is not None:
         info["teacher"] = s.distillation.record(s.config)
+    if resume is not None:  # every rank: none may go on alone
+        recorded = rundir.read_info(s.run_dir).get("data_sha256")
+        if recorded not in (None, info["data_sha256"]):  # older runs did not record it
+            raise ConfigError(f"{s.run_dir}: the data at {s.splits.source} are not the images "
+                              f"the run trained on (sha256 {info['data_sha256'][:12]}... of its "
+                              f"splits, recorded {str(recorded)[:12]}...); resume on its own data")
     if not s.procs.writer:
         return info
     if resume is None and rundir.holds_run(s.run_dir):

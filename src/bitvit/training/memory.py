@@ -9,6 +9,7 @@ own error, caught, still ends the command in one line.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -67,11 +68,22 @@ def check_training_fits(config: Config, device: torch.device, processes: int = 1
     need = estimate(config.model, batch, True, q.method, q.where, q.include_patch_embed)
     hint = (f"at train.batch_size={config.train.batch_size}; make model.dim, model.depth or "
             "train.batch_size smaller")
-    _refuse(f"training this model ({_describe(config)})", need, device_memory(device), hint)
+    # The host's memory is shared by the processes torchrun started on it, each with a whole
+    # model and optimizer; a GPU is each process's own.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes)) if processes > 1 else 1
+    host = _share(host_memory(), local)
+    _refuse(f"training this model ({_describe(config)})", need,
+            device_memory(device) if device.type == "cuda" else host, hint)
     if device.type == "cuda":
         weights = estimate(config.model, 0, False)
-        _refuse(f"building this model ({_describe(config)})", weights, host_memory(),
+        _refuse(f"building this model ({_describe(config)})", weights, host,
                 "before it moves to the GPU")
+
+
+def _share(memory: tuple[int, str] | None, processes: int) -> tuple[int, str] | None:
+    if memory is None or processes <= 1:
+        return memory
+    return memory[0] // processes, f"{memory[1]}, shared by {processes} processes on this host"
 
 
 def check_inference_fits(config: Config, source: str) -> None:
