@@ -49,14 +49,15 @@ median time over the engine's median time x (1 - that share); null under ISA cap
         [--compile] [--presets paper,strong] [--batches 1,256] [--engines fp32,int,...]
         [--out FILE]
 
-The records (on a quiet machine; the second caps torch and oneDNN at AVX2, as on a CPU without
-AVX-512 or VNNI, and the header's ISA says so):
+The records (on a quiet machine; each record's first line is the command that made it, with
+commit, date, CPU and ISA), e.g. the per-CPU paper-preset records:
 
-    PYTHONPATH=src python benchmarks/inference.py --repeats 20 --compile --profile \
-        --out benchmarks/results/inference-avx512.txt
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PYTHONPATH=src python \
-        benchmarks/inference.py --repeats 20 --compile --profile \
-        --out benchmarks/results/inference-avx2.txt
+    PYTHONPATH=src python benchmarks/inference.py --presets paper --repeats 10 \
+        --out benchmarks/results/inference-spr-paper.txt
+
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` caps torch and oneDNN at AVX2 (the header's
+ISA says so), but does not reproduce a real AVX2 CPU (ONNX Runtime ignores it, and `_int_mm`
+stays fast): record on one.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ from safetensors.torch import save_file
 
 from bitvit import VisionTransformer, ViTConfig, load, quantize_
 from bitvit.data import DataConfig
-from bitvit.deploy.engine import compile_model
+from bitvit.deploy.engine import cls_token_last_block, compile_model
 from bitvit.deploy.export import export_model
 from bitvit.nn.quant import QuantConfig
 from bitvit.training.config import Config
@@ -136,12 +137,16 @@ class PresetModels:
         self.sizes: dict[str, int] = {}
         self.ort: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         torch.manual_seed(0)
-        self.fp32 = VisionTransformer(cfg).eval()
+        self.fp32_plain = VisionTransformer(cfg).eval()  # exported (ONNX, sizes) as it is
+        # The torch baselines skip what no output reads, as every bitvit engine and ONNX graph
+        # does: the last block's patch tokens (records before 2026-12-07 ran them whole).
+        self.fp32 = cls_token_last_block(copy.deepcopy(self.fp32_plain))
         self.bf16w = copy.deepcopy(self.fp32).to(torch.bfloat16)
-        self.b158 = copy.deepcopy(self.fp32).eval()
+        self.b158 = copy.deepcopy(self.fp32_plain).eval()
         quantize_(self.b158, "b158")
         fp32_path, b158_path = tmp / "fp32.safetensors", tmp / "b158.safetensors"
-        save_file({k: v.contiguous() for k, v in self.fp32.state_dict().items()}, fp32_path)
+        save_file({k: v.contiguous() for k, v in self.fp32_plain.state_dict().items()},
+                  fp32_path)
         # Normalization numbers an export must carry (CIFAR-10's; speed does not depend on them).
         data = DataConfig(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
         config = Config(model=cfg, quant=QuantConfig(method="b158"), data=data)
@@ -171,7 +176,7 @@ class PresetModels:
             return
         paths = {e: tmp / ONNX_FILES[e] for e in wanted}
         steps: dict[str, Callable[[], object]] = {
-            "ort-fp32": lambda: to_onnx(self.fp32, paths["ort-fp32"]),
+            "ort-fp32": lambda: to_onnx(self.fp32_plain, paths["ort-fp32"]),
             "ort-int8": lambda: self._quantize_dynamic(to_onnx, tmp / ONNX_FILES["ort-fp32"],
                                                        paths["ort-int8"]),
             "ort-token": lambda: to_onnx(self.b158, paths["ort-token"], act_quant="token"),
@@ -192,7 +197,7 @@ class PresetModels:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         if not fp32_path.exists():  # ort-int8 asked for without ort-fp32
-            to_onnx(self.fp32, fp32_path)
+            to_onnx(self.fp32_plain, fp32_path)
         source = fp32_path.with_name("fp32-pre.onnx")
         # Both write temporaries into the working directory (and leave them when they fail).
         with contextlib.chdir(fp32_path.parent):

@@ -4,7 +4,7 @@ times ternary/binary weight codes (K, N).
 Three kernels compute the same, exact, integers:
 
 - ``"int8"``: `torch._int_mm`, int8 x int8 -> int32. Fast where the CPU has AVX512-VNNI or AMX
-  (and on CUDA). Elsewhere (e.g. AMD Zen 3, AVX2 only) PyTorch runs it as a scalar loop, 25-30x
+  (and on CUDA). Elsewhere (e.g. AMD Zen 3, AVX2 only) PyTorch runs it as a scalar loop, 5-30x
   slower than fp32: it calls oneDNN only where cpuinfo reports AVX512-VNNI, a hardware check
   that the ISA-capping env vars (`ISA_ENV`) do not reach, so they cannot emulate that slowness.
 - ``"fp32"``: the codes as floats through the fp32 matmul (BLAS). Exact too: an activation code
