@@ -96,10 +96,11 @@ def test_ternary_layer_with_known_zeros_splits_adds_and_noops():
     fc1 = rows_by_name(profile_model(model, TINY))["blocks.0.mlp.fc1"]
     assert fc1.zero_weights == 64
     assert fc1.zero_macs == 5 * 64 and fc1.add_macs == 5 * 192 and fc1.mul_macs == 0
-    # int8 adds for the +-1 weights, one fp32 rescale per output.
-    assert fc1.ops == {"int8_add": 960, "fp32_mul": 5 * 32}
-    assert fc1.energy_pj["45nm"] == pytest.approx(960 * 0.03 + 160 * 3.7)
-    assert fc1.energy_pj["7nm"] == pytest.approx(960 * 0.007 + 160 * 1.31)
+    # int8 adds for the +-1 weights, one fp32 rescale per output; the 8-bit activations' absmax
+    # (an add) and scaling (a multiply) per input element.
+    assert fc1.ops == {"int8_add": 960, "fp32_mul": 5 * 32 + 5 * 8, "fp32_add": 5 * 8}
+    assert fc1.energy_pj["45nm"] == pytest.approx(960 * 0.03 + 200 * 3.7 + 40 * 0.9)
+    assert fc1.energy_pj["7nm"] == pytest.approx(960 * 0.007 + 200 * 1.31 + 40 * 0.38)
     assert fc1.baseline_energy_pj["45nm"] == pytest.approx(1280 * (3.7 + 0.9))
     assert fc1.baseline_energy_pj["7nm"] == pytest.approx(1280 * (1.31 + 0.38))
 

@@ -362,6 +362,13 @@ def _linear_row(name: str, m: nn.Module, tokens: int, fp: str, float_bytes: int,
     # Integer activations (8-bit, or 1-bit signs) accumulate in integers: BitNet prices these
     # as INT8 adds. Float activations (weights-only quantization) add in float.
     _add_ops(row.ops, "int8_add" if act_bits in (8, 1) else f"{fp}_add", row.add_macs)
+    # Quantizing the activations, per input element: the reduction its scale comes from (absmax,
+    # or mean |x| for signs) as one add, and for 8 bits the multiply by 127 / absmax; only the
+    # quantized model pays it, so leaving it out would flatter the ratio.
+    if act_bits in (8, 1):
+        _add_ops(row.ops, f"{fp}_add", tokens * in_f)
+        if act_bits == 8:
+            _add_ops(row.ops, f"{fp}_mul", tokens * in_f)
     # One rescale per output (weight scale times the token's activation scale); sign with float
     # activations has scale 1 and needs none.
     if not (spec.granularity == "none" and act_bits is None):
@@ -436,8 +443,9 @@ def _assumptions(fp: str, ternary_packing: str, packed_float_dtype: str | None, 
               else f"{packed_float_dtype} biases and other float tensors")
     return [
         "Counts are per image (batch 1); MACs are those of the linear layers and attention's "
-        "QK^T and AV products. Biases, norms, softmax, GELU and activation quantization are "
-        "not counted.",
+        "QK^T and AV products. Biases, norms, softmax and GELU are not counted (on both "
+        "sides); activation quantization is, on the quantized side only: one add (the "
+        "absmax or mean |x|) and, for 8 bits, one multiply per input element.",
         f"Energy counts arithmetic only (no memory access or data movement). Float MACs cost "
         f"one {fp.upper()} multiply and one add; attention and unquantized layers are {fp}.",
         "A ternary/binary weight of +-1 turns its MAC into an addition/subtraction, a zero "
