@@ -214,6 +214,20 @@ def write_sweep(path: Path, images: Path, out: Path, seeds: list[int]) -> Path:
     return path
 
 
+def test_a_sweep_goes_on_past_a_run_whose_teacher_is_missing(images, tmp_path, capsys):
+    # One at a time as with --parallel: the run fails, the others train, the end says so.
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": PAPER, "out": str(tmp_path / "out"),
+        "overrides": [*TINY[:-1], "train.epochs=1", f"data.path={images}"],
+        "grid": {"train.distill.teacher": [str(tmp_path / "no-teacher"), None]}}))
+    assert main(["sweep", str(sweep)]) == 2
+    out, err = capsys.readouterr()
+    assert "FAILED" in out and "1 run(s) failed" in err
+    [trained] = [d for d in (tmp_path / "out").iterdir() if d.is_dir() and (d / "last").is_dir()]
+    assert "teacher=none" in trained.name and len(rows(trained)) == 1
+
+
 def test_sweep_resumes_a_folder_left_with_only_last_old(images, reference, tmp_path,
                                                         monkeypatch, capsys):
     train_module = importlib.import_module("bitvit.training.loop")

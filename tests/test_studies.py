@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -357,6 +358,48 @@ def test_sync_drops_an_earlier_attempts_files_the_restarted_run_has_not_written(
     assert load_run(copy).rows == []
 
 
+def test_sync_keeps_a_finished_copy_and_another_experiments_copy(tmp_path):
+    from bitvit.studies.schedule import sync_results
+
+    path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                       runs_root=str(tmp_path / "root"), grid={"train.seed": [0]})
+    sweep = load_sweep(path)
+    copy = fake_run(sweep.out / "seed=0", ["train.seed=0"], [0.4, 0.5])  # finished, committed
+    stale = fake_run(sweep.run_dir("seed=0"), ["train.seed=0"], [0.4], status="interrupted",
+                     epochs=2, weights=True)  # an older attempt put back in the runs root
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    assert sync_results(sweep) == []
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    [planned] = plan_sweep(sweep)  # the finished copy stands: not trained again
+    assert (planned.state, planned.run_dir) == ("finished", copy)
+    # A runs-root folder of another experiment (the sweep file changed) is not copied over it.
+    shutil.rmtree(stale)
+    fake_run(sweep.run_dir("seed=0"), ["train.seed=0", "train.lr=0.5"], [0.4, 0.6])
+    assert sync_results(sweep) == []
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    # The finished run itself, in the runs root: copied as before.
+    shutil.rmtree(sweep.run_dir("seed=0"))
+    shutil.copytree(copy, sweep.run_dir("seed=0"))
+    assert sync_results(sweep) == ["seed=0"]
+
+
+def test_a_run_folder_of_another_seed_is_not_the_run_a_sweep_asks_for(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2", "train.seed=7"],
+                       grid={"quant.method": ["b158"]})
+    fake_run(tmp_path / "out/method=b158", ["quant.method=b158", "train.seed=1"], [0.4, 0.5])
+    with pytest.raises(SweepError, match="holds a run with train.seed=1 but the sweep asks "
+                                         "train.seed=7"):
+        plan_sweep(load_sweep(path))
+
+
+def test_sync_and_dry_run_together_are_refused(tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", runs_root=str(tmp_path / "root"),
+                       grid={"train.seed": [0]})
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(path), "--sync", "--dry-run"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_sync_needs_a_runs_root(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", grid={"train.seed": [0]})
     assert main(["sweep", str(path), "--sync"]) == 2
@@ -550,8 +593,9 @@ print("trained", run_dir)
 def test_more_parallel_runs_than_cores_is_refused_before_anything_starts(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
                        grid={"train.seed": list(range(50))})
-    err = one_line_error(capsys, "sweep", str(path), "--parallel", str(os.cpu_count() + 1))
-    assert f"--parallel {os.cpu_count() + 1}: more than this machine's" in err
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use
+    err = one_line_error(capsys, "sweep", str(path), "--parallel", str(cores + 1))
+    assert f"--parallel {cores + 1}: more than the {cores} CPU cores this process may use" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -562,11 +606,33 @@ def test_parallel_sweep_runs_subprocesses_and_reports_failures(tmp_path, monkeyp
                         lambda: [sys.executable, str(script)])
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=1"],
                                    grid={"train.seed": [0, 1, 2]}))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    lines: list[str] = []
     with pytest.raises(SweepError, match="1 run\\(s\\) failed: seed=1"):
-        run_sweep(sweep, parallel=2, log=lambda *_: None)
+        run_sweep(sweep, parallel=2, log=lines.append)
+    cores = len(os.sched_getaffinity(0))
+    assert any(line.startswith(f"threads   OMP_NUM_THREADS={max(1, cores // 2)} for each of 2 "
+                               "runs") for line in lines)
     assert load_run(sweep.out / "seed=0").finished and load_run(sweep.out / "seed=2").finished
     assert "trained" in (sweep.out / "seed=0/train.log").read_text()
     assert "boom" in (sweep.out / "seed=1/train.log").read_text()
+
+
+def test_a_child_that_does_not_stop_is_told_again_then_killed(monkeypatch):
+    import subprocess
+
+    from bitvit.studies import schedule
+
+    monkeypatch.setattr(schedule, "STOP_SECONDS", 1)
+    # Ignores SIGTERM (as when Python drops the KeyboardInterrupt it raised) and sleeps on.
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True);"
+                             " time.sleep(60)"], stdout=subprocess.PIPE)
+    proc.stdout.readline()  # its handler is set
+    proc.terminate()
+    start = time.monotonic()
+    schedule._stop(proc)
+    assert proc.returncode == -9 and time.monotonic() - start < 10
 
 
 def test_a_run_config_bitvit_did_not_write_is_one_error_naming_it(tmp_path):

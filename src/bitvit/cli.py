@@ -67,8 +67,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<time>_<method>_s<seed>)")
     p.add_argument("--quant", choices=[FULL_PRECISION, *METHOD_TABLE],
                    help="quantization method (quant.method; see docs/methods.md)")
-    p.add_argument("--where", choices=WHERE_NAMES,
-                   help="which linears to quantize (quant.where)")
+    p.add_argument("--where", choices=WHERE_NAMES, help="which linears to quantize (quant.where)")
     p.add_argument("--act-bits", choices=ACT_BITS_NAMES,
                    help="activation bits (quant.act_bits; default: the method's own)")
     p.add_argument("--epochs", type=int,
@@ -401,8 +400,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                    help="extra overrides for new runs (e.g. train.device=cuda); a resumed run "
                    "keeps its own config but data.path and train.epochs, and a different value "
                    "of anything else is refused")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen")
-    p.add_argument("--sync", action="store_true",
+    only = p.add_mutually_exclusive_group()  # --sync writes: a dry run writes nothing
+    only.add_argument("--dry-run", action="store_true", help="list the runs and what would happen")
+    only.add_argument("--sync", action="store_true",
                    help="with a runs_root: only copy the runs' small files into the sweep's out "
                    "folder (to commit them while the sweep trains), train nothing")
     p.add_argument("--parallel", type=int, default=1, metavar="N",

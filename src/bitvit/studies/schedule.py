@@ -17,15 +17,19 @@ from typing import TYPE_CHECKING, Any
 from bitvit import files
 from bitvit.studies.sweep import (
     COMMANDS_FILE,
+    RUN_IGNORED_KEYS,
     SWEEP_COPY,
     PlannedRun,
     Sweep,
     SweepError,
+    experiment_key,
+    folder_finished,
     plan_sweep,
     run_state,
     train_command,
 )
 from bitvit.training import rundir
+from bitvit.training.config import read_yaml_mapping
 
 if TYPE_CHECKING:
     from bitvit.training.distill import TeacherLoader
@@ -70,7 +74,7 @@ def sync_results(sweep: Sweep) -> list[str]:
     for name in sweep.run_dirs():
         src, dst = sweep.run_dir(name), sweep.out / name
         present = [f for f in SMALL_FILES if (src / f).is_file()]
-        if rundir.CONFIG not in present:
+        if rundir.CONFIG not in present or not _may_replace(dst, src):
             continue
         dst.mkdir(parents=True, exist_ok=True)
         for f in present:
@@ -81,6 +85,21 @@ def sync_results(sweep: Sweep) -> list[str]:
             (dst / f).unlink(missing_ok=True)
         copied.append(name)
     return copied
+
+
+def _may_replace(copy: Path, src: Path) -> bool:
+    """Whether ``src``'s files may replace ``copy``'s: never when the copy is of another
+    experiment (a changed sweep file: the planner refuses it, and ``out`` keeps what it holds),
+    nor when the copy is finished and ``src`` is not (a stale folder in the runs root)."""
+    if not (copy / rundir.CONFIG).is_file():
+        return True
+    try:
+        keys = [experiment_key(read_yaml_mapping(d / rundir.CONFIG, "run config", "sections",
+                                                 SweepError), RUN_IGNORED_KEYS)
+                for d in (copy, src)]
+    except (SweepError, ValueError, TypeError, AttributeError):
+        return False
+    return keys[0] == keys[1] and (not folder_finished(copy) or folder_finished(src))
 
 
 def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
@@ -96,10 +115,11 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
     More processes than CPU cores are refused: each run needs a core, and every one more only
     takes memory.
     """
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)  # the cores this process may use (taskset, a container's)
     if parallel > cores:
-        raise SweepError(f"--parallel {parallel}: more than this machine's {cores} CPU cores "
-                         "(each run needs one)")
+        raise SweepError(f"--parallel {parallel}: more than the {cores} CPU cores this process "
+                         "may use (each run needs one)")
     if not dry_run:
         sync_results(sweep)
     try:
@@ -123,7 +143,9 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
         return plan
     _record_sweep(sweep, argv)
     if parallel <= 1:
+        from bitvit.data import DataError
         from bitvit.training.checkpoint import CheckpointError
+        from bitvit.training.config import ConfigError
         from bitvit.training.loop import TrainingError
         from bitvit.training.memory import MemoryLimitError
         from bitvit.training.rundir import RunFolderError
@@ -133,8 +155,10 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
             try:
                 _train_in_process(r, sweep, log, extra, teacher_loader)
             # A diverged run, a checkpoint that fails its checksums with no intact previous
-            # copy, a garbage metrics.csv, no memory: go on with the others, say so at the end.
-            except (TrainingError, CheckpointError, MemoryLimitError, RunFolderError) as e:
+            # copy, a garbage metrics.csv, no memory, a missing teacher or data: go on with the
+            # others (as --parallel does), say so at the end.
+            except (TrainingError, CheckpointError, MemoryLimitError, RunFolderError,
+                    ConfigError, DataError) as e:
                 log(f"FAILED    {r.run_dir}: {e}")
                 failed.append(r.name)
             sync_results(sweep)
@@ -232,6 +256,23 @@ def _train_in_process(r: PlannedRun, sweep: Sweep, log: Any, extra: list[str] | 
 SYNC_SECONDS = 300.0
 
 
+# How long a child stopped with SIGTERM gets to mark its run interrupted before it is told
+# again (Python drops a KeyboardInterrupt raised inside some callbacks), then killed.
+STOP_SECONDS = 60
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for again in (None, proc.terminate, proc.kill):
+        if again is not None:
+            again()
+        try:
+            proc.wait(timeout=STOP_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
 def _python_bitvit() -> list[str]:
     """How a subprocess calls the command line (this interpreter, this package)."""
     return [sys.executable, "-m", "bitvit"]
@@ -243,6 +284,13 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
     running: list[tuple[PlannedRun, subprocess.Popen, contextlib.ExitStack]] = []
     failed = []
     synced = time.monotonic()
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # else each child takes every core: parallel x cores
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // parallel))
+        log(f"threads   OMP_NUM_THREADS={env['OMP_NUM_THREADS']} for each of {parallel} runs "
+            f"on {cores} cores (set it to choose; run.json records each run's threads)")
     try:
         while queue or running:
             if time.monotonic() - synced > SYNC_SECONDS:  # results/ follows long runs
@@ -258,9 +306,11 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                 logfile = stack.enter_context((r.run_dir / rundir.TRAIN_LOG).open("a"))
                 cmd = [*_python_bitvit(), *r.command[1:]]
                 # The child trains under the lock this process holds: it inherits it.
+                # Its own session: a Ctrl-C reaches this process alone, which stops each child
+                # once (a second interrupt could land while the child marks its run).
                 proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                        pass_fds=(fd,),
-                                        env={**os.environ, rundir.LOCK_FD_ENV: str(fd)})
+                                        pass_fds=(fd,), start_new_session=True,
+                                        env={**env, rundir.LOCK_FD_ENV: str(fd)})
                 running.append((r, proc, stack))
             time.sleep(0.5)
             for item in list(running):
@@ -277,7 +327,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
         for _, proc, _ in running:  # interrupted: let each child mark its run interrupted
             proc.terminate()
         for _, proc, stack in running:
-            proc.wait()
+            _stop(proc)
             stack.close()
     if failed:
         raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")

@@ -37,16 +37,17 @@ dropped) before any point is built; at most ``MAX_SWEEP_KEYS`` (100) keys; a run
 most 255 bytes. Like a config, the file is YAML without anchors on lists or mappings (an alias
 bomb) and nested at most 100 deep (`bitvit.training.config.load_yaml`).
 
-``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every epoch is
-in metrics.csv; with a runs root, also a run whose folder there is gone while ``out`` holds its
-finished small files) and runs whose ``bitvit train`` is alive (it holds the run folder's lock),
-resumes runs that have a checkpoint, and restarts the others from scratch, moving what they
-hold aside to ``NAME.restart-TIME/`` (a sweep deletes nothing), so a sweep can be stopped and
-started again at will. Extra overrides given to the sweep apply to new runs; a resumed run
-keeps its own config.yaml except ``train.epochs`` and ``data.path`` (what ``bitvit train
---resume`` can change), and an extra override it could not honour is refused. Weights stay in
-the run folders (``last/``, ``best/``) for export and evaluation; ``.gitignore`` keeps them out
-of ``results/``.
+``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every
+epoch is in metrics.csv; with a runs root, also a run whose folder there is gone or unfinished
+while ``out`` holds its finished small files) and runs whose ``bitvit train`` is alive (it holds
+the run folder's lock), resumes runs that have a checkpoint, and restarts the others from
+scratch, moving what they hold aside to ``NAME.restart-TIME/`` (a sweep deletes no run folder; a
+sync mirrors a restarted run's small files into ``out``, see `sync_results`), so a sweep can be
+stopped and started again at will. Extra overrides given to the sweep apply to new runs; a
+resumed run keeps its own config.yaml except ``train.epochs`` and ``data.path`` (what ``bitvit
+train --resume`` can change), and an extra override it could not honour is refused (a finished
+run is not checked against extra overrides: it is skipped). Weights stay in the run folders
+(``last/``, ``best/``) for export and evaluation; ``.gitignore`` keeps them out of ``results/``.
 """
 
 from __future__ import annotations
@@ -309,6 +310,9 @@ IGNORED_KEYS = {
     "train.distill.teacher", "train.distill.teacher_test_acc",
 }
 DISTILL = "train.distill."
+# What tells a run folder apart from the run a sweep asks for: all it measures, and its seed
+# (groups pool seeds; a folder is one seed's run), but not its length (a run may be extended).
+RUN_IGNORED_KEYS = (IGNORED_KEYS - {"train.seed"}) | {"train.epochs"}
 
 
 def _flatten(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -396,11 +400,11 @@ def run_state(run_dir: Path, config: Config) -> str:
         saved_dict = read_yaml_mapping(saved_path, "run config", "sections model, quant, data, "
                                        "train", SweepError)
         try:
-            saved = experiment_key(saved_dict, IGNORED_KEYS | {"train.epochs"})
+            saved = experiment_key(saved_dict, RUN_IGNORED_KEYS)
         except (ValueError, TypeError, AttributeError) as e:  # a section that is no mapping
             raise SweepError(f"{saved_path}: not a run config bitvit wrote ({e}); move the "
                              "folder away or change 'out'") from None
-        wanted = experiment_key(config.to_dict(), IGNORED_KEYS | {"train.epochs"})
+        wanted = experiment_key(config.to_dict(), RUN_IGNORED_KEYS)
         differing = [k for k in sorted(set(saved) | set(wanted))
                      if not same_setting(k, saved.get(k), wanted.get(k))]
         if differing:
@@ -487,17 +491,29 @@ def plan_sweep(sweep: Sweep, extra: list[str] | None = None) -> list[PlannedRun]
         config = sweep_config(sweep, point, extra, base)
         run_dir = sweep.run_dir(name)
         state = run_state(run_dir, config)
-        if state == "new" and _finished_copy(sweep, name, config):
+        # A finished copy in out stands for a run folder that is gone (another machine), or
+        # that holds less of the run (a stale folder put back): its results are not retrained.
+        if state in ("new", "resume", "restart") and _finished_copy(sweep, name, config):
             run_dir, state = sweep.out / name, "finished"
         command = train_command(sweep, point, run_dir, config, state, extra)
         plan.append(PlannedRun(name, run_dir, point, config, state, command))
     return plan
 
 
+def folder_finished(run_dir: Path) -> bool:
+    """Whether a run folder (or its copy) says finished and holds every epoch its config asks."""
+    try:
+        epochs = int((read_yaml_mapping(run_dir / "config.yaml", "run config", "sections",
+                                        SweepError).get("train") or {}).get("epochs", 0))
+        return (rundir.read_info(run_dir).get("status") == "finished"
+                and _count_rows(run_dir / "metrics.csv") == epochs)
+    except (SweepError, rundir.RunFolderError, ValueError, TypeError, AttributeError):
+        return False
+
+
 def _finished_copy(sweep: Sweep, name: str, config: Config) -> bool:
-    """With a runs root whose folder for ``name`` is gone (another machine): whether ``out``
-    holds the small files of that run finished. Its results stand; only its weights are lost
-    (train it again by hand to have them)."""
+    """With a runs root: whether ``out`` holds the small files of the run ``name`` finished (its
+    results stand; only its weights are lost: train it again by hand to have them)."""
     copy = sweep.out / name
     return (sweep.runs_root is not None and copy.is_dir()
             and run_state(copy, config) == "finished")
