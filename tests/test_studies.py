@@ -383,6 +383,27 @@ def test_sync_keeps_a_finished_copy_and_another_experiments_copy(tmp_path):
     assert sync_results(sweep) == ["seed=0"]
 
 
+def test_a_run_folder_moved_aside_while_synced_is_left_for_the_next_sync(tmp_path,
+                                                                         monkeypatch):
+    from bitvit.studies.schedule import sync_results
+
+    path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2"],
+                       runs_root=str(tmp_path / "root"), grid={"train.seed": [0]})
+    sweep = load_sweep(path)
+    fake_run(sweep.run_dir("seed=0"), ["train.seed=0"], [0.4], status="running", epochs=2)
+    read_bytes = Path.read_bytes
+
+    def gone(self):
+        if self.name == "metrics.csv" and sweep.runs_root in self.parents:
+            raise FileNotFoundError(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", gone)
+    assert sync_results(sweep) == [] and not (sweep.out / "seed=0").exists()
+    monkeypatch.undo()
+    assert sync_results(sweep) == ["seed=0"]
+
+
 def test_a_run_folder_of_another_seed_is_not_the_run_a_sweep_asks_for(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", overrides=["train.epochs=2", "train.seed=7"],
                        grid={"quant.method": ["b158"]})

@@ -76,9 +76,14 @@ def sync_results(sweep: Sweep) -> list[str]:
         present = [f for f in SMALL_FILES if (src / f).is_file()]
         if rundir.CONFIG not in present or not _may_replace(dst, src):
             continue
+        try:
+            # run.json first: read before the metrics, a "finished" comes with every epoch.
+            snapshot = {f: (src / f).read_bytes()
+                        for f in sorted(present, key=lambda f: f != rundir.RUN_JSON)}
+        except FileNotFoundError:  # moved aside meanwhile (a restart): the next sync copies it
+            continue
         dst.mkdir(parents=True, exist_ok=True)
-        for f in present:
-            data = (src / f).read_bytes()
+        for f, data in snapshot.items():
             if not (dst / f).is_file() or (dst / f).read_bytes() != data:
                 files.atomic_file(dst / f, lambda tmp, data=data: tmp.write_bytes(data))
         for f in set(SMALL_FILES) - set(present):
