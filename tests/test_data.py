@@ -605,7 +605,13 @@ def server(tmp_path):
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[: len(body) // 2] if self.path.startswith("/cut") else body)
+            if self.path.startswith("/slow"):  # a byte at a time
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.01)
+            else:
+                self.wfile.write(body[: len(body) // 2] if self.path.startswith("/cut") else body)
             self.close_connection = True
 
         def log_message(self, *args):
@@ -668,6 +674,12 @@ def test_download(tmp_path, server, monkeypatch):
     monkeypatch.setattr(download.shutil, "disk_usage", lambda p: SimpleNamespace(free=10))
     with pytest.raises(DataError, match=f"needs {len(body)} bytes but {cache} has 10 free"):
         download_cifar10(cache, f"{base}/c.tar.gz", md5)
+    monkeypatch.undo()
+    files["/slow.tar.gz"] = body[:100]
+    monkeypatch.setattr(download, "MAX_DOWNLOAD_SECONDS", 0.2)
+    with pytest.raises(DataError, match=f"^download of {base}/slow.tar.gz took over 0.2 s \\("):
+        download_cifar10(cache, f"{base}/slow.tar.gz", md5)
+    assert not list(cache.iterdir())
     monkeypatch.undo()
     with pytest.raises(DataError, match="^could not download http://127.0.0.1:8x/c.tar.gz: "):
         download_cifar10(cache, "http://127.0.0.1:8x/c.tar.gz", md5)

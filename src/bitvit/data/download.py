@@ -24,6 +24,9 @@ log = logging.getLogger("bitvit.data")
 # The official tarball is 170,498,071 bytes: a mirror, or another file named by its MD5, has room
 # to spare, but an endless stream stops here instead of filling the disk before the MD5 check.
 MAX_DOWNLOAD_BYTES = 1 << 30
+# Each read may wait 60 s; a server that trickles a byte a minute would never end without a
+# deadline for the whole: an hour is 170 MB at 47 kB/s.
+MAX_DOWNLOAD_SECONDS = 3600
 
 
 def find_data(path: str | None) -> Path:
@@ -76,11 +79,15 @@ def download_cifar10(cache_dir: str | os.PathLike[str] | None, url: str | None =
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             expected = resp.headers.get("Content-Length")
             _check_room(url, folder, None if expected is None else int(expected))
-            while chunk := resp.read(1 << 20):
-                got += len(chunk)
+            start = time.monotonic()
+            while chunk := resp.read1(1 << 20):  # what one network read gives: the deadline
+                got += len(chunk)                # is checked however slowly bytes come
                 if got > MAX_DOWNLOAD_BYTES:
                     raise DataError(f"download of {url} passed {MAX_DOWNLOAD_BYTES} bytes "
                                     "(CIFAR-10 is 170 MB); stopped, not using it")
+                if time.monotonic() - start > MAX_DOWNLOAD_SECONDS:
+                    raise DataError(f"download of {url} took over {MAX_DOWNLOAD_SECONDS:g} s "
+                                    f"({got:,} bytes so far); stopped, not using it")
                 out.write(chunk)
                 h.update(chunk)
         if expected is not None and got != int(expected):
