@@ -453,6 +453,9 @@ def test_16_bit_images_read_as_their_high_byte_in_every_mode_pil_gives(tmp_path)
     for data in (png.getvalue(), ppm):
         got = decode_image(data, "x", 16, 1)[0]
         assert np.array_equal(got, (a >> 8).astype(np.uint8))
+    tiff32 = io.BytesIO()  # a 32-bit integer TIFF of 8-bit values: as they are
+    Image.fromarray((a >> 8).astype(np.int32)).save(tiff32, format="TIFF")
+    assert np.array_equal(decode_image(tiff32.getvalue(), "x", 16, 1)[0], (a >> 8))
     floats = io.BytesIO()
     Image.fromarray(a.astype(np.float32) / 65535).save(floats, format="TIFF")
     with pytest.raises(DataError, match="^f.tif: a floating-point image with values "

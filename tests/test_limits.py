@@ -447,6 +447,36 @@ def test_links_in_a_folder_and_in_its_tar_read_alike(tmp_path, monkeypatch):
                             "the archive does not hold")
 
 
+def test_a_plain_tar_whose_first_file_is_named_bzh_is_no_bzip2(tmp_path, monkeypatch):
+    from bitvit.data.sources import read_images
+
+    monkeypatch.setenv("BITVIT_CACHE", str(tmp_path / "cache"))
+    folder = write_image_folder(tmp_path / "BZhang")
+    archive = tmp_path / "BZhang.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(folder, arcname="BZhang")
+    assert archive.read_bytes().startswith(b"BZh")
+    assert len(read_images(archive, 16, 3)[0].labels) == 8
+
+
+def test_a_link_to_a_member_not_kept_is_one_line_naming_it(tmp_path):
+    from bitvit.data import tree
+
+    archive = tmp_path / "blobs.tar"
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    with tarfile.open(archive, "w") as tar:
+        blob = tarfile.TarInfo("d/blobs/0000")
+        blob.size = len(png.getvalue())
+        tar.addfile(blob, io.BytesIO(png.getvalue()))
+        link = tarfile.TarInfo("d/train/cat/0.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../blobs/0000"
+        tar.addfile(link)
+    t = tree._read_tar(archive)
+    with pytest.raises(DataError, match=f"^{archive}:d/blobs/0000: not kept from the archive"):
+        t.files["d/train/cat/0.png"]()
+
+
 def test_crafted_tar_headers_are_one_line(tmp_path, monkeypatch):
     from bitvit.data import tree
 

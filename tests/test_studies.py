@@ -377,10 +377,19 @@ def test_sync_keeps_a_finished_copy_and_another_experiments_copy(tmp_path):
     fake_run(sweep.run_dir("seed=0"), ["train.seed=0", "train.lr=0.5"], [0.4, 0.6])
     assert sync_results(sweep) == []
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
-    # The finished run itself, in the runs root: copied as before.
+    # A stale attempt that finished a shorter run (its own config: 1 epoch) is no more.
+    shutil.rmtree(sweep.run_dir("seed=0"))
+    fake_run(sweep.run_dir("seed=0"), ["train.seed=0"], [0.4])
+    assert sync_results(sweep) == [] and plan_sweep(sweep)[0].state == "finished"
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    # The finished run itself, in the runs root: copied as before; extended, its third epoch too.
     shutil.rmtree(sweep.run_dir("seed=0"))
     shutil.copytree(copy, sweep.run_dir("seed=0"))
     assert sync_results(sweep) == ["seed=0"]
+    fake_run(sweep.run_dir("seed=0"), ["train.seed=0"], [0.4, 0.5, 0.6], status="running",
+             epochs=4)
+    assert sync_results(sweep, ["train.epochs=4"]) == ["seed=0"]
+    assert len(load_run(copy).rows) == 3
 
 
 def test_a_run_folder_moved_aside_while_synced_is_left_for_the_next_sync(tmp_path,

@@ -422,7 +422,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if sweep.runs_root is None:
             raise CliError(f"{args.sweep}: --sync needs a sweep file with runs_root (its run "
                            "folders are already in its out folder)")
-        names = sync_results(sweep)
+        names = sync_results(sweep, args.overrides)
         print(f"copied the small files of {len(names)} run(s) from "
               f"{sweep.runs_root / sweep.out.name} into {sweep.out}")
         return 0

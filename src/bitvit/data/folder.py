@@ -48,15 +48,19 @@ def fit_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
 
 
 def _eight_bit(img: Image.Image, where: str) -> Image.Image:
-    """A 32-bit integer image (PIL's mode for 16-bit PPMs and TIFFs) as 16-bit ones are read
-    (the high byte) when its values fit 16 bits; PIL's own conversion would clip every value
-    over 255 to white. Float images, and integers past 16 bits, have no range to scale from."""
+    """A 32-bit integer image (PIL's mode I) in 8 bits: a 16-bit PPM (PIL scales any maxval
+    over 255 to 0..65535) by its high byte, as 16-bit PNGs are read; other mode-I images (a
+    32-bit TIFF) as they are when their values fit 8 bits. PIL's own conversion would clip
+    every value over 255 to white. Float images, and other integers, have no range to scale
+    from: refused in one line."""
     if img.mode not in ("I", "F"):
         return img
     a = np.asarray(img)
     low, high = (a.min(), a.max()) if a.size else (0, 0)
-    if img.mode == "I" and low >= 0 and high <= 65535:
+    if img.mode == "I" and img.format == "PPM" and low >= 0 and high <= 65535:
         return Image.fromarray((a >> 8).astype(np.uint8))
+    if img.mode == "I" and low >= 0 and high <= 255:
+        return Image.fromarray(a.astype(np.uint8))
     kind = "32-bit integer" if img.mode == "I" else "floating-point"
     raise DataError(f"{where}: a {kind} image with values {low:g}..{high:g}, which has no "
                     "fixed range; bitvit reads 8- and 16-bit images (convert it to one)")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import lzma
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Callable
@@ -135,7 +136,11 @@ MIN_INFLATED_BYTES = 64 << 20
 # What one member costs held as a name in memory besides its name (the dict entry, the str).
 MEMBER_OVERHEAD = 256
 MAX_LINK_HOPS = 8
-_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+# The streams' first bytes: gzip's magic and deflate; bzip2's magic, block size and the first
+# block's (or an empty stream's end) marker, since a plain tar may begin with a file named BZh...
+_DECOMPRESSORS = {re.compile(rb"\x1f\x8b\x08"): gzip.open,
+                  re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"): bz2.open,
+                  re.compile(rb"\xfd7zXZ\x00"): lzma.open}
 
 
 class _TarRefused(Exception):
@@ -194,9 +199,9 @@ def _tar_stream(path: Path) -> io.RawIOBase | io.BufferedReader:
     """The archive's tar bytes: decompressed (gzip, bzip2, xz) through a reader of bounded
     buffers and total, where tarfile's own stream mode inflates a chunk without bound."""
     with open(path, "rb") as f:
-        magic = f.read(6)
+        magic = f.read(10)
     for prefix, opener in _DECOMPRESSORS.items():
-        if magic.startswith(prefix):
+        if prefix.match(magic):
             size = path.stat().st_size
             return _Inflating(opener(path, "rb"), max(MIN_INFLATED_BYTES, MAX_INFLATION * size),
                               f"a {size:,}-byte archive")
@@ -261,7 +266,10 @@ def _read_tar(path: Path) -> _Tree:
                     links[rel] = (_link_target(rel, m), m.linkname[:200])
                     continue
                 keep = parts[-1] in wanted or PurePosixPath(rel).suffix.lower() in IMAGE_EXTS
-                data = _member_bytes(tar, m, f"{path}:{rel}", limit) if keep else b""
+                if not keep:  # never read: no image's or batch's name (a link's may be)
+                    files[rel] = _unread(f"{path}:{rel}")
+                    continue
+                data = _member_bytes(tar, m, f"{path}:{rel}", limit)
                 hold(len(data))
                 files[rel] = (lambda b=data: b)
     except DataError:
@@ -298,6 +306,14 @@ def _resolve_links(path: Path, files: dict[str, Callable[[], bytes]], dirs: set[
                             for k in range(_parent(alias).count("/") + 1))
         else:
             files[rel] = _unresolved(f"{path}:{rel}", written)
+
+
+def _unread(where: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise DataError(f"{where}: not kept from the archive (its name is no image's or CIFAR-10 "
+                        "batch's); a link with an image's name that points to it cannot be read")
+
+    return read
 
 
 def _unresolved(where: str, written: str) -> Callable[[], bytes]:

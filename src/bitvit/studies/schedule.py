@@ -8,8 +8,10 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,21 +19,22 @@ from typing import TYPE_CHECKING, Any
 from bitvit import files
 from bitvit.studies.sweep import (
     COMMANDS_FILE,
-    RUN_IGNORED_KEYS,
     SWEEP_COPY,
     PlannedRun,
     Sweep,
     SweepError,
-    experiment_key,
+    check_same_experiment,
     folder_finished,
     plan_sweep,
     run_state,
+    sweep_config,
     train_command,
 )
 from bitvit.training import rundir
 from bitvit.training.config import read_yaml_mapping
 
 if TYPE_CHECKING:
+    from bitvit.training.config import Config
     from bitvit.training.distill import TeacherLoader
 
 # With ``runs_root``, what a sweep copies from each run folder into ``out`` (never weights).
@@ -61,20 +64,24 @@ def _record_sweep(sweep: Sweep, argv: list[str] | None) -> None:
             files.write_text(log, "".join(f"{s}\n" for s in [*seen, line]))
 
 
-def sync_results(sweep: Sweep) -> list[str]:
+def sync_results(sweep: Sweep, extra: list[str] | None = None) -> list[str]:
     """With a runs root: copy each run folder's small files (`SMALL_FILES`) into ``out/NAME``,
     so that results/ holds what a report needs while the weights stay outside the work tree.
     The copy mirrors the run folder: a small file the run folder lacks is an earlier attempt's
     (a restart after the runs root was lost) and is removed, so that no report mixes the two;
     git keeps what was committed. A run folder that is gone (another machine) leaves its
-    earlier copy alone. Returns the names copied."""
+    earlier copy alone, and so does one `_may_replace` refuses (another experiment than the
+    sweep's with ``extra``, or a stale attempt beside a finished copy). Returns the names
+    copied."""
     if sweep.runs_root is None:
         return []
     copied = []
-    for name in sweep.run_dirs():
+    base = read_yaml_mapping(sweep.base, "config file", "sections model, quant, data, train")
+    for name, point in sweep.run_dirs().items():
         src, dst = sweep.run_dir(name), sweep.out / name
         present = [f for f in SMALL_FILES if (src / f).is_file()]
-        if rundir.CONFIG not in present or not _may_replace(dst, src):
+        if rundir.CONFIG not in present or not _may_replace(
+                dst, src, sweep_config(sweep, point, extra, base)):
             continue
         try:
             # run.json first: read before the metrics, a "finished" comes with every epoch.
@@ -92,19 +99,20 @@ def sync_results(sweep: Sweep) -> list[str]:
     return copied
 
 
-def _may_replace(copy: Path, src: Path) -> bool:
-    """Whether ``src``'s files may replace ``copy``'s: never when the copy is of another
-    experiment (a changed sweep file: the planner refuses it, and ``out`` keeps what it holds),
-    nor when the copy is finished and ``src`` is not (a stale folder in the runs root)."""
-    if not (copy / rundir.CONFIG).is_file():
-        return True
+def _may_replace(copy: Path, src: Path, config: Config) -> bool:
+    """Whether ``src``'s files may replace ``copy``'s: never when ``src`` is not the run the
+    sweep asks for (a changed sweep file: the planner refuses it, and ``out`` keeps what it
+    holds), nor when the copy is finished and ``src`` holds fewer epochs, or as many unfinished
+    (a stale folder put back in the runs root). A restart's few epochs replace an unfinished
+    copy (the copy mirrors the run folder), an extension's more epochs a finished one."""
     try:
-        keys = [experiment_key(read_yaml_mapping(d / rundir.CONFIG, "run config", "sections",
-                                                 SweepError), RUN_IGNORED_KEYS)
-                for d in (copy, src)]
-    except (SweepError, ValueError, TypeError, AttributeError):
+        check_same_experiment(src, config)
+        if not folder_finished(copy):
+            return True
+        rows = [len(rundir.read_metrics(d / rundir.METRICS)) for d in (copy, src)]
+    except (SweepError, rundir.RunFolderError):
         return False
-    return keys[0] == keys[1] and (not folder_finished(copy) or folder_finished(src))
+    return rows[1] > rows[0] or (rows[1] == rows[0] and folder_finished(src))
 
 
 def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
@@ -126,12 +134,12 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
         raise SweepError(f"--parallel {parallel}: more than the {cores} CPU cores this process "
                          "may use (each run needs one)")
     if not dry_run:
-        sync_results(sweep)
+        sync_results(sweep, extra)
     try:
         return _run_sweep(sweep, extra, parallel, dry_run, argv, log, teacher_loader)
     finally:
         if not dry_run:
-            sync_results(sweep)
+            sync_results(sweep, extra)
 
 
 def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bool,
@@ -166,7 +174,7 @@ def _run_sweep(sweep: Sweep, extra: list[str] | None, parallel: int, dry_run: bo
                     ConfigError, DataError) as e:
                 log(f"FAILED    {r.run_dir}: {e}")
                 failed.append(r.name)
-            sync_results(sweep)
+            sync_results(sweep, extra)
         if failed:
             raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     else:
@@ -299,7 +307,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
     try:
         while queue or running:
             if time.monotonic() - synced > SYNC_SECONDS:  # results/ follows long runs
-                sync_results(sweep)
+                sync_results(sweep, extra)
                 synced = time.monotonic()
             while queue and len(running) < parallel:
                 r = queue.pop(0)
@@ -323,16 +331,24 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
                 if proc.poll() is not None:
                     running.remove(item)
                     stack.close()
-                    sync_results(sweep)
+                    sync_results(sweep, extra)
                     if proc.returncode != 0:
                         failed.append(r.name)
                     log(f"{'done' if proc.returncode == 0 else 'FAILED':9s} {r.run_dir}"
                         + ("" if proc.returncode == 0 else f" (see {r.run_dir}/train.log)"))
     finally:
-        for _, proc, _ in running:  # interrupted: let each child mark its run interrupted
-            proc.terminate()
-        for _, proc, stack in running:
-            _stop(proc)
-            stack.close()
+        # Interrupted: let each child mark its run interrupted. The children have sessions of
+        # their own, so a second Ctrl-C must not end this process before they are stopped.
+        main = threading.current_thread() is threading.main_thread()  # where signals are set
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if running and main else None
+        try:
+            for _, proc, _ in running:
+                proc.terminate()
+            for _, proc, stack in running:
+                _stop(proc)
+                stack.close()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     if failed:
         raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)}")

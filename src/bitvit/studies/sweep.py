@@ -154,14 +154,18 @@ def _product(choices: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def _hashable(value: Any) -> Any:
     """A value as a hashable key that is equal where the values are (YAML's lists, mappings
-    and sets), so that duplicate points are found in a set rather than a list. The type is part
-    of the key: 0, 0.0 and false are equal in Python but are three runs."""
+    and sets), so that duplicate points are found in a set rather than a list. Numbers are one
+    key by value (0 and 0.0 configure the same run, kept once), but false is not 0."""
     if isinstance(value, list | tuple):
         return (type(value).__name__, tuple(_hashable(v) for v in value))
     if isinstance(value, dict):
         return ("dict", frozenset((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, set):
         return ("set", frozenset(_hashable(v) for v in value))
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", value)
     return (type(value).__name__, value)
 
 
@@ -381,6 +385,28 @@ def _count_rows(path: Path) -> int:
     return len(rundir.read_metrics(path)) if path.is_file() else 0
 
 
+def check_same_experiment(run_dir: Path, config: Config) -> None:
+    """`SweepError` when ``run_dir``'s config.yaml is of another run than ``config`` (its
+    length aside: a run may be extended); nothing for a folder without one."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved_dict = read_yaml_mapping(saved_path, "run config", "sections model, quant, data, "
+                                   "train", SweepError)
+    try:
+        saved = experiment_key(saved_dict, RUN_IGNORED_KEYS)
+    except (ValueError, TypeError, AttributeError) as e:  # a section that is no mapping
+        raise SweepError(f"{saved_path}: not a run config bitvit wrote ({e}); move the "
+                         "folder away or change 'out'") from None
+    wanted = experiment_key(config.to_dict(), RUN_IGNORED_KEYS)
+    differing = [k for k in sorted(set(saved) | set(wanted))
+                 if not same_setting(k, saved.get(k), wanted.get(k))]
+    if differing:
+        k = differing[0]
+        raise SweepError(f"{run_dir}: holds a run with {k}={saved.get(k)!r} but the sweep "
+                         f"asks {k}={wanted.get(k)!r}; move the folder away or change 'out'")
+
+
 def run_state(run_dir: Path, config: Config) -> str:
     """What a sweep does with a run folder: new, finished (skip), running (skip: another process
     holds the folder's lock, or run.json says running and its process is alive; see
@@ -396,21 +422,7 @@ def run_state(run_dir: Path, config: Config) -> str:
     if rundir.is_empty(run_dir):
         return "new"
     saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
-        saved_dict = read_yaml_mapping(saved_path, "run config", "sections model, quant, data, "
-                                       "train", SweepError)
-        try:
-            saved = experiment_key(saved_dict, RUN_IGNORED_KEYS)
-        except (ValueError, TypeError, AttributeError) as e:  # a section that is no mapping
-            raise SweepError(f"{saved_path}: not a run config bitvit wrote ({e}); move the "
-                             "folder away or change 'out'") from None
-        wanted = experiment_key(config.to_dict(), RUN_IGNORED_KEYS)
-        differing = [k for k in sorted(set(saved) | set(wanted))
-                     if not same_setting(k, saved.get(k), wanted.get(k))]
-        if differing:
-            k = differing[0]
-            raise SweepError(f"{run_dir}: holds a run with {k}={saved.get(k)!r} but the sweep "
-                             f"asks {k}={wanted.get(k)!r}; move the folder away or change 'out'")
+    check_same_experiment(run_dir, config)
     rows = _count_rows(run_dir / "metrics.csv")
     epochs = config.train.epochs
     if rows > epochs:

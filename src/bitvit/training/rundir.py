@@ -162,7 +162,7 @@ def is_empty(run_dir: Path) -> bool:
 def move_aside(run_dir: Path) -> Path:
     """Move everything in ``run_dir`` but its lock to a new sibling ``NAME.restart-TIME/``, so
     that the run can start again in ``run_dir`` without deleting anything; return that folder."""
-    run_dir = Path(run_dir).absolute()  # "." has no name to put a sibling beside
+    run_dir = Path(run_dir).resolve()  # "." or ".." has no name to put a sibling beside
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = run_dir.with_name(f"{run_dir.name}.restart-{stamp}")
     n = 1
