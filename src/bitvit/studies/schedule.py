@@ -115,6 +115,13 @@ def _may_replace(copy: Path, src: Path, config: Config) -> bool:
     return rows[1] > rows[0] or (rows[1] == rows[0] and folder_finished(src))
 
 
+def _usable_cores() -> int:
+    """The cores this process may use (taskset, a container's), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
               dry_run: bool = False, argv: list[str] | None = None,
               log: Any = print, teacher_loader: TeacherLoader | None = None) -> list[PlannedRun]:
@@ -128,8 +135,7 @@ def run_sweep(sweep: Sweep, extra: list[str] | None = None, parallel: int = 1,
     More processes than CPU cores are refused: each run needs a core, and every one more only
     takes memory.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)  # the cores this process may use (taskset, a container's)
+    cores = _usable_cores()
     if parallel > cores:
         raise SweepError(f"--parallel {parallel}: more than the {cores} CPU cores this process "
                          "may use (each run needs one)")
@@ -299,8 +305,7 @@ def _train_in_subprocesses(todo: list[PlannedRun], sweep: Sweep, parallel: int,
     synced = time.monotonic()
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # else each child takes every core: parallel x cores
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cores = _usable_cores()
         env["OMP_NUM_THREADS"] = str(max(1, cores // parallel))
         log(f"threads   OMP_NUM_THREADS={env['OMP_NUM_THREADS']} for each of {parallel} runs "
             f"on {cores} cores (set it to choose; run.json records each run's threads)")
