@@ -4,8 +4,9 @@
 what one image costs, and estimates the arithmetic energy the way the BitNet papers do: a
 multiply-accumulate with a full-precision weight costs one float multiply and one float add; with
 a ternary or binary weight it becomes an addition (a subtraction for -1) and a zero weight costs
-nothing. The token count of every layer comes from one forward pass with hooks, so what is
-counted is what the model runs.
+nothing. The token count of every layer comes from one forward pass with hooks, with the last
+block whole (`whole_last_block`): the engines compute only the class token there, so the
+counts are an upper bound of what they run (the last block's patch tokens included).
 """
 
 from __future__ import annotations
