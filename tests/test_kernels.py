@@ -33,6 +33,7 @@ from bitvit.nn.quant import absmax_codes, absmax_int8, rescale
 
 TINY = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=4, mlp_ratio=2.0)
 needs_u8s8 = pytest.mark.skipif(not u8s8_available(), reason="no oneDNN quantized linear here")
+RUNNABLE = tuple(k for k in KERNELS if k != "u8s8" or u8s8_available())  # on this build
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def _codes(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", RUNNABLE)
 @pytest.mark.parametrize("m,k,n", [(1, 13, 7), (33, 256, 24), (4, 20_000, 5)])
 def test_kernels_are_exact_on_random_codes(kernel, m, k, n):
     q, codes_t = _codes(m, k, n, seed=m + k + n)
@@ -88,7 +89,7 @@ def test_kernels_are_exact_on_random_codes(kernel, m, k, n):
     assert torch.equal(acc.double(), reference)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", RUNNABLE)
 def test_kernels_are_exact_at_the_bound(kernel):
     # The largest sums fp32 must hold: 127 * K just below 2**24, and partial sums that climb
     # to it from both signs (fp32 would round an odd integer above 2**24).
@@ -107,6 +108,7 @@ def test_kernels_are_exact_at_the_bound(kernel):
 @pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("m,k,n", [(1, 256, 768), (5, 1024, 1024), (1280, 256, 10),
                                    (7, 129, 67), (33, 1000, 3)])
+@needs_u8s8
 def test_u8s8_is_bit_identical_to_the_other_kernels(m, k, n, binary):
     q, codes_t = _codes(m, k, n, seed=m * k + n)
     if binary:
@@ -121,6 +123,7 @@ def test_u8s8_is_bit_identical_to_the_other_kernels(m, k, n, binary):
     assert torch.equal(int_matmul(q, pack_codes(codes_t), "u8s8"), acc)
 
 
+@needs_u8s8
 def test_packed_codes_copy_and_pickle_by_packing_again():
     q, codes_t = _codes(9, 64, 16, seed=4)
     packed = pack_codes(codes_t)
@@ -164,7 +167,7 @@ def test_u8s8_op_runs_on_the_live_packing(onednn):
     torch.library.opcheck(torch.ops.bitvit.u8s8_mm.default, (u, codes_t))  # schema, fake kernel
 
 
-@pytest.mark.parametrize("kernel", ["fp32", "u8s8"])
+@pytest.mark.parametrize("kernel", ["fp32", pytest.param("u8s8", marks=needs_u8s8)])
 def test_fp32_output_kernels_refuse_k_beyond_the_bound(kernel):
     q, codes_t = _codes(1, MAX_EXACT_K + 1, 1, seed=0)
     with pytest.raises(ValueError, match=f"^{kernel} integer kernel: K={MAX_EXACT_K + 1}"):
@@ -211,7 +214,7 @@ def test_rescale_gives_identical_values_for_either_kernel(with_bias):
 def test_env_override(fresh, monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "benchmark_kernels", lambda: calls.append(1) or {"int8": 2.0})
-    for name in KERNELS:
+    for name in RUNNABLE:
         use_kernel(monkeypatch, name)
         choice = choose_kernel()
         assert choice.name == name and "BITVIT_INT_KERNEL" in choice.reason
@@ -315,6 +318,7 @@ def test_cuda_takes_int8_unmeasured(fresh, monkeypatch):
                                                          "Fake GPU")
 
 
+@needs_u8s8
 def test_micro_benchmark_measures_a_ratio_per_kernel():
     speed = kernels.benchmark_kernels(shapes=((32, 64, 48), (17, 128, 8)), budget_s=0.01)
     assert speed.keys() == {"int8", "u8s8"}
@@ -385,6 +389,7 @@ def _tiny_b158(seed: int = 0) -> VisionTransformer:
     return model
 
 
+@needs_u8s8
 def test_train_step_is_identical_under_every_kernel(monkeypatch):
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     y = torch.arange(6) % 10
@@ -421,6 +426,7 @@ def test_train_step_is_identical_under_every_kernel(monkeypatch):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+@needs_u8s8
 def test_converted_model_logits_are_identical_under_every_kernel(monkeypatch):
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     logits, held, resident = {}, {}, {}
@@ -444,6 +450,7 @@ def test_converted_model_logits_are_identical_under_every_kernel(monkeypatch):
     assert held["u8s8"] - held["int8"] == weights == resident["u8s8"] - resident["int8"]
 
 
+@needs_u8s8
 @pytest.mark.parametrize("act_bits", [8, 1])
 def test_inference_linear_under_u8s8_equals_int8(monkeypatch, act_bits):
     g = torch.Generator().manual_seed(6)
@@ -459,6 +466,7 @@ def test_inference_linear_under_u8s8_equals_int8(monkeypatch, act_bits):
     assert out["u8s8"].shape == (3, 5, 67) and torch.equal(out["u8s8"], out["int8"])
 
 
+@needs_u8s8
 def test_to_device_chooses_the_kernel_again(monkeypatch):
     use_kernel(monkeypatch, "fp32")
     model = convert_for_inference(_tiny_b158().eval())
@@ -478,6 +486,7 @@ def test_to_device_chooses_the_kernel_again(monkeypatch):
     assert layer.codes_t.is_contiguous()
 
 
+@needs_u8s8
 def test_u8s8_model_copies_and_loads_state(monkeypatch):
     use_kernel(monkeypatch, "u8s8")
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -491,7 +500,7 @@ def test_u8s8_model_copies_and_loads_state(monkeypatch):
         assert torch.equal(other(x), expected)
 
 
-@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_every_kernel_traces_in_one_graph(monkeypatch, name):
     # torch.compile sees the kernel as a constant: no graph break in training or inference
     # (backend="eager" checks the tracing without the seconds inductor takes).

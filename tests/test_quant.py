@@ -315,6 +315,35 @@ def test_filter_fn_and_errors():
         quantize_(VisionTransformer(ViTConfig(depth=1, dim=32, heads=4)), "b158", act_bits=True)
 
 
+def test_lone_shared_and_eval_mode_linears():
+    with pytest.raises(ValueError, match="lone nn.Linear use BitLinear.from_linear"):
+        quantize_(nn.Linear(4, 4), "b158")  # it has no parent: it would stay full precision
+    shared, model = nn.Linear(4, 4), nn.Module()
+    model.a = model.b = shared
+    assert [r.name for r in quantize_(model, "b158")] == ["a"]  # one layer ...
+    assert type(model.b) is BitLinear and model.a is model.b  # ... under both names
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    quantize_(frozen, "b158")
+    assert not any(m.training for m in frozen.modules())
+
+
+@pytest.mark.parametrize("method", ["b158", "sign"])
+def test_an_empty_batch_goes_through(method):
+    model = VisionTransformer(ViTConfig(image_size=16, patch_size=8, dim=32, depth=1, heads=4))
+    quantize_(model, method)
+    assert model(torch.randn(0, 3, 16, 16)).shape == (0, 10)
+    x = torch.randn(0, 2, 12, requires_grad=True)
+    layer = BitLinear(12, 5, method=method)
+    layer(x).sum().backward()
+    assert x.grad.shape == (0, 2, 12) and not layer.weight.grad.any()
+
+
+@pytest.mark.parametrize("key", ["patch_size", "heads", "image_size"])
+def test_vit_config_sizes_must_be_positive(key):
+    with pytest.raises(ValueError, match=f"model.{key}=0: expected a positive integer"):
+        ViTConfig(**{key: 0})
+
+
 @pytest.mark.parametrize("method,act_bits", [
     ("b158", "default"), ("bitnet", "default"), ("sign", None), ("xnor", 1)])
 def test_quantized_vit_forward_backward_and_eval_equals_train(method, act_bits):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -541,25 +542,29 @@ def test_non_finite_parameters_are_never_saved(real_env, tmp_path, monkeypatch):
     assert len(metrics(run)) == 1
 
 
-def test_extending_a_cosine_run_says_its_schedule_changes(tmp_path, capsys):
-    from bitvit.training.config import save_config
-
+def test_extending_a_cosine_run_says_its_schedule_changes(real_env, tmp_path, capsys):
     for schedule in ("cosine", "constant"):
-        save_config(load_config(None, [f"train.schedule={schedule}", "train.epochs=30"]),
-                    tmp_path / "config.yaml")
+        run = tmp_path / schedule
+        train(tiny("train.epochs=1", f"train.schedule={schedule}", limit_train=100), out=run,
+              quiet=True)
         capsys.readouterr()
-        assert config_for_resume(tmp_path, epochs=100).train.epochs == 100
-        assert config_for_resume(tmp_path, epochs=30).train.epochs == 30  # a plain resume
+        assert train(config_for_resume(run, epochs=1), resume=run, quiet=True).status == "finished"
+        assert capsys.readouterr().err == ""  # a plain resume
+        # The Python API extending the run says it too, not only the CLI.
+        config = config_for_resume(run)
+        config.train = replace(config.train, epochs=2)
+        assert train(config, resume=run, quiet=True).status == "finished"
         err = capsys.readouterr().err
         if schedule == "constant":
             assert err == ""
         else:
-            assert err == (f"bitvit train: extending {tmp_path} from 30 to 100 epochs under "
-                           "train.schedule=cosine: its lr now decays over 100 epochs, so the run "
-                           "is not what 100 epochs from the start give\n")
-    # Fewer epochs than the run holds: no notice (set-up refuses it, in one line).
-    (tmp_path / "metrics.csv").write_text("epoch,test_acc\n1,0.1\n2,0.2\n3,0.3\n")
-    config_for_resume(tmp_path, epochs=2)
+            assert err == (f"bitvit train: extending {run} from 1 to 2 epochs under "
+                           "train.schedule=cosine: its lr now decays over 2 epochs, so the run "
+                           "is not what 2 epochs from the start give\n")
+    # Fewer epochs than the run holds: no notice, set-up refuses it in one line.
+    with pytest.raises(ConfigError, match="holds 2 epochs"):
+        train(config_for_resume(tmp_path / "cosine", epochs=1), resume=tmp_path / "cosine",
+              quiet=True)
     assert capsys.readouterr().err == ""
 
 

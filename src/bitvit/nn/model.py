@@ -52,6 +52,9 @@ class ViTConfig:
                "gelu": ("exact", "tanh")}
 
     def __post_init__(self) -> None:
+        for key in ("image_size", "in_channels", "patch_size", "dim", "heads", "num_classes"):
+            if getattr(self, key) < 1:  # before the divisions below
+                raise ValueError(f"model.{key}={getattr(self, key)}: expected a positive integer")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.patch_size={self.patch_size} must divide model.image_size={self.image_size}"

@@ -313,7 +313,7 @@ class _Int8Linear(torch.autograd.Function):
         y = rescale(acc, s.reshape(-1, 1), scale, bias)
         ctx.save_for_backward(q, s, codes, scale)
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)  # not -1: 0 rows
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
@@ -324,7 +324,7 @@ class _Int8Linear(torch.autograd.Function):
             # A new tensor either way (codes may be the saved fp32 codes: never in place).
             w_q = codes.mul(scale.reshape(-1, 1)) if codes.is_floating_point() else (
                 codes.float().mul_(scale.reshape(-1, 1)))
-            grad_x = (g @ w_q).reshape(*q.shape[:-1], -1)
+            grad_x = (g @ w_q).reshape(*q.shape[:-1], w_q.shape[-1])
         if ctx.needs_input_grad[1]:
             x_q = (q.div(s) if q.is_floating_point() else q.float().div_(s))
             x_q = x_q.reshape(-1, q.shape[-1])
@@ -369,6 +369,7 @@ class BitLinear(nn.Linear):
                     method=method, act_bits=act_bits, sub_norm=sub_norm, device="meta")
         layer.weight = linear.weight
         layer.bias = linear.bias
+        layer.train(linear.training)  # an eval-mode model stays in eval mode
         return layer
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,8 +417,9 @@ class QuantConfig:
 
     method: str = FULL_PRECISION  # fp or a METHOD_TABLE name
     where: str = "all"  # all | mlp | attn | none
-    # 8 | 1 | null. Given as default (8 for b158/bitnet, null else; null for fp), none, or the
-    # strings older config.yaml files hold: resolved here, once, so nothing downstream sees them.
+    # 8 | 1 | null. Given as default (the method table's default_act_bits; null for fp), none,
+    # or the strings older config.yaml files hold: resolved here, once, so nothing downstream
+    # sees them.
     act_bits: int | str | None = "default"
     include_patch_embed: bool = True  # with where=all, quantize the patch projection too
     sub_norm: bool = False  # BitNet's SubLN: LayerNorm (no affine) before activation quantization
@@ -474,8 +476,9 @@ def quantize_(
     ``where``: ``all`` (every linear but the head; the patch embedding when
     ``include_patch_embed``), ``mlp`` (fc1, fc2), ``attn`` (qkv, proj) or ``none``.
     ``filter_fn(module, name)``, when given, must also accept a layer for it to be quantized.
-    The classifier head always stays full precision, and the patch embedding never takes 1-bit
-    activations (its input is pixels): it gets 8 bits instead. ``method="fp"`` changes nothing.
+    The classifier (a module named ``head``) always stays full precision, and the patch
+    embedding never takes 1-bit activations (its input is pixels): it gets 8 bits instead.
+    ``method="fp"`` changes nothing. A linear reached by two names is one `BitLinear` under both.
     """
     if where not in WHERE:
         raise ValueError(f"unknown where {where!r}: expected one of {', '.join(WHERE)}")
@@ -485,18 +488,22 @@ def quantize_(
     bits = resolve_act_bits(method, act_bits)
     if any(isinstance(m, BitLinear) for m in model.modules()):
         raise ValueError("model is already quantized: quantize_ a full-precision model")
-    rows = []
-    for name, module in list(model.named_modules()):
+    if type(model) is nn.Linear:  # it has no parent to be swapped in
+        raise ValueError("quantize_ swaps a model's nn.Linear children in place; for a lone "
+                         "nn.Linear use BitLinear.from_linear(linear, method)")
+    rows, swapped = [], {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if type(module) is not nn.Linear or _is_head(name):
             continue
         if not _selected(name, where, include_patch_embed):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
-        layer_bits = 8 if bits == 1 and "patch_embed" in name.split(".") else bits
-        layer = BitLinear.from_linear(module, method, layer_bits, sub_norm)
+        if id(module) not in swapped:
+            layer_bits = 8 if bits == 1 and "patch_embed" in name.split(".") else bits
+            swapped[id(module)] = BitLinear.from_linear(module, method, layer_bits, sub_norm)
+            rows.append(QuantizedLayer(name, method, (module.out_features, module.in_features),
+                                       METHOD_TABLE[method].info_bits, layer_bits))
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-        rows.append(QuantizedLayer(name, method, (module.out_features, module.in_features),
-                                   METHOD_TABLE[method].info_bits, layer_bits))
+        setattr(model.get_submodule(parent_name), child, swapped[id(module)])
     return rows

@@ -567,7 +567,7 @@ def flat_keys(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> Config:
+def checked_resume_config(saved: Config, asked: Config, run_dir: str | Path) -> Config:
     """Refuse a resume asking for a setting the run did not train with: it would continue
     under the new one and write it into config.yaml as if the whole run had had it. Returns
     the config to go on under: the one asked, with what the run filled in where it leaves

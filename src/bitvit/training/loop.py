@@ -40,7 +40,7 @@ from bitvit.training.checkpoint import (
 from bitvit.training.config import (
     Config,
     ConfigError,
-    check_resume_config,
+    checked_resume_config,
     load_config,
     save_config,
 )
@@ -295,8 +295,10 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
     """Data, model, optimizer and schedule, the teacher, and the resumed state. Writes nothing,
     so that a bad config, data path or teacher leaves no run folder behind."""
     tc = config.train
+    saved = None
     if resume is not None:  # the Python API takes any config: it must be the run's own
-        config = check_resume_config(load_config(run_dir / rundir.CONFIG), config, run_dir)
+        saved = load_config(run_dir / rundir.CONFIG)
+        config = checked_resume_config(saved, config, run_dir)
     if resume is None and rundir.has_checkpoint(run_dir):  # every rank: none may go on alone
         raise ConfigError(f"{run_dir}: already holds a run; pass --resume {run_dir} to continue it "
                           f"or choose another --out")
@@ -346,10 +348,22 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
         if tc.epochs < s.start_epoch - 1:  # would rewrite config.yaml to fewer than it holds
             raise ConfigError(f"{run_dir}: holds {s.start_epoch - 1} epochs; train.epochs="
                               f"{tc.epochs} (--epochs) cannot shorten a run, only extend it")
+        if procs.writer:
+            _say_schedule_change(run_dir, saved.train, tc)
         s.rows = [r for r in read_metrics(run_dir / rundir.METRICS)
                   if r["epoch"] < s.start_epoch]
     s.columns = rundir.metric_columns(splits.val is not None, s.rows)
     return s
+
+
+def _say_schedule_change(run_dir: Path, saved: Any, asked: Any) -> None:
+    """A cosine is spread over the run's length: the epochs trained so far followed the old."""
+    if asked.epochs != saved.epochs and saved.schedule != "constant":
+        verb = "extending" if asked.epochs > saved.epochs else "shortening"
+        print(f"bitvit train: {verb} {run_dir} from {saved.epochs} to {asked.epochs} epochs "
+              f"under train.schedule={saved.schedule}: its lr now decays over {asked.epochs} "
+              f"epochs, so the run is not what {asked.epochs} epochs from the start give",
+              file=sys.stderr)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, tc: Any,
@@ -578,15 +592,6 @@ def config_for_resume(run_dir: str | Path, epochs: int | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: missing; --resume needs a run folder written by bitvit train")
     config = load_config(path)
-    done = len(read_metrics(Path(run_dir) / rundir.METRICS))
-    if (epochs is not None and epochs != config.train.epochs and epochs >= done
-            and config.train.schedule != "constant"):  # fewer than done: refused at set-up
-        # The cosine is spread over the run's length: the epochs trained so far followed the old.
-        verb = "extending" if epochs > config.train.epochs else "shortening"
-        print(f"bitvit train: {verb} {run_dir} from {config.train.epochs} to {epochs} epochs "
-              f"under train.schedule={config.train.schedule}: its lr now decays over {epochs} "
-              f"epochs, so the run is not what {epochs} epochs from the start give",
-              file=sys.stderr)
     if epochs is not None:
         config.train = replace(config.train, epochs=epochs)
     return config
