@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bitvit.cli import main
-from bitvit.deploy.export import _digest
+from bitvit.deploy.export import _digest, _metadata_digest
 from bitvit.training.checkpoint import write_checksums
 from bitvit.training.rundir import read_metrics
 
@@ -165,7 +165,9 @@ def with_metadata(src: Path, dst: Path, **changes: str) -> Path:
     """A copy of a safetensors file with changed metadata entries (tensors intact)."""
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
-    save_file(load_file(str(src)), str(dst), metadata={**meta, **changes})
+    meta = {**meta, **changes}
+    meta["metadata_sha256"] = _metadata_digest(meta)  # consistent, as another writer's would be
+    save_file(load_file(str(src)), str(dst), metadata=meta)
     return dst
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import bitvit
 from bitvit.cli import main
-from bitvit.data import ImageSet, normalize
+from bitvit.data import DataError, ImageSet, normalize
 from bitvit.deploy.engine import (
     ClsTokenBlock,
     InferenceLinear,
@@ -26,6 +26,7 @@ from bitvit.deploy.export import (
     ExportedModel,
     ExportError,
     _digest,
+    _metadata_digest,
     export_checkpoint,
     export_model,
     image_files,
@@ -392,6 +393,15 @@ def test_export_rejects_bad_options(tmp_path):
         export_model(model, config, CLASSES[:2], tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="do not match"):  # config says fp, model is ternary
         export_model(model, small_config("fp"), CLASSES, tmp_path / "m.safetensors")
+    # What load would refuse is not written: other tensors than the config's, numbered classes.
+    wide = small_config("fp")
+    wide.model = type(wide.model)(**{**vars(wide.model), "dim": 64})
+    with pytest.raises(ValueError, match=r"tensors do not match its config \(cls_token has "
+                                         r"shape \(1, 1, 32\), expected \(1, 1, 64\)\)"):
+        export_model(small_model(small_config("fp")), wide, CLASSES, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="class names must be strings"):
+        export_model(model, config, [0, 1, 2, 3], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_a_compiled_model_exports_as_itself(tmp_path):
@@ -483,7 +493,10 @@ def rewrite(src: Path, dst: Path, tensors=None, **meta_changes) -> Path:
     tensors = load_file(str(src)) if tensors is None else tensors
     meta["sha256"] = _digest(tensors)
     meta.update(meta_changes)  # None removes a key
-    save_file(tensors, str(dst), metadata={k: v for k, v in meta.items() if v is not None})
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if "metadata_sha256" not in meta_changes:  # consistent, as another writer's file would be
+        meta["metadata_sha256"] = _metadata_digest(meta)
+    save_file(tensors, str(dst), metadata=meta)
     return dst
 
 
@@ -544,6 +557,44 @@ def test_bad_metadata(exported, tmp_path):
     huge = json.dumps({**preprocessing, "mean": [10 ** 400] * 3})  # past float's range
     assert_one_line_error(rewrite(exported, tmp_path / "f.safetensors", preprocessing=huge),
                           "bad export metadata \\(OverflowError")
+    other = json.dumps({**preprocessing, "mean": [0.9, 0.4, 0.3]})  # not the config's mean
+    assert_one_line_error(rewrite(exported, tmp_path / "g.safetensors", preprocessing=other),
+                          r"preprocessing.mean=\[0.9, 0.4, 0.3\]: expected data.mean=\[0.5, 0.4, "
+                          r"0.3\] of the stored config")
+
+
+def test_metadata_corruption_is_caught_by_its_checksum(exported, tmp_path):
+    raw = bytearray(exported.read_bytes())
+    at = raw.index(b'"mean\\": [0.5') + len(b'"mean\\": [0.')
+    raw[at] = ord("9")  # one byte of the header: tensors intact, every prediction moved
+    bad = tmp_path / "flip.safetensors"
+    bad.write_bytes(bytes(raw))
+    assert_one_line_error(bad, "corrupt export \\(its metadata does not match its checksum\\)")
+    # Exports written before the metadata checksum load as they did.
+    old = rewrite(exported, tmp_path / "old.safetensors", metadata_sha256=None)
+    assert "metadata_sha256" not in safe_open(str(old), "pt").metadata()
+    torch.testing.assert_close(load(old).logits(uint8_images(2)), load(exported).logits(
+        uint8_images(2)))
+
+
+def test_loading_needs_room_for_one_image_not_the_training_eval_batch(tmp_path, monkeypatch):
+    from bitvit.training import memory
+
+    config = small_config("b158")
+    config.train = type(config.train)(**{**vars(config.train), "eval_batch_size": 10**6})
+    path = export_model(small_model(config), config, CLASSES, tmp_path / "m.safetensors")
+    one = memory.estimate(config.model, 1, False).total
+    monkeypatch.setattr(memory, "host_memory", lambda: (4 * one, "a test's"))
+    assert load(path).logits(uint8_images(1)).shape == (1, len(CLASSES))
+    with pytest.raises(memory.MemoryLimitError, match="at a batch of 1000000 images"):
+        memory.check_inference_fits(config, str(path), 10**6)
+
+
+def test_a_pipe_is_not_called_missing(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    assert_one_line_error(tmp_path / "pipe.safetensors", "not a regular file")
 
 
 def test_tensors_not_matching_config(exported, tmp_path):
@@ -643,8 +694,14 @@ def test_read_image_png_and_jpeg(exported, tmp_path):
                        torch.from_numpy(arr).permute(2, 0, 1))
     assert image_files([tmp_path / "imgs"]) == files  # sorted, recursive, images only
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(ExportError, match="bad.png: not a readable image"):
+    with pytest.raises(DataError, match="bad.png: not a readable image"):
         prep.read_image(tmp_path / "bad.png")
+    # Raw images of another size are resized as read_image resizes them: the same pixels.
+    for shape in ((40, 30, 3), (17, 33, 3)):
+        arr = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "big.png")
+        raw = torch.from_numpy(arr).permute(2, 0, 1)
+        assert torch.equal(prep(raw), prep(prep.read_image(tmp_path / "big.png")))
 
 
 def test_grayscale_model_reads_color_images(tmp_path):
@@ -666,6 +723,7 @@ def test_cli_export_and_predict(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(out)]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and f"{out.stat().st_size:,} bytes" in line
+    assert "(base3 packed codes, fp16 floats)" in line  # b158 codes: base3; xnor's say 1bit
     assert f"{(run / 'last' / 'model.safetensors').stat().st_size:,} bytes" in line
 
     files = write_images(tmp_path / "imgs")

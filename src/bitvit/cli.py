@@ -198,8 +198,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from bitvit.deploy.export import check_export_target, export_checkpoint
-    from bitvit.training.checkpoint import CheckpointError, resolve_checkpoint
+    from bitvit.deploy.export import check_export_target, export_checkpoint, read_export_metadata
+    from bitvit.training.checkpoint import resolve_checkpoint
 
     src = resolve_checkpoint(args.src, args.best)
     check_export_target(args.out, args.format, src)
@@ -208,16 +208,13 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.act_quant is not None:
         raise CliError("--act-quant applies to --format onnx (safetensors exports keep "
                        "BitNet's per-token activations)")
-    try:
-        # From the source as given: a run folder's checkpoint is checked against its config.
-        out = export_checkpoint(args.src, args.out, best=args.best, packing=args.packing,
-                                float_dtype=args.float_dtype)
-    except CheckpointError:
-        raise
-    except ValueError as e:  # e.g. values beyond fp16
-        raise CliError(f"{args.out}: {e}") from None
+    # From the source as given: a run folder's checkpoint is checked against its config.
+    out = export_checkpoint(args.src, args.out, best=args.best, packing=args.packing,
+                            float_dtype=args.float_dtype)
+    packings = sorted({layer["packing"] for layer in json.loads(
+        read_export_metadata(out)["layers"]).values()}) or ["no"]
     size, ref = out.stat().st_size, src.stat().st_size
-    print(f"wrote {out}: {size:,} bytes ({args.packing} ternary packing, {args.float_dtype} "
+    print(f"wrote {out}: {size:,} bytes ({'/'.join(packings)} packed codes, {args.float_dtype} "
           f"floats); fp32 checkpoint {src}: {ref:,} bytes ({ref / size:.1f}x larger)")
     return 0
 
@@ -295,14 +292,14 @@ def _predict_chunk(args: argparse.Namespace, model: ExportedModel,
     """Predict and print one batch of files, in order; return how many could not be read."""
     import torch
 
-    from bitvit.deploy.export import ExportError
+    from bitvit.data import DataError
 
     read, errors = {}, {file: error for file, error in chunk if error is not None}
     for file, error in chunk:
         if error is None:
             try:
                 read[file] = model.preprocessing.read_image(file)
-            except ExportError as e:
+            except DataError as e:
                 errors[file] = str(e)
     tops = dict(zip(read, model.predict(torch.stack(list(read.values())), args.top_k)
                     if read else [], strict=True))

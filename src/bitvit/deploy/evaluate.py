@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from bitvit.data import DataError, ImageSet, load_data, normalize
+from bitvit.training import memory
 from bitvit.training.checkpoint import CheckpointError, load_checkpoint
 from bitvit.training.config import ConfigError, resolve_device
 from bitvit.training.evaluation import evaluate_model
@@ -76,6 +77,8 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     dev = getattr(model, "device", None) or next(iter(model.state_dict().values())).device
     if batch_size is None:
         batch_size = config.train.eval_batch_size if config is not None else 500
+    if config is not None and torch.device(dev).type == "cpu":  # before a batch is allocated
+        memory.check_inference_fits(config, str(path or "model"), batch_size)
     if compile and not isinstance(model, ExportedModel):
         example = normalize(test.images[:batch_size].to(dev), mean, std)
         model = compile_model(model.eval(), example)

@@ -12,8 +12,9 @@ The file holds only what inference needs:
 
 The safetensors metadata holds ``format`` ("bitvit-export"), ``format_version``, the
 config, the class names, the preprocessing (image size, channels, mean, std), one entry per
-quantized layer (shape, method, act_bits, sub_norm, packing) and a SHA-256 of the tensor
-bytes, so a corrupted file is caught on load rather than giving wrong predictions.
+quantized layer (shape, method, act_bits, sub_norm, packing), a SHA-256 of the tensor
+bytes and one of the other metadata entries (``metadata_sha256``), so a corrupted file is caught
+on load rather than giving wrong predictions.
 
 Tensor names: ``<layer>.codes`` (uint8, packed), ``<layer>.scale`` (fp32, (1,) or (out,)),
 ``<layer>.bias`` for quantized layers; the model's own state-dict names for the rest.
@@ -31,20 +32,18 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from bitvit import files
-from bitvit.data import IMAGE_EXTS, DataError, decode_image, normalize
+from bitvit.data import IMAGE_EXTS
 from bitvit.deploy.packing import PACK, UNPACK, packed_numel
+from bitvit.deploy.preprocessing import Preprocessing, is_numbers
 from bitvit.files import atomic_file
 from bitvit.nn.methods import CODES_PER_BYTE, METHOD_TABLE
 from bitvit.nn.model import VisionTransformer
@@ -52,7 +51,7 @@ from bitvit.nn.quant import BitLinear
 from bitvit.system import memory_shortfall
 from bitvit.training import memory, rundir
 from bitvit.training.checkpoint import build_model, load_checkpoint
-from bitvit.training.config import Config, ConfigError
+from bitvit.training.config import Config, ConfigError, short_repr
 
 EXPORT_FORMAT = "bitvit-export"
 FORMAT_VERSION = "1"
@@ -65,85 +64,8 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing and the loaded model.
+# The loaded model.
 # ---------------------------------------------------------------------------------------------
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_numbers(v: object) -> bool:
-    return isinstance(v, list) and all(isinstance(x, int | float) and not isinstance(x, bool)
-                                       for x in v)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How raw uint8 images become model inputs: resize, then (x / 255 - mean) / std."""
-
-    image_size: int
-    channels: int  # 1 (grayscale, PIL mode L) or 3 (RGB)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bilinear"  # square resize, no crop (as the data loader does)
-
-    @classmethod
-    def from_config(cls, config: Config) -> Preprocessing:
-        for name in ("mean", "std"):
-            if isinstance(getattr(config.data, name), str):
-                raise ExportError(f"config data.{name} is {getattr(config.data, name)!r}: an "
-                                  "export needs the numbers the model was trained with (a "
-                                  "trained run's config has them)")
-        return cls(config.model.image_size, config.model.in_channels,
-                   tuple(float(m) for m in config.data.mean),
-                   tuple(float(s) for s in config.data.std))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        """From export metadata; a ValueError naming the key for a value of the wrong type."""
-        if not isinstance(d, dict):
-            raise ValueError(f"preprocessing={d!r}: expected a mapping")
-        p = cls(**d)  # a TypeError names a missing or unknown key
-        for key, ok, expected in (
-                ("image_size", _is_int, "an integer"), ("channels", _is_int, "an integer"),
-                ("mean", _is_numbers, "a list of numbers"), ("std", _is_numbers,
-                                                              "a list of numbers"),
-                ("interpolation", lambda v: isinstance(v, str), "a string")):
-            if not ok(getattr(p, key)):
-                raise ValueError(f"preprocessing.{key}={getattr(p, key)!r}: expected {expected}")
-        return cls(p.image_size, p.channels, tuple(map(float, p.mean)),
-                   tuple(map(float, p.std)), p.interpolation)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) or (C, H, W) -> normalized float32 (N, C, S, S) on their device."""
-        if images.dtype != torch.uint8:
-            raise ValueError(f"preprocess expects uint8 images, got {images.dtype}")
-        if images.dim() == 3:
-            images = images[None]
-        if images.dim() != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"expected uint8 images of shape (N, {self.channels}, H, W), got "
-                             f"{tuple(images.shape)}")
-        size = (self.image_size, self.image_size)
-        if tuple(images.shape[-2:]) != size:
-            x = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
-                              align_corners=False)
-            images = x.round_().clamp_(0, 255).to(torch.uint8)  # the uint8 grid, as PIL's
-        return normalize(images, self.mean, self.std)
-
-    def read_image(self, path: str | Path) -> torch.Tensor:
-        """A PNG/JPEG file -> uint8 (C, S, S), decoded exactly as the data loader decodes (and
-        refused as it refuses: unreadable, or over `bitvit.data.max_image_pixels`)."""
-        try:
-            a = decode_image(Path(path), str(path), self.image_size, self.channels)
-        except DataError as e:
-            raise ExportError(str(e)) from None
-        return torch.from_numpy(np.array(a))  # a writable copy (PIL arrays are read-only)
 
 
 class ExportedModel(nn.Module):
@@ -229,11 +151,22 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _metadata_digest(meta: dict[str, str]) -> str:
+    """A SHA-256 of every metadata entry but its own: the tensors' checksum does not cover the
+    config, classes or preprocessing, whose corruption would change predictions as surely."""
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def model_metadata(config: Config, classes: Sequence[str]) -> dict[str, str]:
     """What every export format records about the model: its config, class names and
     preprocessing, as JSON strings (read back by `parse_model_metadata`)."""
+    try:
+        preprocessing = Preprocessing.from_config(config)
+    except ValueError as e:  # data.mean or std still "auto": not a trained model's config
+        raise ExportError(str(e)) from None
     return {"config": json.dumps(config.to_dict()), "classes": json.dumps(list(classes)),
-            "preprocessing": json.dumps(Preprocessing.from_config(config).to_dict())}
+            "preprocessing": json.dumps(preprocessing.to_dict())}
 
 
 def parse_model_metadata(path: Path, meta: dict[str, str]) -> tuple[Config, list[str],
@@ -270,9 +203,14 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
     if len(classes) != config.model.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with "
                          f"{config.model.num_classes} classes")
+    if not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"class names must be strings, got {short_repr(list(classes))}")
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every name
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # and so does DDP
+        model = model.module
     layers = _quantized_layers(model)
-    expected = _quantized_layers(_skeleton(config))
+    skeleton = _skeleton(config)
+    expected = _quantized_layers(skeleton)
     if {n: _layer_info(m, packing) for n, m in layers.items()} != {
             n: _layer_info(m, packing) for n, m in expected.items()}:
         raise ValueError("the model's quantized layers do not match its config's quant section")
@@ -299,6 +237,10 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
                              + (" (beyond the fp16 range: export with fp32)"
                                 if float_dtype == "fp16" else ""))
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    # What load will check, checked before writing: a file that cannot load is not written.
+    problem = _tensor_mismatch(tensors, _expected_tensors(skeleton, expected, info, dtype)[0])
+    if problem:
+        raise ValueError(f"the model's tensors do not match its config ({problem})")
 
     metadata = {
         "format": EXPORT_FORMAT,
@@ -308,6 +250,7 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
         "float_dtype": float_dtype,
         "sha256": _digest(tensors),
     }
+    metadata["metadata_sha256"] = _metadata_digest(metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Whole or not at all; a full disk raises OSError naming the file, and leaves no temporary.
@@ -317,7 +260,12 @@ def export_model(model: nn.Module, config: Config, classes: list[str], path: str
 def export_checkpoint(src: str | Path, out: str | Path, best: bool = False, **opts) -> Path:
     """Export a run folder, checkpoint folder or model.safetensors (see `export_model`)."""
     ckpt = load_checkpoint(src, best)
-    return export_model(ckpt.model, ckpt.config, ckpt.classes, out, **opts)
+    try:
+        return export_model(ckpt.model, ckpt.config, ckpt.classes, out, **opts)
+    except ExportError:
+        raise
+    except ValueError as e:  # the model or an option (values beyond fp16): name the file
+        raise ExportError(f"{out}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +278,10 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path}: is a folder; expected an exported .safetensors file")
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"{path}: no such file")
+    if not path.is_file():
+        raise ExportError(f"{path}: not a regular file; expected an exported .safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -347,6 +297,9 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
     if version != FORMAT_VERSION:
         raise ExportError(f"{path}: unknown export format version {version!r} (this bitvit "
                           f"reads version {FORMAT_VERSION}; a newer bitvit may read it)")
+    # Exports written before it have no metadata checksum: their tensors' is checked still.
+    if "metadata_sha256" in meta and meta["metadata_sha256"] != _metadata_digest(meta):
+        raise ExportError(f"{path}: corrupt export (its metadata does not match its checksum)")
     return meta
 
 
@@ -396,6 +349,13 @@ def _check_preprocessing(path: Path, p: Preprocessing, config: Config) -> None:
                       + (" > 0" if key == "std" else ""))
     if p.interpolation != "bilinear":
         raise bad(f"interpolation={p.interpolation!r}: expected 'bilinear'")
+    for key in ("mean", "std"):
+        want = getattr(config.data, key)
+        if (not isinstance(want, list | tuple) or not is_numbers(list(want))
+                or tuple(map(float, want)) != getattr(p, key)):
+            shown = list(want) if isinstance(want, list | tuple) else repr(want)
+            raise bad(f"{key}={list(getattr(p, key))}: expected data.{key}={shown} of the "
+                      "stored config")
 
 
 def _mismatch(path: Path, what: str) -> ExportError:
@@ -435,7 +395,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", engine: str = "in
     layers = _quantized_layers(vit)
     _check_layers(path, info, layers)
     expected, layer_keys = _expected_tensors(vit, layers, info, float_dtype)
-    _check_tensors(path, tensors, expected)
+    problem = _tensor_mismatch(tensors, expected)
+    if problem:
+        raise _mismatch(path, problem)
     _install_layers(path, vit, layers, info, tensors, engine)
     floats = {k: tensors[k].float() if tensors[k].is_floating_point() else tensors[k]
               for k in expected if k not in layer_keys}
@@ -504,18 +466,19 @@ def _expected_tensors(vit: VisionTransformer, layers: dict[str, BitLinear], info
     return expected, layer_keys
 
 
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor],
-                   expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+def _tensor_mismatch(tensors: dict[str, torch.Tensor],
+                     expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str | None:
+    """The first way ``tensors`` differ from ``expected`` (names, shapes, dtypes), or None."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise _mismatch(path, f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        return f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
     for key, (shape, dtype) in expected.items():
         if tuple(tensors[key].shape) != shape:
-            raise _mismatch(path, f"{key} has shape {tuple(tensors[key].shape)}, "
-                                  f"expected {shape}")
+            return f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}"
         if tensors[key].dtype != dtype:
-            raise _mismatch(path, f"{key} has dtype {tensors[key].dtype}, expected {dtype}")
+            return f"{key} has dtype {tensors[key].dtype}, expected {dtype}"
+    return None
 
 
 def _install_layers(path: Path, vit: VisionTransformer, layers: dict[str, BitLinear],

@@ -38,11 +38,12 @@ each quantized layer computes is spelled out here:
   With cls pooling the last block computes the cls token's output only: its q from the cls
   rows of the quantized input that k and v (every token) share, then (1, N, dim) on.
 
-Input ``images``: float32 (N, C, S, S), normalized (`bitvit.deploy.export.Preprocessing`); output
-``logits`` (N, classes); N is dynamic. The graph's ``metadata_props`` hold ``format``
-("bitvit-onnx"), ``format_version``, ``act_quant``, ``method`` and, for files written by
-`export_onnx` (``bitvit export --format onnx``), the config, class names and preprocessing that
-the safetensors export records (`bitvit.deploy.export.model_metadata`).
+Input ``images``: float32 (N, C, S, S), normalized
+(`bitvit.deploy.preprocessing.Preprocessing`); output ``logits`` (N, classes); N is dynamic.
+The graph's ``metadata_props`` hold ``format`` ("bitvit-onnx"), ``format_version``,
+``act_quant``, ``method`` and, for files written by `export_onnx` (``bitvit export --format
+onnx``), the config, class names and preprocessing that the safetensors export records
+(`bitvit.deploy.export.model_metadata`).
 
 onnx and onnxruntime are optional (``pip install -e ".[onnx]"``): imported on use.
 """

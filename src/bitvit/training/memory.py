@@ -86,12 +86,13 @@ def _share(memory: tuple[int, str] | None, processes: int) -> tuple[int, str] | 
     return memory[0] // processes, f"{memory[1]}, shared by {processes} processes on this host"
 
 
-def check_inference_fits(config: Config, source: str) -> None:
+def check_inference_fits(config: Config, source: str, batch_size: int = 1) -> None:
     """Refuse a model (a checkpoint's, a config's) that cannot be built in host memory to run
-    one evaluation batch."""
-    need = estimate(config.model, config.train.eval_batch_size, False)
+    a batch of ``batch_size`` images: 1 to load it at all (its training's eval batch size says
+    nothing about how it will be run); callers that know their batch pass it."""
+    need = estimate(config.model, batch_size, False)
     _refuse(f"{source}: its model ({_describe(config)})", need, host_memory(),
-            f"at train.eval_batch_size={config.train.eval_batch_size}")
+            f"at a batch of {batch_size} image{'s' if batch_size != 1 else ''}")
 
 
 def is_out_of_memory(e: BaseException) -> bool:
