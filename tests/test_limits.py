@@ -148,6 +148,31 @@ def test_processes_on_one_host_share_its_memory(monkeypatch):
         memory.check_training_fits(config, torch.device("cpu"), 2)
 
 
+def test_the_cgroup_limit_is_read_where_this_process_lives(tmp_path):
+    from bitvit.system import _cgroup_headroom
+
+    def cgroup(folder, limit, usage, inactive=0, v1=False):
+        folder.mkdir(parents=True, exist_ok=True)
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 \
+            else ("memory.max", "memory.current", "inactive_file")
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(f"anon 1\n{names[2]} {inactive}\n")
+
+    mount, proc = tmp_path / "cgroup", tmp_path / "proc-self-cgroup"
+    cgroup(mount, "max", 10**9)  # the root: no limit
+    cgroup(mount / "job_7", 5000, 4900)  # a scheduler's job: 100 left ...
+    cgroup(mount / "job_7" / "step_0", 1000, 400, inactive=100)  # ... its step: 700
+    proc.write_text("0::/job_7/step_0\n")
+    assert _cgroup_headroom(mount, proc) == 100  # the tightest of the folder and its parents
+    proc.write_text("0::/\n")  # inside a cgroup namespace: the mount is its own
+    assert _cgroup_headroom(mount, proc) is None
+    cgroup(mount / "memory" / "slurm", 2000, 500, v1=True)
+    proc.write_text("5:cpu,cpuacct:/slurm\n4:memory:/slurm\n")  # v1
+    assert _cgroup_headroom(mount, proc) == 1500
+    assert _cgroup_headroom(mount, tmp_path / "unreadable") is None  # the roots: no limits
+
+
 def test_available_memory_falls_back_and_unknown_memory_refuses_nothing(monkeypatch):
     from bitvit import system as memory  # where the memory available is read
 

@@ -28,29 +28,67 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_headroom() -> int | None:
-    """What this process's cgroup limit leaves (v2, then v1); None without a limit. The page
+# Per cgroup version: the memory controller's folder under the cgroup mount, its limit and usage
+# files, and the key of the reclaimable page cache in memory.stat.
+_CGROUP_FILES = {"2": ("", "memory.max", "memory.current", "inactive_file"),
+                 "1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                       "total_inactive_file")}
+
+
+def _own_cgroups(proc_cgroup: Path) -> list[tuple[str, str]]:
+    """(version, path) of this process's memory cgroups, as /proc/self/cgroup names them; the
+    root when it cannot be read. A job scheduler (Slurm, systemd) limits a sub-folder, which a
+    process outside a cgroup namespace sees by its full path."""
+    found = []
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                found.append(("2", path))
+            elif "memory" in controllers.split(","):
+                found.append(("1", path))
+    except (OSError, ValueError):
+        pass
+    return found or [("2", "/"), ("1", "/")]
+
+
+def _headroom_in(folder: Path, version: str) -> int | None:
+    """What one cgroup folder's memory limit leaves; None without a limit there. The page
     cache's inactive part counts as free, as the kernel reclaims it before failing."""
-    for limit_file, usage_file, inactive_key in (
-            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-             "/sys/fs/cgroup/memory/memory.usage_in_bytes", "total_inactive_file")):
-        try:
-            text = Path(limit_file).read_text().strip()
-            if text == "max" or int(text) >= 1 << 60:  # "max" (v2) or v1's "no limit" value
-                continue
-            limit, usage = int(text), int(Path(usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        inactive = 0
-        try:
-            stat = Path(limit_file).with_name("memory.stat").read_text().splitlines()
-            inactive = next((int(v) for k, v in (line.split() for line in stat)
-                             if k == inactive_key), 0)
-        except (OSError, ValueError):
-            pass
-        return max(limit - usage + inactive, 0)
-    return None
+    _, limit_name, usage_name, inactive_key = _CGROUP_FILES[version]
+    try:
+        text = (folder / limit_name).read_text().strip()
+        if text == "max" or int(text) >= 1 << 60:  # "max" (v2) or v1's "no limit" value
+            return None
+        limit, usage = int(text), int((folder / usage_name).read_text())
+    except (OSError, ValueError):
+        return None
+    inactive = 0
+    try:
+        stat = (folder / "memory.stat").read_text().splitlines()
+        inactive = next((int(v) for k, v in (line.split() for line in stat)
+                         if k == inactive_key), 0)
+    except (OSError, ValueError):
+        pass
+    return max(limit - usage + inactive, 0)
+
+
+def _cgroup_headroom(mount: Path = Path("/sys/fs/cgroup"),
+                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """What the tightest memory limit over this process's cgroup and its ancestors leaves (v2
+    and v1); None without a limit."""
+    headrooms = []
+    for version, path in _own_cgroups(proc_cgroup):
+        base = mount / _CGROUP_FILES[version][0]
+        folder = base / path.strip("/")
+        while True:
+            headroom = _headroom_in(folder, version)
+            if headroom is not None:
+                headrooms.append(headroom)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(headrooms, default=None)
 
 
 def host_memory() -> tuple[int, str] | None:
