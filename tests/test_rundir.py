@@ -372,6 +372,23 @@ def test_atomic_writes_take_the_users_permissions_even_from_private_writers(tmp_
     assert (weights.stat().st_mode & 0o777) == 0o644
 
 
+def test_an_atomic_write_syncs_the_file_then_its_rename(tmp_path, monkeypatch):
+    from bitvit import files
+
+    target = tmp_path / "config.yaml"
+    target.write_text("old")
+    synced: list[tuple[str, str]] = []  # (what, the target's content then)
+    real_sync = files.sync_path
+
+    def sync(path: Path) -> None:
+        synced.append((path.name, target.read_text()))
+        real_sync(path)
+
+    monkeypatch.setattr(files, "sync_path", sync)
+    files.write_text(target, "new")
+    assert synced[0][1] == "old" and synced[1:] == [(tmp_path.name, "new")]
+
+
 def test_a_swapped_checkpoint_reaches_the_disk_before_the_old_one_goes(tmp_path, monkeypatch):
     from bitvit import files
     from bitvit.training import rundir
