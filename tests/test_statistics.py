@@ -225,6 +225,20 @@ def test_turning_point_table(tmp_path):
     assert "possible with 2 or more finished runs per group (none yet)" in only_short
 
 
+def test_a_non_finite_loss_is_not_called_too_short(tmp_path):
+    out = tmp_path / "study"
+    for seed in range(3):
+        loss = list(U_SHAPE)
+        if seed == 0:
+            loss[3] = math.nan  # in the window around the others' lowest epoch: no rise
+        fake_run(out / f"method=fp_seed={seed}", [f"train.seed={seed}"], [0.5] * len(loss),
+                 test_loss=loss)
+    _, text = compare([out], last_k=3)
+    row = next(line for line in text[text.index("Test-loss turning point"):].splitlines()
+               if line.startswith("| fp |"))
+    assert "(1 undecided)" in row and "too short" not in row
+
+
 def test_test_loss_at_full_precisions_best_epoch(tmp_path):
     """fp's mean test loss is lowest at epoch 3; b158's loss there is lower, though its own
     curve turns upward earlier and ends higher (the case study 1 asks about)."""

@@ -40,7 +40,7 @@ from bitvit.studies.sweep import (
 )
 from bitvit.training import rundir
 from bitvit.training.config import load_config, save_config
-from bitvit.training.rundir import METRIC_COLUMNS, write_metrics
+from bitvit.training.rundir import METRIC_COLUMNS, read_metrics, write_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = str(ROOT / "configs/paper.yaml")
@@ -519,6 +519,28 @@ def test_groups_labels_and_unfinished_runs(tmp_path):
         ("d", ["quant.where=attn"])]]  # fp: where does nothing
     assert [g.label for g in group_runs(where)] == ["fp", "sign attn act-fp", "sign mlp act-fp",
                                                     "sign mlp act1"]
+
+
+def test_a_group_refuses_one_seed_twice_and_times_its_epochs(tmp_path):
+    import shutil
+
+    out = study1(tmp_path)
+    copy = shutil.copytree(out / "method=fp_seed=1", tmp_path / "elsewhere" / "fp1")
+    runs = [load_run(p) for p in find_run_dirs([out])]
+    with pytest.raises(SweepError, match=r"fp1: both are seed 1 of group 'fp'; a group's runs "
+                                         "must be different seeds"):
+        group_runs([*runs, load_run(copy)])
+    # The time of the epochs kept, whatever run.json says (a killed invocation writes none).
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**info, "wall_seconds": None}))
+    assert load_run(copy).epoch_seconds == 20.0  # two epochs of 10 s
+    rows = read_metrics(copy / "metrics.csv")
+    rows[0]["seconds"] = math.nan
+    write_metrics(copy / "metrics.csv", rows, METRIC_COLUMNS)
+    assert math.isnan(load_run(copy).epoch_seconds)
+    write_metrics(copy / "metrics.csv", rows, [c for c in METRIC_COLUMNS if c != "train_loss"])
+    with pytest.raises(SweepError, match="no train_loss column"):
+        load_run(copy)
 
 
 def test_compare_writes_table_and_figure(tmp_path):

@@ -12,7 +12,7 @@ from test_studies import PAPER, fake_run
 from bitvit.studies.report import write_report
 from bitvit.studies.runs import load_run
 from bitvit.studies.stats import holm
-from bitvit.studies.sweep import load_sweep, point_overrides
+from bitvit.studies.sweep import SweepError, load_sweep, point_overrides
 from bitvit.studies.tuning import choose_rates, plot_rates, rates_markdown, verdict
 from bitvit.training.rundir import METRIC_COLUMNS, VAL_COLUMNS, read_metrics, write_metrics
 
@@ -131,6 +131,22 @@ def test_an_incomplete_grid_gives_no_verdict(tmp_path):
     planned = [r.config for r in runs] + [load_run(unfinished).config]
     alone = choose_rates([r for r in runs if r.seed != 1], last_k=2, planned=planned)
     assert not alone.complete and "fp at lr=0.0003: seeds 1" in alone.missing()
+
+
+def test_a_non_finite_validation_accuracy_or_a_copied_run_gives_no_wrong_choice(tmp_path):
+    import shutil
+
+    table = {"fp": {0.0003: (0.45, 0.45), 0.001: (0.50, 0.50)}}
+    runs = grid(tmp_path, table)
+    edited = runs[0].path / "metrics.csv"  # fp at 3e-4, seed 0: the first cell's first run
+    rows = read_metrics(edited)
+    rows[-1]["val_acc"] = float("nan")
+    write_metrics(edited, rows, METRIC_COLUMNS + VAL_COLUMNS)
+    choice = choose_rates([load_run(r.path) for r in runs], last_k=2)  # crashed before
+    assert choice.method("fp").chosen is None and choice.missing() == ["fp at lr=0.0003: seeds 0"]
+    copy = shutil.copytree(runs[1].path, tmp_path / "copy")
+    with pytest.raises(SweepError, match="copy: a second run of seed 1 at lr 0.0003 for fp"):
+        choose_rates([*runs, load_run(copy)], last_k=2)
 
 
 def test_the_report_has_a_section_and_figure_for_a_sweep_over_the_rate(tmp_path, monkeypatch):

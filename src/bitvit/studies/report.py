@@ -181,7 +181,10 @@ def _notes(runs: list[Run], k: int) -> list[str]:
                      "runs without train_eval_acc give their running train-mode average "
                      "(train_acc)")
     return [window, _sentence(best), _sentence(train)[:-1] + "; the train-test gap is that "
-            "accuracy minus test accuracy, epoch by epoch, averaged over the same window."]
+            "accuracy minus test accuracy, epoch by epoch, averaged over the same window.",
+            "Time of its epochs: the sum of metrics.csv's per-epoch seconds (training and "
+            "evaluation; not set-up, nor work a killed invocation lost), on the run's own device "
+            "(run.json)."]
 
 
 def _sentence(parts: list[str]) -> str:
@@ -195,7 +198,8 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
     the other seeds pick, `turning_points`), how many runs rise beyond their noise, and a
     one-sided t-test of the rise across seeds, Holm over groups."""
     # A run without a finite test loss (diverged, or edited) has no turning point: left out.
-    points = [turning_points(_finished_losses(g), k) for g in groups]
+    losses = [_finished_losses(g) for g in groups]
+    points = [turning_points(x, k) for x in losses]
     rises = [[t.rise for t in ts if math.isfinite(t.rise)] for ts in points]
     p = [positive_p_value(r) for r in rises]
     tests = sum(not math.isnan(x) for x in p)
@@ -216,14 +220,15 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
              f"| group | runs | epoch of lowest test loss | lowest test loss | rise (last {k} − "
              f"around the others' lowest) | runs rising | p (rise > 0) | Holm p |",
              "|---" * 8 + "|"]
-    for g, ts, r, raw, adj in zip(groups, points, rises, p, holm(p), strict=True):
+    for g, x, ts, r, raw, adj in zip(groups, losses, points, rises, p, holm(p), strict=True):
         e = summarize([t.epoch for t in ts])
         epoch = ("n/a" if e.n == 0 else f"{e.mean:.0f} (1 seed)" if e.n == 1
                  else f"{e.mean:.1f} ± {e.std:.1f}")
         told = [t.rises for t in ts if t.rises is not None]
         # Undecided: one run, too short, or (k < 3, a non-finite loss) no noise to compare with.
         why = ("one run" if len(ts) == 1 else
-               "too short" if all(math.isnan(t.rise) for t in ts if t.rises is None)
+               "too short" if all(len(run) < k + w for run, t in zip(x, ts, strict=True)
+                                  if t.rises is None)
                else "undecided")
         count = f"{sum(told)} of {len(told)}" if told else "n/a"
         if len(told) < len(ts):

@@ -40,13 +40,13 @@ class Run:
         return self.info.get("status") == "finished" and len(self.rows) == self.epochs_configured
 
     @property
-    def wall_seconds(self) -> float:
-        """Wall time over every invocation (the first run and each resume)."""
-        history = self.info.get("resumed_from")
-        parts = [self.info, *(history if isinstance(history, list) else [])]
+    def epoch_seconds(self) -> float:
+        """The time its epochs took, training and evaluation (metrics.csv's ``seconds``): what
+        every kept epoch measured, whichever invocation ran it. run.json's wall times miss an
+        invocation that was killed (it never wrote its own), and count set-up and redone work."""
+        seconds = [row.get("seconds", math.nan) for row in self.rows]
         # Plain sum: finite values too large to add give inf (n/a), where math.fsum would raise.
-        return float(sum(_seconds(p.get("wall_seconds")) or 0.0 for p in parts
-                         if isinstance(p, dict)))
+        return float(sum(seconds)) if all(math.isfinite(x) for x in seconds) else math.nan
 
     @property
     def seed(self) -> Any:
@@ -91,11 +91,12 @@ def _checked_config(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]
 
 
 def _check_columns(path: Path, rows: list[dict[str, float]]) -> None:
-    """The columns every table and figure reads: test accuracy and loss, and a train accuracy
-    (eval mode or running); a one-line SweepError naming the file and the columns otherwise."""
+    """The columns every table and figure reads: train loss, test accuracy and loss, and a
+    train accuracy (eval mode or running); a one-line SweepError naming the file and the columns
+    otherwise."""
     if not rows:
         return
-    missing = [c for c in ("test_acc", "test_loss") if c not in rows[0]]
+    missing = [c for c in ("train_loss", "test_acc", "test_loss") if c not in rows[0]]
     if "train_acc" not in rows[0] and "train_eval_acc" not in rows[0]:
         missing.append("train_acc (or train_eval_acc)")
     if missing:
@@ -194,7 +195,7 @@ METRICS: dict[str, Any] = {
     "gap": lambda r, k: last_k_mean(
         [row[train_acc_column(r)] - row["test_acc"] for row in r.rows], k),
     "epochs": lambda r, k: float(len(r.rows)),
-    "wall_seconds": lambda r, k: r.wall_seconds,
+    "epoch_seconds": lambda r, k: r.epoch_seconds,
 }
 # The metrics tested against full precision, each a question of its own (one Holm family per
 # metric, over a table's groups); accuracies use the accuracy margin, losses the loss margin.
@@ -224,7 +225,8 @@ def metric_labels(runs: list[Run], k: int) -> dict[str, str]:
     return {"last_test_acc": f"test acc, last {k}", "final_test_acc": "test acc, final",
             "best_test_acc": best, "last_test_loss": f"test loss, last {k}",
             "final_test_loss": "test loss, final", "train_acc": f"train acc ({train}), last {k}",
-            "gap": f"train-test gap, last {k}", "epochs": "epochs", "wall_seconds": "wall time"}
+            "gap": f"train-test gap, last {k}", "epochs": "epochs",
+            "epoch_seconds": "time of its epochs"}
 
 
 @dataclass
@@ -298,13 +300,30 @@ def group_runs(runs: list[Run], include_unfinished: bool = False) -> list[Group]
     labels = group_labels([k for k, _ in keyed.values()])
     groups = []
     for label, (key, members) in zip(labels, keyed.values(), strict=True):
+        _check_seeds_differ(label, members)
         done = [r for r in members if r.finished]
         unfinished = [r for r in members if not r.finished]
         used = done + (unfinished if include_unfinished else [])
-        groups.append(Group(label, key, sorted(used, key=lambda r: str(r.seed)),
-                            sorted(unfinished, key=lambda r: str(r.seed))))
+        groups.append(Group(label, key, sorted(used, key=_seed_order),
+                            sorted(unfinished, key=_seed_order)))
     groups.sort(key=lambda g: (not g.is_fp, g.label))
     return groups
+
+
+def _seed_order(run: Run) -> tuple[bool, Any]:
+    return (not isinstance(run.seed, int), run.seed if isinstance(run.seed, int) else str(run.seed))
+
+
+def _check_seeds_differ(label: str, members: list[Run]) -> None:
+    """A group's runs are its seeds' replicates: one run twice (a copy in another folder) would
+    count as two and narrow every interval."""
+    seen: dict[Any, Run] = {}
+    for r in members:
+        key = json.dumps(r.seed, default=str)
+        if key in seen:
+            raise SweepError(f"{seen[key].path} and {r.path}: both are seed {r.seed} of group "
+                             f"{label!r}; a group's runs must be different seeds (pass one)")
+        seen[key] = r
 
 
 def devices(runs: list[Run]) -> list[str]:

@@ -14,17 +14,17 @@ from bitvit.studies.stats import Difference, Summary
 
 
 def fmt(x: float, metric: str) -> str:
-    """A number in its metric's units: accuracies in %, wall time in minutes, loss as is."""
+    """A number in its metric's units: accuracies in %, epochs' time in minutes, loss as is."""
     if metric == "epochs":
         return "n/a" if not math.isfinite(x) else f"{x:.0f}"
     percent = "acc" in metric or metric == "gap"
-    value = x / 60 if metric == "wall_seconds" else 100 * x if percent else x
+    value = x / 60 if metric == "epoch_seconds" else 100 * x if percent else x
     if not math.isfinite(value):  # nan, inf, or a 1e308 that overflowed in the units
         return "n/a"
     # An edited file's 1e308 in four digits, not three hundred.
-    text = (f"{value:.4g}" if abs(value) >= 1e9 else f"{value:.1f}" if metric == "wall_seconds"
+    text = (f"{value:.4g}" if abs(value) >= 1e9 else f"{value:.1f}" if metric == "epoch_seconds"
             else f"{value:.2f}" if percent else f"{value:.4f}")
-    return f"{text} min" if metric == "wall_seconds" else text
+    return f"{text} min" if metric == "epoch_seconds" else text
 
 
 def mean_std(s: Summary, metric: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -37,7 +38,7 @@ from bitvit.studies.stats import (
     summarize,
     welch_difference,
 )
-from bitvit.studies.sweep import Sweep, planned_key, sweep_config
+from bitvit.studies.sweep import Sweep, SweepError, planned_key, sweep_config
 from bitvit.training.config import TrainConfig
 
 REFERENCE_LR = 1e-3  # the rate of every other study
@@ -163,7 +164,11 @@ def choose_rates(runs: list[Run], last_k: int = DEFAULT_LAST_K,
         name = json.dumps(_method_key(r.config), sort_keys=True, default=str)
         cell = methods[name].cells.setdefault(_rate_of(r.config),
                                               Cell(_rate_of(r.config)))
-        if r.finished and has_val(r):
+        if r.seed in cell.seeds:  # one run twice (a copy) would count as two seeds
+            raise SweepError(f"{r.path}: a second run of seed {r.seed} at lr {cell.lr} for "
+                             f"{labels[name]}; a cell's runs must be different seeds")
+        # A non-finite validation accuracy (an edited file) leaves its seed missing: no choice.
+        if r.finished and has_val(r) and math.isfinite(_val_last_k(r, last_k)):
             cell.seeds.append(r.seed)
             cell.val.append(_val_last_k(r, last_k))
             cell.test.append(_test_last_k(r, last_k))
@@ -325,14 +330,17 @@ def plot_rates(choice: RateChoice, runs: list[Run], path: str | Path, title: str
     ax.set_xscale("log")
     ax.set_xticks(choice.lrs, [_lr(lr) for lr in choice.lrs])
     ax.minorticks_off()
-    ax.set_xlabel("learning rate (Adam)")
+    optimizers = sorted({str((r.config.get("train") or {}).get("optimizer", "adam"))
+                         for r in runs})
+    ax.set_xlabel(f"learning rate ({', '.join(optimizers)})")
     ax.set_ylabel(f"validation accuracy, last {choice.last_k} epochs (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     shown = [r for r in runs if r.finished and has_val(r)]
     lines = [title, provenance(shown, full_epochs), data_size(shown),
              "dots: seeds; line: mean over seeds; ring: the chosen rate"]
-    fig.suptitle("\n".join(line for line in lines if line), fontsize=9)
+    # Wrapped to the figure's width: a long provenance line was cut off at both sides.
+    fig.suptitle("\n".join(textwrap.fill(line, 100) for line in lines if line), fontsize=9)
     fig.tight_layout()
     files.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
