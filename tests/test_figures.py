@@ -144,7 +144,8 @@ def test_a_distilled_groups_train_loss_is_not_drawn_beside_cross_entropy(tmp_pat
     assert f"{student}, test" in loss and f"{student}, train" not in loss
     assert f"{student}, train" in acc  # its accuracy on the labels is comparable
     assert {"b158 (n=2), train", "b158 (n=2), test"} <= set(loss)
-    assert "a distilled group's train loss (its distillation objective" in figure_text(fig)
+    assert "a distilled group's running train loss (its distillation objective" in \
+        figure_text(fig)
 
 
 def test_the_train_accuracy_drawn_is_the_one_the_tables_compare(tmp_path):
@@ -163,6 +164,7 @@ def test_the_train_accuracy_drawn_is_the_one_the_tables_compare(tmp_path):
             writer.writeheader()
             writer.writerows(rows)
     fig = plot_groups(groups_of(out), tmp_path / "a.png", "Study")
-    acc = lines_by_label(fig.axes[0])
+    acc, loss = lines_by_label(fig.axes[0]), lines_by_label(fig.axes[1])
     assert list(acc["fp (n=2), train"].get_ydata()) == pytest.approx([90, 90])
-    assert "accuracy in eval mode where every run recorded it" in figure_text(fig)
+    assert list(loss["fp (n=2), train"].get_ydata()) == pytest.approx([1.0, 1.0])  # its loss
+    assert "accuracy and loss in eval mode where every run recorded them" in figure_text(fig)

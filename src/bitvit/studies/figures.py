@@ -167,10 +167,11 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
                 continue
             for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
                 for split, dash in (("train", "-"), ("test", "--")):
-                    if split == "train" and metric == "loss" and _distilled(g):
+                    column = _column(runs, f"{split}_{metric}")
+                    if column == "train_loss" and _distilled(g):
                         continue
-                    _draw(ax, runs, _column(runs, f"{split}_{metric}"), color=color,
-                          linestyle=dash, label=f"{label}, {split}", **style)
+                    _draw(ax, runs, column, color=color, linestyle=dash,
+                          label=f"{label}, {split}", **style)
             handles.append(Line2D([], [], color=color, label=label, **style))
     _finish_axes(ax_acc, "accuracy (%)")
     _finish_axes(ax_loss, "loss")
@@ -179,11 +180,13 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
     # Below the panels, so that the entries never cover the curves.
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=9,
                frameon=False)
-    distilled = ("; a distilled group's train loss (its distillation objective, not "
-                 "cross-entropy) is not drawn" if any(map(_distilled, shown)) else "")
+    distilled = ("; a distilled group's running train loss (its distillation objective, not "
+                 "cross-entropy) is not drawn" if any(
+                     _distilled(g) and _column(_finished(g) + _unfinished(g), "train_loss")
+                     == "train_loss" for g in shown) else "")
     _suptitle(fig, [r for g in shown for r in _finished(g)], title, full_epochs,
-              f"mean over seeds, {BAND}; train solid (accuracy in eval mode where every run "
-              f"recorded it, as in the tables), test dashed{distilled}",
+              f"mean over seeds, {BAND}; train solid (accuracy and loss in eval mode where every "
+              f"run recorded them, as in the tables), test dashed{distilled}",
               unfinished=_all_unfinished(groups))
     rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
@@ -193,10 +196,12 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
 
 
 def _column(runs: list[Run], column: str) -> str:
-    """The train accuracy the tables compare (`train_acc_column`): eval mode on a fixed subset
-    where every run recorded it, not the running train-mode average beside it."""
-    if column == "train_acc" and all(train_acc_column(r) == "train_eval_acc" for r in runs):
-        return "train_eval_acc"
+    """The train accuracy the tables compare (`train_acc_column`), and the loss beside it: eval
+    mode on a fixed subset where every run recorded it, not the running train-mode average (nor,
+    for a distilled run, its distillation objective)."""
+    if column in ("train_acc", "train_loss") and all(
+            train_acc_column(r) == "train_eval_acc" for r in runs):
+        return column.replace("train_", "train_eval_")
     return column
 
 
