@@ -327,6 +327,28 @@ def test_lone_shared_and_eval_mode_linears():
     assert not any(m.training for m in frozen.modules())
 
 
+def test_hugging_face_names_and_a_selection_of_nothing():
+    def hf_like() -> nn.Module:  # the module names of transformers' ViTForImageClassification
+        layer = nn.Module()
+        layer.attention = nn.ModuleDict({"query": nn.Linear(8, 8), "output": nn.Linear(8, 8)})
+        layer.mlp = nn.ModuleDict({"fc1": nn.Linear(8, 16), "fc2": nn.Linear(16, 8)})
+        model = nn.Module()
+        model.vit = nn.ModuleDict({"layers": nn.ModuleList([layer])})
+        model.classifier = nn.Linear(8, 10)
+        return model
+
+    assert [r.name for r in quantize_(hf_like(), "b158")] == [
+        "vit.layers.0.attention.query", "vit.layers.0.attention.output",
+        "vit.layers.0.mlp.fc1", "vit.layers.0.mlp.fc2"]  # the classifier kept
+    assert [r.name for r in quantize_(hf_like(), "b158", where="attn")] == [
+        "vit.layers.0.attention.query", "vit.layers.0.attention.output"]
+    other = nn.Module()
+    other.blocks = nn.ModuleList([nn.ModuleDict({"ffn": nn.Linear(8, 8)})])
+    with pytest.raises(ValueError, match="no nn.Linear to quantize with where='mlp'.*filter_fn"):
+        quantize_(other, "b158", where="mlp")  # trained at full precision, silently, before
+    assert quantize_(other, "b158", where="none") == []
+
+
 @pytest.mark.parametrize("method", ["b158", "sign"])
 def test_an_empty_batch_goes_through(method):
     model = VisionTransformer(ViTConfig(image_size=16, patch_size=8, dim=32, depth=1, heads=4))

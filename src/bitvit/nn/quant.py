@@ -447,19 +447,26 @@ class QuantizedLayer:
     act_bits: int | None
 
 
+# Module names of the blocks' parts and of the classifier: timm's and bitvit's (attn, mlp,
+# head), and Hugging Face's (attention, self_attn, classifier).
+ATTENTION_NAMES = frozenset({"attn", "attention", "self_attn"})
+MLP_NAMES = frozenset({"mlp"})
+HEAD_NAMES = frozenset({"head", "classifier"})
+
+
 def _selected(name: str, where: str, include_patch_embed: bool) -> bool:
-    parts = name.split(".")
+    parts = set(name.split("."))
     if where == "none":
         return False
     if where == "mlp":
-        return "mlp" in parts
+        return bool(parts & MLP_NAMES)
     if where == "attn":
-        return "attn" in parts
+        return bool(parts & ATTENTION_NAMES)
     return include_patch_embed or "patch_embed" not in parts  # all
 
 
 def _is_head(name: str) -> bool:
-    return "head" in name.split(".")  # the classifier, also inside a wrapper (vit.head)
+    return bool(set(name.split(".")) & HEAD_NAMES)  # also inside a wrapper (vit.head)
 
 
 def quantize_(
@@ -476,7 +483,9 @@ def quantize_(
     ``where``: ``all`` (every linear but the head; the patch embedding when
     ``include_patch_embed``), ``mlp`` (fc1, fc2), ``attn`` (qkv, proj) or ``none``.
     ``filter_fn(module, name)``, when given, must also accept a layer for it to be quantized.
-    The classifier (a module named ``head``) always stays full precision, and the patch
+    The classifier (a module named ``head`` or ``classifier``) always stays full precision;
+    attention layers are those under a module named ``attn``, ``attention`` or ``self_attn``,
+    MLPs under ``mlp``. Quantizing nothing is refused (`ValueError`). The patch
     embedding never takes 1-bit activations (its input is pixels): it gets 8 bits instead.
     ``method="fp"`` changes nothing. A linear reached by two names is one `BitLinear` under both.
     """
@@ -506,4 +515,11 @@ def quantize_(
                                        METHOD_TABLE[method].info_bits, layer_bits))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, swapped[id(module)])
+    if not rows and where != "none":  # never what was asked: say so rather than train fp
+        raise ValueError(
+            f"quantize_ found no nn.Linear to quantize with where={where!r}"
+            + (" and this filter_fn" if filter_fn is not None else "") + ": attention layers "
+            f"are found by a module named {'/'.join(sorted(ATTENTION_NAMES))}, MLPs by "
+            f"{'/'.join(sorted(MLP_NAMES))}, the classifier (kept) by "
+            f"{'/'.join(sorted(HEAD_NAMES))}; pass filter_fn to choose layers by other names")
     return rows
