@@ -182,6 +182,7 @@ def test_resume_takes_epochs_data_and_quiet(tiny_run, real_env, tmp_path, capsys
     out = cli_json(capsys, "train", "--resume", str(run), "--epochs", "1", "--quiet",
                    "--data", real_env["BITVIT_DATA"])
     assert out["status"] == "finished" and out["epoch"] == 1  # nothing left to train
+    assert isinstance(out["epoch"], int)
     saved = load_config(run / "config.yaml")
     assert saved.data.path == real_env["BITVIT_DATA"] and saved.train.epochs == 1
 

@@ -134,6 +134,8 @@ def test_distributed_matches_single_process(real_env, tmp_path):
                          env=env, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((multi / "run.json").read_text())["processes"] == 2
+    summary = [line for line in res.stdout.splitlines() if line.startswith('{"run_dir"')]
+    assert len(summary) == 1 and json.loads(summary[0])["epoch"] == 2  # once, not per process
     # Tolerance: the same images per step, but gradients are averaged over two half batches
     # (float summation order differs), which int8 activation rounding can amplify slightly.
     for ra, rb in zip(metrics(single), metrics(multi), strict=True):

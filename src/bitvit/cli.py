@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -136,9 +137,9 @@ def _train(args: argparse.Namespace) -> int:
         config = load_run_config(args.config, _train_overrides(args))
     result = train(config, out=args.out, resume=args.resume, quiet=args.quiet,
                    command=["bitvit", *sys.argv[1:]], teacher_loader=load_teacher)
-    final = result.final
-    print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
-                      **{k: round(v, 6) for k, v in final.items()}}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+        print(json.dumps({"run_dir": str(result.run_dir), "status": result.status, **{
+            k: int(v) if k == "epoch" else round(v, 6) for k, v in result.final.items()}}))
     return 0
 
 
