@@ -85,6 +85,21 @@ def test_evaluate_an_exported_file_equals_the_cli(tiny_run, real_env, capsys):
     assert bitvit.evaluate(bitvit.load(exported)) == bitvit.evaluate(exported)
 
 
+def test_accuracies_are_exact_fractions_and_a_class_without_images_has_none():
+    from bitvit.data import ImageSet
+    from bitvit.training.evaluation import evaluate_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    images = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(20) % 2  # no image of class "c"
+    got = evaluate_model(model, ImageSet(images, labels, ["a", "b", "c"]), (0.5,) * 3, (0.25,) * 3)
+    right = sum(row[i] for i, row in enumerate(got["confusion_matrix"]))
+    assert got["accuracy"] == right / 20  # exactly, not a float32 mean
+    assert got["per_class_accuracy"]["c"] is None
+    assert got["per_class_accuracy"]["a"] == got["confusion_matrix"][0][0] / 10
+
+
 def test_evaluate_bad_sources_and_options(tiny_run, real_env, tmp_path):
     with pytest.raises(CheckpointError, match=r"no best/model.safetensors .*validation split"):
         bitvit.evaluate(tiny_run["run"], best=True)  # no validation split, so no best/

@@ -6,6 +6,7 @@ Training calls these every epoch; `bitvit.evaluate` (in `bitvit.deploy`) loads f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,12 +39,15 @@ def evaluate_model(model: nn.Module, data: ImageSet, mean: tuple[float, ...],
     pred = logits.argmax(dim=1)
     k = len(data.classes)
     confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
-    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    # Exact fractions (a float32 mean printed 0.15000000596); a class without test images has
+    # no accuracy (None), not 0.
+    per_class = [right / total if total else None for right, total in zip(
+        confusion.diag().tolist(), confusion.sum(dim=1).tolist(), strict=True)]
     return {
         "n": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (pred == labels).float().mean().item(),
-        "per_class_accuracy": dict(zip(data.classes, per_class.tolist(), strict=True)),
+        "accuracy": int((pred == labels).sum()) / len(labels) if len(labels) else math.nan,
+        "per_class_accuracy": dict(zip(data.classes, per_class, strict=True)),
         "confusion_matrix": confusion.tolist(),
     }
 
