@@ -192,9 +192,13 @@ def test_cli_on_a_checkpoint(tmp_path, capsys):
     (["missing.yaml"], "not found"),
     (["missing_folder"], "no such checkpoint"),
     (["{yaml}", "model.nope=1"], "model.nope"),
+    (["{onnx}"], "an ONNX graph; profile reads a config, a run folder, a checkpoint or a "
+                 ".safetensors export"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
-    args = [a.replace("{yaml}", str(write_tiny_yaml(tmp_path))) for a in args]
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    args = [a.replace("{yaml}", str(write_tiny_yaml(tmp_path))).replace(
+        "{onnx}", str(tmp_path / "m.onnx")) for a in args]
     assert main(["profile", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

@@ -44,8 +44,8 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
     Returns ``{"model": file or None, "engine": the engine an exported model ran on (int, fp,
     ort; None for other models), "engine_reason": why, "n", "loss", "accuracy",
     "per_class_accuracy": {class: accuracy, None for a class without test images},
-    "confusion_matrix": rows = true class, columns = predicted}``. Bad inputs raise one-line `CheckpointError`, `ExportError`, `DataError` or
-    `ConfigError`.
+    "confusion_matrix": rows = true class, columns = predicted}``. Bad inputs raise one-line
+    `CheckpointError`, `ExportError`, `DataError` or `ConfigError`.
     """
     from bitvit.deploy.engine import compile_model
     from bitvit.deploy.export import ExportedModel

@@ -85,7 +85,8 @@ class Preprocessing:
         bilinear resize differs from PIL's by a level on about a sixth of the pixels)."""
         a = image.cpu().numpy()
         pil = Image.fromarray(a[0] if self.channels == 1 else a.transpose(1, 2, 0))
-        return torch.from_numpy(fit_image(pil, self.image_size, self.channels)).to(image.device)
+        a = np.array(fit_image(pil, self.image_size, self.channels))  # writable: PIL's is not
+        return torch.from_numpy(a).to(image.device)
 
     def read_image(self, path: str | Path) -> torch.Tensor:
         """A PNG/JPEG file -> uint8 (C, S, S), decoded exactly as the data loader decodes (and

@@ -69,6 +69,9 @@ def load_for_profile(
                              "a trained model's zeros differ")
     if overrides:
         raise ProfileError(f"{p}: section.key=value overrides apply to YAML configs only")
+    if p.suffix.lower() == ".onnx":
+        raise ProfileError(f"{p}: an ONNX graph; profile reads a config, a run folder, a "
+                           "checkpoint or a .safetensors export (profile this model's)")
     if is_export(p):
         if any(v is not None for v in flags.values()):
             raise ProfileError(f"{p}: an exported model is already quantized; "
