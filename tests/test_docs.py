@@ -339,6 +339,14 @@ def _keys(section: object, prefix: str = "") -> list[str]:
     return keys
 
 
+def test_the_python_page_names_every_public_name():
+    import bitvit
+
+    text = (ROOT / "docs/python.md").read_text()
+    missing = [name for name in bitvit.__all__ if name != "__version__" and f"`{name}" not in text]
+    assert not missing, f"docs/python.md does not name {missing}"
+
+
 def test_the_layout_page_names_every_module():
     text = (ROOT / "docs/layout.md").read_text()
     src = ROOT / "src" / "bitvit"

@@ -26,6 +26,7 @@ _HOMES = {
     "METHODS": "nn.quant", "BitLinear": "nn.quant", "QuantConfig": "nn.quant",
     "QuantizedLayer": "nn.quant", "quantize_": "nn.quant", "quantize_activations": "nn.quant",
     "quantize_weights": "nn.quant",
+    "ImageSet": "data", "load_data": "data",
     "Config": "training.config", "load_config": "training.config",
     "load_checkpoint": "training.checkpoint", "load_pretrained": "training.pretrained",
     "RunResult": "training.loop", "train": "training.loop",
