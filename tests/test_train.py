@@ -570,6 +570,13 @@ def test_extending_a_cosine_run_says_its_schedule_changes(real_env, tmp_path, ca
     assert capsys.readouterr().err == ""
 
 
+def test_a_warmup_as_long_as_the_run_is_said(real_env, tmp_path, capsys):
+    train(tiny("train.epochs=1", "train.warmup_epochs=1", limit_train=100), out=tmp_path / "run",
+          quiet=True)
+    assert capsys.readouterr().err == ("bitvit train: train.warmup_epochs=1 >= train.epochs=1: "
+                                       "the lr rises all run, never reaching lr=0.001\n")
+
+
 def test_the_lr_column_is_the_rate_each_epochs_last_step_used(real_env, tmp_path):
     """Warmup over epoch 1 then cosine, 2 steps an epoch: the rates of steps 1 and 3 (0-based),
     not those after them (the next epoch's first)."""

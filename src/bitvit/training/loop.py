@@ -330,6 +330,9 @@ def _set_up(config: Config, run_dir: Path, resume: str | Path | None, procs: Pro
         raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
                           f"({len(splits.train.labels)} images)")
     scheduler = _scheduler(optimizer, tc, steps_per_epoch)
+    if 0 < tc.epochs <= tc.warmup_epochs and procs.writer:  # e.g. strong.yaml cut to 2 epochs
+        print(f"bitvit train: train.warmup_epochs={tc.warmup_epochs:g} >= train.epochs="
+              f"{tc.epochs}: the lr rises all run, never reaching lr={tc.lr:g}", file=sys.stderr)
     distillation = None if teacher is None else set_up_distillation(
         teacher, config, splits, run_dir, procs.device, procs.world, procs.rank)
     if distillation is not None:  # config.yaml and the checkpoints record the teacher
