@@ -225,6 +225,17 @@ def test_turning_point_table(tmp_path):
     assert "possible with 2 or more finished runs per group (none yet)" in only_short
 
 
+def test_a_group_no_fp_group_matches_is_said(tmp_path):
+    out = tmp_path / "study"
+    for seed in range(2):
+        fake_run(out / f"fp_seed={seed}", [f"train.seed={seed}"], [0.5, 0.5])
+        fake_run(out / f"b158_seed={seed}", ["quant.method=b158", f"train.seed={seed}"],
+                 [0.5, 0.5, 0.6])
+    _, text = compare([out], last_k=2)
+    assert ("Not compared with full precision (no fp group matches them in everything but "
+            "quantization): b158 epochs=3 (differs from fp epochs=2 in train.epochs).") in text
+
+
 def test_a_non_finite_loss_is_not_called_too_short(tmp_path):
     out = tmp_path / "study"
     for seed in range(3):

@@ -318,6 +318,21 @@ def _families(compared: list[Group], labels: dict[str, str]) -> str:
                      for label, n in sizes)
 
 
+def _unmatched_markdown(groups: list[Group]) -> list[str]:
+    """The quantized groups no fp group matches, and the first key each differs in from fp."""
+    fps = [g for g in groups if g.is_fp]
+    alone = [g for g in groups if not g.is_fp and not g.vs_fp]
+    if not fps or not alone:  # without fp at all there is nothing to say (a teachers' table)
+        return []
+
+    def differs(g: Group) -> str:
+        other, mine = _without_quant(fps[0].key), _without_quant(g.key)
+        key = next(k for k in sorted(other.keys() | mine.keys()) if other.get(k) != mine.get(k))
+        return f"{g.label} (differs from {fps[0].label} in {key})"
+    return ["", "Not compared with full precision (no fp group matches them in everything but "
+            "quantization): " + "; ".join(map(differs, alone)) + "."]
+
+
 def _differences_markdown(compared: list[Group], labels: dict[str, str]) -> list[str]:
     """The differences to full precision: what they test, over which families, and the table."""
     if not compared:
@@ -390,6 +405,7 @@ def compare_markdown(groups: list[Group], runs: list[Run], full_epochs: int | No
         lines.append(f"| {g.label}{' (' + ', '.join(marks) + ')' if marks else ''} | {seeds} | "
                      + " | ".join(cells) + " |")
     lines += _differences_markdown([g for g in groups if g.vs_fp], labels)
+    lines += _unmatched_markdown(groups)
     lines += placements_markdown(placements or [], last_k)
     lines += distillation_markdown(students or [], settings or [], last_k)
     lines += fp_lowest_markdown(groups)
