@@ -85,6 +85,19 @@ def test_evaluate_an_exported_file_equals_the_cli(tiny_run, real_env, capsys):
     assert bitvit.evaluate(bitvit.load(exported)) == bitvit.evaluate(exported)
 
 
+def test_a_run_trained_on_data_it_found_evaluates_on_that_data(tiny_run, real_env, tmp_path,
+                                                              monkeypatch):
+    import bitvit.data.download
+
+    assert load_config(tiny_run["run"] / "config.yaml").data.path is None  # found via the env
+    monkeypatch.delenv("BITVIT_DATA")  # a new shell ...
+    monkeypatch.setattr(bitvit.data.download, "DEFAULT_DATA", tmp_path / "nowhere")  # ... elsewhere
+    got = bitvit.evaluate(tiny_run["run"], limit_test=50)
+    assert got["n"] == 50
+    with pytest.raises(bitvit.data.DataError, match="no data found"):
+        bitvit.evaluate(tiny_run["export"], limit_test=50)  # an export records no run's data
+
+
 def test_accuracies_are_exact_fractions_and_a_class_without_images_has_none():
     from bitvit.data import ImageSet
     from bitvit.training.evaluation import evaluate_model

@@ -150,7 +150,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run, checkpoint or exported model on test data")
     p.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run folder, checkpoint, or exported .safetensors or .onnx model")
-    p.add_argument("--data", help="data file or folder (default: the run's own data.path)")
+    p.add_argument("--data", help="data file or folder (default: the run's own: its data.path, "
+                   "else the file its run.json records)")
     p.add_argument("--best", action="store_true", help="use best/ instead of last/")
     p.add_argument("--limit-test", type=int, help="class-balanced subset of N test images")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")

@@ -69,6 +69,8 @@ def evaluate(source: str | Path | nn.Module, data: str | Path | ImageSet | None 
             std = std or model.preprocessing.std
     elif config is not None:
         mean, std = mean or config.data.mean, std or config.data.std
+    if data is None and config is not None and config.data.path is None and path is not None:
+        data = _recorded_data(Path(path))  # the run found its data itself: where it was
     test, mean, std = _test_set(data, config, limit_test, mean, std)
     if classes is not None and test.classes != classes:
         raise DataError(f"{path or 'model'}: the model's classes ({', '.join(classes[:3])}...) "
@@ -111,6 +113,19 @@ def _load(source: str | Path, best: bool, engine: str, compile: bool,
     dev = resolve_device(device, "device") if isinstance(device, str) else device
     ckpt = load_checkpoint(source, best=best)
     return ckpt.model.to(dev), ckpt.config, ckpt.classes, ckpt.path
+
+
+def _recorded_data(checkpoint: Path) -> str | None:
+    """The data file or folder that the run holding ``checkpoint`` (RUN/last/model.safetensors,
+    RUN/model.safetensors) recorded in run.json, if it is still there. A run trained on data
+    found through $BITVIT_DATA or the cache has no data.path in its config."""
+    from bitvit.training import rundir
+
+    for run in (checkpoint.parent, checkpoint.parent.parent):
+        if (run / rundir.CONFIG).is_file():
+            recorded = rundir.read_info(run).get("data")
+            return recorded if isinstance(recorded, str) and Path(recorded).exists() else None
+    return None
 
 
 def _test_set(data: str | Path | ImageSet | None, config: Any, limit_test: int | None,
