@@ -19,7 +19,9 @@ install:
 	$(PYTHON) -m pip install -q -e ".[dev,onnx]"
 
 quickstart: install
-	rm -rf $(QUICK)
+	@# A quickstart before this one is kept, moved aside with its time, never deleted.
+	@if [ -e $(QUICK) ]; then old=$(QUICK)-$$(date +%Y%m%d-%H%M%S); mv $(QUICK) $$old; \
+		echo "quickstart: the previous one moved to $$old"; fi
 	@echo "quickstart: fp vs b158 (ternary) ViT on a subset: $(QUICK_SUBSET) each"
 	@echo "[1/3] full precision (fp)"
 	$(PYTHON) -m bitvit train $(QUICK_ARGS) --quant fp --out $(QUICK)/fp
