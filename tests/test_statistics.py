@@ -222,7 +222,8 @@ def test_turning_point_table(tmp_path):
     assert rows["sign"][4:] == ["n/a (too short)", "n/a", "n/a |"]
     assert "raw and Holm-adjusted over the 2 tests of this table" in text
     _, only_short = compare([out / "method=sign_seed=0"], last_k=3)
-    assert "possible with 2 or more finished runs per group (none yet)" in only_short
+    assert "possible with 2 or more finished runs per group, each long enough to tell (none " \
+        "yet)" in only_short
 
 
 def test_a_group_no_fp_group_matches_is_said(tmp_path):

@@ -534,6 +534,9 @@ def test_a_group_refuses_one_seed_twice_and_times_its_epochs(tmp_path):
     info = json.loads((copy / "run.json").read_text())
     (copy / "run.json").write_text(json.dumps({**info, "wall_seconds": None}))
     assert load_run(copy).epoch_seconds == 20.0  # two epochs of 10 s
+    from bitvit.studies.tables import fmt
+
+    assert (fmt(20.0, "epoch_seconds"), fmt(2.34, "epoch_seconds")) == ("0.3 min", "2.3 s")
     rows = read_metrics(copy / "metrics.csv")
     rows[0]["seconds"] = math.nan
     write_metrics(copy / "metrics.csv", rows, METRIC_COLUMNS)

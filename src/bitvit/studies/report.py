@@ -216,7 +216,8 @@ def turning_markdown(groups: list[Group], k: int) -> list[str]:
              f"{k + w} epochs are too short to tell. The lowest test loss and its epoch are each "
              f"run's own. p: one-sided one-sample t-test across seeds that the rise is > 0, "
              + (f"raw and Holm-adjusted over the {tests} tests of this table." if tests else
-                "possible with 2 or more finished runs per group (none yet)."), "",
+                "possible with 2 or more finished runs per group, each long enough to tell "
+                "(none yet)."), "",
              f"| group | runs | epoch of lowest test loss | lowest test loss | rise (last {k} − "
              f"around the others' lowest) | runs rising | p (rise > 0) | Holm p |",
              "|---" * 8 + "|"]

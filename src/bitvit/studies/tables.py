@@ -14,9 +14,12 @@ from bitvit.studies.stats import Difference, Summary
 
 
 def fmt(x: float, metric: str) -> str:
-    """A number in its metric's units: accuracies in %, epochs' time in minutes, loss as is."""
+    """A number in its metric's units: accuracies in %, epochs' time in minutes (seconds under
+    6 s), loss as is."""
     if metric == "epochs":
         return "n/a" if not math.isfinite(x) else f"{x:.0f}"
+    if metric == "epoch_seconds" and 0 <= x < 6:  # a tiny run: seconds, not "0.0 min"
+        return f"{x:.1f} s"
     percent = "acc" in metric or metric == "gap"
     value = x / 60 if metric == "epoch_seconds" else 100 * x if percent else x
     if not math.isfinite(value):  # nan, inf, or a 1e308 that overflowed in the units
