@@ -163,16 +163,18 @@ def _layer(method, act_bits, w, b):
 
 
 @pytest.mark.parametrize("method", ["b158", "b158c", "twn", "bitnet"])
-def test_identity_ste_gradients(method):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: fake-quant path
+def test_identity_ste_gradients(method, dtype):
     torch.manual_seed(0)
-    w, b = torch.randn(5, 7), torch.randn(5)
-    x = torch.randn(2, 3, 7, requires_grad=True)
-    g = torch.randn(2, 3, 5)
-    layer = _layer(method, 8, w, b)
+    w, b = torch.randn(5, 7, dtype=dtype), torch.randn(5, dtype=dtype)
+    x = torch.randn(2, 3, 7, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 3, 5, dtype=dtype)
+    layer = _layer(method, 8, w, b).to(dtype)
+    assert layer._int8_path_ok(x) == (dtype == torch.float32)
     y = layer(x)
     y.backward(g)
     codes, scale = quantize_weights(w, method)
-    wq, xq = codes * scale, quantize_activations(x.detach(), 8)
+    wq, xq = (codes * scale).to(dtype), quantize_activations(x.detach(), 8)
     torch.testing.assert_close(y, F.linear(xq, wq, b), rtol=1e-5, atol=1e-5)
     # Identity STE: dL/dx = g W~, dL/dW = g^T x^ (the quantized activations), dL/db = sum g.
     torch.testing.assert_close(x.grad, g @ wq, rtol=1e-5, atol=1e-5)
