@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bitvit.data import DataError, ImageSet, load_data, normalize
-from bitvit.training import memory
+from bitvit.training import memory, rundir
 from bitvit.training.checkpoint import CheckpointError, load_checkpoint
 from bitvit.training.config import ConfigError, resolve_device
 from bitvit.training.evaluation import evaluate_model
@@ -119,8 +119,6 @@ def _recorded_data(checkpoint: Path) -> str | None:
     """The data file or folder that the run holding ``checkpoint`` (RUN/last/model.safetensors,
     RUN/model.safetensors) recorded in run.json, if it is still there. A run trained on data
     found through $BITVIT_DATA or the cache has no data.path in its config."""
-    from bitvit.training import rundir
-
     for run in (checkpoint.parent, checkpoint.parent.parent):
         if (run / rundir.CONFIG).is_file():
             recorded = rundir.read_info(run).get("data")

@@ -105,37 +105,12 @@ def _check_columns(path: Path, rows: list[dict[str, float]]) -> None:
                          f"({', '.join(rundir.METRIC_COLUMNS)}, ...)")
 
 
-def _seconds(value: Any) -> float | None:
-    """A wall time in seconds: a finite number of at least 0 (not a bool); None otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int past the float range
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 def _typed_info(info: dict[str, Any]) -> dict[str, Any]:
-    """run.json as the studies read it: a field of the wrong type is treated as missing, as
-    `rundir.read_info` treats an unreadable file (run.json is a record, not an input: an edited
-    one must not stop a comparison). ``resumed_from`` keeps its well-formed entries."""
-    history = info.get("resumed_from")
-    out = _typed_fields(info)
-    if isinstance(history, list):
-        # Older files nest each entry's own history in it; only the top-level list counts.
-        out["resumed_from"] = [_typed_fields(p) for p in history if isinstance(p, dict)]
-    return out
-
-
-def _typed_fields(info: dict[str, Any]) -> dict[str, Any]:
-    """``info`` without its history, and without status, device or wall_seconds of the wrong
-    type."""
-    out = {k: v for k, v in info.items() if k != "resumed_from"
-           and (k not in ("status", "device") or isinstance(v, str))}
-    if _seconds(out.get("wall_seconds")) is None:
-        out.pop("wall_seconds", None)
-    return out
+    """run.json as the studies read it: a status or device of the wrong type is treated as
+    missing, as `rundir.read_info` treats an unreadable file (run.json is a record, not an
+    input: an edited one must not stop a comparison). Its wall times are not read: the tables'
+    time is metrics.csv's (`Run.epoch_seconds`)."""
+    return {k: v for k, v in info.items() if k not in ("status", "device") or isinstance(v, str)}
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
