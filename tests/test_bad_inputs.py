@@ -68,8 +68,9 @@ def test_overrides_mixed_with_options_are_applied(tiny_run, tmp_path, capsys, mo
         assert "override 'stray': expected section.key=value" in err
     with pytest.raises(SystemExit) as e:
         main(["train", "train.lr=0.1", "--epochs", "1", "--no-such-option"])
-    assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in (
-        capsys.readouterr().err)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "bitvit train: error: unrecognized arguments: --no-such-option "
+        "(see bitvit train --help)\n")
     # argparse's own errors are one line too (it printed its usage block first), with a pointer
     # to the help.
     for argv, expected in ((["train", "--epochs", "abc"], "bitvit train: error: argument "

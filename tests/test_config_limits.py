@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import one_line_error
 
+import bitvit.files as files
 import bitvit.studies.sweep as sweep_module
-import bitvit.training.config as config_module
 from bitvit.nn.footprint import estimate
 from bitvit.nn.model import ViTConfig
 from bitvit.studies.sweep import SweepError, load_sweep
@@ -71,9 +71,9 @@ def test_an_alias_bomb_in_a_sweep_or_an_override_is_refused(tmp_path, capsys):
 
 def test_aliases_of_single_values_still_load():
     # studies/kd-cpu.yaml names each teacher once (&teacher) and aliases it in several runs.
-    assert config_module.load_yaml("a: &t runs/x\nb: [*t, *t]\n") == {
+    assert files.load_yaml("a: &t runs/x\nb: [*t, *t]\n") == {
         "a": "runs/x", "b": ["runs/x", "runs/x"]}
-    assert config_module.load_yaml("x: 1e-3\nd: 2024-01-02\n") == yaml.safe_load(
+    assert files.load_yaml("x: 1e-3\nd: 2024-01-02\n") == yaml.safe_load(
         "x: 1e-3\nd: 2024-01-02\n")  # otherwise yaml.safe_load's meaning
 
 
@@ -93,7 +93,7 @@ def test_a_config_nested_20000_deep_is_one_line(tmp_path, capsys):
 
 def test_a_recursion_error_while_reading_is_one_line_too(tmp_path, capsys, monkeypatch):
     # MAX_YAML_DEPTH stops the composer first; without it, its recursion is still caught.
-    monkeypatch.setattr(config_module, "MAX_YAML_DEPTH", 10**9)
+    monkeypatch.setattr(files, "MAX_YAML_DEPTH", 10**9)
     deep = tmp_path / "deep.yaml"
     deep.write_text("[" * 20_000)
     err = one_line_error(capsys, "train", "--config", str(deep))
@@ -228,7 +228,7 @@ def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, capsys):
     err = one_line_error(capsys, "sweep", "--dry-run", str(sweep))
     assert f"{sweep}: key 'train.seed' given twice in one mapping (line 5)" in err
     # The same key in two mappings is two settings.
-    assert config_module.load_yaml("a: {x: 1}\nb: {x: 2}\n") == {"a": {"x": 1}, "b": {"x": 2}}
+    assert files.load_yaml("a: {x: 1}\nb: {x: 2}\n") == {"a": {"x": 1}, "b": {"x": 2}}
 
 
 def test_false_is_not_zero_but_zero_is_zero_point_zero(tmp_path):

@@ -103,7 +103,7 @@ HELD_TRAIN = """
 import sys, time
 from pathlib import Path
 import importlib
-t = importlib.import_module("bitvit.training.loop")
+t = importlib.import_module("bitvit.training.rundir")
 real, go = t.plot_curves, Path(sys.argv[1])
 def plot_curves(*a, **k):
     real(*a, **k)

@@ -472,14 +472,41 @@ def test_corrupt_or_mismatched_checkpoints_give_one_line_errors(real_env, tmp_pa
 def test_bad_config_values_give_one_line_errors(override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)) as info:
         load_config(ROOT / "configs/paper.yaml", [override])
-    assert "\n" not in str(info.value) and "paper.yaml" in str(info.value)
+    # The override is at fault, not the file it overrides.
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"override {expected}")
+
+
+def test_a_bad_value_is_named_where_it_was_given(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: -1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: model.dim=-1: expected an integer")):
+        load_config(bad, ["train.lr=0.01"])
+    with pytest.raises(ConfigError, match=re.escape("override model.dim=-2: expected an integ")):
+        load_config(bad, ["model.dim=-2"])  # the override replaced the file's value
+    with pytest.raises(ConfigError, match=re.escape("override unknown key model.nope; valid")):
+        load_config(bad, ["model.nope=1"])
+    assert load_config(bad, ["model.dim=64"]).model.dim == 64  # an override mends the file
+    # An override that clashes with the file's other keys names both sources.
+    good = tmp_path / "good.yaml"
+    good.write_text("model:\n  heads: 8\n")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{good} with the overrides: model.heads=8 must divide model.dim=100")):
+        load_config(good, ["model.dim=100"])
 
 
 def test_bad_config_value_on_the_cli(capsys, tmp_path):
     err = _cli_error(capsys, "train", "--config", str(ROOT / "configs/paper.yaml"),
                      "train.betas=[0.9]", "--out", str(tmp_path / "run"))
-    assert "train.betas=(0.9,): expected two numbers in [0, 1)" in err
+    assert err == ("bitvit train: error: override train.betas=(0.9,): expected two numbers in "
+                   "[0, 1)\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_without_a_config_says_what_it_runs(capsys, tmp_path):
+    assert cli_main(["train", "--epochs", "3", "--data", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "bitvit train: no --config: the built-in defaults (configs/paper.yaml's run) with the "
+        "options given: 3 epochs, quant.method=fp")
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error(capsys, tmp_path, monkeypatch):
@@ -550,8 +577,12 @@ def test_extending_a_cosine_run_says_its_schedule_changes(real_env, tmp_path, ca
         train(tiny("train.epochs=1", f"train.schedule={schedule}", limit_train=100), out=run,
               quiet=True)
         capsys.readouterr()
+        info = (run / "run.json").read_text()
+        # Resuming a finished run trains nothing, says so and records no attempt.
         assert train(config_for_resume(run, epochs=1), resume=run, quiet=True).status == "finished"
-        assert capsys.readouterr().err == ""  # a plain resume
+        assert capsys.readouterr().err == (f"bitvit train: {run} has trained its 1 epoch "
+                                           "already; nothing to do (--epochs N extends it)\n")
+        assert (run / "run.json").read_text() == info
         # The Python API extending the run says it too, not only the CLI.
         config = config_for_resume(run)
         config.train = replace(config.train, epochs=2)

@@ -135,6 +135,10 @@ def _train(args: argparse.Namespace) -> int:
             config.train.distill.teacher = args.teacher
     else:
         config = load_run_config(args.config, _train_overrides(args))
+        if args.config is None:  # a bare `bitvit train` starts a long run: say which
+            print(f"bitvit train: no --config: the built-in defaults (configs/paper.yaml's run) "
+                  f"with the options given: {config.train.epochs} epochs, quant.method="
+                  f"{config.quant.method}", file=sys.stderr)
     result = train(config, out=args.out, resume=args.resume, quiet=args.quiet,
                    command=["bitvit", *sys.argv[1:]], teacher_loader=load_teacher)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
@@ -527,25 +531,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.overrides.append(arg)
         else:
             rest.append(arg)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:  # the subcommand's error, pointing to its own --help
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     return args
-
-
-def _one_line_warnings(command: str) -> None:
-    """Show every warning as one line, ``bitvit COMMAND: warning: ...``: bitvit's own notices
-    as they are, others (a library's) with their kind. Python's format takes two lines."""
-    from bitvit.files import Notice
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: object = None, line: str | None = None) -> None:
-        kind = "" if issubclass(category, Notice) else f"{category.__name__}: "
-        text = " ".join(str(message).split())
-        print(f"bitvit {command}: warning: {kind}{text}", file=sys.stderr, flush=True)
-
-    warnings.showwarning = show
-    # Once per message and place: a checkpoint resolved twice in one command says it once.
-    warnings.simplefilter("default", Notice)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,12 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     # A background job of a non-interactive shell (`nohup bitvit sweep ... &`) starts with
     # SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing at all.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from bitvit.files import LogAsNotice
+    from bitvit.files import LogAsNotice, show_warnings_as_lines
 
     logger, handler = logging.getLogger("bitvit"), LogAsNotice()
     logger.addHandler(handler)
     with warnings.catch_warnings():  # restores the filters and the printer on the way out
-        _one_line_warnings(args.command)
+        show_warnings_as_lines(f"bitvit {args.command}")
         try:
             return _run(args)
         finally:

@@ -1,5 +1,5 @@
-"""Files written whole or not at all, small files read within a limit, errors that name the
-file, warnings folded into one line, and bitvit's cache folder.
+"""Files written whole or not at all, small files (and YAML) read within limits, errors that
+name the file, warnings folded into one line, and bitvit's cache folder.
 
 The bottom layer: every other part of bitvit may import it; it imports nothing of bitvit.
 """
@@ -14,10 +14,13 @@ import logging
 import os
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 log = logging.getLogger("bitvit.files")
 
@@ -47,6 +50,21 @@ def one_line(text: str, limit: int = 2000) -> str:
     ten thousand characters long."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def show_warnings_as_lines(prefix: str) -> None:
+    """Show every warning as one line on stderr, ``PREFIX: warning: ...``: bitvit's notices as
+    they are, others (a library's) with their kind; Python's format takes two lines. Call it
+    inside ``warnings.catch_warnings()``, which restores the printer and filters."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        kind = "" if issubclass(category, Notice) else f"{category.__name__}: "
+        print(f"{prefix}: warning: {kind}{one_line(str(message))}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    # Once per message and place: a checkpoint resolved twice in one command says it once.
+    warnings.simplefilter("default", Notice)
 
 
 class LogAsNotice(logging.Handler):
@@ -97,6 +115,74 @@ def read_limited(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> by
         raise FileRefused(f"{path}: more than {limit:,} bytes; a {what} is at most {limit:,} "
                           "bytes")
     return b"".join(chunks)
+
+
+# Lists and mappings inside one another: a config is 3 deep. PyYAML's composer recurses once per
+# level, so 20,000 levels would be a RecursionError.
+MAX_YAML_DEPTH = 100
+
+
+class YamlRefused(yaml.YAMLError):
+    """Valid YAML that `load_yaml` will not read; str() is the reason, one line."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, less what lets a small text take unbounded time or memory.
+
+    An anchor on a list or mapping is refused, hence any alias of one: nested aliases multiply
+    (the "billion laughs": 384 bytes expand to 9**8 values, which a message or a comparison
+    then walks). Anchors and aliases of single values stay (studies/kd-cpu.yaml names its
+    teachers so): they repeat nothing that grows. Nesting is cut at MAX_YAML_DEPTH.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        line = event.start_mark.line + 1
+        if event.anchor is not None:
+            raise YamlRefused(f"YAML aliases of lists and mappings are not supported (anchor &"
+                              f"{_shorten(event.anchor, 40)} at line {line}); write the values out")
+        if self._depth >= MAX_YAML_DEPTH:
+            raise YamlRefused(f"nested too deeply (more than {MAX_YAML_DEPTH} levels of lists "
+                              f"and mappings at line {line})")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # PyYAML keeps the last of a repeated key: one of two settings would vanish unsaid.
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise YamlRefused(f"key {_shorten(key.value, 40)!r} given twice in one mapping "
+                                      f"(line {key.start_mark.line + 1})")
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` within bounds: `YamlRefused` for an anchor on a list or mapping
+    (an alias bomb), nesting deeper than MAX_YAML_DEPTH or a key given twice in a mapping."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except ValueError as e:  # int() of an integer of more than sys.get_int_max_str_digits()
+        raise YamlRefused(f"a value YAML cannot read ({_shorten(str(e), 100)})") from None
+
+
+def yaml_reason(e: yaml.YAMLError) -> str:
+    """The first line of a YAML error, without PyYAML's multi-line context."""
+    problem = getattr(e, "problem", None)
+    return " ".join(str(problem or e).split()) or type(e).__name__
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _kind(mode: int) -> str:

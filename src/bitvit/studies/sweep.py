@@ -35,7 +35,7 @@ Limits, each a one-line `SweepError` naming the file: at most ``MAX_SWEEP_RUNS``
 counted from the lists' lengths (grid points times ``runs`` points, before duplicates are
 dropped) before any point is built; at most ``MAX_SWEEP_KEYS`` (100) keys; a run name of at
 most 255 bytes. Like a config, the file is YAML without anchors on lists or mappings (an alias
-bomb) and nested at most 100 deep (`bitvit.training.config.load_yaml`).
+bomb) and nested at most 100 deep (`bitvit.files.load_yaml`).
 
 ``bitvit.studies.schedule.run_sweep`` skips finished runs (run.json says finished and every
 epoch is in metrics.csv; with a runs root, also a run whose folder there is gone or unfinished

@@ -23,6 +23,7 @@ import yaml
 
 from bitvit import files
 from bitvit.data import DataConfig, check_normalization
+from bitvit.files import YamlRefused, load_yaml, yaml_reason
 from bitvit.nn.methods import ACT_BITS_NAMES, METHOD_TABLE, WHERE_NAMES
 from bitvit.nn.model import ViTConfig
 from bitvit.nn.quant import QuantConfig
@@ -397,6 +398,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[Override]) -> dict[
     return raw
 
 
+def override_key(item: Override) -> str:
+    """``section.key`` of an override."""
+    return item[0] if isinstance(item, tuple) else item.partition("=")[0]
+
+
 def _override_value(key: str, value: str) -> Any:
     """An override's value parsed as YAML (`load_yaml`: tags such as !!python/... refused)."""
     if not value:
@@ -409,72 +415,7 @@ def _override_value(key: str, value: str) -> Any:
         raise ConfigError(f"override {_cut(key)}={short_repr(value)}: nested too deeply") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {_cut(key)}={short_repr(value)}: not a valid YAML value "
-                          f"({_yaml_reason(e)})") from None
-
-
-# Lists and mappings inside one another: a config is 3 deep. PyYAML's composer recurses once per
-# level, so 20,000 levels would be a RecursionError.
-MAX_YAML_DEPTH = 100
-
-
-class YamlRefused(yaml.YAMLError):
-    """Valid YAML that `load_yaml` will not read; str() is the reason, one line."""
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, less what lets a small text take unbounded time or memory.
-
-    An anchor on a list or mapping is refused, hence any alias of one: nested aliases multiply
-    (the "billion laughs": 384 bytes expand to 9**8 values, which a message or a comparison
-    then walks). Anchors and aliases of single values stay (studies/kd-cpu.yaml names its
-    teachers so): they repeat nothing that grows. Nesting is cut at MAX_YAML_DEPTH.
-    """
-
-    _depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if not isinstance(event, yaml.CollectionStartEvent):
-            return super().compose_node(parent, index)
-        line = event.start_mark.line + 1
-        if event.anchor is not None:
-            raise YamlRefused(f"YAML aliases of lists and mappings are not supported (anchor "
-                              f"&{_cut(event.anchor, 40)} at line {line}); write the values out")
-        if self._depth >= MAX_YAML_DEPTH:
-            raise YamlRefused(f"nested too deeply (more than {MAX_YAML_DEPTH} levels of lists "
-                              f"and mappings at line {line})")
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        # PyYAML keeps the last of a repeated key: one of two settings would vanish unsaid.
-        seen: set[str] = set()
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in seen:
-                    raise YamlRefused(f"key {_cut(key.value, 40)!r} given twice in one mapping "
-                                      f"(line {key.start_mark.line + 1})")
-                seen.add(key.value)
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)`` within bounds: `YamlRefused` for an anchor on a list or mapping
-    (an alias bomb), nesting deeper than MAX_YAML_DEPTH or a key given twice in a mapping."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
-    except ValueError as e:  # int() of an integer of more than sys.get_int_max_str_digits()
-        raise YamlRefused(f"a value YAML cannot read ({_cut(str(e), 100)})") from None
-
-
-def _yaml_reason(e: yaml.YAMLError) -> str:
-    """The first line of a YAML error, without PyYAML's multi-line context."""
-    problem = getattr(e, "problem", None)
-    return " ".join(str(problem or e).split()) or type(e).__name__
+                          f"({yaml_reason(e)})") from None
 
 
 def load_config(path: str | Path | None = None,
@@ -484,7 +425,27 @@ def load_config(path: str | Path | None = None,
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(path, "config file", f"sections {_names(Config)}", ConfigError)
-    return Config.from_dict(apply_overrides(raw, overrides or []), str(path or "config"))
+    return config_with_overrides(raw, list(overrides or []), str(path or "config"))
+
+
+def config_with_overrides(raw: dict[str, Any], overrides: list[Override], source: str) -> Config:
+    """``Config.from_dict`` of ``raw`` (read from ``source``) with the overrides applied. An
+    error an override causes names it, not the file: its value is wrong, or ``raw`` alone is a
+    valid config (then the file and the overrides together)."""
+    try:
+        return Config.from_dict(apply_overrides(raw, overrides), source)
+    except ConfigError as e:
+        reason = str(e).removeprefix(f"{source}: ")
+        if not overrides or reason == str(e):
+            raise
+        if any(re.match(rf"(unknown key )?{re.escape(override_key(item))}[=;]", reason)
+               for item in overrides):
+            raise ConfigError(f"override {reason}") from None
+        try:
+            Config.from_dict(apply_overrides(raw, []), source)
+        except ConfigError:
+            raise e from None
+        raise ConfigError(f"{source} with the overrides: {reason}") from None
 
 
 def read_yaml_mapping(path: str | Path, what: str, expected: str,

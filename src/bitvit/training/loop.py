@@ -114,33 +114,6 @@ def _epoch_order(n: int, seed: int, epoch: int, world: int, rank: int) -> torch.
     return torch.tensor(list(sampler))
 
 
-def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style, label in (("train", "-", "train (running, train mode)"),
-                                ("train_eval", "-.", "train (eval)"), ("test", "--", "test"),
-                                ("val", ":", "val")):
-        if rows and f"{split}_loss" in rows[0]:
-            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], style, label=label)
-            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], style, label=label)
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        files.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +226,12 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
             record.failed_start(run_dir, resume, record.run_record(procs.device, procs.world,
                                                                    command), str(error))
         raise error from None
+    if s.start_epoch > s.config.train.epochs:  # a finished run: nothing to train or record
+        if procs.writer:
+            n = s.config.train.epochs
+            print(f"bitvit train: {run_dir} has trained its {n} epoch{'s' * (n != 1)} already; "
+                  "nothing to do (--epochs N extends it)", file=sys.stderr)
+        return RunResult(run_dir, "finished", s.rows)
     info = _open_run_folder(s, resume, command)
     wall_start, status, epoch = time.perf_counter(), "failed", s.start_epoch
     try:
@@ -515,7 +494,7 @@ def _record_epoch(s: Session, row: dict[str, float], epoch: int, quiet: bool) ->
         # last/ moves on, resume redoes this epoch: it drops the row and rewrites best/
         # identically; the other way round a kill would lose the row for good.
         write_metrics(s.run_dir / rundir.METRICS, s.rows, s.columns)
-        plot_curves(s.rows, s.run_dir / rundir.CURVES, _title(s.config))
+        rundir.plot_curves(s.rows, s.run_dir / rundir.CURVES, _title(s.config))
         write = partial(save_training_checkpoint, model=s.model, config=s.config,
                         classes=s.splits.classes, state=state)
         if is_best:

@@ -47,7 +47,9 @@ from bitvit.training.config import (
     ConfigError,
     Override,
     apply_overrides,
+    config_with_overrides,
     load_config,
+    override_key,
     read_yaml_mapping,
     short_repr,
     typed_value,
@@ -171,8 +173,10 @@ def load_run_config(path: str | Path | None, overrides: Iterable[Override] = ())
     given = {k: typed_value("model", k, v, "command line")
              for k, v in (apply_overrides({}, overrides).get("model") or {}).items()}
     source = read_source(init_from)
-    raw["model"] = source_model(source, file_model, given)
-    return source_config(Config.from_dict(raw, str(path or "config")), source)
+    # The model section is the source's with the command line's model keys (given) applied.
+    base = {**in_file, "model": source_model(source, file_model, given)}
+    rest = [o for o in overrides if override_key(o).split(".")[0] != "model"]
+    return source_config(config_with_overrides(base, rest, str(path or "config")), source)
 
 
 def init_model(model: torch.nn.Module, source: Source, config: Config,

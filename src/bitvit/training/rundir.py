@@ -234,6 +234,34 @@ def write_metrics(path: Path, rows: list[dict[str, float]], columns: list[str]) 
     atomic_file(path, write)
 
 
+def plot_curves(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    """curves.png: loss and accuracy per epoch of each split the rows hold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style, label in (("train", "-", "train (running, train mode)"),
+                                ("train_eval", "-.", "train (eval)"), ("test", "--", "test"),
+                                ("val", ":", "val")):
+        if rows and f"{split}_loss" in rows[0]:
+            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], style, label=label)
+            ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], style, label=label)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def read_info(run_dir: Path) -> dict[str, Any]:
     """run.json, or {} when it is missing, unreadable, not a regular file or oversized."""
     try:
