@@ -168,3 +168,25 @@ def test_the_train_accuracy_drawn_is_the_one_the_tables_compare(tmp_path):
     assert list(acc["fp (n=2), train"].get_ydata()) == pytest.approx([90, 90])
     assert list(loss["fp (n=2), train"].get_ydata()) == pytest.approx([1.0, 1.0])  # its loss
     assert "accuracy and loss in eval mode where every run recorded them" in figure_text(fig)
+
+
+def test_both_figures_color_each_group_alike(tmp_path):
+    """compare.png and compare-dots.png: full precision black, each method its own color, the
+    same in both (the dot plot sorts groups by their mean, which must not reorder colors)."""
+    from matplotlib.colors import to_hex
+
+    out = tmp_path / "study"
+    for method, base in (("fp", 0.30), ("b158", 0.50), ("bitnet", 0.40)):
+        for seed in (0, 1):
+            fake_run(out / f"{method}_seed={seed}",
+                     [f"quant.method={method}", f"train.seed={seed}"],
+                     [base + 0.01 * seed, base + 0.1 + 0.01 * seed])
+    groups = groups_of(out)
+    curves = lines_by_label(plot_groups(groups, tmp_path / "a.png").axes[0])
+    dots = plot_dots(groups, tmp_path / "dots.png").axes[0]
+    dot_colors = {tick.get_text().split(" (")[0]: to_hex(c.get_facecolor()[0])
+                  for tick, c in zip(dots.get_yticklabels(), dots.collections, strict=True)}
+    line_colors = {g: to_hex(curves[f"{g} (n=2), test"].get_color())
+                   for g in ("fp", "b158", "bitnet")}
+    assert line_colors == dot_colors and line_colors["fp"] == "#000000"
+    assert len(set(line_colors.values())) == 3

@@ -139,6 +139,16 @@ def _drawn(groups: list[Group]) -> list[Group]:
     return [g for g in groups if _finished(g) or _unfinished(g)]
 
 
+def _few_group_colors(groups: list[Group]) -> dict[str, str]:
+    """A color per group label, as `plot_dots` colors methods: a lone full-precision group
+    black, the others the palette's colors in the groups' order."""
+    palette = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    lone_fp = sum(g.is_fp for g in groups) == 1
+    others = [g.label for g in groups if not (lone_fp and g.is_fp)]
+    return {g.label: "black" if g.label not in others else
+            palette[others.index(g.label) % len(palette)] for g in groups}
+
+
 def _all_unfinished(groups: list[Group]) -> list[Run]:
     return [r for g in groups for r in g.unfinished]
 
@@ -158,9 +168,10 @@ def plot_groups(groups: list[Group], path: str | Path, title: str = "",
     from matplotlib.lines import Line2D
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _few_group_colors(shown)
     handles = []
-    for color, g in zip(colors, shown, strict=False):  # at most FEW_GROUPS
+    for g in shown:  # at most FEW_GROUPS
+        color = colors[g.label]
         for runs, style, label in ((_finished(g), {}, f"{g.label} (n={len(_finished(g))})"),
                                    (_unfinished(g), UNFINISHED_STYLE, unfinished_label(g))):
             if not runs:
@@ -336,9 +347,10 @@ def plot_dots(groups: list[Group], path: str | Path, title: str = "",
     if not shown:
         return None
     plt = _pyplot()
-    # A color per method (fp black): the ranking of methods shows at a glance.
+    # A color per method (fp black): the ranking of methods shows at a glance. Methods in the
+    # groups' order, so that a study of one group per method colors them as compare.png does.
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = list(dict.fromkeys(_method(g) for g in shown if not g.is_fp))
+    methods = list(dict.fromkeys(_method(g) for g in groups if _used(g) and not g.is_fp))
     fig, ax = plt.subplots(figsize=(9, 2.2 + 0.36 * len(shown)))
     means = []
     for y, g in enumerate(shown):
