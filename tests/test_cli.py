@@ -205,14 +205,16 @@ def test_resume_refuses_options_it_would_ignore(tmp_path, capsys, given):
 
 
 def test_resume_takes_epochs_data_and_quiet(tiny_run, real_env, tmp_path, capsys):
-    run = tmp_path / "run"
+    run, moved = tmp_path / "run", tmp_path / "moved.tar.gz"
     shutil.copytree(tiny_run["run"], run)
-    out = cli_json(capsys, "train", "--resume", str(run), "--epochs", "1", "--quiet",
-                   "--data", real_env["BITVIT_DATA"])
-    assert out["status"] == "finished" and out["epoch"] == 1  # nothing left to train
+    moved.symlink_to(real_env["BITVIT_DATA"])  # the same images, relocated
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet", "--data",
+                 str(moved)]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])  # after the epoch's line
+    assert out["status"] == "finished" and out["epoch"] == 2
     assert isinstance(out["epoch"], int)
     saved = load_config(run / "config.yaml")
-    assert saved.data.path == real_env["BITVIT_DATA"] and saved.train.epochs == 1
+    assert saved.data.path == str(moved) and saved.train.epochs == 2
 
 
 def test_sigint_interrupts_even_when_started_ignored(tmp_path):

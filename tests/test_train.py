@@ -502,11 +502,18 @@ def test_bad_config_value_on_the_cli(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_train_without_a_config_says_what_it_runs(capsys, tmp_path):
+def test_train_without_a_config_says_what_it_runs(capsys, tmp_path, tiny_run):
+    # Once the run is set up: an error before then is the one line printed.
     assert cli_main(["train", "--epochs", "3", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert cli_main(["train", "--epochs", "1", "--data", str(tiny_run["images"]),
+                     "--out", str(tmp_path / "run"), "model.image_size=16", "model.patch_size=4",
+                     "model.dim=8", "model.depth=1", "model.heads=1", "model.num_classes=2",
+                     "train.batch_size=4", "train.device=cpu"]) == 0
     assert capsys.readouterr().err.splitlines()[0] == (
         "bitvit train: no --config: the built-in defaults (configs/paper.yaml's run) with the "
-        "options given: 3 epochs, quant.method=fp")
+        "options given: 1 epoch, quant.method=fp")
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error(capsys, tmp_path, monkeypatch):

@@ -135,12 +135,15 @@ def _train(args: argparse.Namespace) -> int:
             config.train.distill.teacher = args.teacher
     else:
         config = load_run_config(args.config, _train_overrides(args))
-        if args.config is None:  # a bare `bitvit train` starts a long run: say which
-            print(f"bitvit train: no --config: the built-in defaults (configs/paper.yaml's run) "
-                  f"with the options given: {config.train.epochs} epochs, quant.method="
-                  f"{config.quant.method}", file=sys.stderr)
+    announce = None
+    if not (args.resume or args.config or args.quiet):  # a bare `bitvit train`: a long run
+        n = config.train.epochs
+        announce = (f"bitvit train: no --config: the built-in defaults (configs/paper.yaml's "
+                    f"run) with the options given: {n} epoch{'s' * (n != 1)}, quant.method="
+                    f"{config.quant.method}")
     result = train(config, out=args.out, resume=args.resume, quiet=args.quiet,
-                   command=["bitvit", *sys.argv[1:]], teacher_loader=load_teacher)
+                   command=["bitvit", *sys.argv[1:]], teacher_loader=load_teacher,
+                   announce=announce)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
         print(json.dumps({"run_dir": str(result.run_dir), "status": result.status, **{
             k: int(v) if k == "epoch" else round(v, 6) for k, v in result.final.items()}}))

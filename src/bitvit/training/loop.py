@@ -126,11 +126,13 @@ def _default_run_dir(config: Config) -> Path:
 
 def train(config: Config, out: str | Path | None = None, resume: str | Path | None = None,
           quiet: bool = False, command: list[str] | None = None,
-          teacher_loader: TeacherLoader | None = None) -> RunResult:
+          teacher_loader: TeacherLoader | None = None, announce: str | None = None) -> RunResult:
     """Train a model as ``config`` says into the run folder ``out`` (or continue ``resume``).
 
     ``teacher_loader`` reads ``train.distill.teacher`` (`bitvit.training.distill`); the default
     reads run folders and checkpoints, `bitvit.load_teacher` also exported models.
+    ``announce`` is a line printed to stderr once the run is set up, before it trains (an
+    error before then prints only the error).
 
     Returns the run's metrics. Raises `TrainingError` on a non-finite loss or parameters
     (``last/`` keeps the last good epoch), OSError naming the file when the disk is full or
@@ -153,7 +155,7 @@ def train(config: Config, out: str | Path | None = None, resume: str | Path | No
 
     def run() -> RunResult:
         with flush_subnormals():
-            return _train(config, run_dir, resume, quiet, command, teacher_loader)
+            return _train(config, run_dir, resume, quiet, command, teacher_loader, announce)
 
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 writes, so only it owns the folder
         return run()
@@ -214,7 +216,8 @@ class Session:
 
 
 def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool,
-           command: list[str] | None, teacher_loader: TeacherLoader | None) -> RunResult:
+           command: list[str] | None, teacher_loader: TeacherLoader | None,
+           announce: str | None) -> RunResult:
     procs = processes(config)
     try:
         s = _set_up(config, run_dir, resume, procs, teacher_loader)
@@ -233,6 +236,8 @@ def _train(config: Config, run_dir: Path, resume: str | Path | None, quiet: bool
                   "nothing to do (--epochs N extends it)", file=sys.stderr)
         return RunResult(run_dir, "finished", s.rows)
     info = _open_run_folder(s, resume, command)
+    if announce and procs.writer:
+        print(announce, file=sys.stderr)
     wall_start, status, epoch = time.perf_counter(), "failed", s.start_epoch
     try:
         for epoch in range(s.start_epoch, s.config.train.epochs + 1):
